@@ -1,0 +1,24 @@
+//! Tollgate's kernel programs.
+//!
+//! Four `cgroup/sock_addr` hooks decide every egress connection (TCP connect,
+//! connected and unconnected UDP) by destination, using maps the agent
+//! writes. The decision logic lives in [`decide`], the reporting (counters,
+//! dedup, ring buffer) in [`report`]; each hook only reads its context.
+#![no_std]
+#![no_main]
+
+mod decide;
+mod hooks;
+mod maps;
+mod report;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier proves there is no path here; BPF has no way to unwind.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

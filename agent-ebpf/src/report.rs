@@ -1,0 +1,128 @@
+//! Counting and reporting decisions. Denied and audit decisions are always
+//! reported; allowed ones at most once per interval per source cgroup,
+//! destination, port, protocol and rule. Every event the ring buffer cannot
+//! take is counted.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        generated::{bpf_get_current_comm, bpf_get_socket_cookie},
+    },
+    programs::SockAddrContext,
+};
+use tollgate_common::{FlowDedupKey, FlowEvent, Hook, Mode, Verdict, counter, event_kind};
+
+use crate::{
+    decide::Destination,
+    maps::{TG_COUNTERS, TG_EVENTS, TG_FLOW_DEDUP},
+};
+
+pub struct Report {
+    pub hook: Hook,
+    pub verdict: Verdict,
+    pub mode: Mode,
+    pub flags: u8,
+    pub rule_id: u32,
+    pub set_id: u32,
+    pub generation: u32,
+    pub cgroup_id: u64,
+    pub allowed_report_interval_ns: u64,
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(value) = TG_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; programs do not migrate while running.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn decision(ctx: &SockAddrContext, report: &Report, dst: &Destination) {
+    count(match report.verdict {
+        Verdict::Allowed => counter::ALLOWED,
+        Verdict::Denied => counter::DENIED,
+        Verdict::Audit => counter::AUDIT,
+    });
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if report.verdict == Verdict::Allowed
+        && report.allowed_report_interval_ns != 0
+        && recently_reported(report, dst, now)
+    {
+        count(counter::ALLOWED_DEDUPLICATED);
+        return;
+    }
+
+    let Some(mut entry) = TG_EVENTS.reserve::<FlowEvent>(0) else {
+        count(counter::RINGBUF_RESERVE_FAILED);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved ring buffer record of the right
+    // size; every field is written before submit, so no stale bytes leak.
+    unsafe {
+        (*event).kind = event_kind::FLOW;
+        (*event).hook = report.hook as u8;
+        (*event).verdict = report.verdict as u8;
+        (*event).mode = report.mode as u8;
+        (*event).family = dst.family;
+        (*event).protocol = dst.protocol;
+        (*event).flags = report.flags;
+        (*event).dst_port = dst.port;
+        (*event).rule_id = report.rule_id;
+        (*event).set_id = report.set_id;
+        (*event).generation = report.generation;
+        (*event)._pad = 0;
+        (*event).ts_ns = now;
+        (*event).cgroup_id = report.cgroup_id;
+        (*event).pid_tgid = bpf_get_current_pid_tgid();
+        (*event).uid_gid = bpf_get_current_uid_gid();
+        (*event).socket_cookie = bpf_get_socket_cookie(ctx.as_ptr());
+        let addr = core::ptr::addr_of_mut!((*event).dst_addr) as *mut u32;
+        addr.write_unaligned(dst.addr[0]);
+        addr.add(1).write_unaligned(dst.addr[1]);
+        addr.add(2).write_unaligned(dst.addr[2]);
+        addr.add(3).write_unaligned(dst.addr[3]);
+        let comm = core::ptr::addr_of_mut!((*event).comm) as *mut core::ffi::c_void;
+        if bpf_get_current_comm(comm, 16) != 0 {
+            core::ptr::write_bytes(comm as *mut u8, 0, 16);
+        }
+    }
+    entry.submit(0);
+}
+
+/// True if the same allowed flow was reported less than an interval ago;
+/// otherwise records `now` as its last report.
+#[inline(always)]
+fn recently_reported(report: &Report, dst: &Destination, now: u64) -> bool {
+    let mut dst_addr = [0u8; 16];
+    let [a, b, c, d] = dst.addr;
+    dst_addr[0..4].copy_from_slice(&a.to_ne_bytes());
+    dst_addr[4..8].copy_from_slice(&b.to_ne_bytes());
+    dst_addr[8..12].copy_from_slice(&c.to_ne_bytes());
+    dst_addr[12..16].copy_from_slice(&d.to_ne_bytes());
+    let key = FlowDedupKey {
+        cgroup_id: report.cgroup_id,
+        dst_addr,
+        dst_port: dst.port,
+        protocol: dst.protocol,
+        family: dst.family,
+        rule_id: report.rule_id,
+    };
+    if let Some(last) = TG_FLOW_DEDUP.get_ptr_mut(&key) {
+        // SAFETY: value pointer from a successful lookup; a racing update
+        // only makes a report more or less likely, never unsafe.
+        unsafe {
+            if now.wrapping_sub(*last) < report.allowed_report_interval_ns {
+                return true;
+            }
+            *last = now;
+        }
+        return false;
+    }
+    let _ = TG_FLOW_DEDUP.insert(&key, &now, 0);
+    false
+}

@@ -1,0 +1,87 @@
+//! Cgroup ids and paths. A cgroup v2 id is the inode number of its directory.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+/// The id the kernel reports for the cgroup at `path`.
+pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+/// Maps cgroup ids to paths relative to the cgroup2 mount ("/" is the root).
+///
+/// Ids are learned by walking the tree; an unknown id triggers a new walk at
+/// most once per `min_rescan_interval`, so a burst of events from a cgroup
+/// that is already gone costs one walk, not one per event.
+pub struct CgroupPaths {
+    root: PathBuf,
+    paths: HashMap<u64, String>,
+    last_scan: Option<Instant>,
+    min_rescan_interval: Duration,
+}
+
+impl CgroupPaths {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            paths: HashMap::new(),
+            last_scan: None,
+            min_rescan_interval: Duration::from_millis(100),
+        }
+    }
+
+    pub fn resolve(&mut self, id: u64) -> Option<&str> {
+        if !self.paths.contains_key(&id) {
+            let due = self
+                .last_scan
+                .is_none_or(|t| t.elapsed() >= self.min_rescan_interval);
+            if due {
+                self.rescan();
+            }
+        }
+        self.paths.get(&id).map(String::as_str)
+    }
+
+    fn rescan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        self.paths.clear();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            let relative = dir.strip_prefix(&self.root).unwrap_or(&dir);
+            self.paths
+                .insert(meta.ino(), format!("/{}", relative.display()));
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_directories_by_inode() {
+        let root = std::env::temp_dir().join(format!("tg-cgpaths-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        scopeguard::defer! { let _ = std::fs::remove_dir_all(&root); }
+        let mut paths = CgroupPaths::new(root.clone());
+        let id = cgroup_id(&root.join("a/b")).unwrap();
+        assert_eq!(paths.resolve(id), Some("/a/b"));
+        assert_eq!(paths.resolve(cgroup_id(&root).unwrap()), Some("/"));
+        assert_eq!(paths.resolve(u64::MAX), None);
+    }
+}

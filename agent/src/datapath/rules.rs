@@ -1,0 +1,517 @@
+//! Typed rule sets and the generation switch that puts one in force.
+//!
+//! A [`RuleSet`] is what the policy compiler produces: rule sets (one per
+//! distinct combination of policies) with their prefixes and port rules, and
+//! the endpoints (cgroups) that use each set. [`Datapath::switch_rules`]
+//! writes it into the inactive half of the maps, flips the generation in one
+//! write, and deletes the old half; see `decide.rs` in agent-ebpf for why the
+//! kernel never mixes the two halves.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{IterableMap, lpm_trie::Key};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use tollgate_common::{
+    EndpointKey, EndpointValue, MAX_PORT_RULES, PortRule, RuleKeyV4, RuleKeyV6, RuleList,
+    SET_ID_HALF_BIT, action, map_names, policy_mode, protocol,
+};
+
+use super::{Datapath, DatapathError, map_err};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// A policy's mode: the global one, or an override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum PolicyMode {
+    #[default]
+    Inherit,
+    Observe,
+    Enforce,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    #[default]
+    Any,
+    Tcp,
+    Udp,
+}
+
+/// An inclusive port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub const ANY: Self = Self {
+        first: 0,
+        last: u16::MAX,
+    };
+
+    pub const fn single(port: u16) -> Self {
+        Self {
+            first: port,
+            last: port,
+        }
+    }
+}
+
+/// One port rule of a prefix, in the order the kernel tries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRuleSpec {
+    pub ports: PortRange,
+    pub protocol: Protocol,
+    pub action: Action,
+    pub mode: PolicyMode,
+    /// Reported with every decision this rule makes; never 0 (that is "default").
+    pub rule_id: u32,
+}
+
+/// The datapath entries of one rule set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetRules {
+    pub default_action: Action,
+    pub default_mode: PolicyMode,
+    /// Each prefix lists every rule that applies to it: the lookup of the
+    /// longest matching prefix alone must decide.
+    pub v4: Vec<(Ipv4Net, Vec<PortRuleSpec>)>,
+    pub v6: Vec<(Ipv6Net, Vec<PortRuleSpec>)>,
+}
+
+/// Everything one generation holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleSet {
+    pub sets: Vec<SetRules>,
+    /// cgroup id -> index into `sets`.
+    pub endpoints: BTreeMap<u64, u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuleSetError {
+    #[error(
+        "set {set}, prefix {prefix}: {len} port rules, at most {MAX_PORT_RULES} fit one prefix"
+    )]
+    TooManyPortRules { set: u32, prefix: IpNet, len: usize },
+    #[error("set {set}, prefix {prefix}: port range {first}-{last} is reversed")]
+    ReversedPortRange {
+        set: u32,
+        prefix: IpNet,
+        first: u16,
+        last: u16,
+    },
+    #[error("set {set}, prefix {prefix}: rule id 0 is reserved for default decisions")]
+    ReservedRuleId { set: u32, prefix: IpNet },
+    #[error("endpoint (cgroup id {cgroup_id}) uses set {set}, but there are only {sets} sets")]
+    UnknownSet {
+        cgroup_id: u64,
+        set: u32,
+        sets: usize,
+    },
+    #[error("{sets} rule sets; at most {} fit", SET_ID_HALF_BIT)]
+    TooManySets { sets: usize },
+    #[error(
+        "map {map} holds at most {capacity} entries; this rule set needs {needed} beside the {live} in force"
+    )]
+    Capacity {
+        map: &'static str,
+        needed: usize,
+        live: usize,
+        capacity: u32,
+    },
+}
+
+/// The keys written into one generation half.
+#[derive(Clone, Debug, Default)]
+pub(super) struct HalfContents {
+    endpoints: Vec<EndpointKey>,
+    v4: Vec<(u32, RuleKeyV4)>,
+    v6: Vec<(u32, RuleKeyV6)>,
+}
+
+impl HalfContents {
+    fn is_empty(&self) -> bool {
+        self.endpoints.is_empty() && self.v4.is_empty() && self.v6.is_empty()
+    }
+}
+
+/// The kernel's set id for set `index` in generation half `half`.
+fn set_id(half: u32, index: u32) -> u32 {
+    (half << 31) | index
+}
+
+fn half_of_set(set_id_be: u32) -> usize {
+    (u32::from_be(set_id_be) >> 31) as usize
+}
+
+fn encode_rules(set: u32, prefix: IpNet, rules: &[PortRuleSpec]) -> Result<RuleList, RuleSetError> {
+    if rules.len() > MAX_PORT_RULES {
+        return Err(RuleSetError::TooManyPortRules {
+            set,
+            prefix,
+            len: rules.len(),
+        });
+    }
+    let mut list = RuleList {
+        len: rules.len() as u32,
+        ..Default::default()
+    };
+    for (slot, rule) in list.rules.iter_mut().zip(rules) {
+        if rule.ports.first > rule.ports.last {
+            let PortRange { first, last } = rule.ports;
+            return Err(RuleSetError::ReversedPortRange {
+                set,
+                prefix,
+                first,
+                last,
+            });
+        }
+        if rule.rule_id == tollgate_common::RULE_ID_DEFAULT {
+            return Err(RuleSetError::ReservedRuleId { set, prefix });
+        }
+        *slot = PortRule {
+            port_lo: rule.ports.first,
+            port_hi: rule.ports.last,
+            protocol: match rule.protocol {
+                Protocol::Any => protocol::ANY,
+                Protocol::Tcp => protocol::TCP,
+                Protocol::Udp => protocol::UDP,
+            },
+            action: encode_action(rule.action),
+            mode: encode_mode(rule.mode),
+            _pad: 0,
+            rule_id: rule.rule_id,
+        };
+    }
+    Ok(list)
+}
+
+fn encode_action(action: Action) -> u8 {
+    match action {
+        Action::Allow => action::ALLOW,
+        Action::Deny => action::DENY,
+    }
+}
+
+fn encode_mode(mode: PolicyMode) -> u8 {
+    match mode {
+        PolicyMode::Inherit => policy_mode::INHERIT,
+        PolicyMode::Observe => policy_mode::OBSERVE,
+        PolicyMode::Enforce => policy_mode::ENFORCE,
+    }
+}
+
+/// A rule set in kernel form, checked and ready to write.
+struct Encoded {
+    endpoints: Vec<(EndpointKey, EndpointValue)>,
+    v4: Vec<(Key<RuleKeyV4>, RuleList)>,
+    v6: Vec<(Key<RuleKeyV6>, RuleList)>,
+}
+
+fn encode(rules: &RuleSet, half: u32) -> Result<Encoded, RuleSetError> {
+    if rules.sets.len() >= SET_ID_HALF_BIT as usize {
+        return Err(RuleSetError::TooManySets {
+            sets: rules.sets.len(),
+        });
+    }
+    let mut encoded = Encoded {
+        endpoints: Vec::new(),
+        v4: Vec::new(),
+        v6: Vec::new(),
+    };
+    for (index, set) in rules.sets.iter().enumerate() {
+        let index = index as u32;
+        let set_id_be = set_id(half, index).to_be();
+        for (net, port_rules) in &set.v4 {
+            let list = encode_rules(index, IpNet::V4(*net), port_rules)?;
+            let data = RuleKeyV4 {
+                set_id_be,
+                addr: net.network().octets(),
+            };
+            encoded
+                .v4
+                .push((Key::new(32 + u32::from(net.prefix_len()), data), list));
+        }
+        for (net, port_rules) in &set.v6 {
+            let list = encode_rules(index, IpNet::V6(*net), port_rules)?;
+            let data = RuleKeyV6 {
+                set_id_be,
+                addr: net.network().octets(),
+            };
+            encoded
+                .v6
+                .push((Key::new(32 + u32::from(net.prefix_len()), data), list));
+        }
+    }
+    for (&cgroup_id, &set) in &rules.endpoints {
+        let Some(set_rules) = rules.sets.get(set as usize) else {
+            return Err(RuleSetError::UnknownSet {
+                cgroup_id,
+                set,
+                sets: rules.sets.len(),
+            });
+        };
+        encoded.endpoints.push((
+            EndpointKey {
+                cgroup_id,
+                half,
+                _pad: 0,
+            },
+            EndpointValue {
+                set_id: set_id(half, set),
+                default_action: encode_action(set_rules.default_action),
+                default_mode: encode_mode(set_rules.default_mode),
+                _pad: [0; 2],
+            },
+        ));
+    }
+    Ok(encoded)
+}
+
+impl Datapath {
+    /// Puts `rules` in force atomically: connections are decided wholly by
+    /// the previous rule set until the switch, wholly by `rules` after it.
+    /// On error the previous rule set stays in force, untouched.
+    pub fn switch_rules(&mut self, rules: &RuleSet) -> Result<u32, DatapathError> {
+        let next_generation = self.state.generation.wrapping_add(1);
+        let next_half = (next_generation & 1) as usize;
+        let live_half = 1 - next_half;
+        let encoded = encode(rules, next_half as u32)?;
+        self.check_capacity(&encoded, live_half)?;
+
+        // Left over by a switch that failed half way; not in force.
+        self.clear_half(next_half)?;
+        if let Err(e) = self.write_half(&encoded, next_half) {
+            self.clear_half(next_half)?;
+            return Err(e);
+        }
+        self.state.generation = next_generation;
+        self.write_config()?;
+        self.clear_half(live_half)?;
+        Ok(next_generation)
+    }
+
+    fn check_capacity(&self, encoded: &Encoded, live_half: usize) -> Result<(), DatapathError> {
+        let live = &self.halves[live_half];
+        let checks = [
+            (
+                map_names::ENDPOINTS,
+                self.endpoints.map(),
+                encoded.endpoints.len(),
+                live.endpoints.len(),
+            ),
+            (
+                map_names::RULES_V4,
+                self.rules_v4.map(),
+                encoded.v4.len(),
+                live.v4.len(),
+            ),
+            (
+                map_names::RULES_V6,
+                self.rules_v6.map(),
+                encoded.v6.len(),
+                live.v6.len(),
+            ),
+        ];
+        for (map, data, needed, live) in checks {
+            let capacity = data.info().map_err(map_err(map))?.max_entries();
+            if needed + live > capacity as usize {
+                return Err(RuleSetError::Capacity {
+                    map,
+                    needed,
+                    live,
+                    capacity,
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    fn write_half(&mut self, encoded: &Encoded, half: usize) -> Result<(), DatapathError> {
+        // Rules before endpoints: an endpoint never points at a missing set.
+        for (key, list) in &encoded.v4 {
+            self.rules_v4
+                .insert(key, list, 0)
+                .map_err(map_err(map_names::RULES_V4))?;
+            self.halves[half].v4.push((key.prefix_len(), key.data()));
+        }
+        for (key, list) in &encoded.v6 {
+            self.rules_v6
+                .insert(key, list, 0)
+                .map_err(map_err(map_names::RULES_V6))?;
+            self.halves[half].v6.push((key.prefix_len(), key.data()));
+        }
+        for (key, value) in &encoded.endpoints {
+            self.endpoints
+                .insert(key, value, 0)
+                .map_err(map_err(map_names::ENDPOINTS))?;
+            self.halves[half].endpoints.push(*key);
+        }
+        Ok(())
+    }
+
+    fn clear_half(&mut self, half: usize) -> Result<(), DatapathError> {
+        if self.halves[half].is_empty() {
+            return Ok(());
+        }
+        let contents = std::mem::take(&mut self.halves[half]);
+        // Endpoints first: nothing points at a set while its rules go.
+        for key in &contents.endpoints {
+            ignore_missing(self.endpoints.remove(key)).map_err(map_err(map_names::ENDPOINTS))?;
+        }
+        for (prefix_len, data) in &contents.v4 {
+            ignore_missing(self.rules_v4.remove(&Key::new(*prefix_len, *data)))
+                .map_err(map_err(map_names::RULES_V4))?;
+        }
+        for (prefix_len, data) in &contents.v6 {
+            ignore_missing(self.rules_v6.remove(&Key::new(*prefix_len, *data)))
+                .map_err(map_err(map_names::RULES_V6))?;
+        }
+        Ok(())
+    }
+
+    /// Reads back which keys each half holds (after adopting pinned maps).
+    pub(super) fn scan_halves(&self) -> Result<[HalfContents; 2], DatapathError> {
+        let mut halves: [HalfContents; 2] = Default::default();
+        for key in self.endpoints.keys() {
+            let key = key.map_err(map_err(map_names::ENDPOINTS))?;
+            halves[(key.half & 1) as usize].endpoints.push(key);
+        }
+        for key in self.rules_v4.keys() {
+            let key = key.map_err(map_err(map_names::RULES_V4))?;
+            let data = key.data();
+            halves[half_of_set(data.set_id_be)]
+                .v4
+                .push((key.prefix_len(), data));
+        }
+        for key in self.rules_v6.keys() {
+            let key = key.map_err(map_err(map_names::RULES_V6))?;
+            let data = key.data();
+            halves[half_of_set(data.set_id_be)]
+                .v6
+                .push((key.prefix_len(), data));
+        }
+        Ok(halves)
+    }
+}
+
+fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(ports: PortRange, action: Action, rule_id: u32) -> PortRuleSpec {
+        PortRuleSpec {
+            ports,
+            protocol: Protocol::Tcp,
+            action,
+            mode: PolicyMode::Inherit,
+            rule_id,
+        }
+    }
+
+    fn one_set(v4: Vec<(Ipv4Net, Vec<PortRuleSpec>)>) -> RuleSet {
+        RuleSet {
+            sets: vec![SetRules {
+                default_action: Action::Deny,
+                default_mode: PolicyMode::Enforce,
+                v4,
+                v6: vec![],
+            }],
+            endpoints: BTreeMap::from([(42, 0)]),
+        }
+    }
+
+    #[test]
+    fn encodes_keys_with_set_id_and_half() {
+        let net: Ipv4Net = "10.1.0.0/16".parse().unwrap();
+        let encoded = encode(
+            &one_set(vec![(
+                net,
+                vec![rule(PortRange::single(443), Action::Allow, 7)],
+            )]),
+            1,
+        )
+        .unwrap();
+        let (key, list) = encoded.v4[0];
+        assert_eq!(key.prefix_len(), 48);
+        assert_eq!(key.data().addr, [10, 1, 0, 0]);
+        assert_eq!(u32::from_be(key.data().set_id_be), SET_ID_HALF_BIT);
+        assert_eq!(list.len, 1);
+        assert_eq!(
+            (
+                list.rules[0].port_lo,
+                list.rules[0].port_hi,
+                list.rules[0].rule_id
+            ),
+            (443, 443, 7)
+        );
+        assert_eq!(list.rules[0].protocol, protocol::TCP);
+        let (ekey, evalue) = encoded.endpoints[0];
+        assert_eq!((ekey.cgroup_id, ekey.half), (42, 1));
+        assert_eq!(evalue.set_id, SET_ID_HALF_BIT);
+        assert_eq!(evalue.default_action, action::DENY);
+    }
+
+    #[test]
+    fn host_bits_of_a_prefix_are_dropped() {
+        let net: Ipv4Net = "10.1.2.3/16".parse().unwrap();
+        let encoded = encode(
+            &one_set(vec![(net, vec![rule(PortRange::ANY, Action::Deny, 1)])]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(encoded.v4[0].0.data().addr, [10, 1, 0, 0]);
+    }
+
+    #[test]
+    fn rejects_what_the_kernel_cannot_hold() {
+        let net: Ipv4Net = "10.0.0.0/8".parse().unwrap();
+        let nine = (1..=9)
+            .map(|id| rule(PortRange::single(id as u16), Action::Allow, id))
+            .collect();
+        assert!(matches!(
+            encode(&one_set(vec![(net, nine)]), 0),
+            Err(RuleSetError::TooManyPortRules { len: 9, .. })
+        ));
+        let reversed = vec![rule(
+            PortRange {
+                first: 90,
+                last: 80,
+            },
+            Action::Allow,
+            1,
+        )];
+        assert!(matches!(
+            encode(&one_set(vec![(net, reversed)]), 0),
+            Err(RuleSetError::ReversedPortRange { .. })
+        ));
+        let zero = vec![rule(PortRange::ANY, Action::Allow, 0)];
+        assert!(matches!(
+            encode(&one_set(vec![(net, zero)]), 0),
+            Err(RuleSetError::ReservedRuleId { .. })
+        ));
+        let mut dangling = one_set(vec![]);
+        dangling.endpoints.insert(7, 3);
+        assert!(matches!(
+            encode(&dangling, 0),
+            Err(RuleSetError::UnknownSet {
+                cgroup_id: 7,
+                set: 3,
+                ..
+            })
+        ));
+    }
+}

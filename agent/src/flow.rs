@@ -1,0 +1,317 @@
+//! Flow records: what a kernel decision event becomes for people and SIEMs.
+//! Pure functions only; the schema is documented in docs/flow-records.md.
+
+use std::{
+    borrow::Cow,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use serde::Serialize;
+use tollgate_common::{
+    FlowEvent, Hook, Mode, RULE_ID_DEFAULT, Verdict, event_kind, family, protocol,
+};
+
+/// Decodes one ring buffer record; `None` for anything that is not a
+/// complete flow event.
+pub fn decode_event(bytes: &[u8]) -> Option<FlowEvent> {
+    if bytes.len() < size_of::<FlowEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; FlowEvent is plain old data, any bytes are valid.
+    let event = unsafe { bytes.as_ptr().cast::<FlowEvent>().read_unaligned() };
+    (event.kind == event_kind::FLOW).then_some(event)
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct FlowRecord<'a> {
+    /// RFC 3339, UTC, nanoseconds.
+    pub time: String,
+    /// Per-node sequence number, from 1.
+    pub seq: u64,
+    pub node: &'a str,
+    pub verdict: &'static str,
+    pub mode: &'static str,
+    pub protocol: Cow<'static, str>,
+    pub hook: &'static str,
+    pub src: Source<'a>,
+    pub dst: Destination,
+    /// The policy that decided, or null when no policy selects the source.
+    pub policy: Option<&'a str>,
+    /// The rule that decided: its name, `rule-<id>` when unnamed, or
+    /// `default` when no rule matched.
+    pub rule: Cow<'a, str>,
+    pub rule_id: u32,
+    pub generation: u32,
+    pub socket_cookie: u64,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Source<'a> {
+    pub cgroup_id: u64,
+    /// Path below the cgroup2 mount, or null if the cgroup is already gone.
+    pub cgroup: Option<&'a str>,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: Cow<'a, str>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Destination {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+/// What the agent adds to an event.
+pub struct Enrichment<'a> {
+    pub seq: u64,
+    pub node: &'a str,
+    pub cgroup: Option<&'a str>,
+    pub clock: WallClock,
+}
+
+impl<'a> FlowRecord<'a> {
+    pub fn new(event: &'a FlowEvent, enrichment: Enrichment<'a>) -> Self {
+        let dst_ip = if event.family == family::INET6 {
+            IpAddr::V6(Ipv6Addr::from(event.dst_addr))
+        } else {
+            let [a, b, c, d, ..] = event.dst_addr;
+            IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+        };
+        let comm_len = event
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(event.comm.len());
+        let rule = if event.rule_id == RULE_ID_DEFAULT {
+            Cow::Borrowed("default")
+        } else {
+            Cow::Owned(format!("rule-{}", event.rule_id))
+        };
+        Self {
+            time: rfc3339_nanos(enrichment.clock.unix_nanos(event.ts_ns)),
+            seq: enrichment.seq,
+            node: enrichment.node,
+            verdict: verdict_name(event.verdict),
+            mode: match Mode::from_u8(event.mode) {
+                Some(Mode::Enforce) => "enforce",
+                _ => "observe",
+            },
+            protocol: protocol_name(event.protocol),
+            hook: hook_name(event.hook),
+            src: Source {
+                cgroup_id: event.cgroup_id,
+                cgroup: enrichment.cgroup,
+                pid: (event.pid_tgid >> 32) as u32,
+                tid: event.pid_tgid as u32,
+                comm: String::from_utf8_lossy(&event.comm[..comm_len]),
+                uid: event.uid_gid as u32,
+                gid: (event.uid_gid >> 32) as u32,
+            },
+            dst: Destination {
+                ip: dst_ip,
+                port: event.dst_port,
+            },
+            policy: None,
+            rule,
+            rule_id: event.rule_id,
+            generation: event.generation,
+            socket_cookie: event.socket_cookie,
+        }
+    }
+}
+
+fn verdict_name(verdict: u8) -> &'static str {
+    match Verdict::from_u8(verdict) {
+        Some(Verdict::Allowed) => "allowed",
+        Some(Verdict::Denied) => "denied",
+        Some(Verdict::Audit) => "audit",
+        None => "unknown",
+    }
+}
+
+fn hook_name(hook: u8) -> &'static str {
+    match Hook::from_u8(hook) {
+        Some(Hook::Connect4) => "connect4",
+        Some(Hook::Connect6) => "connect6",
+        Some(Hook::Sendmsg4) => "sendmsg4",
+        Some(Hook::Sendmsg6) => "sendmsg6",
+        None => "unknown",
+    }
+}
+
+fn protocol_name(number: u8) -> Cow<'static, str> {
+    match number {
+        protocol::TCP => Cow::Borrowed("tcp"),
+        protocol::UDP => Cow::Borrowed("udp"),
+        other => Cow::Owned(format!("ip-{other}")),
+    }
+}
+
+/// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock time, by
+/// the offset between the two clocks taken once at start.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    realtime_minus_monotonic_ns: i128,
+}
+
+impl WallClock {
+    pub fn now() -> Self {
+        let ns = |clock| {
+            let t =
+                nix::time::clock_gettime(clock).expect("clock_gettime cannot fail for this clock");
+            i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+        };
+        let monotonic = ns(nix::time::ClockId::CLOCK_MONOTONIC);
+        let realtime = ns(nix::time::ClockId::CLOCK_REALTIME);
+        Self {
+            realtime_minus_monotonic_ns: realtime - monotonic,
+        }
+    }
+
+    pub const fn with_offset(realtime_minus_monotonic_ns: i128) -> Self {
+        Self {
+            realtime_minus_monotonic_ns,
+        }
+    }
+
+    pub fn unix_nanos(&self, monotonic_ns: u64) -> i128 {
+        i128::from(monotonic_ns) + self.realtime_minus_monotonic_ns
+    }
+}
+
+/// `2026-11-24T08:00:00.123456789Z`: always nine fractional digits.
+pub fn rfc3339_nanos(unix_nanos: i128) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(unix_nanos)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:09}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.nanosecond()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> FlowEvent {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        FlowEvent {
+            kind: event_kind::FLOW,
+            hook: Hook::Connect4 as u8,
+            verdict: Verdict::Denied as u8,
+            mode: Mode::Enforce as u8,
+            family: family::INET,
+            protocol: protocol::TCP,
+            flags: tollgate_common::flow_flags::ENDPOINT_KNOWN,
+            dst_port: 443,
+            rule_id: 7,
+            set_id: 0,
+            generation: 3,
+            _pad: 0,
+            ts_ns: 1_000,
+            cgroup_id: 99,
+            pid_tgid: (1234u64 << 32) | 1235,
+            uid_gid: (20u64 << 32) | 10,
+            socket_cookie: 5,
+            dst_addr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            comm,
+        }
+    }
+
+    fn bytes_of(event: &FlowEvent) -> Vec<u8> {
+        // SAFETY: FlowEvent is repr(C) plain old data.
+        unsafe {
+            std::slice::from_raw_parts(
+                (event as *const FlowEvent).cast::<u8>(),
+                size_of::<FlowEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_only_complete_flow_events() {
+        let e = event();
+        let bytes = bytes_of(&e);
+        assert_eq!(decode_event(&bytes), Some(e));
+        assert_eq!(decode_event(&bytes[..bytes.len() - 1]), None);
+        let mut other = e;
+        other.kind = 99;
+        assert_eq!(decode_event(&bytes_of(&other)), None);
+    }
+
+    #[test]
+    fn record_has_the_documented_shape() {
+        let e = event();
+        let record = FlowRecord::new(
+            &e,
+            Enrichment {
+                seq: 1,
+                node: "node-a",
+                cgroup: Some("/tgtest"),
+                clock: WallClock::with_offset(1_700_000_000_000_000_000),
+            },
+        );
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "time": "2023-11-14T22:13:20.000001000Z",
+                "seq": 1,
+                "node": "node-a",
+                "verdict": "denied",
+                "mode": "enforce",
+                "protocol": "tcp",
+                "hook": "connect4",
+                "src": {"cgroup_id": 99, "cgroup": "/tgtest", "pid": 1234, "tid": 1235, "comm": "curl", "uid": 10, "gid": 20},
+                "dst": {"ip": "10.0.0.1", "port": 443},
+                "policy": null,
+                "rule": "rule-7",
+                "rule_id": 7,
+                "generation": 3,
+                "socket_cookie": 5
+            })
+        );
+    }
+
+    #[test]
+    fn ipv6_destinations_and_defaults() {
+        let mut e = event();
+        e.family = family::INET6;
+        e.dst_addr = "fd00::1".parse::<Ipv6Addr>().unwrap().octets();
+        e.rule_id = RULE_ID_DEFAULT;
+        e.verdict = Verdict::Audit as u8;
+        e.protocol = 1;
+        let record = FlowRecord::new(
+            &e,
+            Enrichment {
+                seq: 2,
+                node: "n",
+                cgroup: None,
+                clock: WallClock::with_offset(0),
+            },
+        );
+        assert_eq!(record.dst.ip, "fd00::1".parse::<IpAddr>().unwrap());
+        assert_eq!(record.rule, "default");
+        assert_eq!(record.verdict, "audit");
+        assert_eq!(record.protocol, "ip-1");
+    }
+
+    #[test]
+    fn timestamps_always_have_nine_digits() {
+        assert_eq!(rfc3339_nanos(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            rfc3339_nanos(1_500_000_000_123_456_789),
+            "2017-07-14T02:40:00.123456789Z"
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! Tollgate's node agent as a library: the binaries (`tollgate-agent`,
+//! `tollgate-ctl`) and the integration tests are thin layers over it.
+
+pub mod cgroups;
+pub mod config;
+pub mod datapath;
+pub mod flow;
+pub mod mounts;
+pub mod output;
+pub mod run;

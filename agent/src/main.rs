@@ -1,0 +1,93 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tollgate_agent::{
+    config::{Cli, Command, RunArgs},
+    datapath::{self, DatapathOptions},
+    mounts,
+    run::{self, RunConfig},
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Some(Command::Cleanup { bpffs_root }) => cleanup(&bpffs_root),
+        None => {
+            // Configuration is complete and checked before the runtime starts.
+            let config = run_config(cli.run)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(stop_on_signal(shutdown.clone()));
+                run::run(config, shutdown).await
+            })?;
+            Ok(())
+        }
+    }
+}
+
+fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
+    let cgroup2_mount = mounts::cgroup2_mount().context("finding the cgroup v2 mount")?;
+    let cgroup = args.cgroup.unwrap_or_else(|| cgroup2_mount.clone());
+    anyhow::ensure!(
+        cgroup.starts_with(&cgroup2_mount),
+        "--cgroup {} is not below the cgroup2 mount {}",
+        cgroup.display(),
+        cgroup2_mount.display()
+    );
+    anyhow::ensure!(
+        cgroup.is_dir(),
+        "--cgroup {} is not a directory",
+        cgroup.display()
+    );
+    let node = match args.node {
+        Some(node) => node,
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    Ok(RunConfig {
+        datapath: DatapathOptions {
+            bpffs_root: args.bpffs_root,
+            cgroup,
+        },
+        cgroup2_mount,
+        mode: args.mode.into(),
+        node,
+        allowed_report_interval: args.allowed_report_interval,
+    })
+}
+
+fn cleanup(bpffs_root: &PathBuf) -> anyhow::Result<()> {
+    let removed = datapath::cleanup(bpffs_root)?;
+    for path in &removed {
+        tracing::info!(path = %path.display(), "removed");
+    }
+    tracing::info!(pins = removed.len(), "cleanup done");
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    shutdown.cancel();
+}

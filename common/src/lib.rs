@@ -1,0 +1,332 @@
+//! The kernel ABI of Tollgate: every map key, map value and ring buffer event
+//! that the BPF programs and the agent exchange.
+//!
+//! All types are `#[repr(C)]` with explicit padding fields, so that their
+//! layout is the same on both sides and a zeroed value has no uninitialised
+//! bytes (hash and LPM keys are compared byte by byte). A change to any of
+//! them must bump [`PIN_LAYOUT_VERSION`]: pinned maps of an older layout are
+//! never reused by a newer agent.
+//!
+//! See `docs/datapath.md` for how the maps fit together.
+#![no_std]
+
+/// Version of the pinned map layout; part of the bpffs pin directory name.
+pub const PIN_LAYOUT_VERSION: u32 = 1;
+
+/// Map names (at most 15 bytes: the kernel truncates longer object names).
+pub mod map_names {
+    pub const CONFIG: &str = "TG_CONFIG";
+    pub const ENDPOINTS: &str = "TG_ENDPOINTS";
+    pub const RULES_V4: &str = "TG_RULES_V4";
+    pub const RULES_V6: &str = "TG_RULES_V6";
+    pub const EVENTS: &str = "TG_EVENTS";
+    pub const COUNTERS: &str = "TG_COUNTERS";
+    pub const FLOW_DEDUP: &str = "TG_FLOW_DEDUP";
+}
+
+/// Default capacities; the agent may override them at load time.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 16_384;
+    pub const RULES_V4: u32 = 262_144;
+    pub const RULES_V6: u32 = 65_536;
+    pub const FLOW_DEDUP: u32 = 65_536;
+    /// Ring buffer size in bytes (a power of two, a multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 4 << 20;
+}
+
+/// Port rules stored inline in one LPM value. The compiler checks this limit
+/// before anything is written.
+pub const MAX_PORT_RULES: usize = 8;
+
+/// Rule id that marks a decision made by the endpoint's default action (no
+/// rule matched), or by the absence of any policy for the endpoint.
+pub const RULE_ID_DEFAULT: u32 = 0;
+
+/// The set ids of generation half `h` have this bit equal to `h`.
+pub const SET_ID_HALF_BIT: u32 = 1 << 31;
+
+/// Global mode, and the mode a policy may override it with.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Denials are reported as `audit` and the connection proceeds.
+    Observe = 1,
+    /// Denials fail the connection with EPERM.
+    Enforce = 2,
+}
+
+/// Per-policy mode as stored in rules: inherit the global mode or override it.
+pub mod policy_mode {
+    pub const INHERIT: u8 = 0;
+    pub const OBSERVE: u8 = super::Mode::Observe as u8;
+    pub const ENFORCE: u8 = super::Mode::Enforce as u8;
+}
+
+/// What a rule does with a matching connection.
+pub mod action {
+    pub const ALLOW: u8 = 1;
+    pub const DENY: u8 = 2;
+}
+
+/// The decision reported for a connection.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed = 1,
+    Denied = 2,
+    /// Would have been denied, but the deciding policy is in observe mode.
+    Audit = 3,
+}
+
+/// The hook that made a decision.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Connect4 = 1,
+    Connect6 = 2,
+    Sendmsg4 = 3,
+    Sendmsg6 = 4,
+}
+
+/// IP protocol numbers used in rules; 0 matches any protocol.
+pub mod protocol {
+    pub const ANY: u8 = 0;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// Address families as the kernel numbers them.
+pub mod family {
+    pub const INET: u8 = 2;
+    pub const INET6: u8 = 10;
+}
+
+/// Bits of [`FlowEvent::flags`].
+pub mod flow_flags {
+    /// The source cgroup has an endpoint entry (a policy selects it).
+    pub const ENDPOINT_KNOWN: u8 = 1 << 0;
+    /// The destination was an IPv4-mapped IPv6 address, judged as IPv4.
+    pub const V4_MAPPED: u8 = 1 << 1;
+}
+
+/// Indexes of the per-CPU counters in `TG_COUNTERS`.
+pub mod counter {
+    pub const ALLOWED: u32 = 0;
+    pub const DENIED: u32 = 1;
+    pub const AUDIT: u32 = 2;
+    /// Allowed decisions not reported because an identical one was reported
+    /// within the dedup interval.
+    pub const ALLOWED_DEDUPLICATED: u32 = 3;
+    /// Events lost because the ring buffer was full.
+    pub const RINGBUF_RESERVE_FAILED: u32 = 4;
+    /// Decisions that saw the generation change under them and re-ran.
+    pub const GENERATION_RETRIES: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+/// Singleton in `TG_CONFIG[0]`.
+///
+/// `generation` and `global_mode` share one 8-byte word so that a single
+/// userspace write switches them together.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Active rule generation; its low bit selects the half of the endpoint
+    /// and rule maps in force. Only ever increases.
+    pub generation: u32,
+    /// [`Mode`] as u8; 0 (not yet configured) behaves as observe.
+    pub global_mode: u8,
+    pub _pad: [u8; 3],
+    /// Allowed decisions with the same source cgroup, destination, port and
+    /// protocol are reported at most once per this interval. 0: report all.
+    pub allowed_report_interval_ns: u64,
+    /// Id of the cgroup the programs are attached to; lets a restarted agent
+    /// check that the pinned links are the ones it was asked for.
+    pub attached_cgroup_id: u64,
+}
+
+/// Key of `TG_ENDPOINTS`: a cgroup in one generation half.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub cgroup_id: u64,
+    /// 0 or 1: `generation & 1` of the generation this entry belongs to.
+    pub half: u32,
+    pub _pad: u32,
+}
+
+/// Value of `TG_ENDPOINTS`: the rule set that applies to the endpoint, and
+/// what happens when none of its rules match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    /// Key prefix of this endpoint's entries in `TG_RULES_V4`/`V6`.
+    pub set_id: u32,
+    /// [`action`] when no rule matches.
+    pub default_action: u8,
+    /// [`policy_mode`] of the default decision.
+    pub default_mode: u8,
+    pub _pad: [u8; 2],
+}
+
+/// LPM key data of `TG_RULES_V4`: prefix length = 32 + CIDR prefix length,
+/// so the set id always matches in full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleKeyV4 {
+    /// Big-endian set id, so that its bits come first in the trie.
+    pub set_id_be: u32,
+    /// Network order.
+    pub addr: [u8; 4],
+}
+
+/// LPM key data of `TG_RULES_V6`: prefix length = 32 + CIDR prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleKeyV6 {
+    pub set_id_be: u32,
+    pub addr: [u8; 16],
+}
+
+/// One port/protocol rule within a prefix's rule list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortRule {
+    /// Inclusive port range, host order; 0..=65535 matches any port.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// [`protocol`]: 0 any, 6 TCP, 17 UDP.
+    pub protocol: u8,
+    /// [`action`].
+    pub action: u8,
+    /// [`policy_mode`] of the policy that owns the rule.
+    pub mode: u8,
+    pub _pad: u8,
+    /// Agent-assigned id, reported with the decision.
+    pub rule_id: u32,
+}
+
+/// Value of the rule LPM tries: every rule that applies to destinations in
+/// the prefix, in precedence order (the compiler puts denies first). The
+/// first match decides; no match means the endpoint's default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleList {
+    pub len: u32,
+    pub rules: [PortRule; MAX_PORT_RULES],
+}
+
+/// Event kinds on the ring buffer; every event starts with its kind.
+pub mod event_kind {
+    pub const FLOW: u32 = 1;
+}
+
+/// A decision, as reported on `TG_EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// [`event_kind::FLOW`].
+    pub kind: u32,
+    /// [`Hook`].
+    pub hook: u8,
+    /// [`Verdict`].
+    pub verdict: u8,
+    /// Effective [`Mode`] of the decision.
+    pub mode: u8,
+    /// [`family`] of the destination as judged (IPv4 for mapped addresses).
+    pub family: u8,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub protocol: u8,
+    /// [`flow_flags`].
+    pub flags: u8,
+    /// Host order.
+    pub dst_port: u16,
+    pub rule_id: u32,
+    /// Set id of the endpoint's rules (meaningful with `ENDPOINT_KNOWN`).
+    pub set_id: u32,
+    pub generation: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    pub socket_cookie: u64,
+    /// Network order; IPv4 in the first four bytes.
+    pub dst_addr: [u8; 16],
+    pub comm: [u8; 16],
+}
+
+/// Key of `TG_FLOW_DEDUP` (LRU): what makes two allowed decisions the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowDedupKey {
+    pub cgroup_id: u64,
+    pub dst_addr: [u8; 16],
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub rule_id: u32,
+}
+
+impl Verdict {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Allowed),
+            2 => Some(Self::Denied),
+            3 => Some(Self::Audit),
+            _ => None,
+        }
+    }
+}
+
+impl Hook {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Connect4),
+            2 => Some(Self::Connect6),
+            3 => Some(Self::Sendmsg4),
+            4 => Some(Self::Sendmsg6),
+            _ => None,
+        }
+    }
+}
+
+impl Mode {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Observe),
+            2 => Some(Self::Enforce),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, made only of integers and byte arrays,
+    // with every padding byte an explicit field.
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for RuleKeyV4 {}
+    unsafe impl aya::Pod for RuleKeyV6 {}
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for RuleList {}
+    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for FlowDedupKey {}
+}
+
+// The layouts are part of the pinned ABI: fail the build if one drifts.
+const _: () = {
+    assert!(core::mem::size_of::<Config>() == 24);
+    assert!(core::mem::size_of::<EndpointKey>() == 16);
+    assert!(core::mem::size_of::<EndpointValue>() == 8);
+    assert!(core::mem::size_of::<RuleKeyV4>() == 8);
+    assert!(core::mem::size_of::<RuleKeyV6>() == 20);
+    assert!(core::mem::size_of::<PortRule>() == 12);
+    assert!(core::mem::size_of::<RuleList>() == 4 + 12 * MAX_PORT_RULES);
+    assert!(core::mem::size_of::<FlowEvent>() == 104);
+    assert!(core::mem::size_of::<FlowDedupKey>() == 32);
+};

@@ -1,0 +1,158 @@
+//! Project tasks: `cargo xtask <build|test|run|lint>`.
+//!
+//! Every task first runs `scripts/setup.sh`, which installs what is missing
+//! (nightly rust-src, LLVM 22, bpf-linker, the test peers) and skips what is
+//! there, so each works on a fresh machine.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the BPF object, then the agent and the tools.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the whole test suite, root tests included (needs root and BPF).
+    Test {
+        /// Extra arguments for the test binaries, e.g. a name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build, then run the agent (release) with the given arguments.
+    Run {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Formatting and clippy, as CI checks them.
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root();
+    match Cli::parse().task {
+        Task::Build { release } => build(&root, release),
+        Task::Test { args } => test(&root, &args),
+        Task::Run { args } => {
+            build(&root, true)?;
+            let agent = root.join("target/release/tollgate-agent");
+            run(Command::new(agent).args(args))
+        }
+        Task::Lint => lint(&root),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn setup(root: &Path) -> anyhow::Result<()> {
+    run(Command::new("bash").arg(root.join("scripts/setup.sh")))
+}
+
+/// Builds agent-ebpf for bpfel-unknown-none with nightly (its
+/// .cargo/config.toml sets the target and build-std).
+fn build_bpf(root: &Path) -> anyhow::Result<()> {
+    let mut cargo = Command::new("cargo");
+    cargo
+        .current_dir(root.join("agent-ebpf"))
+        .args(["+nightly", "build", "--release"]);
+    // Variables set by the outer (stable) cargo would leak into the nested
+    // nightly build and break it.
+    for var in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+    ] {
+        cargo.env_remove(var);
+    }
+    run(&mut cargo).context("building the BPF programs")
+}
+
+fn build(root: &Path, release: bool) -> anyhow::Result<()> {
+    setup(root)?;
+    build_bpf(root)?;
+    let mut cargo = Command::new("cargo");
+    cargo
+        .current_dir(root)
+        .args(["build", "--workspace", "--bins"]);
+    if release {
+        cargo.arg("--release");
+    }
+    run(&mut cargo)
+}
+
+fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the root tests load BPF programs and create cgroups and network namespaces: run as root"
+        );
+    }
+    build(root, false)?;
+    // Root tests are #[ignore]d so that a plain `cargo test` runs anywhere;
+    // here they run too. Each makes its own cgroup, netns and pins, so they
+    // may run in parallel.
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--workspace", "--", "--include-ignored"])
+        .args(args))
+}
+
+fn lint(root: &Path) -> anyhow::Result<()> {
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args(["fmt", "--all", "--", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(root.join("agent-ebpf"))
+        .args(["+nightly", "fmt", "--", "--check"]))?;
+    run(Command::new("cargo").current_dir(root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+/// The effective uid, from /proc so xtask needs no libc binding.
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
