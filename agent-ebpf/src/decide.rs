@@ -123,7 +123,7 @@ fn evaluate(cgroup_id: u64, generation: u32, dst: &Destination) -> Decision {
         half: generation & 1,
         _pad: 0,
     };
-    let Some(endpoint) = TG_ENDPOINTS.get_ptr(&key) else {
+    let Some(endpoint) = TG_ENDPOINTS.get_ptr(key) else {
         // No policy selects this cgroup: not restricted.
         return Decision {
             action: action::ALLOW,
@@ -162,10 +162,8 @@ fn evaluate(cgroup_id: u64, generation: u32, dst: &Destination) -> Decision {
         );
         TG_RULES_V6.get(&key)
     };
-    if let Some(rules) = rules {
-        if let Some(decision) = first_match(rules, dst, set_id) {
-            return decision;
-        }
+    if let Some(decision) = rules.and_then(|rules| first_match(rules, dst, set_id)) {
+        return decision;
     }
     Decision {
         action: default_action,

@@ -112,7 +112,7 @@ fn recently_reported(report: &Report, dst: &Destination, now: u64) -> bool {
         family: dst.family,
         rule_id: report.rule_id,
     };
-    if let Some(last) = TG_FLOW_DEDUP.get_ptr_mut(&key) {
+    if let Some(last) = TG_FLOW_DEDUP.get_ptr_mut(key) {
         // SAFETY: value pointer from a successful lookup; a racing update
         // only makes a report more or less likely, never unsafe.
         unsafe {
@@ -123,6 +123,6 @@ fn recently_reported(report: &Report, dst: &Destination, now: u64) -> bool {
         }
         return false;
     }
-    let _ = TG_FLOW_DEDUP.insert(&key, &now, 0);
+    let _ = TG_FLOW_DEDUP.insert(key, now, 0);
     false
 }

@@ -97,6 +97,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn durations() {
@@ -134,7 +135,7 @@ mod tests {
             Cli::try_parse_from(["tollgate-agent", "cleanup", "--bpffs-root", "/sys/fs/bpf/x"])
                 .unwrap();
         assert!(
-            matches!(cli.command, Some(Command::Cleanup { bpffs_root }) if bpffs_root == PathBuf::from("/sys/fs/bpf/x"))
+            matches!(cli.command, Some(Command::Cleanup { bpffs_root }) if bpffs_root == Path::new("/sys/fs/bpf/x"))
         );
     }
 }

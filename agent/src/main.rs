@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::{io::IsTerminal, path::Path};
 
 use anyhow::Context;
 use clap::Parser;
@@ -18,6 +18,7 @@ fn main() -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         Some(Command::Cleanup { bpffs_root }) => cleanup(&bpffs_root),
@@ -67,7 +68,7 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
     })
 }
 
-fn cleanup(bpffs_root: &PathBuf) -> anyhow::Result<()> {
+fn cleanup(bpffs_root: &Path) -> anyhow::Result<()> {
     let removed = datapath::cleanup(bpffs_root)?;
     for path in &removed {
         tracing::info!(path = %path.display(), "removed");

@@ -1,1 +1,453 @@
+//! Harness for the root integration tests.
+//!
+//! Each test owns a [`TestEnv`]: its own cgroup (where its client processes
+//! run and where the programs attach), its own private bpffs mount (where the
+//! pins go), and its own network namespaces with veth test hosts (where every
+//! connection goes, allowed or not). Dropping the environment removes all of
+//! it, also when the test panics.
 
+use std::{
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tollgate_agent::{
+    cgroups,
+    datapath::{Datapath, DatapathOptions, EventReader},
+    mounts,
+};
+use tollgate_common::FlowEvent;
+
+/// A binary of the workspace, built beside the test binaries by
+/// `cargo xtask test` (target/<profile>/deps/<test> -> target/<profile>/<name>).
+fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+pub fn agent_binary() -> PathBuf {
+    workspace_binary("tollgate-agent")
+}
+
+/// The probe client/server (src/bin/tg-probe.rs).
+pub fn probe_binary() -> PathBuf {
+    workspace_binary("tg-probe")
+}
+
+fn sh(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A cgroup of the test's own, removed on drop after its processes are killed.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    pub id: u64,
+    /// Path relative to the cgroup2 mount, as flow records show it.
+    pub relative: String,
+}
+
+impl TestCgroup {
+    fn new(name: &str) -> Self {
+        let mount = mounts::cgroup2_mount().expect("cgroup2 is mounted");
+        let relative = format!("/tgtest-{name}-{}", std::process::id());
+        let path = mount.join(&relative[1..]);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        let id = cgroups::cgroup_id(&path).unwrap();
+        Self { path, id, relative }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Probes exit on their own; a leftover from a failed test is killed.
+        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A bpffs instance mounted for one test, so its pins never touch the host's.
+pub struct PrivateBpffs {
+    pub mount: PathBuf,
+}
+
+impl PrivateBpffs {
+    fn new(name: &str) -> Self {
+        let mount = PathBuf::from(format!("/run/tollgate-tests/{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&mount).unwrap();
+        sh("mount", &["-t", "bpf", "bpf", mount.to_str().unwrap()]);
+        Self { mount }
+    }
+
+    /// The agent's `--bpffs-root` inside this mount.
+    pub fn root(&self) -> PathBuf {
+        self.mount.join("tollgate")
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        // Removing the pins first detaches the links at once.
+        let _ = tollgate_agent::datapath::cleanup(&self.root());
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = std::fs::remove_dir(&self.mount);
+        let _ = std::fs::remove_dir("/run/tollgate-tests");
+    }
+}
+
+/// A host in its own network namespace, reached over a veth pair:
+/// 10.231.<index>.2 and fd00:231:<index>::2 (the host side has .1 and ::1).
+pub struct TestHost {
+    pub netns: String,
+    host_if: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    servers: Vec<Child>,
+}
+
+impl TestHost {
+    /// `index` must be unique among the tests that run at the same time.
+    fn new(name: &str, index: u8) -> Self {
+        let netns = format!("tgt-{name}");
+        let host_if = format!("tgh{index}");
+        let peer_if = format!("tgp{index}");
+        let host = Self {
+            netns: netns.clone(),
+            host_if: host_if.clone(),
+            v4: Ipv4Addr::new(10, 231, index, 2),
+            v6: format!("fd00:231:{index}::2").parse().unwrap(),
+            servers: Vec::new(),
+        };
+        // From here on, Drop removes whatever was made.
+        sh("ip", &["netns", "add", &netns]);
+        sh(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+            ],
+        );
+        sh("ip", &["link", "set", &peer_if, "netns", &netns]);
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("10.231.{index}.1/24"),
+                "dev",
+                &host_if,
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("fd00:231:{index}::1/64"),
+                "dev",
+                &host_if,
+                "nodad",
+            ],
+        );
+        sh("ip", &["link", "set", &host_if, "up"]);
+        let in_ns = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", &netns, "ip"];
+            full.extend_from_slice(args);
+            sh("ip", &full);
+        };
+        in_ns(&[
+            "addr",
+            "add",
+            &format!("10.231.{index}.2/24"),
+            "dev",
+            &peer_if,
+        ]);
+        in_ns(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("fd00:231:{index}::2/64"),
+            "dev",
+            &peer_if,
+            "nodad",
+        ]);
+        in_ns(&["link", "set", &peer_if, "up"]);
+        in_ns(&["link", "set", "lo", "up"]);
+        host
+    }
+
+    /// Starts a TCP listener (dual-stack) on each port inside the namespace.
+    pub fn serve_tcp(&mut self, ports: &[u16]) {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(probe_binary())
+            .arg("serve")
+            .args(&ports)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the probe server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "listening", "probe server did not start");
+        self.servers.push(child);
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// Everything one test owns. Fields drop in order: hosts, pins, cgroup.
+pub struct TestEnv {
+    pub hosts: Vec<TestHost>,
+    pub bpffs: PrivateBpffs,
+    pub cgroup: TestCgroup,
+}
+
+impl TestEnv {
+    /// `name` is short (it names a netns) and unique per test.
+    pub fn new(name: &str) -> Self {
+        let cgroup = TestCgroup::new(name);
+        let bpffs = PrivateBpffs::new(name);
+        Self {
+            hosts: Vec::new(),
+            bpffs,
+            cgroup,
+        }
+    }
+
+    /// Adds a test host with listeners on `tcp_ports`.
+    pub fn add_host(&mut self, index: u8, tcp_ports: &[u16]) -> &TestHost {
+        let name = format!(
+            "{}-{}",
+            self.cgroup.relative.trim_start_matches("/tgtest-"),
+            index
+        );
+        let mut host = TestHost::new(&name, index);
+        if !tcp_ports.is_empty() {
+            host.serve_tcp(tcp_ports);
+        }
+        self.hosts.push(host);
+        self.hosts.last().unwrap()
+    }
+
+    pub fn datapath_options(&self) -> DatapathOptions {
+        DatapathOptions {
+            bpffs_root: self.bpffs.root(),
+            cgroup: self.cgroup.path.clone(),
+        }
+    }
+
+    /// Loads the datapath, attached to this test's cgroup.
+    pub fn open_datapath(&self) -> Datapath {
+        Datapath::open(&self.datapath_options()).expect("opening the datapath")
+    }
+
+    /// Runs the probe inside this test's cgroup.
+    pub fn probe(&self, args: &[&str]) -> ProbeRun {
+        let output = Command::new(probe_binary())
+            .arg("--cgroup")
+            .arg(&self.cgroup.path)
+            .args(args)
+            .output()
+            .expect("running the probe");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "probe {args:?} failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        ProbeRun::parse(&stdout)
+    }
+}
+
+/// What the probe printed: its pid, then one result per attempt.
+#[derive(Debug)]
+pub struct ProbeRun {
+    pub pid: u32,
+    /// `Ok(())` or the errno of the failed call.
+    pub results: Vec<Result<(), i32>>,
+}
+
+impl ProbeRun {
+    fn parse(stdout: &str) -> Self {
+        let mut pid = 0;
+        let mut results = Vec::new();
+        for line in stdout.lines() {
+            if let Some(p) = line.strip_prefix("pid=") {
+                pid = p.parse().unwrap();
+            } else if line == "ok" {
+                results.push(Ok(()));
+            } else if let Some(errno) = line.strip_prefix("errno=") {
+                results.push(Err(errno.parse().unwrap()));
+            }
+        }
+        Self { pid, results }
+    }
+
+    /// The single result of a one-attempt run.
+    pub fn result(&self) -> Result<(), i32> {
+        assert_eq!(self.results.len(), 1, "{self:?}");
+        self.results[0]
+    }
+}
+
+/// Collects events until `want` have arrived or `timeout` passes.
+pub async fn collect_events(
+    reader: &mut EventReader,
+    want: usize,
+    timeout: Duration,
+) -> Vec<FlowEvent> {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while events.len() < want {
+        match tokio::time::timeout_at(deadline, reader.read(&mut events, 1024)).await {
+            Ok(read) => {
+                read.expect("reading events");
+            }
+            Err(_) => break,
+        }
+    }
+    events
+}
+
+/// Waits briefly and returns whatever else arrived: for asserting that
+/// nothing more was reported.
+pub async fn no_more_events(reader: &mut EventReader) -> Vec<FlowEvent> {
+    collect_events(reader, usize::MAX, Duration::from_millis(300)).await
+}
+
+/// A running `tollgate-agent`, with its output lines collected by threads.
+pub struct AgentProcess {
+    /// Log lines up to and including the one that reported ready.
+    pub startup_log: Vec<String>,
+    child: Child,
+    stdout: std::sync::mpsc::Receiver<String>,
+}
+
+impl AgentProcess {
+    /// Starts the agent attached to the test's cgroup and pin root, and waits
+    /// until it reports ready.
+    pub fn start(env: &TestEnv, extra_args: &[&str]) -> Self {
+        let mut child = Command::new(agent_binary())
+            .arg("--cgroup")
+            .arg(&env.cgroup.path)
+            .arg("--bpffs-root")
+            .arg(env.bpffs.root())
+            .args(["--node", "test-node"])
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tollgate-agent");
+        let stdout = lines_of(child.stdout.take().unwrap());
+        let stderr = lines_of(child.stderr.take().unwrap());
+        let mut startup_log = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !startup_log
+            .last()
+            .is_some_and(|line: &String| line.contains("ready"))
+        {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match stderr.recv_timeout(left) {
+                Ok(line) => startup_log.push(line),
+                Err(_) => panic!("the agent did not get ready; it logged: {startup_log:#?}"),
+            }
+        }
+        Self {
+            startup_log,
+            child,
+            stdout,
+        }
+    }
+
+    /// How many startup log lines contain `needle`.
+    pub fn startup_lines_with(&self, needle: &str) -> usize {
+        self.startup_log
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// The next flow record the agent printed.
+    pub fn next_record(&self, timeout: Duration) -> serde_json::Value {
+        let line = self
+            .stdout
+            .recv_timeout(timeout)
+            .expect("the agent printed no flow record in time");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
+    /// SIGKILL: no chance to clean up anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("signalling the agent");
+        self.child.wait().expect("waiting for the agent")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn lines_of(stream: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,224 @@
+//! The agent binary: flow records on stdout, enforcement that outlives the
+//! process, adoption of pins on restart, and cleanup.
+//!
+//! These tests need root and the BPF object: `cargo xtask test` runs them.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tollgate_agent::datapath::{
+    Action, DatapathError, DatapathOptions, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet,
+    SetRules,
+};
+use tollgate_tests::{AgentProcess, TestEnv};
+
+const EPERM: i32 = libc::EPERM;
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Deny `host:port`/TCP for the test's cgroup with rule 77, enforced.
+fn deny_port(env: &TestEnv, host: std::net::Ipv4Addr, port: u16) {
+    let mut dp = env.open_datapath();
+    let rules = RuleSet {
+        sets: vec![SetRules {
+            default_action: Action::Allow,
+            default_mode: PolicyMode::Inherit,
+            v4: vec![(
+                format!("{host}/32").parse().unwrap(),
+                vec![PortRuleSpec {
+                    ports: PortRange::single(port),
+                    protocol: Protocol::Tcp,
+                    action: Action::Deny,
+                    mode: PolicyMode::Enforce,
+                    rule_id: 77,
+                }],
+            )],
+            v6: vec![],
+        }],
+        endpoints: BTreeMap::from([(env.cgroup.id, 0)]),
+    };
+    dp.switch_rules(&rules).unwrap();
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn prints_one_json_flow_record_per_decision() {
+    let mut env = TestEnv::new("json");
+    let host = env.add_host(10, &[8080]).v4;
+    let agent = AgentProcess::start(
+        &env,
+        &["--mode", "enforce", "--allowed-report-interval", "0"],
+    );
+    deny_port(&env, host, 8081);
+
+    let allowed = env.probe(&["connect", "tcp", &format!("{host}:8080")]);
+    assert_eq!(allowed.result(), Ok(()));
+    let denied = env.probe(&["connect", "tcp", &format!("{host}:8081")]);
+    assert_eq!(denied.result(), Err(EPERM));
+
+    let first = agent.next_record(WAIT);
+    let second = agent.next_record(WAIT);
+    assert_eq!(first["verdict"], "allowed");
+    assert_eq!(first["rule"], "default");
+    assert_eq!(first["src"]["pid"], allowed.pid);
+    assert_eq!(second["verdict"], "denied");
+    assert_eq!(second["mode"], "enforce");
+    assert_eq!(second["protocol"], "tcp");
+    assert_eq!(second["hook"], "connect4");
+    assert_eq!(second["node"], "test-node");
+    assert_eq!(second["src"]["cgroup_id"], env.cgroup.id);
+    assert_eq!(second["src"]["cgroup"], env.cgroup.relative);
+    assert_eq!(second["src"]["pid"], denied.pid);
+    assert_eq!(second["src"]["comm"], "tg-probe");
+    assert_eq!(second["src"]["uid"], 0);
+    assert_eq!(second["dst"]["ip"], host.to_string());
+    assert_eq!(second["dst"]["port"], 8081);
+    assert_eq!(second["policy"], serde_json::Value::Null);
+    assert_eq!(second["rule"], "rule-77");
+    assert_eq!(second["rule_id"], 77);
+    assert_eq!(
+        second["seq"].as_u64().unwrap(),
+        first["seq"].as_u64().unwrap() + 1
+    );
+    let time = second["time"].as_str().unwrap();
+    assert_eq!(time.len(), "2026-11-24T08:00:00.123456789Z".len(), "{time}");
+    assert!(time.ends_with('Z'));
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn enforcement_holds_while_the_agent_is_killed_and_after_it_restarts() {
+    let mut env = TestEnv::new("restart");
+    let host = env.add_host(11, &[8080]).v4;
+    let connect = || env.probe(&["connect", "tcp", &format!("{host}:8080")]);
+
+    let mut agent = AgentProcess::start(
+        &env,
+        &["--mode", "enforce", "--allowed-report-interval", "0"],
+    );
+    assert_eq!(
+        agent.startup_lines_with("New"),
+        4,
+        "{:#?}",
+        agent.startup_log
+    );
+    deny_port(&env, host, 8080);
+    assert_eq!(connect().result(), Err(EPERM));
+    assert_eq!(agent.next_record(WAIT)["verdict"], "denied");
+
+    agent.kill();
+    let while_down = connect();
+    assert_eq!(
+        while_down.result(),
+        Err(EPERM),
+        "enforcement lapsed while the agent was down"
+    );
+
+    let restarted = AgentProcess::start(
+        &env,
+        &["--mode", "enforce", "--allowed-report-interval", "0"],
+    );
+    assert_eq!(
+        restarted.startup_lines_with("Adopted"),
+        4,
+        "{:#?}",
+        restarted.startup_log
+    );
+    // The decision made while no agent ran waited in the ring buffer.
+    let missed = restarted.next_record(WAIT);
+    assert_eq!(
+        (missed["verdict"].as_str(), missed["src"]["pid"].as_u64()),
+        (Some("denied"), Some(u64::from(while_down.pid)))
+    );
+    let after = connect();
+    assert_eq!(after.result(), Err(EPERM));
+    let record = restarted.next_record(WAIT);
+    assert_eq!(
+        (record["verdict"].as_str(), record["src"]["pid"].as_u64()),
+        (Some("denied"), Some(u64::from(after.pid)))
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn sigterm_stops_the_agent_and_leaves_the_programs_attached() {
+    let mut env = TestEnv::new("sigterm");
+    let host = env.add_host(12, &[8080]).v4;
+    let mut agent = AgentProcess::start(&env, &["--mode", "enforce"]);
+    deny_port(&env, host, 8080);
+    let status = agent.terminate();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:8080")])
+            .result(),
+        Err(EPERM)
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn cleanup_detaches_and_removes_every_pin() {
+    let mut env = TestEnv::new("cleanup");
+    let host = env.add_host(13, &[8080]).v4;
+    let mut agent = AgentProcess::start(&env, &["--mode", "enforce"]);
+    deny_port(&env, host, 8080);
+    agent.kill();
+    let link_ids: Vec<u32> = std::fs::read_dir(env.bpffs.root().join("v1/links"))
+        .unwrap()
+        .map(|entry| {
+            let link = aya::programs::links::PinnedLink::from_pin(entry.unwrap().path()).unwrap();
+            aya::programs::links::FdLink::from(link)
+                .info()
+                .unwrap()
+                .id()
+        })
+        .collect();
+    assert_eq!(link_ids.len(), 4);
+
+    let output = std::process::Command::new(tollgate_tests::agent_binary())
+        .args(["cleanup", "--bpffs-root"])
+        .arg(env.bpffs.root())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    assert!(!env.bpffs.root().exists(), "pins left behind");
+    let live: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect();
+    assert!(
+        link_ids.iter().all(|id| !live.contains(id)),
+        "links still attached: {link_ids:?} in {live:?}"
+    );
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:8080")])
+            .result(),
+        Ok(()),
+        "still blocked after cleanup"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn adopting_pins_attached_to_another_cgroup_is_refused() {
+    let env = TestEnv::new("elsewhere");
+    let _attached = env.open_datapath();
+    let child = env.cgroup.path.join("child");
+    std::fs::create_dir(&child).unwrap();
+    scopeguard::defer! { let _ = std::fs::remove_dir(&child); }
+    let other = DatapathOptions {
+        cgroup: child.clone(),
+        ..env.datapath_options()
+    };
+    let err = tollgate_agent::datapath::Datapath::open(&other)
+        .err()
+        .expect("adoption must be refused");
+    assert!(
+        matches!(err, DatapathError::AttachedElsewhere { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("tollgate-agent cleanup"), "{err}");
+}

@@ -1,0 +1,550 @@
+//! The kernel datapath, driven through the agent's typed API, judged by real
+//! sockets. Every destination is a test host in a namespace of the test's
+//! own, so a block that fails reaches nothing outside.
+//!
+//! These tests need root and the BPF object: `cargo xtask test` runs them.
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use tollgate_agent::datapath::{
+    Action, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet, SetRules,
+};
+use tollgate_common::{
+    FlowEvent, Hook, Mode, RULE_ID_DEFAULT, Verdict, family, flow_flags, protocol,
+};
+use tollgate_tests::{TestEnv, collect_events, no_more_events};
+
+const EPERM: i32 = libc::EPERM;
+const WAIT: Duration = Duration::from_secs(5);
+
+fn rule(ports: PortRange, protocol: Protocol, action: Action, rule_id: u32) -> PortRuleSpec {
+    PortRuleSpec {
+        ports,
+        protocol,
+        action,
+        mode: PolicyMode::Inherit,
+        rule_id,
+    }
+}
+
+fn set(default_action: Action) -> SetRules {
+    SetRules {
+        default_action,
+        default_mode: PolicyMode::Inherit,
+        v4: vec![],
+        v6: vec![],
+    }
+}
+
+fn only_endpoint(cgroup_id: u64, set: SetRules) -> RuleSet {
+    RuleSet {
+        sets: vec![set],
+        endpoints: BTreeMap::from([(cgroup_id, 0)]),
+    }
+}
+
+fn dst_ip(event: &FlowEvent) -> IpAddr {
+    if event.family == family::INET6 {
+        IpAddr::from(event.dst_addr)
+    } else {
+        let [a, b, c, d, ..] = event.dst_addr;
+        IpAddr::from([a, b, c, d])
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn tcp_connect_is_denied_with_eperm_and_allowed_by_rule() {
+    let mut env = TestEnv::new("tcp");
+    let host = env.add_host(1, &[8080, 8081]).v4;
+    let mut dp = env.open_datapath();
+    let mut events = dp.take_event_reader().unwrap().unwrap();
+    dp.set_global_mode(Mode::Enforce).unwrap();
+    dp.set_allowed_report_interval(Duration::ZERO).unwrap();
+
+    // Default deny; one allow rule for 8080/TCP on the host's /24.
+    let mut rules = set(Action::Deny);
+    rules.v4.push((
+        "10.231.1.0/24".parse().unwrap(),
+        vec![rule(
+            PortRange::single(8080),
+            Protocol::Tcp,
+            Action::Allow,
+            12,
+        )],
+    ));
+    dp.switch_rules(&only_endpoint(env.cgroup.id, rules))
+        .unwrap();
+
+    let allowed = env.probe(&["connect", "tcp", &format!("{host}:8080")]);
+    assert_eq!(allowed.result(), Ok(()));
+    let denied = env.probe(&["connect", "tcp", &format!("{host}:8081")]);
+    assert_eq!(denied.result(), Err(EPERM));
+
+    let got = collect_events(&mut events, 2, WAIT).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    let (a, d) = (&got[0], &got[1]);
+    assert_eq!(
+        (a.verdict, a.rule_id, a.dst_port),
+        (Verdict::Allowed as u8, 12, 8080)
+    );
+    assert_eq!(
+        (d.verdict, d.rule_id, d.dst_port),
+        (Verdict::Denied as u8, RULE_ID_DEFAULT, 8081)
+    );
+    // Every field of the record, on the denied one.
+    assert_eq!(d.hook, Hook::Connect4 as u8);
+    assert_eq!(d.mode, Mode::Enforce as u8);
+    assert_eq!(d.family, family::INET);
+    assert_eq!(d.protocol, protocol::TCP);
+    assert_eq!(d.cgroup_id, env.cgroup.id);
+    assert_eq!((d.pid_tgid >> 32) as u32, denied.pid);
+    assert_eq!(d.uid_gid as u32, 0);
+    assert_eq!(&d.comm[..9], b"tg-probe\0");
+    assert_eq!(dst_ip(d), IpAddr::V4(host));
+    assert_ne!(d.flags & flow_flags::ENDPOINT_KNOWN, 0);
+    assert_ne!(d.socket_cookie, 0);
+    assert_eq!(d.generation, dp.generation());
+    assert!(no_more_events(&mut events).await.is_empty());
+}
+
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn unconnected_udp_sendto_is_denied() {
+    let mut env = TestEnv::new("udp");
+    let host = env.add_host(2, &[]).v4;
+    let mut dp = env.open_datapath();
+    let mut events = dp.take_event_reader().unwrap().unwrap();
+    dp.set_global_mode(Mode::Enforce).unwrap();
+    dp.set_allowed_report_interval(Duration::ZERO).unwrap();
+    let mut rules = set(Action::Allow);
+    rules.v4.push((
+        format!("{host}/32").parse().unwrap(),
+        vec![rule(
+            PortRange::single(5353),
+            Protocol::Udp,
+            Action::Deny,
+            21,
+        )],
+    ));
+    dp.switch_rules(&only_endpoint(env.cgroup.id, rules))
+        .unwrap();
+
+    assert_eq!(
+        env.probe(&["sendto", &format!("{host}:5353")]).result(),
+        Err(EPERM)
+    );
+    assert_eq!(
+        env.probe(&["sendto", &format!("{host}:5354")]).result(),
+        Ok(())
+    );
+    // Connected UDP goes through connect4 and is judged the same way.
+    assert_eq!(
+        env.probe(&["connect", "udp", &format!("{host}:5353")])
+            .result(),
+        Err(EPERM)
+    );
+    // The rule is UDP only: TCP to the same port is not denied by it.
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:5353")])
+            .result(),
+        Err(libc::ECONNREFUSED)
+    );
+
+    let got = collect_events(&mut events, 4, WAIT).await;
+    let summary: Vec<_> = got
+        .iter()
+        .map(|e| (e.hook, e.protocol, e.dst_port, e.verdict, e.rule_id))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                Hook::Sendmsg4 as u8,
+                protocol::UDP,
+                5353,
+                Verdict::Denied as u8,
+                21
+            ),
+            (
+                Hook::Sendmsg4 as u8,
+                protocol::UDP,
+                5354,
+                Verdict::Allowed as u8,
+                RULE_ID_DEFAULT
+            ),
+            (
+                Hook::Connect4 as u8,
+                protocol::UDP,
+                5353,
+                Verdict::Denied as u8,
+                21
+            ),
+            (
+                Hook::Connect4 as u8,
+                protocol::TCP,
+                5353,
+                Verdict::Allowed as u8,
+                RULE_ID_DEFAULT
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn ipv4_mapped_ipv6_destinations_are_judged_as_ipv4() {
+    let mut env = TestEnv::new("mapped");
+    let host = env.add_host(3, &[8080]).v4;
+    let mut dp = env.open_datapath();
+    let mut events = dp.take_event_reader().unwrap().unwrap();
+    dp.set_global_mode(Mode::Enforce).unwrap();
+    let mut rules = set(Action::Allow);
+    rules.v4.push((
+        format!("{host}/32").parse().unwrap(),
+        vec![rule(PortRange::ANY, Protocol::Any, Action::Deny, 31)],
+    ));
+    dp.switch_rules(&only_endpoint(env.cgroup.id, rules))
+        .unwrap();
+
+    // A dual-stack AF_INET6 socket. connect() to a mapped address runs only
+    // connect6, which sees ::ffff:a.b.c.d; an unconnected UDP send is turned
+    // into an IPv4 send by the kernel first and runs sendmsg4.
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("[::ffff:{host}]:8080")])
+            .result(),
+        Err(EPERM)
+    );
+    assert_eq!(
+        env.probe(&["connect", "udp", &format!("[::ffff:{host}]:53")])
+            .result(),
+        Err(EPERM)
+    );
+    assert_eq!(
+        env.probe(&["sendto", &format!("[::ffff:{host}]:53")])
+            .result(),
+        Err(EPERM)
+    );
+
+    let got = collect_events(&mut events, 3, WAIT).await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    let expected = [
+        (Hook::Connect6, flow_flags::V4_MAPPED),
+        (Hook::Connect6, flow_flags::V4_MAPPED),
+        (Hook::Sendmsg4, 0),
+    ];
+    for (event, (hook, mapped)) in got.iter().zip(expected) {
+        assert_eq!(event.hook, hook as u8);
+        assert_eq!(event.family, family::INET);
+        assert_eq!(dst_ip(event), IpAddr::V4(host));
+        assert_eq!(event.flags & flow_flags::V4_MAPPED, mapped);
+        assert_eq!((event.verdict, event.rule_id), (Verdict::Denied as u8, 31));
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn ipv6_prefixes_port_ranges_and_any_protocol() {
+    let mut env = TestEnv::new("ipv6");
+    let host = env.add_host(4, &[8999, 9005, 9006, 9011]).v6;
+    let mut dp = env.open_datapath();
+    let mut events = dp.take_event_reader().unwrap().unwrap();
+    dp.set_global_mode(Mode::Enforce).unwrap();
+    dp.set_allowed_report_interval(Duration::ZERO).unwrap();
+    let deny_range = rule(
+        PortRange {
+            first: 9000,
+            last: 9010,
+        },
+        Protocol::Any,
+        Action::Deny,
+        40,
+    );
+    let mut rules = set(Action::Allow);
+    rules
+        .v6
+        .push(("fd00:231:4::/64".parse().unwrap(), vec![deny_range]));
+    // The longer prefix wins the lookup, so it carries the /64's rule too.
+    rules.v6.push((
+        format!("{host}/128").parse().unwrap(),
+        vec![
+            rule(PortRange::single(9005), Protocol::Tcp, Action::Allow, 41),
+            deny_range,
+        ],
+    ));
+    dp.switch_rules(&only_endpoint(env.cgroup.id, rules))
+        .unwrap();
+
+    let tcp = |port: u16| {
+        env.probe(&["connect", "tcp", &format!("[{host}]:{port}")])
+            .result()
+    };
+    assert_eq!(tcp(9005), Ok(()), "allowed by the /128 rule");
+    assert_eq!(tcp(9006), Err(EPERM), "inside the denied range");
+    assert_eq!(tcp(8999), Ok(()), "below the range");
+    assert_eq!(tcp(9011), Ok(()), "above the range");
+    assert_eq!(
+        env.probe(&["sendto", &format!("[{host}]:9005")]).result(),
+        Err(EPERM),
+        "protocol any covers UDP"
+    );
+    // Another address of the /64 gets the /64's rules only.
+    assert_eq!(
+        env.probe(&["sendto", "[fd00:231:4::99]:9001"]).result(),
+        Err(EPERM)
+    );
+
+    let got = collect_events(&mut events, 6, WAIT).await;
+    let summary: Vec<_> = got
+        .iter()
+        .map(|e| (e.dst_port, e.verdict, e.rule_id))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (9005, Verdict::Allowed as u8, 41),
+            (9006, Verdict::Denied as u8, 40),
+            (8999, Verdict::Allowed as u8, RULE_ID_DEFAULT),
+            (9011, Verdict::Allowed as u8, RULE_ID_DEFAULT),
+            (9005, Verdict::Denied as u8, 40),
+            (9001, Verdict::Denied as u8, 40),
+        ]
+    );
+    assert!(
+        got.iter()
+            .all(|e| e.family == family::INET6 && e.flags & flow_flags::V4_MAPPED == 0)
+    );
+    assert_eq!(dst_ip(&got[5]), "fd00:231:4::99".parse::<IpAddr>().unwrap());
+}
+
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn observe_mode_lets_denied_connections_through_as_audit() {
+    let mut env = TestEnv::new("observe");
+    let host = env.add_host(5, &[8080, 8081, 8082]).v4;
+    let mut dp = env.open_datapath();
+    let mut events = dp.take_event_reader().unwrap().unwrap();
+    dp.set_global_mode(Mode::Observe).unwrap();
+    let mut rules = set(Action::Allow);
+    let with_mode = |port, mode, id| PortRuleSpec {
+        mode,
+        ..rule(PortRange::single(port), Protocol::Tcp, Action::Deny, id)
+    };
+    rules.v4.push((
+        format!("{host}/32").parse().unwrap(),
+        vec![
+            with_mode(8080, PolicyMode::Inherit, 51),
+            with_mode(8081, PolicyMode::Enforce, 52),
+            with_mode(8082, PolicyMode::Observe, 53),
+        ],
+    ));
+    dp.switch_rules(&only_endpoint(env.cgroup.id, rules))
+        .unwrap();
+    let tcp = |port: u16| {
+        env.probe(&["connect", "tcp", &format!("{host}:{port}")])
+            .result()
+    };
+
+    // Global observe: the inheriting rule audits, the enforcing one blocks.
+    assert_eq!(tcp(8080), Ok(()));
+    assert_eq!(tcp(8081), Err(EPERM));
+    // Global enforce: now the inheriting rule blocks, the observing one audits.
+    dp.set_global_mode(Mode::Enforce).unwrap();
+    assert_eq!(tcp(8080), Err(EPERM));
+    assert_eq!(tcp(8082), Ok(()));
+
+    let got = collect_events(&mut events, 4, WAIT).await;
+    let summary: Vec<_> = got
+        .iter()
+        .map(|e| (e.dst_port, e.verdict, e.mode, e.rule_id))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (8080, Verdict::Audit as u8, Mode::Observe as u8, 51),
+            (8081, Verdict::Denied as u8, Mode::Enforce as u8, 52),
+            (8080, Verdict::Denied as u8, Mode::Enforce as u8, 51),
+            (8082, Verdict::Audit as u8, Mode::Observe as u8, 53),
+        ]
+    );
+    let counters = dp.counters().unwrap();
+    assert_eq!((counters.audit, counters.denied), (2, 2));
+}
+
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn allowed_flows_are_deduplicated_denied_ones_never() {
+    let mut env = TestEnv::new("dedup");
+    let host = env.add_host(6, &[8080]).v4;
+    let mut dp = env.open_datapath();
+    let mut events = dp.take_event_reader().unwrap().unwrap();
+    dp.set_global_mode(Mode::Enforce).unwrap();
+    dp.set_allowed_report_interval(Duration::from_secs(3600))
+        .unwrap();
+    let mut rules = set(Action::Allow);
+    rules.v4.push((
+        format!("{host}/32").parse().unwrap(),
+        vec![rule(
+            PortRange::single(8081),
+            Protocol::Tcp,
+            Action::Deny,
+            61,
+        )],
+    ));
+    dp.switch_rules(&only_endpoint(env.cgroup.id, rules))
+        .unwrap();
+    let before = dp.counters().unwrap();
+
+    let allowed = env.probe(&["--count", "5", "connect", "tcp", &format!("{host}:8080")]);
+    assert_eq!(allowed.results, vec![Ok(()); 5]);
+    let denied = env.probe(&["--count", "5", "connect", "tcp", &format!("{host}:8081")]);
+    assert_eq!(denied.results, vec![Err(EPERM); 5]);
+
+    let got = collect_events(&mut events, 6, WAIT).await;
+    assert_eq!(
+        got.iter()
+            .filter(|e| e.verdict == Verdict::Allowed as u8)
+            .count(),
+        1
+    );
+    assert_eq!(
+        got.iter()
+            .filter(|e| e.verdict == Verdict::Denied as u8)
+            .count(),
+        5
+    );
+    assert!(no_more_events(&mut events).await.is_empty());
+    let after = dp.counters().unwrap();
+    assert_eq!(
+        after.allowed - before.allowed,
+        5,
+        "every decision is counted"
+    );
+    assert_eq!(after.allowed_deduplicated - before.allowed_deduplicated, 4);
+    assert_eq!(after.denied - before.denied, 5);
+}
+
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn a_full_ring_buffer_loses_nothing_silently() {
+    let mut env = TestEnv::new("ringfull");
+    let host = env.add_host(7, &[]).v4;
+    let mut dp = env.open_datapath();
+    let mut events = dp.take_event_reader().unwrap().unwrap();
+    dp.set_global_mode(Mode::Enforce).unwrap();
+    let mut rules = set(Action::Allow);
+    rules.v4.push((
+        format!("{host}/32").parse().unwrap(),
+        vec![rule(PortRange::ANY, Protocol::Any, Action::Deny, 71)],
+    ));
+    dp.switch_rules(&only_endpoint(env.cgroup.id, rules))
+        .unwrap();
+
+    // More denials than the 4 MiB ring buffer holds, with nobody reading.
+    const ATTEMPTS: usize = 50_000;
+    let run = env.probe(&[
+        "--count",
+        &ATTEMPTS.to_string(),
+        "sendto",
+        &format!("{host}:9"),
+    ]);
+    assert!(run.results.iter().all(|r| *r == Err(EPERM)));
+    assert_eq!(run.results.len(), ATTEMPTS);
+
+    let mut delivered = Vec::new();
+    while events.read_available(&mut delivered, 4096) > 0 {}
+    let counters = dp.counters().unwrap();
+    assert_eq!(counters.denied, ATTEMPTS as u64);
+    assert!(
+        counters.ringbuf_reserve_failed > 0,
+        "the buffer should have overflowed: {counters:?}"
+    );
+    assert_eq!(
+        delivered.len() as u64 + counters.ringbuf_reserve_failed,
+        ATTEMPTS as u64,
+        "{counters:?}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn every_decision_during_rule_switches_belongs_to_one_generation() {
+    let mut env = TestEnv::new("switch");
+    let host = env.add_host(8, &[8080]).v4;
+    let mut dp = env.open_datapath();
+    let mut events = dp.take_event_reader().unwrap().unwrap();
+    dp.set_global_mode(Mode::Enforce).unwrap();
+    dp.set_allowed_report_interval(Duration::ZERO).unwrap();
+    let target: ipnet::Ipv4Net = format!("{host}/32").parse().unwrap();
+    // Generation parity tells which set must have decided.
+    let mut deny_set = set(Action::Allow);
+    deny_set.v4.push((
+        target,
+        vec![rule(
+            PortRange::single(8080),
+            Protocol::Tcp,
+            Action::Deny,
+            101,
+        )],
+    ));
+    let mut allow_set = set(Action::Deny);
+    allow_set.v4.push((
+        target,
+        vec![rule(
+            PortRange::single(8080),
+            Protocol::Tcp,
+            Action::Allow,
+            202,
+        )],
+    ));
+    let deny_rules = only_endpoint(env.cgroup.id, deny_set);
+    let allow_rules = only_endpoint(env.cgroup.id, allow_set);
+
+    dp.switch_rules(&deny_rules).unwrap();
+    assert_eq!(dp.generation() % 2, 1);
+
+    const ATTEMPTS: usize = 1500;
+    let (run, switches) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            env.probe(&[
+                "--count",
+                &ATTEMPTS.to_string(),
+                "connect",
+                "tcp",
+                &format!("{host}:8080"),
+            ])
+        });
+        let mut switches = 0u32;
+        while !prober.is_finished() {
+            let next = if (dp.generation() + 1) % 2 == 1 {
+                &deny_rules
+            } else {
+                &allow_rules
+            };
+            dp.switch_rules(next).unwrap();
+            switches += 1;
+        }
+        (prober.join().unwrap(), switches)
+    });
+    assert!(
+        switches > 50,
+        "only {switches} switches happened during the run"
+    );
+
+    let got = collect_events(&mut events, ATTEMPTS, WAIT).await;
+    assert_eq!(got.len(), ATTEMPTS);
+    for (event, result) in got.iter().zip(&run.results) {
+        let expected_rule = if event.generation % 2 == 1 { 101 } else { 202 };
+        assert_eq!(
+            event.rule_id, expected_rule,
+            "decision from outside its generation: {event:?}"
+        );
+        let expected_result = if expected_rule == 101 {
+            Err(EPERM)
+        } else {
+            Ok(())
+        };
+        assert_eq!(*result, expected_result, "{event:?}");
+    }
+    assert!(got.iter().any(|e| e.rule_id == 101) && got.iter().any(|e| e.rule_id == 202));
+}
