@@ -5,8 +5,9 @@
 //! there, so each works on a fresh machine.
 
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context, bail};
@@ -104,18 +105,59 @@ fn build(root: &Path, release: bool) -> anyhow::Result<()> {
 
 fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
-        bail!(
-            "the root tests load BPF programs and create cgroups and network namespaces: run as root"
-        );
+        bail!("the root tests load BPF programs and create cgroups and network namespaces: run as root");
     }
     build(root, false)?;
     // Root tests are #[ignore]d so that a plain `cargo test` runs anywhere;
     // here they run too. Each makes its own cgroup, netns and pins, so they
-    // may run in parallel.
-    run(Command::new("cargo")
+    // may run in parallel. (--all-targets: there are no doc tests.)
+    let mut child = Command::new("cargo")
         .current_dir(root)
-        .args(["test", "--workspace", "--", "--include-ignored"])
-        .args(args))
+        .args(["test", "--workspace", "--all-targets", "--", "--include-ignored"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let mut totals = TestTotals::default();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add(&line);
+    }
+    let status = child.wait()?;
+    println!("tests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// Sums libtest's `test result:` lines over all test binaries.
+#[derive(Default)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    fn add(&mut self, line: &str) {
+        let Some(summary) = line.strip_prefix("test result: ") else { return };
+        for part in summary.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            let (Some(count), Some(what)) = (words.next(), words.next()) else { continue };
+            let Ok(count) = count.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
 }
 
 fn lint(root: &Path) -> anyhow::Result<()> {
