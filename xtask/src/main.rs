@@ -105,7 +105,9 @@ fn build(root: &Path, release: bool) -> anyhow::Result<()> {
 
 fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the root tests load BPF programs and create cgroups and network namespaces: run as root");
+        bail!(
+            "the root tests load BPF programs and create cgroups and network namespaces: run as root"
+        );
     }
     build(root, false)?;
     // Root tests are #[ignore]d so that a plain `cargo test` runs anywhere;
@@ -113,7 +115,13 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     // may run in parallel. (--all-targets: there are no doc tests.)
     let mut child = Command::new("cargo")
         .current_dir(root)
-        .args(["test", "--workspace", "--all-targets", "--", "--include-ignored"])
+        .args([
+            "test",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "--include-ignored",
+        ])
         .args(args)
         .stdout(Stdio::piped())
         .spawn()
@@ -125,7 +133,10 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         totals.add(&line);
     }
     let status = child.wait()?;
-    println!("tests: {} passed, {} failed, {} skipped", totals.passed, totals.failed, totals.ignored);
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
     if !status.success() {
         bail!("cargo test failed: {status}");
     }
@@ -145,11 +156,17 @@ struct TestTotals {
 
 impl TestTotals {
     fn add(&mut self, line: &str) {
-        let Some(summary) = line.strip_prefix("test result: ") else { return };
+        let Some(summary) = line.strip_prefix("test result: ") else {
+            return;
+        };
         for part in summary.split(['.', ';']) {
             let mut words = part.split_whitespace();
-            let (Some(count), Some(what)) = (words.next(), words.next()) else { continue };
-            let Ok(count) = count.parse::<u64>() else { continue };
+            let (Some(count), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
             match what {
                 "passed" => self.passed += count,
                 "failed" => self.failed += count,
