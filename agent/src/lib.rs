@@ -7,4 +7,5 @@ pub mod datapath;
 pub mod flow;
 pub mod mounts;
 pub mod output;
+pub mod policy;
 pub mod run;

@@ -36,7 +36,7 @@ pub mod capacity {
 
 /// Port rules stored inline in one LPM value. The compiler checks this limit
 /// before anything is written.
-pub const MAX_PORT_RULES: usize = 8;
+pub const MAX_PORT_RULES: usize = 16;
 
 /// Rule id that marks a decision made by the endpoint's default action (no
 /// rule matched), or by the absence of any policy for the endpoint.

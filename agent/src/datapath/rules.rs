@@ -41,6 +41,17 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    /// Whether a socket's IP protocol number is covered.
+    pub fn matches(self, protocol: u8) -> bool {
+        match self {
+            Protocol::Any => true,
+            Protocol::Tcp => protocol == protocol::TCP,
+            Protocol::Udp => protocol == protocol::UDP,
+        }
+    }
+}
+
 /// An inclusive port range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PortRange {
@@ -90,6 +101,45 @@ pub struct RuleSet {
     pub sets: Vec<SetRules>,
     /// cgroup id -> index into `sets`.
     pub endpoints: BTreeMap<u64, u32>,
+}
+
+impl SetRules {
+    /// What the kernel decides for this set (agent-ebpf `decide.rs`, in
+    /// plain Rust): the longest prefix containing the destination, its first
+    /// matching port rule, else the default. Returns the action, the mode
+    /// and the rule id (0 for the default).
+    pub fn decide(
+        &self,
+        ip: std::net::IpAddr,
+        port: u16,
+        protocol: u8,
+    ) -> (Action, PolicyMode, u32) {
+        let longest = match ip {
+            std::net::IpAddr::V4(ip) => self
+                .v4
+                .iter()
+                .filter(|(net, _)| net.contains(&ip))
+                .max_by_key(|(net, _)| net.prefix_len())
+                .map(|(_, l)| l),
+            std::net::IpAddr::V6(ip) => self
+                .v6
+                .iter()
+                .filter(|(net, _)| net.contains(&ip))
+                .max_by_key(|(net, _)| net.prefix_len())
+                .map(|(_, l)| l),
+        };
+        let first_match = longest.into_iter().flatten().find(|rule| {
+            rule.ports.first <= port && port <= rule.ports.last && rule.protocol.matches(protocol)
+        });
+        match first_match {
+            Some(rule) => (rule.action, rule.mode, rule.rule_id),
+            None => (
+                self.default_action,
+                self.default_mode,
+                tollgate_common::RULE_ID_DEFAULT,
+            ),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -479,12 +529,12 @@ mod tests {
     #[test]
     fn rejects_what_the_kernel_cannot_hold() {
         let net: Ipv4Net = "10.0.0.0/8".parse().unwrap();
-        let nine = (1..=9)
+        let too_many = (1..=17)
             .map(|id| rule(PortRange::single(id as u16), Action::Allow, id))
             .collect();
         assert!(matches!(
-            encode(&one_set(vec![(net, nine)]), 0),
-            Err(RuleSetError::TooManyPortRules { len: 9, .. })
+            encode(&one_set(vec![(net, too_many)]), 0),
+            Err(RuleSetError::TooManyPortRules { len: 17, .. })
         ));
         let reversed = vec![rule(
             PortRange {

@@ -1,0 +1,307 @@
+//! The compiler: policies and the endpoints they select in, datapath rule
+//! sets out, with exactly the answers of the reference evaluator
+//! (`evaluate.rs`; a property test holds the two together).
+//!
+//! The kernel makes one longest-prefix lookup and takes the first matching
+//! port rule of the list stored there. So the list at a prefix must hold every
+//! rule that matches the addresses for which that prefix is the longest match,
+//! in precedence order. Let the boundaries be every `cidr` and `except` prefix
+//! of the set's rules. For an address whose longest matching boundary is B,
+//! "the address is in prefix P" is the same as "B is inside P" for every
+//! boundary P (two prefixes that share an address are nested, and B is the
+//! longest). So whether a peer covers the address is decided by B alone, and
+//! the list at B is: the rules with a peer whose cidr contains B and none of
+//! whose excepts contains B. Addresses under no boundary get the default.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use tollgate_common::MAX_PORT_RULES;
+
+use super::model::{Action, Peer, Policy, PolicyKey, PolicyMode, PortSpec, Rule};
+use crate::datapath::{PortRuleSpec, RuleSet, SetRules};
+
+/// What a rule id stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleRef {
+    pub policy: PolicyKey,
+    pub rule: String,
+}
+
+/// How flow records name what decided: rule ids, and for each set the
+/// policies that own its default decision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Names {
+    pub rules: HashMap<u32, RuleRef>,
+    pub set_defaults: Vec<Vec<PolicyKey>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub rules: RuleSet,
+    pub names: Names,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompileError {
+    #[error(
+        "{count} port rules apply to {prefix} for endpoints selected by {policies}; the datapath holds at most \
+         {MAX_PORT_RULES} per prefix (merge rules, or use fewer port entries)"
+    )]
+    TooManyPortRules {
+        prefix: IpNet,
+        count: usize,
+        policies: String,
+    },
+}
+
+/// Compiles `policies` for `endpoints` (cgroup id -> indexes into
+/// `policies` of the policies that select it). Endpoints selected by the same
+/// policies share one rule set.
+pub fn compile(
+    policies: &[Policy],
+    endpoints: &BTreeMap<u64, Vec<usize>>,
+) -> Result<Compiled, CompileError> {
+    // Rule ids follow policy key order, so an unchanged policy set always
+    // gets the same ids.
+    let mut by_key: Vec<usize> = (0..policies.len()).collect();
+    by_key.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
+    let mut rule_ids: HashMap<(usize, usize), u32> = HashMap::new();
+    let mut names = Names::default();
+    let mut next_id = 1u32;
+    for &p in &by_key {
+        for (r, rule) in policies[p].rules.iter().enumerate() {
+            rule_ids.insert((p, r), next_id);
+            names.rules.insert(
+                next_id,
+                RuleRef {
+                    policy: policies[p].key.clone(),
+                    rule: rule.name.clone(),
+                },
+            );
+            next_id += 1;
+        }
+    }
+
+    let mut rules = RuleSet::default();
+    let mut set_of: HashMap<Vec<usize>, u32> = HashMap::new();
+    for (&cgroup_id, selecting) in endpoints {
+        let mut members: Vec<usize> = selecting.clone();
+        members.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
+        members.dedup();
+        if members.is_empty() {
+            continue; // no policy selects it: not restricted
+        }
+        let set = match set_of.get(&members) {
+            Some(&set) => set,
+            None => {
+                let members_ref: Vec<(usize, &Policy)> =
+                    members.iter().map(|&i| (i, &policies[i])).collect();
+                let (set_rules, defaults) = compile_set(&members_ref, &rule_ids)?;
+                let set = rules.sets.len() as u32;
+                rules.sets.push(set_rules);
+                names.set_defaults.push(defaults);
+                set_of.insert(members, set);
+                set
+            }
+        };
+        rules.endpoints.insert(cgroup_id, set);
+    }
+    Ok(Compiled { rules, names })
+}
+
+/// Deny rules with a stronger mode come first, so the reported rule of a
+/// destination two denies match is the one that decides whether it blocks.
+pub(super) fn mode_rank(mode: PolicyMode) -> u8 {
+    match mode {
+        PolicyMode::Enforce => 0,
+        PolicyMode::Inherit => 1,
+        PolicyMode::Observe => 2,
+    }
+}
+
+/// A rule in precedence order, with what the datapath needs of it.
+struct OrderedRule<'a> {
+    id: u32,
+    rule: &'a Rule,
+    mode: PolicyMode,
+}
+
+/// `members` are in policy key order.
+fn compile_set(
+    members: &[(usize, &Policy)],
+    rule_ids: &HashMap<(usize, usize), u32>,
+) -> Result<(SetRules, Vec<PolicyKey>), CompileError> {
+    let in_order = members.iter().flat_map(|&(p, policy)| {
+        policy
+            .rules
+            .iter()
+            .enumerate()
+            .map(move |(r, rule)| OrderedRule {
+                id: rule_ids[&(p, r)],
+                rule,
+                mode: policy.mode,
+            })
+    });
+    let (mut ordered, allows): (Vec<_>, Vec<_>) =
+        in_order.partition(|o| o.rule.action == Action::Deny);
+    ordered.sort_by_key(|o| mode_rank(o.mode)); // stable: key order within a mode
+    ordered.extend(allows);
+
+    let policy_names = || {
+        members
+            .iter()
+            .map(|(_, p)| p.key.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let lists =
+        prefix_lists(&ordered).map_err(|(prefix, count)| CompileError::TooManyPortRules {
+            prefix,
+            count,
+            policies: policy_names(),
+        })?;
+    let mut set = SetRules {
+        default_action: Action::Allow,
+        default_mode: PolicyMode::Inherit,
+        v4: vec![],
+        v6: vec![],
+    };
+    for (prefix, list) in lists {
+        match prefix {
+            IpNet::V4(net) => set.v4.push((net, list)),
+            IpNet::V6(net) => set.v6.push((net, list)),
+        }
+    }
+
+    let deny_defaults: Vec<&Policy> = members
+        .iter()
+        .map(|(_, p)| *p)
+        .filter(|p| p.default_action == Action::Deny)
+        .collect();
+    let defaults = if deny_defaults.is_empty() {
+        members.iter().map(|(_, p)| p.key.clone()).collect()
+    } else {
+        set.default_action = Action::Deny;
+        // Enforced when any of them enforces (under the global mode, for
+        // those that inherit it).
+        set.default_mode = deny_defaults
+            .iter()
+            .map(|p| p.mode)
+            .min_by_key(|m| mode_rank(*m))
+            .expect("not empty");
+        deny_defaults.iter().map(|p| p.key.clone()).collect()
+    };
+    Ok((set, defaults))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Mark {
+    Cidr,
+    Except,
+}
+
+/// A prefix and the port rules the kernel must find there.
+type PrefixList = (IpNet, Vec<PortRuleSpec>);
+
+/// The port rule list of every boundary prefix that needs one; on overflow,
+/// the prefix and the number of port rules it would need.
+fn prefix_lists(ordered: &[OrderedRule]) -> Result<Vec<PrefixList>, (IpNet, usize)> {
+    let whole_v4 = IpNet::V4(Ipv4Net::default());
+    let whole_v6 = IpNet::V6(Ipv6Net::default());
+    // boundary prefix -> (rule position, peer position, mark)
+    let mut marks: HashMap<IpNet, Vec<(usize, usize, Mark)>> = HashMap::new();
+    for (position, ordered_rule) in ordered.iter().enumerate() {
+        if ordered_rule.rule.to.is_empty() {
+            // Any destination: a peer of each whole address family.
+            marks
+                .entry(whole_v4)
+                .or_default()
+                .push((position, 0, Mark::Cidr));
+            marks
+                .entry(whole_v6)
+                .or_default()
+                .push((position, 1, Mark::Cidr));
+        }
+        for (peer_position, peer) in ordered_rule.rule.to.iter().enumerate() {
+            if let Peer::Cidr { net, except } = peer {
+                marks
+                    .entry(*net)
+                    .or_default()
+                    .push((position, peer_position, Mark::Cidr));
+                for e in except {
+                    marks
+                        .entry(*e)
+                        .or_default()
+                        .push((position, peer_position, Mark::Except));
+                }
+            }
+        }
+    }
+    let mut boundaries: Vec<IpNet> = marks.keys().copied().collect();
+    // Shorter first, so a boundary's ancestors are done before it.
+    boundaries.sort_by_key(|b| (b.prefix_len(), *b));
+
+    let mut lists: HashMap<IpNet, Vec<PortRuleSpec>> = HashMap::new();
+    let mut needed = Vec::new();
+    for boundary in boundaries {
+        let mut covering: HashSet<(usize, usize)> = HashSet::new();
+        let mut excepted: HashSet<(usize, usize)> = HashSet::new();
+        let mut nearest_ancestor: Option<IpNet> = None;
+        for len in 0..=boundary.prefix_len() {
+            let ancestor = IpNet::new(boundary.addr(), len)
+                .expect("len within the family")
+                .trunc();
+            let Some(found) = marks.get(&ancestor) else {
+                continue;
+            };
+            if len < boundary.prefix_len() {
+                nearest_ancestor = Some(ancestor);
+            }
+            for &(rule, peer, mark) in found {
+                match mark {
+                    Mark::Cidr => covering.insert((rule, peer)),
+                    Mark::Except => excepted.insert((rule, peer)),
+                };
+            }
+        }
+        let mut active: Vec<usize> = covering
+            .difference(&excepted)
+            .map(|&(rule, _)| rule)
+            .collect();
+        active.sort_unstable();
+        active.dedup();
+        let list: Vec<PortRuleSpec> = active
+            .iter()
+            .flat_map(|&position| port_rules(&ordered[position]))
+            .collect();
+        if list.len() > MAX_PORT_RULES {
+            return Err((boundary, list.len()));
+        }
+        // The kernel would find the ancestor's list anyway: no entry needed.
+        let inherited = nearest_ancestor.map_or(&[][..], |a| lists[&a].as_slice());
+        if list != inherited {
+            needed.push((boundary, list.clone()));
+        }
+        lists.insert(boundary, list);
+    }
+    Ok(needed)
+}
+
+fn port_rules(ordered: &OrderedRule) -> Vec<PortRuleSpec> {
+    let specs: &[PortSpec] = if ordered.rule.ports.is_empty() {
+        &[PortSpec::ANY]
+    } else {
+        &ordered.rule.ports
+    };
+    specs
+        .iter()
+        .map(|spec| PortRuleSpec {
+            ports: spec.ports,
+            protocol: spec.protocol,
+            action: ordered.rule.action,
+            mode: ordered.mode,
+            rule_id: ordered.id,
+        })
+        .collect()
+}

@@ -1,0 +1,125 @@
+//! Validated policies: what the compiler and the reference evaluator work on.
+//! Only `validate` makes these, so every value here is known to be good.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+
+pub use crate::datapath::{Action, PolicyMode, PortRange, Protocol};
+
+/// `namespace/name`, or `name` for a policy without a namespace.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for PolicyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(namespace) => write!(f, "{namespace}/{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub key: PolicyKey,
+    pub mode: PolicyMode,
+    pub default_action: Action,
+    pub selector: Selector,
+    pub rules: Vec<Rule>,
+}
+
+/// Which endpoints a policy applies to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selector {
+    /// Pods, when the policy has a podSelector or namespaceSelector.
+    pub pods: Option<PodSelector>,
+    /// Cgroup path globs (hosts without Kubernetes).
+    pub cgroups: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodSelector {
+    pub pods: LabelSelector,
+    /// None: pods of the policy's own namespace.
+    pub namespaces: Option<LabelSelector>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelSelector {
+    pub match_labels: BTreeMap<String, String>,
+    pub match_expressions: Vec<LabelRequirement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LabelRequirement {
+    In { key: String, values: Vec<String> },
+    NotIn { key: String, values: Vec<String> },
+    Exists { key: String },
+    DoesNotExist { key: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// The rule's `name`, or `egress[<index>]`.
+    pub name: String,
+    pub action: Action,
+    /// Empty: any destination.
+    pub to: Vec<Peer>,
+    /// Empty: any port and protocol.
+    pub ports: Vec<PortSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// `net` minus every prefix in `except` (each inside `net`, longer).
+    Cidr {
+        net: IpNet,
+        except: Vec<IpNet>,
+    },
+    Fqdn(FqdnPattern),
+}
+
+/// A DNS name rule, lowercased, without a trailing dot.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FqdnPattern {
+    /// `api.example.com`
+    Exact(String),
+    /// `*.example.com`: exactly one more label; holds `example.com`.
+    OneLabel(String),
+    /// `**.example.com`: one or more labels; holds `example.com`.
+    AnyLabels(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortSpec {
+    pub ports: PortRange,
+    pub protocol: Protocol,
+}
+
+impl PortSpec {
+    pub const ANY: Self = Self {
+        ports: PortRange::ANY,
+        protocol: Protocol::Any,
+    };
+
+    pub fn matches(&self, port: u16, protocol: u8) -> bool {
+        self.ports.first <= port && port <= self.ports.last && self.protocol.matches(protocol)
+    }
+}
+
+impl Peer {
+    /// Whether an address is in this peer (FQDN peers match no address by
+    /// themselves: their addresses are learned from DNS answers).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        match self {
+            Peer::Cidr { net, except } => {
+                net.contains(&ip) && !except.iter().any(|e| e.contains(&ip))
+            }
+            Peer::Fqdn(_) => false,
+        }
+    }
+}

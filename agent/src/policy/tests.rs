@@ -1,0 +1,467 @@
+//! The compiler against the reference evaluator: worked examples of the
+//! cases that make push-down necessary, then a property test over random
+//! policy sets and destinations (32,000 comparisons per run).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+use proptest::prelude::*;
+
+use super::{
+    compile::{CompileError, Compiled, compile},
+    evaluate::{Outcome, evaluate},
+    model::*,
+};
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+fn cidr(text: &str) -> Peer {
+    Peer::Cidr {
+        net: text.parse().unwrap(),
+        except: vec![],
+    }
+}
+
+fn rule(action: Action, to: Vec<Peer>, ports: Vec<PortSpec>) -> Rule {
+    Rule {
+        name: String::new(),
+        action,
+        to,
+        ports,
+    }
+}
+
+fn tcp(port: u16) -> PortSpec {
+    PortSpec {
+        ports: PortRange::single(port),
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn policy(name: &str, default_action: Action, mode: PolicyMode, rules: Vec<Rule>) -> Policy {
+    let rules = rules
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| Rule {
+            name: format!("egress[{i}]"),
+            ..r
+        })
+        .collect();
+    Policy {
+        key: PolicyKey {
+            namespace: None,
+            name: name.into(),
+        },
+        mode,
+        default_action,
+        selector: Selector {
+            pods: None,
+            cgroups: vec!["/x".into()],
+        },
+        rules,
+    }
+}
+
+fn compile_for_one(policies: &[Policy]) -> Result<Compiled, CompileError> {
+    compile(
+        policies,
+        &BTreeMap::from([(1, (0..policies.len()).collect())]),
+    )
+}
+
+/// The kernel's outcome for the compiled set of endpoint 1.
+fn kernel_outcome(
+    compiled: &Compiled,
+    ip: IpAddr,
+    port: u16,
+    protocol: u8,
+    global: PolicyMode,
+) -> (Outcome, u32) {
+    let set = &compiled.rules.sets[compiled.rules.endpoints[&1] as usize];
+    let (action, mode, rule_id) = set.decide(ip, port, protocol);
+    let enforce = match mode {
+        PolicyMode::Inherit => global == PolicyMode::Enforce,
+        mode => mode == PolicyMode::Enforce,
+    };
+    let outcome = match (action, enforce) {
+        (Action::Allow, _) => Outcome::Allowed,
+        (Action::Deny, true) => Outcome::Denied,
+        (Action::Deny, false) => Outcome::Audit,
+    };
+    (outcome, rule_id)
+}
+
+/// Asserts that the compiled datapath and the reference agree, and returns
+/// the outcome with the name of the deciding rule.
+fn decide(
+    policies: &[Policy],
+    compiled: &Compiled,
+    ip: &str,
+    port: u16,
+    protocol: u8,
+    global: PolicyMode,
+) -> (Outcome, String) {
+    let ip: IpAddr = ip.parse().unwrap();
+    let refs: Vec<&Policy> = policies.iter().collect();
+    let reference = evaluate(&refs, ip, port, protocol, global);
+    let (outcome, rule_id) = kernel_outcome(compiled, ip, port, protocol, global);
+    let kernel_rule = (rule_id != 0).then(|| {
+        let r = &compiled.names.rules[&rule_id];
+        format!("{}/{}", r.policy, r.rule)
+    });
+    let reference_rule = reference
+        .rule
+        .map(|(p, i)| format!("{}/{}", p.key, p.rules[i].name));
+    assert_eq!(
+        (outcome, &kernel_rule),
+        (reference.outcome, &reference_rule),
+        "{ip} {port}/{protocol} under {global:?}"
+    );
+    (outcome, kernel_rule.unwrap_or_else(|| "default".into()))
+}
+
+#[test]
+fn except_blocks_carve_out_of_an_allow() {
+    let mut allow = rule(Action::Allow, vec![], vec![]);
+    allow.to = vec![Peer::Cidr {
+        net: "10.0.0.0/8".parse().unwrap(),
+        except: vec!["10.1.0.0/16".parse().unwrap()],
+    }];
+    let policies = [policy("p", Action::Deny, PolicyMode::Enforce, vec![allow])];
+    let compiled = compile_for_one(&policies).unwrap();
+    let g = PolicyMode::Enforce;
+    assert_eq!(
+        decide(&policies, &compiled, "10.2.0.1", 80, TCP, g),
+        (Outcome::Allowed, "p/egress[0]".into())
+    );
+    assert_eq!(
+        decide(&policies, &compiled, "10.1.2.3", 80, TCP, g),
+        (Outcome::Denied, "default".into())
+    );
+    assert_eq!(
+        decide(&policies, &compiled, "11.0.0.1", 80, TCP, g),
+        (Outcome::Denied, "default".into())
+    );
+}
+
+#[test]
+fn a_broad_deny_beats_a_narrow_allow() {
+    let policies = [policy(
+        "p",
+        Action::Allow,
+        PolicyMode::Inherit,
+        vec![
+            rule(Action::Allow, vec![cidr("10.1.1.1/32")], vec![]),
+            rule(Action::Deny, vec![cidr("10.0.0.0/8")], vec![tcp(22)]),
+        ],
+    )];
+    let compiled = compile_for_one(&policies).unwrap();
+    // The /32 is the longest match, so it must carry the /8's deny, first.
+    let list = &compiled.rules.sets[0]
+        .v4
+        .iter()
+        .find(|(n, _)| n.prefix_len() == 32)
+        .unwrap()
+        .1;
+    assert_eq!(
+        list.iter().map(|r| r.action).collect::<Vec<_>>(),
+        [Action::Deny, Action::Allow]
+    );
+    for global in [PolicyMode::Enforce, PolicyMode::Observe] {
+        let blocked = if global == PolicyMode::Enforce {
+            Outcome::Denied
+        } else {
+            Outcome::Audit
+        };
+        assert_eq!(
+            decide(&policies, &compiled, "10.1.1.1", 22, TCP, global),
+            (blocked, "p/egress[1]".into())
+        );
+        assert_eq!(
+            decide(&policies, &compiled, "10.1.1.1", 22, UDP, global),
+            (Outcome::Allowed, "p/egress[0]".into())
+        );
+        assert_eq!(
+            decide(&policies, &compiled, "10.9.9.9", 22, TCP, global),
+            (blocked, "p/egress[1]".into())
+        );
+    }
+}
+
+#[test]
+fn the_strongest_mode_decides_between_denies_and_defaults() {
+    let deny_all = || rule(Action::Deny, vec![cidr("0.0.0.0/0")], vec![tcp(25)]);
+    let policies = [
+        policy(
+            "a-observe",
+            Action::Deny,
+            PolicyMode::Observe,
+            vec![deny_all()],
+        ),
+        policy(
+            "b-enforce",
+            Action::Deny,
+            PolicyMode::Enforce,
+            vec![deny_all()],
+        ),
+        policy("c-allow-list", Action::Allow, PolicyMode::Observe, vec![]),
+    ];
+    let compiled = compile_for_one(&policies).unwrap();
+    let g = PolicyMode::Observe;
+    assert_eq!(
+        decide(&policies, &compiled, "192.0.2.1", 25, TCP, g),
+        (Outcome::Denied, "b-enforce/egress[0]".into())
+    );
+    assert_eq!(
+        decide(&policies, &compiled, "192.0.2.1", 26, TCP, g),
+        (Outcome::Denied, "default".into())
+    );
+    // The default is owned by the policies whose default is deny.
+    let owners: Vec<String> = compiled.names.set_defaults[0]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(owners, ["a-observe", "b-enforce"]);
+}
+
+#[test]
+fn endpoints_selected_by_the_same_policies_share_a_set() {
+    let policies = [
+        policy(
+            "a",
+            Action::Deny,
+            PolicyMode::Inherit,
+            vec![rule(Action::Allow, vec![cidr("10.0.0.0/8")], vec![])],
+        ),
+        policy(
+            "b",
+            Action::Deny,
+            PolicyMode::Inherit,
+            vec![rule(Action::Allow, vec![cidr("fd00::/8")], vec![tcp(443)])],
+        ),
+    ];
+    let endpoints = BTreeMap::from([
+        (1, vec![0]),
+        (2, vec![0]),
+        (3, vec![1, 0]),
+        (4, vec![0, 1]),
+        (5, vec![]),
+    ]);
+    let compiled = compile(&policies, &endpoints).unwrap();
+    let e = &compiled.rules.endpoints;
+    assert_eq!((e[&1], e[&2], e[&3], e[&4]), (0, 0, 1, 1));
+    assert!(
+        !e.contains_key(&5),
+        "an endpoint no policy selects is not restricted"
+    );
+    assert_eq!(compiled.rules.sets.len(), 2);
+    assert_eq!(
+        compiled.rules.sets[1].v6[0].1[0].rule_id, 2,
+        "ids follow policy key order"
+    );
+}
+
+#[test]
+fn prefixes_that_change_nothing_get_no_entry() {
+    // The except's own allow rule repeats the /8's list: no extra entry for
+    // 10.1.0.0/16 is needed except the carve-out.
+    let policies = [policy(
+        "p",
+        Action::Deny,
+        PolicyMode::Inherit,
+        vec![
+            rule(Action::Allow, vec![cidr("10.0.0.0/8")], vec![]),
+            rule(Action::Allow, vec![cidr("10.0.0.0/8")], vec![]),
+        ],
+    )];
+    let compiled = compile_for_one(&policies).unwrap();
+    assert_eq!(compiled.rules.sets[0].v4.len(), 1);
+    assert!(compiled.rules.sets[0].v6.is_empty());
+}
+
+#[test]
+fn too_many_rules_for_one_prefix_is_an_error_that_says_so() {
+    let ports = (1..=17).map(tcp).collect();
+    let policies = [policy(
+        "wide",
+        Action::Deny,
+        PolicyMode::Inherit,
+        vec![rule(Action::Allow, vec![cidr("10.0.0.0/8")], ports)],
+    )];
+    let err = compile_for_one(&policies).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "17 port rules apply to 10.0.0.0/8 for endpoints selected by wide; the datapath holds at most 16 per prefix \
+         (merge rules, or use fewer port entries)"
+    );
+}
+
+// ---- property test -------------------------------------------------------
+
+fn v4_in_space() -> impl Strategy<Value = Ipv4Addr> {
+    (0u8..4, any::<u8>(), any::<u8>()).prop_map(|(b, c, d)| Ipv4Addr::new(10, b, c, d))
+}
+
+fn v6_in_space() -> impl Strategy<Value = Ipv6Addr> {
+    (0u16..4, 0u16..4, any::<u16>())
+        .prop_map(|(a, b, c)| Ipv6Addr::new(0xfd00, a, b, 0, 0, 0, 0, c))
+}
+
+fn prefix() -> impl Strategy<Value = IpNet> {
+    prop_oneof![
+        3 => (v4_in_space(), prop::sample::select(vec![0u8, 8, 14, 16, 22, 24, 30, 32]))
+            .prop_map(|(ip, len)| IpNet::new(IpAddr::V4(ip), len).unwrap().trunc()),
+        1 => (v6_in_space(), prop::sample::select(vec![0u8, 16, 32, 48, 112, 128]))
+            .prop_map(|(ip, len)| IpNet::new(IpAddr::V6(ip), len).unwrap().trunc()),
+    ]
+}
+
+/// A prefix strictly inside `net`, or None when `net` is a host.
+fn inside(net: IpNet, seed: u128, extra: u8) -> Option<IpNet> {
+    let max = net.max_prefix_len();
+    if net.prefix_len() == max {
+        return None;
+    }
+    let len = (net.prefix_len() + 1 + extra % (max - net.prefix_len())).min(max);
+    let addr = match net {
+        IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(
+            u32::from(n.network()) | (seed as u32 & u32::from(n.hostmask())),
+        )),
+        IpNet::V6(n) => IpAddr::V6(Ipv6Addr::from(
+            u128::from(n.network()) | (seed & u128::from(n.hostmask())),
+        )),
+    };
+    Some(IpNet::new(addr, len).unwrap().trunc())
+}
+
+fn peer() -> impl Strategy<Value = Peer> {
+    (
+        prefix(),
+        prop::collection::vec((any::<u128>(), any::<u8>()), 0..=2),
+    )
+        .prop_map(|(net, excepts)| {
+            let except = excepts
+                .into_iter()
+                .filter_map(|(seed, extra)| inside(net, seed, extra))
+                .collect();
+            Peer::Cidr { net, except }
+        })
+}
+
+fn port_spec() -> impl Strategy<Value = PortSpec> {
+    (
+        1u16..=12,
+        0u16..=3,
+        prop::sample::select(vec![Protocol::Any, Protocol::Tcp, Protocol::Udp]),
+    )
+        .prop_map(|(first, width, protocol)| PortSpec {
+            ports: PortRange {
+                first,
+                last: first + width,
+            },
+            protocol,
+        })
+}
+
+fn any_rule() -> impl Strategy<Value = Rule> {
+    (
+        prop::sample::select(vec![Action::Allow, Action::Deny]),
+        prop::collection::vec(peer(), 0..=2),
+        prop::collection::vec(port_spec(), 0..=2),
+    )
+        .prop_map(|(action, to, ports)| rule(action, to, ports))
+}
+
+fn policies() -> impl Strategy<Value = Vec<Policy>> {
+    let one = (
+        prop::sample::select(vec![Action::Allow, Action::Deny]),
+        prop::sample::select(vec![
+            PolicyMode::Inherit,
+            PolicyMode::Observe,
+            PolicyMode::Enforce,
+        ]),
+        prop::collection::vec(any_rule(), 0..=3),
+    );
+    prop::collection::vec(one, 1..=3).prop_map(|ps| {
+        ps.into_iter()
+            .enumerate()
+            .map(|(i, (default_action, mode, rules))| {
+                policy(&format!("p{i}"), default_action, mode, rules)
+            })
+            .collect()
+    })
+}
+
+/// Destinations: random ones, and ones inside the policies' own prefixes,
+/// where the interesting boundaries are.
+fn destinations(policies: &[Policy], seeds: &[(u128, u16, u8, bool)]) -> Vec<(IpAddr, u16, u8)> {
+    let nets: Vec<IpNet> = policies
+        .iter()
+        .flat_map(|p| &p.rules)
+        .flat_map(|r| &r.to)
+        .flat_map(|peer| match peer {
+            Peer::Cidr { net, except } => std::iter::once(*net)
+                .chain(except.iter().copied())
+                .collect::<Vec<_>>(),
+            Peer::Fqdn(_) => vec![],
+        })
+        .collect();
+    seeds
+        .iter()
+        .map(|&(seed, port, protocol, near_a_prefix)| {
+            let ip = if near_a_prefix && !nets.is_empty() {
+                let net = nets[(seed % nets.len() as u128) as usize];
+                inside(net, seed >> 8, 255).map_or(net.network(), |n| n.network())
+            } else if seed % 4 == 0 {
+                IpAddr::V6(Ipv6Addr::new(
+                    0xfd00,
+                    (seed >> 8) as u16 % 4,
+                    (seed >> 24) as u16 % 4,
+                    0,
+                    0,
+                    0,
+                    0,
+                    (seed >> 40) as u16,
+                ))
+            } else {
+                IpAddr::V4(Ipv4Addr::new(
+                    10,
+                    (seed >> 8) as u8 % 4,
+                    (seed >> 16) as u8,
+                    (seed >> 24) as u8,
+                ))
+            };
+            (ip, port, [TCP, UDP, 1][protocol as usize % 3])
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    /// 1,000 policy sets x 16 destinations x 2 global modes.
+    #[test]
+    fn compiled_datapath_agrees_with_the_reference_evaluator(
+        policies in policies(),
+        seeds in prop::collection::vec((any::<u128>(), 1u16..=16, any::<u8>(), any::<bool>()), 16),
+    ) {
+        let compiled = match compile_for_one(&policies) {
+            Ok(compiled) => compiled,
+            Err(CompileError::TooManyPortRules { .. }) => return Err(TestCaseError::reject("over the per-prefix limit")),
+        };
+        let refs: Vec<&Policy> = policies.iter().collect();
+        for (ip, port, protocol) in destinations(&policies, &seeds) {
+            for global in [PolicyMode::Observe, PolicyMode::Enforce] {
+                let reference = evaluate(&refs, ip, port, protocol, global);
+                let (outcome, rule_id) = kernel_outcome(&compiled, ip, port, protocol, global);
+                let kernel_rule = (rule_id != 0).then(|| &compiled.names.rules[&rule_id]).map(|r| (r.policy.clone(), r.rule.clone()));
+                let reference_rule = reference.rule.map(|(p, i)| (p.key.clone(), p.rules[i].name.clone()));
+                prop_assert_eq!((outcome, kernel_rule), (reference.outcome, reference_rule), "{} {}/{} under {:?}", ip, port, protocol, global);
+            }
+        }
+    }
+}
