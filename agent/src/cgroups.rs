@@ -48,25 +48,30 @@ impl CgroupPaths {
 
     fn rescan(&mut self) {
         self.last_scan = Some(Instant::now());
-        self.paths.clear();
-        let mut stack = vec![self.root.clone()];
-        while let Some(dir) = stack.pop() {
-            let Ok(meta) = std::fs::metadata(&dir) else {
-                continue;
-            };
-            let relative = dir.strip_prefix(&self.root).unwrap_or(&dir);
-            self.paths
-                .insert(meta.ino(), format!("/{}", relative.display()));
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(entry.path());
-                }
+        self.paths = walk(&self.root).into_iter().collect();
+    }
+}
+
+/// Every cgroup below `root` (included), as (id, path relative to `root`).
+pub fn walk(root: &Path) -> Vec<(u64, String)> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&dir) else {
+            continue;
+        };
+        let relative = dir.strip_prefix(root).unwrap_or(&dir);
+        found.push((meta.ino(), format!("/{}", relative.display())));
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(entry.path());
             }
         }
     }
+    found
 }
 
 #[cfg(test)]

@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// Parent of the versioned pin directory (on bpffs; mounted if missing).
     #[arg(long, env = "TOLLGATE_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
     pub bpffs_root: PathBuf,
+    /// Policy file or directory (its *.yaml, *.yml, *.json); repeatable.
+    /// Without any, the rules already in the datapath stay as they are.
+    #[arg(long = "policy", value_name = "FILE|DIR")]
+    pub policies: Vec<PathBuf>,
     /// Node name in flow records [default: the host name]
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,

@@ -35,10 +35,11 @@ pub struct FlowRecord<'a> {
     pub hook: &'static str,
     pub src: Source<'a>,
     pub dst: Destination,
-    /// The policy that decided, or null when no policy selects the source.
+    /// The policy that decided (for a default decision, every policy that
+    /// owns it, comma-separated), or null when no policy selects the source.
     pub policy: Option<&'a str>,
-    /// The rule that decided: its name, `rule-<id>` when unnamed, or
-    /// `default` when no rule matched.
+    /// The rule that decided: its name, `rule-<id>` when its name is not
+    /// known to this agent, or `default` when no rule matched.
     pub rule: Cow<'a, str>,
     pub rule_id: u32,
     pub generation: u32,
@@ -69,6 +70,8 @@ pub struct Enrichment<'a> {
     pub node: &'a str,
     pub cgroup: Option<&'a str>,
     pub clock: WallClock,
+    /// The deciding policy, and rule name (None: the default decided).
+    pub attribution: Option<(&'a str, Option<&'a str>)>,
 }
 
 impl<'a> FlowRecord<'a> {
@@ -84,10 +87,14 @@ impl<'a> FlowRecord<'a> {
             .iter()
             .position(|&b| b == 0)
             .unwrap_or(event.comm.len());
-        let rule = if event.rule_id == RULE_ID_DEFAULT {
-            Cow::Borrowed("default")
-        } else {
-            Cow::Owned(format!("rule-{}", event.rule_id))
+        let (policy, rule_name) = match enrichment.attribution {
+            Some((policy, rule_name)) => (Some(policy), rule_name),
+            None => (None, None),
+        };
+        let rule = match rule_name {
+            _ if event.rule_id == RULE_ID_DEFAULT => Cow::Borrowed("default"),
+            Some(name) => Cow::Borrowed(name),
+            None => Cow::Owned(format!("rule-{}", event.rule_id)),
         };
         Self {
             time: rfc3339_nanos(enrichment.clock.unix_nanos(event.ts_ns)),
@@ -113,7 +120,7 @@ impl<'a> FlowRecord<'a> {
                 ip: dst_ip,
                 port: event.dst_port,
             },
-            policy: None,
+            policy,
             rule,
             rule_id: event.rule_id,
             generation: event.generation,
@@ -259,6 +266,7 @@ mod tests {
                 node: "node-a",
                 cgroup: Some("/tgtest"),
                 clock: WallClock::with_offset(1_700_000_000_000_000_000),
+                attribution: None,
             },
         );
         let json = serde_json::to_value(&record).unwrap();
@@ -298,12 +306,31 @@ mod tests {
                 node: "n",
                 cgroup: None,
                 clock: WallClock::with_offset(0),
+                attribution: Some(("prod/p", None)),
             },
         );
         assert_eq!(record.dst.ip, "fd00::1".parse::<IpAddr>().unwrap());
         assert_eq!(record.rule, "default");
+        assert_eq!(record.policy, Some("prod/p"));
         assert_eq!(record.verdict, "audit");
         assert_eq!(record.protocol, "ip-1");
+    }
+
+    #[test]
+    fn named_rules_and_policies() {
+        let e = event();
+        let enrichment = Enrichment {
+            seq: 3,
+            node: "n",
+            cgroup: None,
+            clock: WallClock::with_offset(0),
+            attribution: Some(("prod/payments", Some("dns"))),
+        };
+        let record = FlowRecord::new(&e, enrichment);
+        assert_eq!(
+            (record.policy, record.rule.as_ref()),
+            (Some("prod/payments"), "dns")
+        );
     }
 
     #[test]

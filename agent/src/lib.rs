@@ -4,6 +4,7 @@
 pub mod cgroups;
 pub mod config;
 pub mod datapath;
+pub mod enforce;
 pub mod flow;
 pub mod mounts;
 pub mod output;

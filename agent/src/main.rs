@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_agent::{
     config::{Cli, Command, RunArgs},
     datapath::{self, DatapathOptions},
-    mounts,
+    enforce, mounts,
     run::{self, RunConfig},
 };
 use tracing_subscriber::EnvFilter;
@@ -56,6 +56,11 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         Some(node) => node,
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
     };
+    let policies = if args.policies.is_empty() {
+        None
+    } else {
+        Some(enforce::load_policy_files(&args.policies)?)
+    };
     Ok(RunConfig {
         datapath: DatapathOptions {
             bpffs_root: args.bpffs_root,
@@ -65,6 +70,7 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         mode: args.mode.into(),
         node,
         allowed_report_interval: args.allowed_report_interval,
+        policies,
     })
 }
 

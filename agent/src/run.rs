@@ -5,14 +5,16 @@
 use std::{io, path::PathBuf, time::Duration};
 
 use tokio_util::sync::CancellationToken;
-use tollgate_common::{FlowEvent, Mode};
+use tollgate_common::{FlowEvent, Mode, flow_flags};
 use tracing::{info, warn};
 
 use crate::{
     cgroups::CgroupPaths,
     datapath::{Datapath, DatapathError, DatapathOptions},
+    enforce::{EnforceError, Enforcer},
     flow::{Enrichment, FlowRecord, WallClock},
     output::JsonLines,
+    policy::model::Policy,
 };
 
 /// Everything the run needs, resolved from flags before the runtime starts.
@@ -23,6 +25,8 @@ pub struct RunConfig {
     pub mode: Mode,
     pub node: String,
     pub allowed_report_interval: Duration,
+    /// Policies to put in force; None leaves the datapath's rules alone.
+    pub policies: Option<Vec<Policy>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +37,12 @@ pub enum RunError {
     Events(io::Error),
     #[error("writing flow records: {0}")]
     Output(io::Error),
+    #[error("putting the policies in force: {0}")]
+    Enforce(#[from] EnforceError),
 }
+
+/// How often cgroups are looked for anew, to find endpoints that appeared.
+const CGROUP_RESCAN: Duration = Duration::from_secs(1);
 
 const BATCH: usize = 512;
 
@@ -47,6 +56,18 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         .expect("a fresh datapath has its reader");
     for (program, attachment) in datapath.attachments() {
         info!(program, ?attachment, "attached");
+    }
+    // The policies are in force before the agent says it is ready.
+    let mut enforcer = config
+        .policies
+        .map(|policies| Enforcer::new(policies, &config.cgroup2_mount));
+    if let Some(enforcer) = &mut enforcer {
+        enforcer.refresh(&mut datapath)?;
+        info!(
+            endpoints = enforcer.endpoint_count(),
+            generation = datapath.generation(),
+            "policies in force"
+        );
     }
     info!(
         cgroup = %config.datapath.cgroup.display(),
@@ -64,19 +85,29 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         seq: 0,
     };
     let mut events = Vec::with_capacity(BATCH);
+    let mut rescan = tokio::time::interval(CGROUP_RESCAN);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             read = reader.read(&mut events, BATCH) => {
                 read.map_err(RunError::Events)?;
-                printer.print(&events)?;
+                printer.print(&events, enforcer.as_ref())?;
                 events.clear();
+            }
+            _ = rescan.tick(), if enforcer.is_some() => {
+                let enforcer = enforcer.as_mut().expect("guarded");
+                match enforcer.refresh(&mut datapath) {
+                    Ok(Some(generation)) => info!(endpoints = enforcer.endpoint_count(), generation, "endpoints changed"),
+                    Ok(None) => {}
+                    // The previous rules stay in force; the next rescan retries.
+                    Err(e) => warn!(error = %e, "cannot put the changed endpoints in force"),
+                }
             }
         }
     }
     // What the kernel reported before the stop still goes out.
     while reader.read_available(&mut events, BATCH) > 0 {
-        printer.print(&events)?;
+        printer.print(&events, enforcer.as_ref())?;
         events.clear();
     }
     match datapath.counters() {
@@ -99,19 +130,21 @@ struct Printer<W: io::Write> {
 }
 
 impl<W: io::Write> Printer<W> {
-    fn print(&mut self, events: &[FlowEvent]) -> Result<(), RunError> {
+    fn print(&mut self, events: &[FlowEvent], enforcer: Option<&Enforcer>) -> Result<(), RunError> {
         for event in events {
             self.seq += 1;
             let cgroup = self.cgroups.resolve(event.cgroup_id);
-            let record = FlowRecord::new(
-                event,
-                Enrichment {
-                    seq: self.seq,
-                    node: &self.node,
-                    cgroup,
-                    clock: self.clock,
-                },
-            );
+            let attribution = enforcer
+                .filter(|_| event.flags & flow_flags::ENDPOINT_KNOWN != 0)
+                .and_then(|e| e.attribute(event.generation, event.set_id, event.rule_id));
+            let enrichment = Enrichment {
+                seq: self.seq,
+                node: &self.node,
+                cgroup,
+                clock: self.clock,
+                attribution,
+            };
+            let record = FlowRecord::new(event, enrichment);
             self.out.write(&record).map_err(RunError::Output)?;
         }
         self.out.flush().map_err(RunError::Output)

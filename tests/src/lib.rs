@@ -79,14 +79,58 @@ impl TestCgroup {
     }
 }
 
+impl TestCgroup {
+    /// Makes a cgroup below this one (removed with it).
+    pub fn child(&self, name: &str) -> PathBuf {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        path
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         // Probes exit on their own; a leftover from a failed test is killed.
         let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        // Children first: a cgroup with children cannot be removed.
+        let mut dirs = vec![self.path.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(entries) = std::fs::read_dir(&dirs[i]) {
+                dirs.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+            i += 1;
         }
+        for dir in dirs.iter().rev() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A file of the test's own, removed on drop.
+pub struct TempFile {
+    pub path: PathBuf,
+}
+
+impl TempFile {
+    pub fn new(name: &str, contents: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("tollgate-{name}-{}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        Self { path }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -283,9 +327,14 @@ impl TestEnv {
 
     /// Runs the probe inside this test's cgroup.
     pub fn probe(&self, args: &[&str]) -> ProbeRun {
+        self.probe_in(&self.cgroup.path, args)
+    }
+
+    /// Runs the probe inside `cgroup` (this test's or one below it).
+    pub fn probe_in(&self, cgroup: &Path, args: &[&str]) -> ProbeRun {
         let output = Command::new(probe_binary())
             .arg("--cgroup")
-            .arg(&self.cgroup.path)
+            .arg(cgroup)
             .args(args)
             .output()
             .expect("running the probe");
@@ -367,6 +416,12 @@ impl AgentProcess {
     /// Starts the agent attached to the test's cgroup and pin root, and waits
     /// until it reports ready.
     pub fn start(env: &TestEnv, extra_args: &[&str]) -> Self {
+        Self::try_start(env, extra_args)
+            .unwrap_or_else(|log| panic!("the agent did not get ready; it logged: {log:#?}"))
+    }
+
+    /// Starts the agent; on failure, what it logged.
+    pub fn try_start(env: &TestEnv, extra_args: &[&str]) -> Result<Self, Vec<String>> {
         let mut child = Command::new(agent_binary())
             .arg("--cgroup")
             .arg(&env.cgroup.path)
@@ -390,14 +445,18 @@ impl AgentProcess {
             let left = deadline.saturating_duration_since(Instant::now());
             match stderr.recv_timeout(left) {
                 Ok(line) => startup_log.push(line),
-                Err(_) => panic!("the agent did not get ready; it logged: {startup_log:#?}"),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(startup_log);
+                }
             }
         }
-        Self {
+        Ok(Self {
             startup_log,
             child,
             stdout,
-        }
+        })
     }
 
     /// How many startup log lines contain `needle`.

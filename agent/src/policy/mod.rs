@@ -7,6 +7,7 @@ pub mod document;
 pub mod evaluate;
 pub mod fqdn;
 pub mod model;
+pub mod select;
 pub mod validate;
 
 #[cfg(test)]

@@ -1,0 +1,178 @@
+//! Keeps the datapath in step with the policies and the endpoints they
+//! select: loads policy files, resolves selectors, compiles, switches, and
+//! remembers for each recent generation how its rules are named.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    path::{Path, PathBuf},
+};
+
+use tollgate_common::SET_ID_HALF_BIT;
+
+use crate::{
+    cgroups,
+    datapath::{Datapath, DatapathError},
+    policy::{
+        compile::{CompileError, Names, compile},
+        document::{FieldError, parse_documents},
+        model::Policy,
+        select::select_cgroups,
+        validate::validate_all,
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid policies:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnforceError {
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+/// Reads policies from files and directories (their `*.yaml`, `*.yml` and
+/// `*.json`, in name order). Nothing is returned unless everything is valid.
+pub fn load_policy_files(paths: &[PathBuf]) -> Result<Vec<Policy>, LoadError> {
+    let mut files = Vec::new();
+    for path in paths {
+        let read_err = |source| LoadError::Read {
+            path: path.clone(),
+            source,
+        };
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(read_err)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+                })
+                .collect();
+            entries.sort();
+            files.extend(entries);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    let mut sourced = Vec::new();
+    let mut errors = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        match parse_documents(&file.display().to_string(), &text) {
+            Ok(policies) => sourced.extend(policies),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(LoadError::Invalid(errors));
+    }
+    validate_all(&sourced).map_err(LoadError::Invalid)
+}
+
+/// Generations whose names are kept, for events still in flight.
+const NAMED_GENERATIONS: usize = 4;
+
+pub struct Enforcer {
+    policies: Vec<Policy>,
+    cgroup_root: PathBuf,
+    endpoints: Option<BTreeMap<u64, Vec<usize>>>,
+    names: VecDeque<GenerationNames>,
+}
+
+/// The names of one generation's rules, rendered once for every record.
+struct GenerationNames {
+    generation: u32,
+    /// rule id -> (policy, rule)
+    rules: HashMap<u32, (String, String)>,
+    /// set index -> the policies owning its default, comma-separated
+    defaults: Vec<String>,
+}
+
+impl GenerationNames {
+    fn new(generation: u32, names: Names) -> Self {
+        Self {
+            generation,
+            rules: names
+                .rules
+                .into_iter()
+                .map(|(id, r)| (id, (r.policy.to_string(), r.rule)))
+                .collect(),
+            defaults: names
+                .set_defaults
+                .iter()
+                .map(|owners| {
+                    owners
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Enforcer {
+    pub fn new(policies: Vec<Policy>, cgroup_root: &Path) -> Self {
+        Self {
+            policies,
+            cgroup_root: cgroup_root.to_owned(),
+            endpoints: None,
+            names: VecDeque::new(),
+        }
+    }
+
+    /// Resolves which cgroups the policies select; when that changed (or on
+    /// the first call), compiles and switches the datapath to the result.
+    /// Returns the new generation, if it switched.
+    pub fn refresh(&mut self, datapath: &mut Datapath) -> Result<Option<u32>, EnforceError> {
+        let endpoints = select_cgroups(&self.policies, &cgroups::walk(&self.cgroup_root));
+        if self.endpoints.as_ref() == Some(&endpoints) {
+            return Ok(None);
+        }
+        let compiled = compile(&self.policies, &endpoints)?;
+        let generation = datapath.switch_rules(&compiled.rules)?;
+        self.endpoints = Some(endpoints);
+        if self.names.len() == NAMED_GENERATIONS {
+            self.names.pop_front();
+        }
+        self.names
+            .push_back(GenerationNames::new(generation, compiled.names));
+        Ok(Some(generation))
+    }
+
+    /// Number of endpoints the policies select now.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.as_ref().map_or(0, BTreeMap::len)
+    }
+
+    /// The deciding policy and rule (None for a default decision) of an
+    /// event; `None` when its generation is not one this agent wrote.
+    pub fn attribute(
+        &self,
+        generation: u32,
+        set_id: u32,
+        rule_id: u32,
+    ) -> Option<(&str, Option<&str>)> {
+        let names = self.names.iter().find(|n| n.generation == generation)?;
+        if rule_id == tollgate_common::RULE_ID_DEFAULT {
+            let owners = names.defaults.get((set_id & !SET_ID_HALF_BIT) as usize)?;
+            return Some((owners.as_str(), None));
+        }
+        let (policy, rule) = names.rules.get(&rule_id)?;
+        Some((policy.as_str(), Some(rule.as_str())))
+    }
+}
