@@ -1,12 +1,16 @@
 //! The decision: endpoint -> rule set -> one longest-prefix lookup -> the
-//! first matching port rule, or the endpoint's default.
+//! port rules there, in precedence order, or the endpoint's default.
 //!
 //! The agent switches rule sets by generation: it writes the new entries into
 //! the inactive half of the maps, flips `TG_CONFIG.generation`, then deletes
-//! the old half. A decision that read the old generation may therefore see
-//! entries vanish under it; it re-reads the generation afterwards and, if the
-//! generation moved, decides again against the new one. So every decision is
-//! made wholly by one generation, never by a mix or by neither.
+//! the old half. A decision reads the (generation, mode) word, makes its
+//! lookups in that generation's half, and reads the word again. Entries of a
+//! half are deleted only after the word has moved away from it, so if the two
+//! reads agree no lookup can have seen a deletion, and the decision is wholly
+//! that generation's. If they differ, it decides again with the new word, up
+//! to GENERATION_ATTEMPTS times.
+
+use core::sync::atomic::{Ordering, compiler_fence};
 
 use aya_ebpf::{
     helpers::bpf_get_current_cgroup_id, maps::lpm_trie::Key, programs::SockAddrContext,
@@ -20,6 +24,10 @@ use crate::{
     maps::{TG_CONFIG, TG_ENDPOINTS, TG_RULES_V4, TG_RULES_V6},
     report,
 };
+
+/// Only a writer that completes this many switches during one decision can
+/// exhaust them; that is counted (`GENERATION_UNSTABLE`), not hidden.
+const GENERATION_ATTEMPTS: u32 = 4;
 
 /// Where a connection goes, as the hook saw it.
 pub struct Destination {
@@ -49,26 +57,34 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
     let Some(config) = TG_CONFIG.get_ptr(0) else {
         return 1; // unreachable for an array map with one entry
     };
-    // SAFETY: the pointer is to the map value, valid for the whole program.
-    // Volatile reads: the generation must be read again after the lookups.
-    let generation_ptr = unsafe { core::ptr::addr_of!((*config).generation) };
-    let generation = unsafe { core::ptr::read_volatile(generation_ptr) };
-    // SAFETY: as above.
+    // SAFETY: the value pointer is valid for the whole program; its first
+    // 8 bytes are (generation, global_mode), read as one word.
+    let state_word = config as *const u64;
+    let mut word = unsafe { core::ptr::read_volatile(state_word) };
+    // SAFETY: helper without preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 
-    let mut decision = evaluate(cgroup_id, generation, &dst);
-    let mut generation_used = generation;
-    let now_generation = unsafe { core::ptr::read_volatile(generation_ptr) };
-    if now_generation != generation {
+    let mut decision;
+    let mut attempt = 1;
+    loop {
+        compiler_fence(Ordering::SeqCst);
+        decision = evaluate(cgroup_id, word as u32, (word >> 32) as u8, &dst);
+        compiler_fence(Ordering::SeqCst);
+        // SAFETY: as above.
+        let again = unsafe { core::ptr::read_volatile(state_word) };
+        if again == word {
+            break;
+        }
+        if attempt == GENERATION_ATTEMPTS {
+            report::count(counter::GENERATION_UNSTABLE);
+            break;
+        }
         report::count(counter::GENERATION_RETRIES);
-        decision = evaluate(cgroup_id, now_generation, &dst);
-        generation_used = now_generation;
+        word = again;
+        attempt += 1;
     }
 
-    // SAFETY: plain reads of the config value.
-    let (global_mode, interval) =
-        unsafe { ((*config).global_mode, (*config).allowed_report_interval_ns) };
-    let mode = effective_mode(decision.mode, global_mode);
+    let mode = effective_mode(decision.mode, (word >> 32) as u8);
     let verdict = if decision.action == action::DENY {
         match mode {
             Mode::Enforce => Verdict::Denied,
@@ -82,6 +98,8 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
     if decision.endpoint_known {
         flags |= flow_flags::ENDPOINT_KNOWN;
     }
+    // SAFETY: plain read of the config value.
+    let interval = unsafe { (*config).allowed_report_interval_ns };
     report::decision(
         ctx,
         &report::Report {
@@ -91,7 +109,7 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
             flags,
             rule_id: decision.rule_id,
             set_id: decision.set_id,
-            generation: generation_used,
+            generation: word as u32,
             cgroup_id,
             allowed_report_interval_ns: interval,
         },
@@ -117,7 +135,7 @@ fn effective_mode(rule_mode: u8, global_mode: u8) -> Mode {
 }
 
 #[inline(always)]
-fn evaluate(cgroup_id: u64, generation: u32, dst: &Destination) -> Decision {
+fn evaluate(cgroup_id: u64, generation: u32, global_mode: u8, dst: &Destination) -> Decision {
     let key = EndpointKey {
         cgroup_id,
         half: generation & 1,
@@ -133,14 +151,21 @@ fn evaluate(cgroup_id: u64, generation: u32, dst: &Destination) -> Decision {
             endpoint_known: false,
         };
     };
-    // SAFETY: a value pointer from a successful lookup; the map does not
-    // preallocate, so a concurrent delete frees it only after this program.
+    // SAFETY: a value pointer from a successful lookup. A concurrent delete
+    // can only happen after the generation moved, which the caller sees.
     let (set_id, default_action, default_mode) = unsafe {
         (
             (*endpoint).set_id,
             (*endpoint).default_action,
             (*endpoint).default_mode,
         )
+    };
+    let default = Decision {
+        action: default_action,
+        mode: default_mode,
+        rule_id: RULE_ID_DEFAULT,
+        set_id,
+        endpoint_known: true,
     };
 
     let rules = if dst.family == family::INET {
@@ -162,40 +187,83 @@ fn evaluate(cgroup_id: u64, generation: u32, dst: &Destination) -> Decision {
         );
         TG_RULES_V6.get(&key)
     };
-    if let Some(decision) = rules.and_then(|rules| first_match(rules, dst, set_id)) {
-        return decision;
-    }
-    Decision {
-        action: default_action,
-        mode: default_mode,
-        rule_id: RULE_ID_DEFAULT,
-        set_id,
-        endpoint_known: true,
+    match rules {
+        Some(rules) => decide_by_rules(rules, dst, global_mode, default),
+        None => default,
     }
 }
 
+/// The port rules of a prefix, denies first (strongest mode first), then
+/// allows. An enforced deny decides at once. A deny that only observes
+/// decides as `audit` unless nothing allows the connection and the default
+/// is an enforced deny: an observing policy never weakens another policy's
+/// enforced default.
 #[inline(always)]
-fn first_match(rules: &RuleList, dst: &Destination, set_id: u32) -> Option<Decision> {
+fn decide_by_rules(
+    rules: &RuleList,
+    dst: &Destination,
+    global_mode: u8,
+    default: Decision,
+) -> Decision {
     let len = rules.len as usize;
+    let mut observed_deny: Option<(u8, u32)> = None;
     for i in 0..MAX_PORT_RULES {
         if i >= len {
             break;
         }
         let rule = &rules.rules[i];
-        if rule.port_lo <= dst.port
+        let matches = rule.port_lo <= dst.port
             && dst.port <= rule.port_hi
-            && (rule.protocol == 0 || rule.protocol == dst.protocol)
-        {
-            return Some(Decision {
-                action: rule.action,
+            && (rule.protocol == 0 || rule.protocol == dst.protocol);
+        if !matches {
+            continue;
+        }
+        if rule.action == action::DENY {
+            // Later denies are no stronger than the first one.
+            if observed_deny.is_some() {
+                continue;
+            }
+            if effective_mode(rule.mode, global_mode) == Mode::Enforce {
+                return Decision {
+                    action: action::DENY,
+                    mode: rule.mode,
+                    rule_id: rule.rule_id,
+                    ..default
+                };
+            }
+            observed_deny = Some((rule.mode, rule.rule_id));
+            continue;
+        }
+        return match observed_deny {
+            Some((mode, rule_id)) => Decision {
+                action: action::DENY,
+                mode,
+                rule_id,
+                ..default
+            },
+            None => Decision {
+                action: action::ALLOW,
                 mode: rule.mode,
                 rule_id: rule.rule_id,
-                set_id,
-                endpoint_known: true,
-            });
-        }
+                ..default
+            },
+        };
     }
-    None
+    match observed_deny {
+        Some(_)
+            if default.action == action::DENY
+                && effective_mode(default.mode, global_mode) == Mode::Enforce =>
+        {
+            default
+        }
+        Some((mode, rule_id)) => Decision {
+            action: action::DENY,
+            mode,
+            rule_id,
+            ..default
+        },
+        None => default,
+    }
 }
 
 #[inline(always)]

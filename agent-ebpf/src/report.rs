@@ -75,7 +75,6 @@ pub fn decision(ctx: &SockAddrContext, report: &Report, dst: &Destination) {
         (*event).rule_id = report.rule_id;
         (*event).set_id = report.set_id;
         (*event).generation = report.generation;
-        (*event)._pad = 0;
         (*event).ts_ns = now;
         (*event).cgroup_id = report.cgroup_id;
         (*event).pid_tgid = bpf_get_current_pid_tgid();

@@ -33,9 +33,10 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// observe: denials are recorded as `audit` and go through; enforce: they fail with EPERM.
-    #[arg(long, env = "TOLLGATE_MODE", value_enum, default_value_t = ModeArg::Observe)]
-    pub mode: ModeArg,
+    /// observe: denials are recorded as `audit` and go through; enforce: they
+    /// fail with EPERM [default: the saved mode, else observe]
+    #[arg(long, env = "TOLLGATE_MODE", value_enum)]
+    pub mode: Option<ModeArg>,
     /// cgroup v2 directory to attach to [default: the cgroup2 mount, i.e. every process]
     #[arg(long, env = "TOLLGATE_CGROUP")]
     pub cgroup: Option<PathBuf>,
@@ -46,6 +47,28 @@ pub struct RunArgs {
     /// Without any, the rules already in the datapath stay as they are.
     #[arg(long = "policy", value_name = "FILE|DIR")]
     pub policies: Vec<PathBuf>,
+    /// Where the applied policy set and modes are saved, and restored from at start.
+    #[arg(long, env = "TOLLGATE_STATE_DIR", default_value = "/var/lib/tollgate")]
+    pub state_dir: PathBuf,
+    /// Control API address: unix:PATH (mode 0600) or tcp://ADDR (mutual TLS).
+    #[arg(
+        long,
+        env = "TOLLGATE_LISTEN",
+        default_value = "unix:/run/tollgate/agent.sock"
+    )]
+    pub listen: String,
+    /// Server certificate (PEM) for tcp:// listening.
+    #[arg(long, env = "TOLLGATE_TLS_CERT", requires_all = ["tls_key", "tls_client_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Server key (PEM) for tcp:// listening.
+    #[arg(long, env = "TOLLGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to.
+    #[arg(long, env = "TOLLGATE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Also serve the API on plain TCP without authentication: local development only.
+    #[arg(long, value_name = "ADDR")]
+    pub insecure_listen: Option<std::net::SocketAddr>,
     /// Node name in flow records [default: the host name]
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,
@@ -118,7 +141,8 @@ mod tests {
     fn defaults_observe_everything() {
         let cli = Cli::try_parse_from(["tollgate-agent"]).unwrap();
         assert!(cli.command.is_none());
-        assert_eq!(cli.run.mode, ModeArg::Observe);
+        assert_eq!(cli.run.mode, None);
+        assert_eq!(cli.run.listen, "unix:/run/tollgate/agent.sock");
         assert_eq!(cli.run.cgroup, None);
         assert_eq!(cli.run.allowed_report_interval, Duration::from_secs(10));
     }

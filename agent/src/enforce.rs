@@ -7,7 +7,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use tollgate_common::SET_ID_HALF_BIT;
+use tollgate_common::{Mode, SET_ID_HALF_BIT};
+use tollgate_proto::v1 as api;
 
 use crate::{
     cgroups,
@@ -40,9 +41,10 @@ pub enum EnforceError {
     Datapath(#[from] DatapathError),
 }
 
-/// Reads policies from files and directories (their `*.yaml`, `*.yml` and
-/// `*.json`, in name order). Nothing is returned unless everything is valid.
-pub fn load_policy_files(paths: &[PathBuf]) -> Result<Vec<Policy>, LoadError> {
+/// Reads policy documents from files and directories (their `*.yaml`,
+/// `*.yml` and `*.json`, in name order). Nothing is returned unless every
+/// document is valid.
+pub fn load_policy_files(paths: &[PathBuf]) -> Result<Vec<api::EgressPolicy>, LoadError> {
     let mut files = Vec::new();
     for path in paths {
         let read_err = |source| LoadError::Read {
@@ -79,14 +81,17 @@ pub fn load_policy_files(paths: &[PathBuf]) -> Result<Vec<Policy>, LoadError> {
     if !errors.is_empty() {
         return Err(LoadError::Invalid(errors));
     }
-    validate_all(&sourced).map_err(LoadError::Invalid)
+    validate_all(&sourced).map_err(LoadError::Invalid)?;
+    Ok(sourced.into_iter().map(|s| s.policy).collect())
 }
 
 /// Generations whose names are kept, for events still in flight.
 const NAMED_GENERATIONS: usize = 4;
 
 pub struct Enforcer {
-    policies: Vec<Policy>,
+    /// None until a policy set is put in force: until then the rules in the
+    /// datapath (maybe left by an earlier agent) are not touched.
+    policies: Option<Vec<Policy>>,
     cgroup_root: PathBuf,
     endpoints: Option<BTreeMap<u64, Vec<usize>>>,
     names: VecDeque<GenerationNames>,
@@ -126,32 +131,72 @@ impl GenerationNames {
 }
 
 impl Enforcer {
-    pub fn new(policies: Vec<Policy>, cgroup_root: &Path) -> Self {
+    pub fn new(cgroup_root: &Path) -> Self {
         Self {
-            policies,
+            policies: None,
             cgroup_root: cgroup_root.to_owned(),
             endpoints: None,
             names: VecDeque::new(),
         }
     }
 
-    /// Resolves which cgroups the policies select; when that changed (or on
-    /// the first call), compiles and switches the datapath to the result.
-    /// Returns the new generation, if it switched.
+    /// Checks that `policies` would compile for the endpoints they select
+    /// now, without touching the datapath.
+    pub fn check(&self, policies: &[Policy]) -> Result<(), CompileError> {
+        compile(
+            policies,
+            &select_cgroups(policies, &cgroups::walk(&self.cgroup_root)),
+        )
+        .map(drop)
+    }
+
+    /// Compiles `policies` for the endpoints they select and switches the
+    /// datapath to them, and to `mode` in the same write. On error nothing
+    /// changes.
+    pub fn put_in_force(
+        &mut self,
+        policies: Vec<Policy>,
+        mode: Mode,
+        datapath: &mut Datapath,
+    ) -> Result<u32, EnforceError> {
+        let endpoints = select_cgroups(&policies, &cgroups::walk(&self.cgroup_root));
+        let generation = self.switch(&policies, &endpoints, mode, datapath)?;
+        self.policies = Some(policies);
+        self.endpoints = Some(endpoints);
+        Ok(generation)
+    }
+
+    /// Looks for endpoints anew; when they changed, puts the policies in
+    /// force for them. Returns the new generation, if it switched.
     pub fn refresh(&mut self, datapath: &mut Datapath) -> Result<Option<u32>, EnforceError> {
-        let endpoints = select_cgroups(&self.policies, &cgroups::walk(&self.cgroup_root));
+        let Some(policies) = &self.policies else {
+            return Ok(None);
+        };
+        let endpoints = select_cgroups(policies, &cgroups::walk(&self.cgroup_root));
         if self.endpoints.as_ref() == Some(&endpoints) {
             return Ok(None);
         }
-        let compiled = compile(&self.policies, &endpoints)?;
-        let generation = datapath.switch_rules(&compiled.rules)?;
+        let policies = policies.clone();
+        let generation = self.switch(&policies, &endpoints, datapath.global_mode(), datapath)?;
         self.endpoints = Some(endpoints);
+        Ok(Some(generation))
+    }
+
+    fn switch(
+        &mut self,
+        policies: &[Policy],
+        endpoints: &BTreeMap<u64, Vec<usize>>,
+        mode: Mode,
+        datapath: &mut Datapath,
+    ) -> Result<u32, EnforceError> {
+        let compiled = compile(policies, endpoints)?;
+        let generation = datapath.switch_rules_with_mode(&compiled.rules, mode)?;
         if self.names.len() == NAMED_GENERATIONS {
             self.names.pop_front();
         }
         self.names
             .push_back(GenerationNames::new(generation, compiled.names));
-        Ok(Some(generation))
+        Ok(generation)
     }
 
     /// Number of endpoints the policies select now.

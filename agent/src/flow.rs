@@ -223,7 +223,6 @@ mod tests {
             rule_id: 7,
             set_id: 0,
             generation: 3,
-            _pad: 0,
             ts_ns: 1_000,
             cgroup_id: 99,
             pid_tgid: (1234u64 << 32) | 1235,

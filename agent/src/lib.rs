@@ -2,7 +2,9 @@
 //! `tollgate-ctl`) and the integration tests are thin layers over it.
 
 pub mod cgroups;
+pub mod client;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod enforce;
 pub mod flow;

@@ -5,6 +5,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tollgate_agent::{
     config::{Cli, Command, RunArgs},
+    control::server::{self, Listen, TlsFiles},
     datapath::{self, DatapathOptions},
     enforce, mounts,
     run::{self, RunConfig},
@@ -56,21 +57,29 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         Some(node) => node,
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
     };
-    let policies = if args.policies.is_empty() {
-        None
-    } else {
-        Some(enforce::load_policy_files(&args.policies)?)
+    let policies = enforce::load_policy_files(&args.policies)?;
+    let tls = match (args.tls_cert, args.tls_key, args.tls_client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca,
+        }),
+        _ => None,
     };
+    let mut listen = vec![server::parse_listen(&args.listen, tls).map_err(anyhow::Error::msg)?];
+    listen.extend(args.insecure_listen.map(Listen::Insecure));
     Ok(RunConfig {
         datapath: DatapathOptions {
             bpffs_root: args.bpffs_root,
             cgroup,
         },
         cgroup2_mount,
-        mode: args.mode.into(),
+        mode: args.mode.map(Into::into),
         node,
         allowed_report_interval: args.allowed_report_interval,
         policies,
+        state_dir: args.state_dir,
+        listen,
     })
 }
 

@@ -4,17 +4,24 @@
 
 use std::{io, path::PathBuf, time::Duration};
 
+use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tollgate_common::{FlowEvent, Mode, flow_flags};
+use tollgate_proto::v1 as api;
 use tracing::{info, warn};
 
 use crate::{
     cgroups::CgroupPaths,
+    control::{
+        controller::{ControlError, Controller},
+        flows::FlowHub,
+        server::{self, Listen, ServeError},
+        service::Api,
+    },
     datapath::{Datapath, DatapathError, DatapathOptions},
-    enforce::{EnforceError, Enforcer},
+    enforce::Enforcer,
     flow::{Enrichment, FlowRecord, WallClock},
     output::JsonLines,
-    policy::model::Policy,
 };
 
 /// Everything the run needs, resolved from flags before the runtime starts.
@@ -22,11 +29,14 @@ use crate::{
 pub struct RunConfig {
     pub datapath: DatapathOptions,
     pub cgroup2_mount: PathBuf,
-    pub mode: Mode,
     pub node: String,
     pub allowed_report_interval: Duration,
-    /// Policies to put in force; None leaves the datapath's rules alone.
-    pub policies: Option<Vec<Policy>>,
+    /// The global mode given on the command line (else the saved one).
+    pub mode: Option<Mode>,
+    /// Policy documents from --policy, applied over the saved set at start.
+    pub policies: Vec<api::EgressPolicy>,
+    pub state_dir: PathBuf,
+    pub listen: Vec<Listen>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +48,9 @@ pub enum RunError {
     #[error("writing flow records: {0}")]
     Output(io::Error),
     #[error("putting the policies in force: {0}")]
-    Enforce(#[from] EnforceError),
+    Control(#[from] ControlError),
+    #[error("control API: {0}")]
+    Serve(#[from] ServeError),
 }
 
 /// How often cgroups are looked for anew, to find endpoints that appeared.
@@ -48,7 +60,6 @@ const BATCH: usize = 512;
 
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let mut datapath = Datapath::open(&config.datapath)?;
-    datapath.set_global_mode(config.mode)?;
     datapath.set_allowed_report_interval(config.allowed_report_interval)?;
     let mut reader = datapath
         .take_event_reader()
@@ -57,22 +68,36 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     for (program, attachment) in datapath.attachments() {
         info!(program, ?attachment, "attached");
     }
-    // The policies are in force before the agent says it is ready.
-    let mut enforcer = config
-        .policies
-        .map(|policies| Enforcer::new(policies, &config.cgroup2_mount));
-    if let Some(enforcer) = &mut enforcer {
-        enforcer.refresh(&mut datapath)?;
-        info!(
-            endpoints = enforcer.endpoint_count(),
-            generation = datapath.generation(),
-            "policies in force"
-        );
+    // The saved and given policies are in force before the agent is ready.
+    let mut controller = Controller::start(
+        &mut datapath,
+        &config.state_dir,
+        &config.cgroup2_mount,
+        &config.datapath.cgroup,
+        config.policies,
+        config.mode,
+    )?;
+    info!(
+        policies = controller.policy_count(),
+        endpoints = controller.enforcer().endpoint_count(),
+        generation = datapath.generation(),
+        "policies in force"
+    );
+
+    let flows = FlowHub::default();
+    let (commands_tx, mut commands) = mpsc::channel(64);
+    let api = Api::new(commands_tx, flows.clone());
+    let mut servers = JoinSet::new();
+    for listen in &config.listen {
+        let bound = server::bind(listen).await?;
+        info!(?listen, "control API listening");
+        servers.spawn(server::serve(bound, api.clone(), shutdown.clone()));
     }
+    drop(api);
     info!(
         cgroup = %config.datapath.cgroup.display(),
         pin_dir = %datapath.pin_dir().display(),
-        mode = ?config.mode,
+        mode = ?datapath.global_mode(),
         generation = datapath.generation(),
         "ready"
     );
@@ -83,6 +108,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         clock: WallClock::now(),
         node: config.node.clone(),
         seq: 0,
+        flows,
     };
     let mut events = Vec::with_capacity(BATCH);
     let mut rescan = tokio::time::interval(CGROUP_RESCAN);
@@ -91,11 +117,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             () = shutdown.cancelled() => break,
             read = reader.read(&mut events, BATCH) => {
                 read.map_err(RunError::Events)?;
-                printer.print(&events, enforcer.as_ref())?;
+                printer.print(&events, controller.enforcer())?;
                 events.clear();
             }
-            _ = rescan.tick(), if enforcer.is_some() => {
-                let enforcer = enforcer.as_mut().expect("guarded");
+            Some(command) = commands.recv() => controller.handle(command, &mut datapath),
+            _ = rescan.tick() => {
+                let enforcer = controller.enforcer_mut();
                 match enforcer.refresh(&mut datapath) {
                     Ok(Some(generation)) => info!(endpoints = enforcer.endpoint_count(), generation, "endpoints changed"),
                     Ok(None) => {}
@@ -107,8 +134,13 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     }
     // What the kernel reported before the stop still goes out.
     while reader.read_available(&mut events, BATCH) > 0 {
-        printer.print(&events, enforcer.as_ref())?;
+        printer.print(&events, controller.enforcer())?;
         events.clear();
+    }
+    while let Some(served) = servers.join_next().await {
+        if let Ok(Err(e)) = served {
+            warn!(error = %e, "control API");
+        }
     }
     match datapath.counters() {
         Ok(counters) => info!(
@@ -127,16 +159,17 @@ struct Printer<W: io::Write> {
     clock: WallClock,
     node: String,
     seq: u64,
+    flows: FlowHub,
 }
 
 impl<W: io::Write> Printer<W> {
-    fn print(&mut self, events: &[FlowEvent], enforcer: Option<&Enforcer>) -> Result<(), RunError> {
+    fn print(&mut self, events: &[FlowEvent], enforcer: &Enforcer) -> Result<(), RunError> {
         for event in events {
             self.seq += 1;
             let cgroup = self.cgroups.resolve(event.cgroup_id);
-            let attribution = enforcer
-                .filter(|_| event.flags & flow_flags::ENDPOINT_KNOWN != 0)
-                .and_then(|e| e.attribute(event.generation, event.set_id, event.rule_id));
+            let attribution = (event.flags & flow_flags::ENDPOINT_KNOWN != 0)
+                .then(|| enforcer.attribute(event.generation, event.set_id, event.rule_id))
+                .flatten();
             let enrichment = Enrichment {
                 seq: self.seq,
                 node: &self.node,
@@ -146,6 +179,7 @@ impl<W: io::Write> Printer<W> {
             };
             let record = FlowRecord::new(event, enrichment);
             self.out.write(&record).map_err(RunError::Output)?;
+            self.flows.publish(&record);
         }
         self.out.flush().map_err(RunError::Output)
     }

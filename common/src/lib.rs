@@ -121,13 +121,17 @@ pub mod counter {
     pub const RINGBUF_RESERVE_FAILED: u32 = 4;
     /// Decisions that saw the generation change under them and re-ran.
     pub const GENERATION_RETRIES: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Decisions that saw the generation change on every attempt and went
+    /// with the last one (only a writer switching continuously can cause it).
+    pub const GENERATION_UNSTABLE: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Singleton in `TG_CONFIG[0]`.
 ///
-/// `generation` and `global_mode` share one 8-byte word so that a single
-/// userspace write switches them together.
+/// `generation` and `global_mode` share the first 8-byte word: the programs
+/// read them together as one u64 ([`Config::state_word`]), so a decision
+/// uses the mode of the generation it decided by.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -245,7 +249,6 @@ pub struct FlowEvent {
     /// Set id of the endpoint's rules (meaningful with `ENDPOINT_KNOWN`).
     pub set_id: u32,
     pub generation: u32,
-    pub _pad: u32,
     /// CLOCK_MONOTONIC nanoseconds.
     pub ts_ns: u64,
     pub cgroup_id: u64,
@@ -267,6 +270,14 @@ pub struct FlowDedupKey {
     pub protocol: u8,
     pub family: u8,
     pub rule_id: u32,
+}
+
+impl Config {
+    /// The (generation, global mode) word as the programs read it
+    /// (little-endian: generation in the low half, mode in the next byte).
+    pub const fn state_word(generation: u32, global_mode: u8) -> u64 {
+        generation as u64 | (global_mode as u64) << 32
+    }
 }
 
 impl Verdict {
@@ -327,6 +338,10 @@ const _: () = {
     assert!(core::mem::size_of::<RuleKeyV6>() == 20);
     assert!(core::mem::size_of::<PortRule>() == 12);
     assert!(core::mem::size_of::<RuleList>() == 4 + 12 * MAX_PORT_RULES);
-    assert!(core::mem::size_of::<FlowEvent>() == 104);
+    assert!(core::mem::size_of::<FlowEvent>() == 96);
+    // No implicit padding anywhere: every byte of an event is written.
+    assert!(core::mem::offset_of!(FlowEvent, ts_ns) == 24);
+    assert!(core::mem::offset_of!(FlowEvent, comm) == 80);
+    assert!(core::mem::offset_of!(Config, allowed_report_interval_ns) == 8);
     assert!(core::mem::size_of::<FlowDedupKey>() == 32);
 };

@@ -23,7 +23,7 @@ use tollgate_common::FlowEvent;
 
 /// A binary of the workspace, built beside the test binaries by
 /// `cargo xtask test` (target/<profile>/deps/<test> -> target/<profile>/<name>).
-fn workspace_binary(name: &str) -> PathBuf {
+pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let path = exe
         .parent()
@@ -115,7 +115,28 @@ impl Drop for TestCgroup {
     }
 }
 
+/// A host policy for cgroups matching `cgroup_glob`: allows `host`:8080/TCP
+/// (rule "web") and denies the rest. `mode` may be empty (the global mode).
+pub fn host_policy(name: &str, cgroup_glob: &str, mode: &str, host: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: policy.tollgate.dev/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: {name}
+spec:
+  cgroupSelector:
+    paths: [\"{cgroup_glob}\"]
+  mode: \"{mode}\"
+  egress:
+  - name: web
+    to: [{{cidr: {host}/32}}]
+    ports: [{{port: 8080, protocol: TCP}}]
+"
+    )
+}
+
 /// A file of the test's own, removed on drop.
+#[must_use]
 pub struct TempFile {
     pub path: PathBuf,
 }
@@ -279,11 +300,34 @@ impl Drop for TestHost {
     }
 }
 
-/// Everything one test owns. Fields drop in order: hosts, pins, cgroup.
+/// A directory of the test's own, removed with everything in it on drop.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("tollgate-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self { path }
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Everything one test owns. Fields drop in order: hosts, pins, cgroup,
+/// state directory.
 pub struct TestEnv {
     pub hosts: Vec<TestHost>,
     pub bpffs: PrivateBpffs,
     pub cgroup: TestCgroup,
+    /// The agent's --state-dir; its control socket lives there too.
+    pub state: TestDir,
 }
 
 impl TestEnv {
@@ -291,10 +335,37 @@ impl TestEnv {
     pub fn new(name: &str) -> Self {
         let cgroup = TestCgroup::new(name);
         let bpffs = PrivateBpffs::new(name);
+        let state = TestDir::new(&format!("state-{name}"));
         Self {
             hosts: Vec::new(),
             bpffs,
             cgroup,
+            state,
+        }
+    }
+
+    /// The agent's control socket, as tollgatectl's --agent.
+    pub fn agent_address(&self) -> String {
+        format!("unix:{}", self.state.path.join("agent.sock").display())
+    }
+
+    /// Runs tollgatectl against this test's agent.
+    pub fn ctl(&self, args: &[&str]) -> CtlRun {
+        self.ctl_at(&self.agent_address(), args)
+    }
+
+    /// Runs tollgatectl against the agent at `agent`.
+    pub fn ctl_at(&self, agent: &str, args: &[&str]) -> CtlRun {
+        let output = Command::new(workspace_binary("tollgatectl"))
+            .arg("--agent")
+            .arg(agent)
+            .args(args)
+            .output()
+            .expect("running tollgatectl");
+        CtlRun {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         }
     }
 
@@ -345,6 +416,36 @@ impl TestEnv {
             String::from_utf8_lossy(&output.stderr)
         );
         ProbeRun::parse(&stdout)
+    }
+}
+
+/// What a tollgatectl run printed.
+#[derive(Debug)]
+pub struct CtlRun {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlRun {
+    /// The output of a run that must succeed.
+    pub fn ok(self) -> String {
+        assert!(
+            self.success,
+            "tollgatectl failed: {}{}",
+            self.stdout, self.stderr
+        );
+        self.stdout
+    }
+
+    /// The error output of a run that must fail.
+    pub fn failed(self) -> String {
+        assert!(
+            !self.success,
+            "tollgatectl should have failed: {}",
+            self.stdout
+        );
+        self.stderr
     }
 }
 
@@ -422,11 +523,17 @@ impl AgentProcess {
 
     /// Starts the agent; on failure, what it logged.
     pub fn try_start(env: &TestEnv, extra_args: &[&str]) -> Result<Self, Vec<String>> {
-        let mut child = Command::new(agent_binary())
+        let mut command = Command::new(agent_binary());
+        if !extra_args.contains(&"--listen") {
+            command.arg("--listen").arg(env.agent_address());
+        }
+        let mut child = command
             .arg("--cgroup")
             .arg(&env.cgroup.path)
             .arg("--bpffs-root")
             .arg(env.bpffs.root())
+            .arg("--state-dir")
+            .arg(&env.state.path)
             .args(["--node", "test-node"])
             .args(extra_args)
             .env("RUST_LOG", "info")

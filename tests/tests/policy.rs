@@ -6,28 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use tollgate_tests::{AgentProcess, TempFile, TestEnv};
+use tollgate_tests::{AgentProcess, TempFile, TestEnv, host_policy};
 
 const EPERM: i32 = libc::EPERM;
 const WAIT: Duration = Duration::from_secs(5);
-
-fn host_policy(name: &str, cgroup_glob: &str, mode: &str, host: std::net::Ipv4Addr) -> String {
-    format!(
-        "apiVersion: policy.tollgate.dev/v1alpha1
-kind: EgressPolicy
-metadata:
-  name: {name}
-spec:
-  cgroupSelector:
-    paths: [\"{cgroup_glob}\"]
-  mode: {mode}
-  egress:
-  - name: web
-    to: [{{cidr: {host}/32}}]
-    ports: [{{port: 8080, protocol: TCP}}]
-"
-    )
-}
 
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]

@@ -28,7 +28,9 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
 };
 pub use events::EventReader;
-pub use rules::{Action, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet, SetRules};
+pub use rules::{
+    Action, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet, RuleSetError, SetRules,
+};
 use tollgate_common::{
     Config, EndpointKey, EndpointValue, Mode, PIN_LAYOUT_VERSION, RuleKeyV4, RuleKeyV6, RuleList,
     counter, map_names,
@@ -147,6 +149,7 @@ pub struct Counters {
     pub allowed_deduplicated: u64,
     pub ringbuf_reserve_failed: u64,
     pub generation_retries: u64,
+    pub generation_unstable: u64,
 }
 
 /// The loaded (or adopted) datapath.
@@ -226,7 +229,7 @@ impl Datapath {
         };
         datapath.halves = datapath.scan_halves()?;
         // The configuration is in place before the first decision is made.
-        datapath.write_config()?;
+        datapath.write_config(state)?;
         datapath.attachments = attach_or_adopt(&mut ebpf, &options.cgroup, &links_dir)?;
         Ok(datapath)
     }
@@ -248,8 +251,10 @@ impl Datapath {
     }
 
     pub fn set_global_mode(&mut self, mode: Mode) -> Result<(), DatapathError> {
-        self.state.global_mode = mode as u8;
-        self.write_config()
+        self.write_config(Config {
+            global_mode: mode as u8,
+            ..self.state
+        })
     }
 
     /// Allowed decisions for the same flow are reported at most once per
@@ -258,9 +263,11 @@ impl Datapath {
         &mut self,
         interval: std::time::Duration,
     ) -> Result<(), DatapathError> {
-        self.state.allowed_report_interval_ns =
-            u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
-        self.write_config()
+        let interval_ns = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
+        self.write_config(Config {
+            allowed_report_interval_ns: interval_ns,
+            ..self.state
+        })
     }
 
     /// The ring buffer reader; there is one, and the first caller gets it.
@@ -283,13 +290,44 @@ impl Datapath {
             allowed_deduplicated: sum(counter::ALLOWED_DEDUPLICATED)?,
             ringbuf_reserve_failed: sum(counter::RINGBUF_RESERVE_FAILED)?,
             generation_retries: sum(counter::GENERATION_RETRIES)?,
+            generation_unstable: sum(counter::GENERATION_UNSTABLE)?,
         })
     }
 
-    fn write_config(&mut self) -> Result<(), DatapathError> {
+    /// Entries in force and capacity of the maps that rules fill.
+    pub fn map_fill(&self) -> Result<Vec<(&'static str, usize, u32)>, DatapathError> {
+        use aya::maps::IterableMap;
+        let live = &self.halves[(self.state.generation & 1) as usize];
+        let capacity = |name: &'static str, data: &MapData| -> Result<u32, DatapathError> {
+            Ok(data.info().map_err(map_err(name))?.max_entries())
+        };
+        Ok(vec![
+            (
+                map_names::ENDPOINTS,
+                live.endpoint_count(),
+                capacity(map_names::ENDPOINTS, self.endpoints.map())?,
+            ),
+            (
+                map_names::RULES_V4,
+                live.v4_count(),
+                capacity(map_names::RULES_V4, self.rules_v4.map())?,
+            ),
+            (
+                map_names::RULES_V6,
+                live.v6_count(),
+                capacity(map_names::RULES_V6, self.rules_v6.map())?,
+            ),
+        ])
+    }
+
+    /// Writes `next` to `TG_CONFIG`; the agent's copy changes only if the
+    /// kernel's did.
+    fn write_config(&mut self, next: Config) -> Result<(), DatapathError> {
         self.config
-            .set(0, self.state, 0)
-            .map_err(map_err(map_names::CONFIG))
+            .set(0, next, 0)
+            .map_err(map_err(map_names::CONFIG))?;
+        self.state = next;
+        Ok(())
     }
 }
 

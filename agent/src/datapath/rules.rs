@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use aya::maps::{IterableMap, lpm_trie::Key};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tollgate_common::{
-    EndpointKey, EndpointValue, MAX_PORT_RULES, PortRule, RuleKeyV4, RuleKeyV6, RuleList,
-    SET_ID_HALF_BIT, action, map_names, policy_mode, protocol,
+    Config, EndpointKey, EndpointValue, MAX_PORT_RULES, Mode, PortRule, RuleKeyV4, RuleKeyV6,
+    RuleList, SET_ID_HALF_BIT, action, map_names, policy_mode, protocol,
 };
 
 use super::{Datapath, DatapathError, map_err};
@@ -105,14 +105,16 @@ pub struct RuleSet {
 
 impl SetRules {
     /// What the kernel decides for this set (agent-ebpf `decide.rs`, in
-    /// plain Rust): the longest prefix containing the destination, its first
-    /// matching port rule, else the default. Returns the action, the mode
-    /// and the rule id (0 for the default).
+    /// plain Rust) under the global mode `global` (observe or enforce):
+    /// the longest prefix containing the destination, its port rules in
+    /// order, else the default. Returns the action, the mode of what decided
+    /// and its rule id (0 for the default).
     pub fn decide(
         &self,
         ip: std::net::IpAddr,
         port: u16,
         protocol: u8,
+        global: PolicyMode,
     ) -> (Action, PolicyMode, u32) {
         let longest = match ip {
             std::net::IpAddr::V4(ip) => self
@@ -128,16 +130,37 @@ impl SetRules {
                 .max_by_key(|(net, _)| net.prefix_len())
                 .map(|(_, l)| l),
         };
-        let first_match = longest.into_iter().flatten().find(|rule| {
+        let enforced = |mode: PolicyMode| {
+            mode == PolicyMode::Enforce
+                || (mode == PolicyMode::Inherit && global == PolicyMode::Enforce)
+        };
+        let default = (
+            self.default_action,
+            self.default_mode,
+            tollgate_common::RULE_ID_DEFAULT,
+        );
+        let mut observed_deny = None;
+        let matching = longest.into_iter().flatten().filter(|rule| {
             rule.ports.first <= port && port <= rule.ports.last && rule.protocol.matches(protocol)
         });
-        match first_match {
-            Some(rule) => (rule.action, rule.mode, rule.rule_id),
-            None => (
-                self.default_action,
-                self.default_mode,
-                tollgate_common::RULE_ID_DEFAULT,
-            ),
+        for rule in matching {
+            match rule.action {
+                Action::Deny if observed_deny.is_some() => {}
+                Action::Deny if enforced(rule.mode) => {
+                    return (Action::Deny, rule.mode, rule.rule_id);
+                }
+                Action::Deny => observed_deny = Some((Action::Deny, rule.mode, rule.rule_id)),
+                Action::Allow => {
+                    return observed_deny.unwrap_or((Action::Allow, rule.mode, rule.rule_id));
+                }
+            }
+        }
+        match observed_deny {
+            Some(_) if self.default_action == Action::Deny && enforced(self.default_mode) => {
+                default
+            }
+            Some(deny) => deny,
+            None => default,
         }
     }
 }
@@ -185,8 +208,16 @@ pub(super) struct HalfContents {
 }
 
 impl HalfContents {
-    fn is_empty(&self) -> bool {
-        self.endpoints.is_empty() && self.v4.is_empty() && self.v6.is_empty()
+    pub(super) fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub(super) fn v4_count(&self) -> usize {
+        self.v4.len()
+    }
+
+    pub(super) fn v6_count(&self) -> usize {
+        self.v6.len()
     }
 }
 
@@ -328,6 +359,17 @@ impl Datapath {
     /// the previous rule set until the switch, wholly by `rules` after it.
     /// On error the previous rule set stays in force, untouched.
     pub fn switch_rules(&mut self, rules: &RuleSet) -> Result<u32, DatapathError> {
+        self.switch_rules_with_mode(rules, self.global_mode())
+    }
+
+    /// [`switch_rules`](Self::switch_rules), switching the global mode in
+    /// the same write, so no decision combines the new rules with the old
+    /// mode or the other way round.
+    pub fn switch_rules_with_mode(
+        &mut self,
+        rules: &RuleSet,
+        mode: Mode,
+    ) -> Result<u32, DatapathError> {
         let next_generation = self.state.generation.wrapping_add(1);
         let next_half = (next_generation & 1) as usize;
         let live_half = 1 - next_half;
@@ -336,13 +378,24 @@ impl Datapath {
 
         // Left over by a switch that failed half way; not in force.
         self.clear_half(next_half)?;
-        if let Err(e) = self.write_half(&encoded, next_half) {
-            self.clear_half(next_half)?;
+        let flipped = self.write_half(&encoded, next_half).and_then(|()| {
+            let next = Config {
+                generation: next_generation,
+                global_mode: mode as u8,
+                ..self.state
+            };
+            self.write_config(next)
+        });
+        if let Err(e) = flipped {
+            // Still not in force; whatever stays is cleared by the next switch.
+            let _ = self.clear_half(next_half);
             return Err(e);
         }
-        self.state.generation = next_generation;
-        self.write_config()?;
-        self.clear_half(live_half)?;
+        // The new rules are in force whatever happens now. Entries of the old
+        // half that cannot be deleted stay tracked and go at the next switch.
+        if let Err(e) = self.clear_half(live_half) {
+            tracing::warn!(error = %e, "old rules not all removed; they are out of force and go at the next switch");
+        }
         Ok(next_generation)
     }
 
@@ -406,24 +459,33 @@ impl Datapath {
         Ok(())
     }
 
+    /// Deletes the entries of a half. Keys are forgotten only once deleted,
+    /// so after an error the rest is still known and deleted next time.
     fn clear_half(&mut self, half: usize) -> Result<(), DatapathError> {
-        if self.halves[half].is_empty() {
-            return Ok(());
-        }
-        let contents = std::mem::take(&mut self.halves[half]);
+        let Self {
+            endpoints,
+            rules_v4,
+            rules_v6,
+            halves,
+            ..
+        } = self;
+        let contents = &mut halves[half];
         // Endpoints first: nothing points at a set while its rules go.
-        for key in &contents.endpoints {
-            ignore_missing(self.endpoints.remove(key)).map_err(map_err(map_names::ENDPOINTS))?;
-        }
-        for (prefix_len, data) in &contents.v4 {
-            ignore_missing(self.rules_v4.remove(&Key::new(*prefix_len, *data)))
-                .map_err(map_err(map_names::RULES_V4))?;
-        }
-        for (prefix_len, data) in &contents.v6 {
-            ignore_missing(self.rules_v6.remove(&Key::new(*prefix_len, *data)))
-                .map_err(map_err(map_names::RULES_V6))?;
-        }
-        Ok(())
+        delete_each(
+            &mut contents.endpoints,
+            |key| endpoints.remove(key),
+            map_names::ENDPOINTS,
+        )?;
+        delete_each(
+            &mut contents.v4,
+            |(len, data)| rules_v4.remove(&Key::new(*len, *data)),
+            map_names::RULES_V4,
+        )?;
+        delete_each(
+            &mut contents.v6,
+            |(len, data)| rules_v6.remove(&Key::new(*len, *data)),
+            map_names::RULES_V6,
+        )
     }
 
     /// Reads back which keys each half holds (after adopting pinned maps).
@@ -451,11 +513,26 @@ impl Datapath {
     }
 }
 
-fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
-    match result {
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        other => other,
+/// Deletes every key in `keys` (a missing one counts as deleted), dropping
+/// each from `keys` once it is gone; stops at the first error.
+fn delete_each<K>(
+    keys: &mut Vec<K>,
+    mut delete: impl FnMut(&K) -> Result<(), aya::maps::MapError>,
+    map: &'static str,
+) -> Result<(), DatapathError> {
+    let mut deleted = 0;
+    let mut result = Ok(());
+    for key in keys.iter() {
+        match delete(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => deleted += 1,
+            Err(e) => {
+                result = Err(map_err(map)(e));
+                break;
+            }
+        }
     }
+    keys.drain(..deleted);
+    result
 }
 
 #[cfg(test)]

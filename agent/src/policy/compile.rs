@@ -45,6 +45,11 @@ pub struct Compiled {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
     #[error(
+        "{policy} rule {rule}: FQDN destinations need DNS learning, which this agent does not have yet; \
+         it refuses them rather than leave them unenforced (use cidr)"
+    )]
+    FqdnUnsupported { policy: String, rule: String },
+    #[error(
         "{count} port rules apply to {prefix} for endpoints selected by {policies}; the datapath holds at most \
          {MAX_PORT_RULES} per prefix (merge rules, or use fewer port entries)"
     )]
@@ -62,6 +67,18 @@ pub fn compile(
     policies: &[Policy],
     endpoints: &BTreeMap<u64, Vec<usize>>,
 ) -> Result<Compiled, CompileError> {
+    for policy in policies {
+        if let Some(rule) = policy
+            .rules
+            .iter()
+            .find(|r| r.to.iter().any(|p| matches!(p, Peer::Fqdn(_))))
+        {
+            return Err(CompileError::FqdnUnsupported {
+                policy: policy.key.to_string(),
+                rule: rule.name.clone(),
+            });
+        }
+    }
     // Rule ids follow policy key order, so an unchanged policy set always
     // gets the same ids.
     let mut by_key: Vec<usize> = (0..policies.len()).collect();

@@ -1,23 +1,26 @@
 //! The reference evaluator: the policy semantics of DESIGN.md written as
-//! directly as possible, rule by rule, with no compilation. The compiler must
-//! give the same answer for every destination (see the property test in
-//! `policy/tests.rs`).
+//! directly as possible, rule by rule, with no compilation and nothing
+//! shared with the compiler. The compiler must give the same answer for
+//! every destination (the property test in `policy/tests.rs`).
 //!
-//! - An endpoint selected by policies is denied unless a rule allows it, or
-//!   allowed by default if every selecting policy says `defaultAction: allow`.
-//! - A matching deny rule wins over every allow rule.
-//! - Of several matching deny rules, the one whose policy mode is strongest
-//!   (enforce, inherit, observe), then the first by policy key and rule
-//!   position, is reported; of several allows, the first by key and position.
-//! - A deny blocks when its policy's effective mode is enforce; a default
-//!   deny blocks when any default-deny policy's effective mode is enforce.
+//! For an endpoint selected by some policies, and a global mode:
+//! - a deny blocks (`denied`) when its policy's effective mode is enforce,
+//!   and is recorded as `audit` otherwise;
+//! - an enforced deny rule that matches decides;
+//! - otherwise a matching deny rule that only observes makes it `audit`,
+//!   unless no allow rule matches and the default is an enforced deny:
+//!   a policy under observation never weakens another's enforcement;
+//! - otherwise a matching allow rule allows;
+//! - otherwise the default: deny if any selecting policy's default is deny
+//!   (enforced if any of those is enforced), allow if all say allow.
+//!
+//! The rule reported for a deny is the first by (its policy's mode: enforce,
+//! inherit, observe; policy key; position); for an allow, the first by
+//! (policy key; position).
 
 use std::net::IpAddr;
 
-use super::{
-    compile::mode_rank,
-    model::{Action, Policy, PolicyMode},
-};
+use super::model::{Action, Policy, PolicyMode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -33,7 +36,8 @@ pub struct Reference<'a> {
     pub rule: Option<(&'a Policy, usize)>,
 }
 
-/// `policies` are the ones selecting the endpoint (at least one).
+/// `policies` are the ones selecting the endpoint (at least one); `global`
+/// is observe or enforce.
 pub fn evaluate<'a>(
     policies: &[&'a Policy],
     ip: IpAddr,
@@ -60,41 +64,51 @@ pub fn evaluate<'a>(
         PolicyMode::Inherit => global == PolicyMode::Enforce,
         mode => mode == PolicyMode::Enforce,
     };
-    let deny_outcome = |enforce: bool| {
-        if enforce {
-            Outcome::Denied
-        } else {
-            Outcome::Audit
-        }
+    let reporting_order = |mode: PolicyMode| match mode {
+        PolicyMode::Enforce => 0,
+        PolicyMode::Inherit => 1,
+        PolicyMode::Observe => 2,
     };
-
-    if let Some((policy, index)) = matching(Action::Deny).min_by(|(a, ai), (b, bi)| {
-        (mode_rank(a.mode), &a.key, ai).cmp(&(mode_rank(b.mode), &b.key, bi))
-    }) {
-        return Reference {
-            outcome: deny_outcome(enforced(policy.mode)),
-            rule: Some((policy, index)),
-        };
-    }
-    if let Some(first) =
-        matching(Action::Allow).min_by(|(a, ai), (b, bi)| (&a.key, ai).cmp(&(&b.key, bi)))
-    {
-        return Reference {
-            outcome: Outcome::Allowed,
-            rule: Some(first),
-        };
-    }
-    let deny_defaults: Vec<&&Policy> = policies
+    let deny_defaults: Vec<&Policy> = policies
         .iter()
+        .copied()
         .filter(|p| p.default_action == Action::Deny)
         .collect();
-    let outcome = if deny_defaults.is_empty() {
-        Outcome::Allowed
-    } else {
-        deny_outcome(deny_defaults.iter().any(|p| enforced(p.mode)))
-    };
-    Reference {
-        outcome,
-        rule: None,
+    let default_enforced = deny_defaults.iter().any(|p| enforced(p.mode));
+    let first_allow =
+        matching(Action::Allow).min_by(|(a, ai), (b, bi)| (&a.key, ai).cmp(&(&b.key, bi)));
+    let first_deny = matching(Action::Deny).min_by(|(a, ai), (b, bi)| {
+        (reporting_order(a.mode), &a.key, ai).cmp(&(reporting_order(b.mode), &b.key, bi))
+    });
+
+    match (first_deny, first_allow) {
+        (Some(deny), _) if enforced(deny.0.mode) => Reference {
+            outcome: Outcome::Denied,
+            rule: Some(deny),
+        },
+        (Some(_), None) if default_enforced => Reference {
+            outcome: Outcome::Denied,
+            rule: None,
+        },
+        (Some(deny), _) => Reference {
+            outcome: Outcome::Audit,
+            rule: Some(deny),
+        },
+        (None, Some(allow)) => Reference {
+            outcome: Outcome::Allowed,
+            rule: Some(allow),
+        },
+        (None, None) if deny_defaults.is_empty() => Reference {
+            outcome: Outcome::Allowed,
+            rule: None,
+        },
+        (None, None) => Reference {
+            outcome: if default_enforced {
+                Outcome::Denied
+            } else {
+                Outcome::Audit
+            },
+            rule: None,
+        },
     }
 }

@@ -82,7 +82,14 @@ fn kernel_outcome(
     global: PolicyMode,
 ) -> (Outcome, u32) {
     let set = &compiled.rules.sets[compiled.rules.endpoints[&1] as usize];
-    let (action, mode, rule_id) = set.decide(ip, port, protocol);
+    outcome_of(set.decide(ip, port, protocol, global), global)
+}
+
+/// The verdict the kernel gives a decision under the global mode.
+fn outcome_of(
+    (action, mode, rule_id): (Action, PolicyMode, u32),
+    global: PolicyMode,
+) -> (Outcome, u32) {
     let enforce = match mode {
         PolicyMode::Inherit => global == PolicyMode::Enforce,
         mode => mode == PolicyMode::Enforce,
@@ -229,6 +236,40 @@ fn the_strongest_mode_decides_between_denies_and_defaults() {
 }
 
 #[test]
+fn an_observing_deny_never_weakens_an_enforced_default() {
+    let policies = [
+        policy(
+            "a-trial",
+            Action::Allow,
+            PolicyMode::Observe,
+            vec![rule(Action::Deny, vec![cidr("10.0.0.0/8")], vec![tcp(25)])],
+        ),
+        policy(
+            "b-strict",
+            Action::Deny,
+            PolicyMode::Enforce,
+            vec![rule(Action::Allow, vec![cidr("10.1.0.0/16")], vec![])],
+        ),
+    ];
+    let compiled = compile_for_one(&policies).unwrap();
+    let g = PolicyMode::Enforce;
+    // b-strict blocks 10.2.0.1:25 by default; a-trial's observed deny must not let it through.
+    assert_eq!(
+        decide(&policies, &compiled, "10.2.0.1", 25, TCP, g),
+        (Outcome::Denied, "default".into())
+    );
+    // b-strict allows 10.1.0.1: a-trial's deny is only observed.
+    assert_eq!(
+        decide(&policies, &compiled, "10.1.0.1", 25, TCP, g),
+        (Outcome::Audit, "a-trial/egress[0]".into())
+    );
+    assert_eq!(
+        decide(&policies, &compiled, "10.1.0.1", 80, TCP, g),
+        (Outcome::Allowed, "b-strict/egress[0]".into())
+    );
+}
+
+#[test]
 fn endpoints_selected_by_the_same_policies_share_a_set() {
     let policies = [
         policy(
@@ -281,6 +322,24 @@ fn prefixes_that_change_nothing_get_no_entry() {
     let compiled = compile_for_one(&policies).unwrap();
     assert_eq!(compiled.rules.sets[0].v4.len(), 1);
     assert!(compiled.rules.sets[0].v6.is_empty());
+}
+
+#[test]
+fn fqdn_destinations_are_refused_until_they_can_be_enforced() {
+    let fqdn = Peer::Fqdn(FqdnPattern::OneLabel("azurecr.io".into()));
+    let policies = [policy(
+        "registry",
+        Action::Deny,
+        PolicyMode::Inherit,
+        vec![rule(Action::Deny, vec![fqdn], vec![])],
+    )];
+    assert_eq!(
+        compile_for_one(&policies).unwrap_err(),
+        CompileError::FqdnUnsupported {
+            policy: "registry".into(),
+            rule: "egress[0]".into()
+        }
+    );
 }
 
 #[test]
@@ -443,24 +502,32 @@ fn destinations(policies: &[Policy], seeds: &[(u128, u16, u8, bool)]) -> Vec<(Ip
 proptest! {
     #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
-    /// 1,000 policy sets x 16 destinations x 2 global modes.
+    /// 1,000 policy sets x 16 destinations x 2 endpoints x 2 global modes.
     #[test]
     fn compiled_datapath_agrees_with_the_reference_evaluator(
         policies in policies(),
-        seeds in prop::collection::vec((any::<u128>(), 1u16..=16, any::<u8>(), any::<bool>()), 16),
+        subset in prop::collection::vec(any::<bool>(), 3),
+        seeds in prop::collection::vec((any::<u128>(), prop_oneof![15 => 1u16..=16, 1 => Just(65_535u16)], any::<u8>(), any::<bool>()), 16),
     ) {
-        let compiled = match compile_for_one(&policies) {
+        // Endpoint 1: every policy; endpoint 2: a subset (at least the first).
+        let chosen: Vec<usize> = (0..policies.len()).filter(|&i| i == 0 || subset[i]).collect();
+        let endpoints = BTreeMap::from([(1, (0..policies.len()).collect()), (2, chosen.clone())]);
+        let compiled = match compile(&policies, &endpoints) {
             Ok(compiled) => compiled,
             Err(CompileError::TooManyPortRules { .. }) => return Err(TestCaseError::reject("over the per-prefix limit")),
+            Err(e) => return Err(TestCaseError::fail(e.to_string())),
         };
-        let refs: Vec<&Policy> = policies.iter().collect();
-        for (ip, port, protocol) in destinations(&policies, &seeds) {
-            for global in [PolicyMode::Observe, PolicyMode::Enforce] {
-                let reference = evaluate(&refs, ip, port, protocol, global);
-                let (outcome, rule_id) = kernel_outcome(&compiled, ip, port, protocol, global);
-                let kernel_rule = (rule_id != 0).then(|| &compiled.names.rules[&rule_id]).map(|r| (r.policy.clone(), r.rule.clone()));
-                let reference_rule = reference.rule.map(|(p, i)| (p.key.clone(), p.rules[i].name.clone()));
-                prop_assert_eq!((outcome, kernel_rule), (reference.outcome, reference_rule), "{} {}/{} under {:?}", ip, port, protocol, global);
+        for (endpoint, members) in [(1u64, (0..policies.len()).collect::<Vec<_>>()), (2, chosen)] {
+            let refs: Vec<&Policy> = members.iter().map(|&i| &policies[i]).collect();
+            let set = &compiled.rules.sets[compiled.rules.endpoints[&endpoint] as usize];
+            for (ip, port, protocol) in destinations(&policies, &seeds) {
+                for global in [PolicyMode::Observe, PolicyMode::Enforce] {
+                    let reference = evaluate(&refs, ip, port, protocol, global);
+                    let (outcome, rule_id) = outcome_of(set.decide(ip, port, protocol, global), global);
+                    let kernel_rule = (rule_id != 0).then(|| &compiled.names.rules[&rule_id]).map(|r| (r.policy.clone(), r.rule.clone()));
+                    let reference_rule = reference.rule.map(|(p, i)| (p.key.clone(), p.rules[i].name.clone()));
+                    prop_assert_eq!((outcome, kernel_rule), (reference.outcome, reference_rule), "endpoint {} {} {}/{} under {:?}", endpoint, ip, port, protocol, global);
+                }
             }
         }
     }

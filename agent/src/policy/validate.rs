@@ -354,6 +354,12 @@ fn validate_peer(peer: &api::EgressPeer, path: &str, problems: &mut Problems) ->
 /// A prefix, with any host bits cleared ("10.1.2.3/16" is 10.1.0.0/16).
 fn parse_prefix(text: &str, path: &str, problems: &mut Problems) -> Option<IpNet> {
     match text.parse::<IpNet>() {
+        Ok(IpNet::V6(net))
+            if net.prefix_len() >= 96 && net.network().to_ipv4_mapped().is_some() =>
+        {
+            problems.push(path, format!("{text:?} is IPv4-mapped; such destinations are judged as IPv4, so write the IPv4 prefix"));
+            None
+        }
         Ok(net) => Some(net.trunc()),
         Err(_) => {
             problems.push(path, format!("{text:?} is not a valid prefix"));
@@ -488,7 +494,7 @@ mod tests {
     #[test]
     fn every_error_is_reported_with_its_path_and_value() {
         let yaml = format!(
-            "{HEAD}metadata: {{name: Bad_Name}}\nspec:\n  cgroupSelector: {{paths: [relative]}}\n  mode: block\n  egress:\n  - action: permit\n    to: [{{cidr: 10.0.0.0/33}}, {{cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}, {{}}]\n    ports: [{{port: 70000}}, {{port: 90, endPort: 80}}, {{endPort: 5}}, {{port: 1, protocol: SCTP}}]\n"
+            "{HEAD}metadata: {{name: Bad_Name}}\nspec:\n  cgroupSelector: {{paths: [relative]}}\n  mode: block\n  egress:\n  - action: permit\n    to: [{{cidr: 10.0.0.0/33}}, {{cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}, {{}}, {{cidr: '::ffff:10.0.0.0/104'}}]\n    ports: [{{port: 70000}}, {{port: 90, endPort: 80}}, {{endPort: 5}}, {{port: 1, protocol: SCTP}}]\n"
         );
         let errors = errors_of(&yaml);
         let expected = [
@@ -499,6 +505,7 @@ mod tests {
             "spec.egress[0].to[0].cidr: \"10.0.0.0/33\" is not a valid prefix",
             "spec.egress[0].to[1].except[0]: \"192.168.0.0/16\" is not a prefix strictly inside 10.0.0.0/8",
             "spec.egress[0].to[2]: needs cidr or fqdn",
+            "spec.egress[0].to[3].cidr: \"::ffff:10.0.0.0/104\" is IPv4-mapped; such destinations are judged as IPv4, so write the IPv4 prefix",
             "spec.egress[0].ports[0].port: 70000 is not a port (1-65535)",
             "spec.egress[0].ports[1].endPort: 80 is below port 90",
             "spec.egress[0].ports[2].endPort: needs port",

@@ -1,0 +1,434 @@
+//! tollgatectl: the command-line client of an agent's control API.
+//! Exits non-zero on any failure, with the agent's message on stderr.
+
+use std::{io::Read, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_stream::StreamExt;
+use tollgate_agent::{
+    client::{ClientTls, connect},
+    config::parse_duration,
+    policy::{document::parse_documents, validate::validate_all},
+};
+use tollgate_proto::v1::{
+    self as api, agent_service_client::AgentServiceClient, flow_service_client::FlowServiceClient,
+    policy_service_client::PolicyServiceClient,
+};
+
+#[derive(Parser)]
+#[command(name = "tollgatectl", version, about = "Control a Tollgate agent")]
+struct Cli {
+    /// unix:PATH, https://HOST:PORT (mutual TLS) or http://HOST:PORT (--insecure-listen)
+    #[arg(
+        long,
+        env = "TOLLGATE_AGENT",
+        default_value = "unix:/run/tollgate/agent.sock",
+        global = true
+    )]
+    agent: String,
+    /// CA certificate (PEM) that the agent's certificate chains to.
+    #[arg(long, env = "TOLLGATE_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) for https:// agents.
+    #[arg(long, env = "TOLLGATE_CERT", global = true)]
+    cert: Option<PathBuf>,
+    /// Client key (PEM) for https:// agents.
+    #[arg(long, env = "TOLLGATE_KEY", global = true)]
+    key: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or replace policies from a file, a directory, or - (stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// Show what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Refuse unless the agent's policy set is at this generation.
+        #[arg(long)]
+        expected_generation: Option<u64>,
+    },
+    /// Delete policies by name ("namespace/name" or "name").
+    Delete {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        expected_generation: Option<u64>,
+    },
+    /// Show resources.
+    Get {
+        #[arg(value_enum)]
+        what: GetWhat,
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Show the modes, or set the global mode or a policy's.
+    Mode {
+        /// observe | enforce | inherit (inherit: drop a policy's override)
+        mode: Option<String>,
+        #[arg(long)]
+        policy: Option<String>,
+    },
+    /// Show recent flow records, and with --follow new ones as they come.
+    Flows {
+        #[arg(long)]
+        follow: bool,
+        /// allowed | denied | audit (repeatable)
+        #[arg(long)]
+        verdict: Vec<String>,
+        #[arg(long)]
+        namespace: Option<String>,
+        #[arg(long)]
+        pod: Option<String>,
+        /// Destination prefix or address.
+        #[arg(long)]
+        dst: Option<String>,
+        /// Destination DNS name.
+        #[arg(long)]
+        dst_name: Option<String>,
+        #[arg(long)]
+        policy: Option<String>,
+        /// How far back to start, e.g. 30s or 5m.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        since: Duration,
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Show the agent's status.
+    Status {
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GetWhat {
+    Policies,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Yaml,
+    Json,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let tls = ClientTls {
+        ca: cli.ca,
+        cert: cli.cert,
+        key: cli.key,
+    };
+    // Local input is checked before the agent is contacted.
+    if let Command::Apply { files, .. } = &cli.command {
+        read_policies(files)?;
+    }
+    let channel = connect(&cli.agent, &tls).await?;
+    let mut policies = PolicyServiceClient::new(channel.clone());
+    match cli.command {
+        Command::Apply {
+            files,
+            dry_run,
+            expected_generation,
+        } => {
+            let request = api::ApplyPoliciesRequest {
+                policies: read_policies(&files)?,
+                expected_generation,
+                dry_run,
+            };
+            print_changes(
+                &policies
+                    .apply_policies(request)
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            );
+        }
+        Command::Delete {
+            names,
+            dry_run,
+            expected_generation,
+        } => {
+            let request = api::DeletePoliciesRequest {
+                names,
+                expected_generation,
+                dry_run,
+            };
+            print_changes(
+                &policies
+                    .delete_policies(request)
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            );
+        }
+        Command::Get {
+            what: GetWhat::Policies,
+            output,
+        } => {
+            let list = policies
+                .list_policies(api::ListPoliciesRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&list.policies)?),
+                Format::Yaml => {
+                    for policy in &list.policies {
+                        print!("---\n{}", serde_yaml_ng::to_string(policy)?);
+                    }
+                }
+                Format::Table => print!("{}", policy_table(&list)),
+            }
+        }
+        Command::Mode { mode, policy } => {
+            let settings = match mode {
+                Some(mode) => {
+                    let request = api::SetModeRequest {
+                        mode,
+                        policy: policy.unwrap_or_default(),
+                    };
+                    policies
+                        .set_mode(request)
+                        .await
+                        .map_err(failed)?
+                        .into_inner()
+                }
+                None => policies
+                    .get_mode(api::GetModeRequest {})
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            };
+            println!("global: {}", settings.global);
+            let mut overrides: Vec<_> = settings.policy_overrides.iter().collect();
+            overrides.sort();
+            for (name, mode) in overrides {
+                println!("{name}: {mode}");
+            }
+        }
+        Command::Flows {
+            follow,
+            verdict,
+            namespace,
+            pod,
+            dst,
+            dst_name,
+            policy,
+            since,
+            output,
+        } => {
+            let filter = api::FlowFilter {
+                verdicts: verdict,
+                namespace: namespace.unwrap_or_default(),
+                pod: pod.unwrap_or_default(),
+                destination_cidr: dst.unwrap_or_default(),
+                destination_name: dst_name.unwrap_or_default(),
+                policy: policy.unwrap_or_default(),
+                since_seconds: u32::try_from(since.as_secs()).unwrap_or(u32::MAX),
+                follow,
+            };
+            let mut stream = FlowServiceClient::new(channel)
+                .stream_flows(filter)
+                .await
+                .map_err(failed)?
+                .into_inner();
+            if output == Format::Table {
+                println!(
+                    "{:<30} {:<8} {:<8} {:<24} {:<16} {:<28} POLICY/RULE",
+                    "TIME", "VERDICT", "PROTO", "SOURCE", "COMM", "DESTINATION"
+                );
+            }
+            while let Some(flow) = stream.next().await {
+                let flow = flow.map_err(failed)?;
+                match output {
+                    Format::Table => println!("{}", flow_row(&flow)),
+                    Format::Json => println!("{}", serde_json::to_string(&flow)?),
+                    Format::Yaml => print!("---\n{}", serde_yaml_ng::to_string(&flow)?),
+                }
+            }
+        }
+        Command::Status { output } => {
+            let status = AgentServiceClient::new(channel)
+                .status(api::StatusRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            match output {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                Format::Yaml => print!("{}", serde_yaml_ng::to_string(&status)?),
+                Format::Table => print!("{}", status_text(&status)),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn failed(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+/// Reads and validates every document; all problems are reported together.
+fn read_policies(sources: &[String]) -> anyhow::Result<Vec<api::EgressPolicy>> {
+    let mut texts = Vec::new();
+    for source in sources {
+        if source == "-" {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text)?;
+            texts.push(("stdin".to_owned(), text));
+            continue;
+        }
+        let path = PathBuf::from(source);
+        let mut files = vec![path.clone()];
+        if path.is_dir() {
+            files = std::fs::read_dir(&path)
+                .with_context(|| source.clone())?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+                })
+                .collect();
+            files.sort();
+        }
+        for file in files {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+            texts.push((file.display().to_string(), text));
+        }
+    }
+    let mut documents = Vec::new();
+    let mut errors = Vec::new();
+    for (source, text) in &texts {
+        match parse_documents(source, text) {
+            Ok(parsed) => documents.extend(parsed),
+            Err(e) => errors.extend(e),
+        }
+    }
+    if errors.is_empty()
+        && let Err(e) = validate_all(&documents)
+    {
+        errors = e;
+    }
+    if !errors.is_empty() {
+        let lines: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
+        bail!("invalid policies:\n{}", lines.join("\n"));
+    }
+    Ok(documents.into_iter().map(|d| d.policy).collect())
+}
+
+fn print_changes(changes: &api::PolicyChanges) {
+    let suffix = if changes.dry_run { " (dry run)" } else { "" };
+    for change in &changes.changes {
+        println!("{} {}{suffix}", change.policy, change.change);
+    }
+    println!("generation {}", changes.generation);
+}
+
+fn policy_table(list: &api::ListPoliciesResponse) -> String {
+    let mut out = format!(
+        "{:<32} {:<10} {:<8} {:<6} {}\n",
+        "NAME", "MODE", "DEFAULT", "RULES", "SELECTS"
+    );
+    for policy in &list.policies {
+        let meta = policy.metadata.clone().unwrap_or_default();
+        let spec = policy.spec.clone().unwrap_or_default();
+        let name = if meta.namespace.is_empty() {
+            meta.name
+        } else {
+            format!("{}/{}", meta.namespace, meta.name)
+        };
+        let selects = match (&spec.pod_selector, &spec.cgroup_selector) {
+            (_, Some(cgroups)) => format!("cgroups {}", cgroups.paths.join(",")),
+            (Some(pods), None) => {
+                let mut labels: Vec<_> = pods
+                    .match_labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                labels.sort();
+                format!("pods {}", labels.join(","))
+            }
+            (None, None) => "pods (namespaces)".into(),
+        };
+        let mode = if spec.mode.is_empty() {
+            "(global)"
+        } else {
+            &spec.mode
+        };
+        let default = if spec.default_action.is_empty() {
+            "deny"
+        } else {
+            &spec.default_action
+        };
+        out.push_str(&format!(
+            "{name:<32} {mode:<10} {default:<8} {:<6} {selects}\n",
+            spec.egress.len()
+        ));
+    }
+    out.push_str(&format!("generation {}\n", list.generation));
+    out
+}
+
+fn flow_row(flow: &api::Flow) -> String {
+    let src = flow.src.clone().unwrap_or_default();
+    let dst = flow.dst.clone().unwrap_or_default();
+    let source = src
+        .pod
+        .map(|p| format!("{}/{p}", src.namespace.unwrap_or_default()))
+        .or(src.cgroup)
+        .unwrap_or_default();
+    let destination = format!("{}:{}", dst.fqdn.unwrap_or(dst.ip), dst.port);
+    let policy = flow.policy.clone().unwrap_or_else(|| "-".into());
+    format!(
+        "{:<30} {:<8} {:<8} {:<24} {:<16} {:<28} {policy}/{}",
+        flow.time, flow.verdict, flow.protocol, source, src.comm, destination, flow.rule
+    )
+}
+
+fn status_text(status: &api::StatusResponse) -> String {
+    let counters = status.counters.unwrap_or_default();
+    let mut out = format!(
+        "version: {}\nkernel: {}\nattached to: {}\nglobal mode: {}\npolicies: {} (generation {})\nendpoints: {}\ndatapath generation: {}\n",
+        status.version,
+        status.kernel,
+        status.attach_cgroup,
+        status.global_mode,
+        status.policies,
+        status.policy_generation,
+        status.endpoints,
+        status.datapath_generation
+    );
+    for program in &status.programs {
+        out.push_str(&format!(
+            "program {}: {}\n",
+            program.name, program.attachment
+        ));
+    }
+    out.push_str(&format!(
+        "decisions: {} allowed ({} not reported again), {} denied, {} audit; {} events lost (ring buffer full)\n",
+        counters.allowed, counters.allowed_deduplicated, counters.denied, counters.audit, counters.ringbuf_reserve_failed
+    ));
+    for map in &status.maps {
+        out.push_str(&format!(
+            "map {}: {}/{}\n",
+            map.name, map.entries, map.capacity
+        ));
+    }
+    out
+}

@@ -1,0 +1,297 @@
+//! Control requests, handled on the task that owns the datapath, so there is
+//! one writer of the kernel maps. A change is planned in the store, put in
+//! force in the kernel, then committed and persisted; if putting it in force
+//! fails, neither the store nor the kernel changes.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use tokio::sync::oneshot;
+use tollgate_common::Mode;
+use tollgate_proto::v1 as api;
+
+use super::store::{ModePlan, PersistedState, PolicyStore, StoreError, mode_name};
+use crate::{
+    datapath::{Attachment, Datapath, DatapathError},
+    enforce::{EnforceError, Enforcer},
+};
+
+/// A request for the datapath task, with where its answer goes.
+pub enum Command {
+    Apply(
+        api::ApplyPoliciesRequest,
+        oneshot::Sender<Result<api::PolicyChanges, ControlError>>,
+    ),
+    Delete(
+        api::DeletePoliciesRequest,
+        oneshot::Sender<Result<api::PolicyChanges, ControlError>>,
+    ),
+    List(oneshot::Sender<api::ListPoliciesResponse>),
+    GetMode(oneshot::Sender<api::ModeSettings>),
+    SetMode(
+        api::SetModeRequest,
+        oneshot::Sender<Result<api::ModeSettings, ControlError>>,
+    ),
+    Status(oneshot::Sender<Result<api::StatusResponse, ControlError>>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Enforce(#[from] EnforceError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("the change is in force but could not be saved to {path}: {source}")]
+    Persist {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading the saved state {path}: {message}")]
+    LoadState { path: PathBuf, message: String },
+}
+
+pub struct Controller {
+    store: PolicyStore,
+    enforcer: Enforcer,
+    state_file: PathBuf,
+    attach_cgroup: PathBuf,
+}
+
+impl Controller {
+    /// Restores the saved policy set, applies `documents` (from --policy) on
+    /// top, sets the global mode (the flag wins over the saved one), and
+    /// puts the result in force. With no saved set and no documents, the
+    /// datapath's rules are left as they are.
+    pub fn start(
+        datapath: &mut Datapath,
+        state_dir: &Path,
+        cgroup2_mount: &Path,
+        attach_cgroup: &Path,
+        documents: Vec<api::EgressPolicy>,
+        mode_flag: Option<Mode>,
+    ) -> Result<Self, ControlError> {
+        let state_file = state_dir.join("state.json");
+        let mut store = match std::fs::read(&state_file) {
+            Ok(bytes) => {
+                let load_err = |message: String| ControlError::LoadState {
+                    path: state_file.clone(),
+                    message,
+                };
+                let state: PersistedState =
+                    serde_json::from_slice(&bytes).map_err(|e| load_err(e.to_string()))?;
+                PolicyStore::from_persisted(state).map_err(|e| load_err(e.to_string()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PolicyStore::default(),
+            Err(source) => {
+                return Err(ControlError::Persist {
+                    path: state_file,
+                    source,
+                });
+            }
+        };
+        let manage = !store.is_empty() || !documents.is_empty();
+        if !documents.is_empty() {
+            let plan = store.plan_apply(documents, None)?;
+            store.commit(plan);
+        }
+        if let Some(mode) = mode_flag {
+            store.commit_mode(ModePlan::Global(mode));
+        }
+        let mode = store.global_mode().unwrap_or(Mode::Observe);
+        let mut controller = Self {
+            store,
+            enforcer: Enforcer::new(cgroup2_mount),
+            state_file,
+            attach_cgroup: attach_cgroup.to_owned(),
+        };
+        // Rules and mode change in one write: no decision pairs the old
+        // rules with the new mode.
+        if manage {
+            controller.enforcer.put_in_force(
+                controller.store.effective_policies(),
+                mode,
+                datapath,
+            )?;
+        } else {
+            datapath.set_global_mode(mode)?;
+        }
+        controller.persist()?;
+        Ok(controller)
+    }
+
+    pub fn enforcer(&self) -> &Enforcer {
+        &self.enforcer
+    }
+
+    pub fn enforcer_mut(&mut self) -> &mut Enforcer {
+        &mut self.enforcer
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn handle(&mut self, command: Command, datapath: &mut Datapath) {
+        // A requester that went away does not care about the answer.
+        match command {
+            Command::Apply(request, reply) => {
+                let _ = reply.send(self.apply(request, datapath));
+            }
+            Command::Delete(request, reply) => {
+                let _ = reply.send(self.delete(request, datapath));
+            }
+            Command::List(reply) => {
+                let _ = reply.send(api::ListPoliciesResponse {
+                    generation: self.store.generation(),
+                    policies: self.store.documents(),
+                });
+            }
+            Command::GetMode(reply) => {
+                let _ = reply.send(self.store.mode_settings());
+            }
+            Command::SetMode(request, reply) => {
+                let _ = reply.send(self.set_mode(request, datapath));
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(self.status(datapath));
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        request: api::ApplyPoliciesRequest,
+        datapath: &mut Datapath,
+    ) -> Result<api::PolicyChanges, ControlError> {
+        let plan = self
+            .store
+            .plan_apply(request.policies, request.expected_generation)?;
+        self.put_plan_in_force(plan, request.dry_run, datapath)
+    }
+
+    fn delete(
+        &mut self,
+        request: api::DeletePoliciesRequest,
+        datapath: &mut Datapath,
+    ) -> Result<api::PolicyChanges, ControlError> {
+        let plan = self
+            .store
+            .plan_delete(&request.names, request.expected_generation)?;
+        self.put_plan_in_force(plan, request.dry_run, datapath)
+    }
+
+    fn put_plan_in_force(
+        &mut self,
+        plan: super::store::Plan,
+        dry_run: bool,
+        datapath: &mut Datapath,
+    ) -> Result<api::PolicyChanges, ControlError> {
+        let policies = self.store.effective_policies_of(&plan);
+        let changes = plan.changes.clone();
+        if dry_run {
+            self.enforcer.check(&policies).map_err(EnforceError::from)?;
+            return Ok(api::PolicyChanges {
+                generation: self.store.generation(),
+                changes,
+                dry_run: true,
+            });
+        }
+        self.enforcer
+            .put_in_force(policies, datapath.global_mode(), datapath)?;
+        self.store.commit(plan);
+        self.persist()?;
+        Ok(api::PolicyChanges {
+            generation: self.store.generation(),
+            changes,
+            dry_run: false,
+        })
+    }
+
+    fn set_mode(
+        &mut self,
+        request: api::SetModeRequest,
+        datapath: &mut Datapath,
+    ) -> Result<api::ModeSettings, ControlError> {
+        let plan = self.store.plan_mode(&request.mode, &request.policy)?;
+        match &plan {
+            ModePlan::Global(mode) => datapath.set_global_mode(*mode)?,
+            ModePlan::Policy { policies, .. } => {
+                self.enforcer
+                    .put_in_force(policies.clone(), datapath.global_mode(), datapath)?;
+            }
+        }
+        self.store.commit_mode(plan);
+        self.persist()?;
+        Ok(self.store.mode_settings())
+    }
+
+    fn status(&self, datapath: &Datapath) -> Result<api::StatusResponse, ControlError> {
+        let counters = datapath.counters()?;
+        Ok(api::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            kernel: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            attach_cgroup: self.attach_cgroup.display().to_string(),
+            programs: datapath
+                .attachments()
+                .iter()
+                .map(|(name, attachment)| api::ProgramStatus {
+                    name: (*name).into(),
+                    attachment: match attachment {
+                        Attachment::New => "new",
+                        Attachment::Adopted => "adopted",
+                    }
+                    .into(),
+                })
+                .collect(),
+            counters: Some(api::DecisionCounters {
+                allowed: counters.allowed,
+                denied: counters.denied,
+                audit: counters.audit,
+                allowed_deduplicated: counters.allowed_deduplicated,
+                ringbuf_reserve_failed: counters.ringbuf_reserve_failed,
+                generation_retries: counters.generation_retries,
+            }),
+            policy_generation: self.store.generation(),
+            datapath_generation: datapath.generation(),
+            maps: datapath
+                .map_fill()?
+                .into_iter()
+                .map(|(name, entries, capacity)| api::MapFill {
+                    name: name.into(),
+                    entries: entries as u64,
+                    capacity: u64::from(capacity),
+                })
+                .collect(),
+            global_mode: mode_name(datapath.global_mode()).into(),
+            policies: self.store.len() as u32,
+            endpoints: self.enforcer.endpoint_count() as u32,
+        })
+    }
+
+    /// Writes the state atomically: a reader (or a crash) sees the old file
+    /// or the new one, never a part.
+    fn persist(&self) -> Result<(), ControlError> {
+        let err = |source| ControlError::Persist {
+            path: self.state_file.clone(),
+            source,
+        };
+        let dir = self.state_file.parent().expect("state file in a directory");
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let temporary = self.state_file.with_extension("json.tmp");
+        let mut file = std::fs::File::create(&temporary).map_err(err)?;
+        let json = serde_json::to_vec_pretty(&self.store.to_persisted()).expect("state serializes");
+        file.write_all(&json)
+            .and_then(|()| file.sync_all())
+            .map_err(err)?;
+        std::fs::rename(&temporary, &self.state_file).map_err(err)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)
+    }
+}

@@ -1,0 +1,169 @@
+//! The gRPC services: each call becomes a command for the datapath task, and
+//! its errors become the status codes clients can act on.
+
+use std::{pin::Pin, time::Duration};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::{
+    Stream, StreamExt, wrappers::BroadcastStream, wrappers::errors::BroadcastStreamRecvError,
+};
+use tollgate_proto::v1::{
+    self as api, agent_service_server::AgentService, flow_service_server::FlowService,
+    policy_service_server::PolicyService,
+};
+use tonic::{Request, Response, Status};
+
+use super::{
+    controller::{Command, ControlError},
+    flows::{Filter, FlowHub},
+    store::StoreError,
+};
+use crate::{
+    datapath::{DatapathError, RuleSetError},
+    enforce::EnforceError,
+    policy::compile::CompileError,
+};
+
+#[derive(Clone)]
+pub struct Api {
+    commands: mpsc::Sender<Command>,
+    flows: FlowHub,
+}
+
+impl Api {
+    pub fn new(commands: mpsc::Sender<Command>, flows: FlowHub) -> Self {
+        Self { commands, flows }
+    }
+
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| Status::unavailable("the agent is stopping"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the agent is stopping"))
+    }
+}
+
+fn status(error: ControlError) -> Status {
+    let message = error.to_string();
+    match error {
+        ControlError::Store(StoreError::Invalid(_) | StoreError::InvalidMode(_)) => {
+            Status::invalid_argument(message)
+        }
+        ControlError::Store(StoreError::GenerationMismatch { .. }) => {
+            Status::failed_precondition(message)
+        }
+        ControlError::Store(StoreError::UnknownPolicy(_)) => Status::not_found(message),
+        ControlError::Enforce(EnforceError::Compile(CompileError::FqdnUnsupported { .. })) => {
+            Status::unimplemented(message)
+        }
+        ControlError::Enforce(EnforceError::Compile(_))
+        | ControlError::Enforce(EnforceError::Datapath(DatapathError::Rules(
+            RuleSetError::Capacity { .. },
+        ))) => Status::resource_exhausted(message),
+        _ => Status::internal(message),
+    }
+}
+
+#[tonic::async_trait]
+impl PolicyService for Api {
+    async fn apply_policies(
+        &self,
+        request: Request<api::ApplyPoliciesRequest>,
+    ) -> Result<Response<api::PolicyChanges>, Status> {
+        let request = request.into_inner();
+        self.ask(|reply| Command::Apply(request, reply))
+            .await?
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn delete_policies(
+        &self,
+        request: Request<api::DeletePoliciesRequest>,
+    ) -> Result<Response<api::PolicyChanges>, Status> {
+        let request = request.into_inner();
+        self.ask(|reply| Command::Delete(request, reply))
+            .await?
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn list_policies(
+        &self,
+        _: Request<api::ListPoliciesRequest>,
+    ) -> Result<Response<api::ListPoliciesResponse>, Status> {
+        self.ask(Command::List).await.map(Response::new)
+    }
+
+    async fn get_mode(
+        &self,
+        _: Request<api::GetModeRequest>,
+    ) -> Result<Response<api::ModeSettings>, Status> {
+        self.ask(Command::GetMode).await.map(Response::new)
+    }
+
+    async fn set_mode(
+        &self,
+        request: Request<api::SetModeRequest>,
+    ) -> Result<Response<api::ModeSettings>, Status> {
+        let request = request.into_inner();
+        self.ask(|reply| Command::SetMode(request, reply))
+            .await?
+            .map(Response::new)
+            .map_err(status)
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for Api {
+    async fn status(
+        &self,
+        _: Request<api::StatusRequest>,
+    ) -> Result<Response<api::StatusResponse>, Status> {
+        self.ask(Command::Status)
+            .await?
+            .map(Response::new)
+            .map_err(status)
+    }
+}
+
+type FlowStream = Pin<Box<dyn Stream<Item = Result<api::Flow, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl FlowService for Api {
+    type StreamFlowsStream = FlowStream;
+
+    async fn stream_flows(
+        &self,
+        request: Request<api::FlowFilter>,
+    ) -> Result<Response<FlowStream>, Status> {
+        let request = request.into_inner();
+        let filter = Filter::new(&request).map_err(Status::invalid_argument)?;
+        let (past, live) = self
+            .flows
+            .subscribe(Duration::from_secs(u64::from(request.since_seconds)));
+        let past: Vec<_> = past
+            .into_iter()
+            .filter(|f| filter.matches(f))
+            .map(|f| Ok((*f).clone()))
+            .collect();
+        let past = tokio_stream::iter(past);
+        if !request.follow {
+            return Ok(Response::new(Box::pin(past)));
+        }
+        let live = BroadcastStream::new(live).filter_map(move |item| match item {
+            Ok(flow) => filter.matches(&flow).then(|| Ok((*flow).clone())),
+            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::data_loss(format!(
+                "this subscriber fell {missed} records behind"
+            )))),
+        });
+        Ok(Response::new(Box::pin(past.chain(live))))
+    }
+}

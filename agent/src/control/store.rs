@@ -1,0 +1,457 @@
+//! The policy set of the node: named policies, its generation, the global
+//! mode and per-policy mode overrides. Pure: it plans changes, and the caller
+//! commits a plan only once it is in force in the kernel.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tollgate_common::Mode;
+use tollgate_proto::v1::{self as api, PolicyChange};
+
+use crate::policy::{
+    document::{DocumentRef, FieldError, SourcedPolicy},
+    model::{Policy, PolicyKey, PolicyMode},
+    validate::validate_all,
+};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("invalid policies:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+    #[error("the policy set is at generation {actual}, not {expected}")]
+    GenerationMismatch { expected: u64, actual: u64 },
+    #[error("no policy named {0}")]
+    UnknownPolicy(String),
+    #[error("{0:?} is not a mode: use \"observe\" or \"enforce\" (or \"inherit\" for a policy)")]
+    InvalidMode(String),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PolicyStore {
+    generation: u64,
+    policies: BTreeMap<PolicyKey, Stored>,
+    global_mode: Option<Mode>,
+    overrides: BTreeMap<PolicyKey, Mode>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Stored {
+    document: api::EgressPolicy,
+    policy: Policy,
+}
+
+/// A change worked out against the current set, not yet made.
+#[derive(Debug)]
+pub struct Plan {
+    pub changes: Vec<PolicyChange>,
+    next: BTreeMap<PolicyKey, Stored>,
+}
+
+impl Plan {
+    pub fn changes_anything(&self) -> bool {
+        self.changes.iter().any(|c| c.change != "unchanged")
+    }
+}
+
+/// What the state directory holds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PersistedState {
+    pub generation: u64,
+    pub global_mode: Option<String>,
+    #[serde(default)]
+    pub policy_modes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub policies: Vec<api::EgressPolicy>,
+}
+
+impl PolicyStore {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The global mode, if one was ever set.
+    pub fn global_mode(&self) -> Option<Mode> {
+        self.global_mode
+    }
+
+    pub fn documents(&self) -> Vec<api::EgressPolicy> {
+        self.policies.values().map(|s| s.document.clone()).collect()
+    }
+
+    /// Validates `documents` (all of them; every error) and works out what
+    /// applying them would change.
+    pub fn plan_apply(
+        &self,
+        documents: Vec<api::EgressPolicy>,
+        expected: Option<u64>,
+    ) -> Result<Plan, StoreError> {
+        self.check_generation(expected)?;
+        let sourced: Vec<SourcedPolicy> = documents
+            .into_iter()
+            .enumerate()
+            .map(|(i, policy)| SourcedPolicy {
+                document: DocumentRef {
+                    source: "request".into(),
+                    index: i + 1,
+                },
+                policy,
+            })
+            .collect();
+        let validated = validate_all(&sourced).map_err(StoreError::Invalid)?;
+        let mut next = self.policies.clone();
+        let mut changes = Vec::new();
+        for (item, policy) in sourced.into_iter().zip(validated) {
+            let key = policy.key.clone();
+            let change = match next.get(&key) {
+                None => "created",
+                Some(old) if old.document == item.policy => "unchanged",
+                Some(_) => "configured",
+            };
+            changes.push(PolicyChange {
+                policy: key.to_string(),
+                change: change.into(),
+            });
+            next.insert(
+                key,
+                Stored {
+                    document: item.policy,
+                    policy,
+                },
+            );
+        }
+        Ok(Plan { changes, next })
+    }
+
+    /// Works out deleting the named policies; every name must exist.
+    pub fn plan_delete(&self, names: &[String], expected: Option<u64>) -> Result<Plan, StoreError> {
+        self.check_generation(expected)?;
+        let mut next = self.policies.clone();
+        let mut changes = Vec::new();
+        for name in names {
+            let key = parse_key(name);
+            if next.remove(&key).is_none() {
+                return Err(StoreError::UnknownPolicy(name.clone()));
+            }
+            changes.push(PolicyChange {
+                policy: key.to_string(),
+                change: "deleted".into(),
+            });
+        }
+        Ok(Plan { changes, next })
+    }
+
+    /// The policies of `plan` as the compiler must see them, with mode
+    /// overrides applied.
+    pub fn effective_policies_of(&self, plan: &Plan) -> Vec<Policy> {
+        self.effective(&plan.next, &self.overrides)
+    }
+
+    /// The policies in force, with mode overrides applied.
+    pub fn effective_policies(&self) -> Vec<Policy> {
+        self.effective(&self.policies, &self.overrides)
+    }
+
+    fn effective(
+        &self,
+        policies: &BTreeMap<PolicyKey, Stored>,
+        overrides: &BTreeMap<PolicyKey, Mode>,
+    ) -> Vec<Policy> {
+        policies
+            .iter()
+            .map(|(key, stored)| {
+                let mut policy = stored.policy.clone();
+                if let Some(mode) = overrides.get(key) {
+                    policy.mode = policy_mode(*mode);
+                }
+                policy
+            })
+            .collect()
+    }
+
+    /// Makes `plan` the current set. A plan that changes something moves the
+    /// generation on; overrides of deleted policies go with them.
+    pub fn commit(&mut self, plan: Plan) {
+        if plan.changes_anything() {
+            self.generation += 1;
+        }
+        self.policies = plan.next;
+        self.overrides
+            .retain(|key, _| self.policies.contains_key(key));
+    }
+
+    /// The policies as they would be with `mode` set for `policy` (or
+    /// globally when `policy` is empty), without changing the store.
+    pub fn plan_mode(&self, mode: &str, policy: &str) -> Result<ModePlan, StoreError> {
+        let parsed = match mode {
+            "observe" => Some(Mode::Observe),
+            "enforce" => Some(Mode::Enforce),
+            "inherit" if !policy.is_empty() => None,
+            other => return Err(StoreError::InvalidMode(other.into())),
+        };
+        if policy.is_empty() {
+            return Ok(ModePlan::Global(
+                parsed.expect("inherit is refused without a policy"),
+            ));
+        }
+        let key = parse_key(policy);
+        if !self.policies.contains_key(&key) {
+            return Err(StoreError::UnknownPolicy(policy.into()));
+        }
+        let mut overrides = self.overrides.clone();
+        match parsed {
+            Some(mode) => overrides.insert(key.clone(), mode),
+            None => overrides.remove(&key),
+        };
+        Ok(ModePlan::Policy {
+            policies: self.effective(&self.policies, &overrides),
+            overrides,
+        })
+    }
+
+    pub fn commit_mode(&mut self, plan: ModePlan) {
+        match plan {
+            ModePlan::Global(mode) => self.global_mode = Some(mode),
+            ModePlan::Policy { overrides, .. } => self.overrides = overrides,
+        }
+    }
+
+    pub fn mode_settings(&self) -> api::ModeSettings {
+        api::ModeSettings {
+            global: mode_name(self.global_mode.unwrap_or(Mode::Observe)).into(),
+            policy_overrides: self
+                .overrides
+                .iter()
+                .map(|(k, m)| (k.to_string(), mode_name(*m).into()))
+                .collect(),
+        }
+    }
+
+    fn check_generation(&self, expected: Option<u64>) -> Result<(), StoreError> {
+        match expected {
+            Some(expected) if expected != self.generation => Err(StoreError::GenerationMismatch {
+                expected,
+                actual: self.generation,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn to_persisted(&self) -> PersistedState {
+        PersistedState {
+            generation: self.generation,
+            global_mode: self.global_mode.map(|m| mode_name(m).into()),
+            policy_modes: self
+                .overrides
+                .iter()
+                .map(|(k, m)| (k.to_string(), mode_name(*m).into()))
+                .collect(),
+            policies: self.documents(),
+        }
+    }
+
+    /// Rebuilds the store from what was persisted; the documents are
+    /// validated again, as any other input.
+    pub fn from_persisted(state: PersistedState) -> Result<Self, StoreError> {
+        let mut store = Self::default();
+        let plan = store.plan_apply(state.policies, None)?;
+        store.policies = plan.next;
+        store.generation = state.generation;
+        store.global_mode = match state.global_mode.as_deref() {
+            None => None,
+            Some("observe") => Some(Mode::Observe),
+            Some("enforce") => Some(Mode::Enforce),
+            Some(other) => return Err(StoreError::InvalidMode(other.into())),
+        };
+        for (name, mode) in state.policy_modes {
+            match store.plan_mode(&mode, &name)? {
+                plan @ ModePlan::Policy { .. } => store.commit_mode(plan),
+                ModePlan::Global(_) => return Err(StoreError::UnknownPolicy(name)),
+            }
+        }
+        Ok(store)
+    }
+}
+
+pub enum ModePlan {
+    Global(Mode),
+    Policy {
+        policies: Vec<Policy>,
+        overrides: BTreeMap<PolicyKey, Mode>,
+    },
+}
+
+/// "namespace/name" or "name".
+pub fn parse_key(name: &str) -> PolicyKey {
+    match name.split_once('/') {
+        Some((namespace, name)) => PolicyKey {
+            namespace: Some(namespace.into()),
+            name: name.into(),
+        },
+        None => PolicyKey {
+            namespace: None,
+            name: name.into(),
+        },
+    }
+}
+
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Observe => "observe",
+        Mode::Enforce => "enforce",
+    }
+}
+
+fn policy_mode(mode: Mode) -> PolicyMode {
+    match mode {
+        Mode::Observe => PolicyMode::Observe,
+        Mode::Enforce => PolicyMode::Enforce,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::document::parse_documents;
+
+    fn docs(names: &[&str]) -> Vec<api::EgressPolicy> {
+        let yaml: String = names
+            .iter()
+            .map(|n| format!("---\napiVersion: policy.tollgate.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: {n}}}\nspec: {{cgroupSelector: {{paths: [/x]}}}}\n"))
+            .collect();
+        parse_documents("t", &yaml)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.policy)
+            .collect()
+    }
+
+    fn kinds(plan: &Plan) -> Vec<(String, String)> {
+        plan.changes
+            .iter()
+            .map(|c| (c.policy.clone(), c.change.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn apply_reports_created_configured_unchanged_and_moves_the_generation_once() {
+        let mut store = PolicyStore::default();
+        let plan = store.plan_apply(docs(&["a", "b"]), Some(0)).unwrap();
+        assert_eq!(
+            kinds(&plan),
+            [
+                ("a".into(), "created".into()),
+                ("b".into(), "created".into())
+            ]
+        );
+        store.commit(plan);
+        assert_eq!(store.generation(), 1);
+
+        let mut changed = docs(&["a", "b"]);
+        changed[1].spec.as_mut().unwrap().mode = "observe".into();
+        let plan = store.plan_apply(changed, None).unwrap();
+        assert_eq!(
+            kinds(&plan),
+            [
+                ("a".into(), "unchanged".into()),
+                ("b".into(), "configured".into())
+            ]
+        );
+        store.commit(plan);
+        assert_eq!(store.generation(), 2);
+
+        let plan = store.plan_apply(docs(&["a"]), None).unwrap();
+        assert!(!plan.changes_anything());
+        store.commit(plan);
+        assert_eq!(
+            store.generation(),
+            2,
+            "an apply that changes nothing keeps the generation"
+        );
+    }
+
+    #[test]
+    fn stale_generations_and_invalid_documents_are_refused_whole() {
+        let mut store = PolicyStore::default();
+        store.commit(store.plan_apply(docs(&["a"]), None).unwrap());
+        assert_eq!(
+            store.plan_apply(docs(&["b"]), Some(0)).unwrap_err(),
+            StoreError::GenerationMismatch {
+                expected: 0,
+                actual: 1
+            }
+        );
+        let mut bad = docs(&["b", "c"]);
+        bad[1].spec.as_mut().unwrap().mode = "block".into();
+        let StoreError::Invalid(errors) = store.plan_apply(bad, None).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            (errors[0].document.index, errors[0].path.as_str()),
+            (2, "spec.mode")
+        );
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn delete_needs_existing_names() {
+        let mut store = PolicyStore::default();
+        store.commit(store.plan_apply(docs(&["a", "b"]), None).unwrap());
+        assert_eq!(
+            store.plan_delete(&["zzz".into()], None).unwrap_err(),
+            StoreError::UnknownPolicy("zzz".into())
+        );
+        let plan = store.plan_delete(&["a".into()], Some(1)).unwrap();
+        assert_eq!(kinds(&plan), [("a".into(), "deleted".into())]);
+        store.commit(plan);
+        assert_eq!((store.len(), store.generation()), (1, 2));
+    }
+
+    #[test]
+    fn mode_overrides_apply_to_the_effective_policies_and_go_with_their_policy() {
+        let mut store = PolicyStore::default();
+        store.commit(store.plan_apply(docs(&["a"]), None).unwrap());
+        assert!(matches!(
+            store.plan_mode("loud", ""),
+            Err(StoreError::InvalidMode(_))
+        ));
+        assert!(matches!(
+            store.plan_mode("inherit", ""),
+            Err(StoreError::InvalidMode(_))
+        ));
+        assert!(matches!(
+            store.plan_mode("observe", "nope"),
+            Err(StoreError::UnknownPolicy(_))
+        ));
+        let plan = store.plan_mode("observe", "a").unwrap();
+        store.commit_mode(plan);
+        assert_eq!(store.effective_policies()[0].mode, PolicyMode::Observe);
+        assert_eq!(store.mode_settings().policy_overrides["a"], "observe");
+        store.commit_mode(store.plan_mode("enforce", "").unwrap());
+        assert_eq!(store.mode_settings().global, "enforce");
+        store.commit(store.plan_delete(&["a".into()], None).unwrap());
+        assert!(store.mode_settings().policy_overrides.is_empty());
+    }
+
+    #[test]
+    fn persisted_state_round_trips() {
+        let mut store = PolicyStore::default();
+        store.commit(store.plan_apply(docs(&["a", "b"]), None).unwrap());
+        store.commit_mode(store.plan_mode("enforce", "").unwrap());
+        store.commit_mode(store.plan_mode("observe", "b").unwrap());
+        let json = serde_json::to_string(&store.to_persisted()).unwrap();
+        let back = PolicyStore::from_persisted(serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(back.generation(), 1);
+        assert_eq!(back.documents(), store.documents());
+        assert_eq!(back.mode_settings(), store.mode_settings());
+    }
+}

@@ -1,0 +1,567 @@
+//! The control API end to end: tollgatectl against a running agent with
+//! real kernel programs, judged by real sockets and flow records.
+//!
+//! These tests need root and the BPF object: `cargo xtask test` runs them.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use tollgate_agent::client::{ClientTls, connect};
+use tollgate_proto::v1::{self as api, policy_service_client::PolicyServiceClient};
+use tollgate_tests::{AgentProcess, TempFile, TestDir, TestEnv, host_policy};
+
+const EPERM: i32 = libc::EPERM;
+const WAIT: Duration = Duration::from_secs(5);
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn apply_blocks_observe_audits_delete_releases() {
+    let mut env = TestEnv::new("ctlround");
+    let host = env.add_host(30, &[8080, 8081]).v4;
+    let agent = AgentProcess::start(
+        &env,
+        &["--mode", "enforce", "--allowed-report-interval", "0"],
+    );
+    let file = TempFile::new(
+        "ctlround.yaml",
+        &host_policy("web-only", &env.cgroup.relative, "", host),
+    );
+    let connect = || {
+        env.probe(&["connect", "tcp", &format!("{host}:8081")])
+            .result()
+    };
+
+    let applied = env.ctl(&["apply", "-f", file.path.to_str().unwrap()]).ok();
+    assert_eq!(applied, "web-only created\ngeneration 1\n");
+    assert_eq!(connect(), Err(EPERM));
+    let record = agent.next_record(WAIT);
+    assert_eq!(
+        (
+            record["verdict"].as_str(),
+            record["policy"].as_str(),
+            record["rule"].as_str()
+        ),
+        (Some("denied"), Some("web-only"), Some("default"))
+    );
+
+    let modes = env.ctl(&["mode", "--policy", "web-only", "observe"]).ok();
+    assert_eq!(modes, "global: enforce\nweb-only: observe\n");
+    assert_eq!(connect(), Ok(()));
+    let record = agent.next_record(WAIT);
+    assert_eq!(
+        (record["verdict"].as_str(), record["mode"].as_str()),
+        (Some("audit"), Some("observe"))
+    );
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.ctl(&["get", "policies", "-o", "json"]).ok()).unwrap();
+    assert_eq!(listed[0]["metadata"]["name"], "web-only");
+    assert_eq!(listed[0]["spec"]["egress"][0]["name"], "web");
+    assert!(env.ctl(&["get", "policies"]).ok().contains("web-only"));
+
+    assert_eq!(
+        env.ctl(&["delete", "web-only"]).ok(),
+        "web-only deleted\ngeneration 2\n"
+    );
+    assert_eq!(connect(), Ok(()));
+    let record = agent.next_record(WAIT);
+    assert_eq!(
+        (record["verdict"].as_str(), record["policy"].as_str()),
+        (Some("allowed"), None)
+    );
+
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ctl(&["status", "-o", "json"]).ok()).unwrap();
+    assert_eq!(status["policyGeneration"], 2);
+    assert_eq!(status["globalMode"], "enforce");
+    assert_eq!(status["counters"]["denied"], 1);
+    assert_eq!(status["counters"]["audit"], 1);
+    assert_eq!(status["programs"].as_array().unwrap().len(), 4);
+    assert_eq!(status["maps"][0]["name"], "TG_ENDPOINTS");
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn invalid_requests_are_refused_with_field_paths_and_change_nothing() {
+    let mut env = TestEnv::new("ctlbad");
+    let host = env.add_host(31, &[8080]).v4;
+    let _agent = AgentProcess::start(&env, &["--mode", "enforce"]);
+    let good = TempFile::new(
+        "ctlbad-good.yaml",
+        &host_policy("web-only", &env.cgroup.relative, "", host),
+    );
+    env.ctl(&["apply", "-f", good.path.to_str().unwrap()]).ok();
+
+    // tollgatectl checks locally first, and reports every problem.
+    let bad_yaml =
+        host_policy("web-only", &env.cgroup.relative, "loud", host).replace("/32", "/33");
+    let bad = TempFile::new("ctlbad-bad.yaml", &bad_yaml);
+    let error = env
+        .ctl(&["apply", "-f", bad.path.to_str().unwrap()])
+        .failed();
+    assert!(
+        error.contains("spec.mode: \"loud\" is not one of"),
+        "{error}"
+    );
+    assert!(
+        error.contains("spec.egress[0].to[0].cidr: \"")
+            && error.contains("/33\" is not a valid prefix"),
+        "{error}"
+    );
+
+    // The agent checks too, whoever the client is.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = runtime.block_on(async {
+        let channel = connect(&env.agent_address(), &ClientTls::default())
+            .await
+            .unwrap();
+        let mut policy = tollgate_agent::policy::document::parse_documents(
+            "t",
+            &host_policy("web-only", &env.cgroup.relative, "", host),
+        )
+        .unwrap()
+        .remove(0)
+        .policy;
+        policy.spec.as_mut().unwrap().egress[0].ports[0].port = Some(0);
+        let request = api::ApplyPoliciesRequest {
+            policies: vec![policy],
+            ..Default::default()
+        };
+        PolicyServiceClient::new(channel)
+            .apply_policies(request)
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("spec.egress[0].ports[0].port: 0 is not a port (1-65535)"),
+        "{}",
+        status.message()
+    );
+
+    let missing = env.ctl(&["delete", "no-such-policy"]).failed();
+    assert!(missing.contains("NotFound"), "{missing}");
+    // The first policy is still the one in force.
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:8081")])
+            .result(),
+        Err(EPERM)
+    );
+    assert!(env.ctl(&["get", "policies"]).ok().contains("generation 1"));
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn generation_conflicts_are_refused_and_dry_runs_change_nothing() {
+    let mut env = TestEnv::new("ctlgen");
+    let host = env.add_host(32, &[8080, 8081]).v4;
+    let _agent = AgentProcess::start(&env, &[]);
+    let v1 = TempFile::new(
+        "ctlgen-1.yaml",
+        &host_policy("p", &env.cgroup.relative, "enforce", host),
+    );
+    let v2 = TempFile::new(
+        "ctlgen-2.yaml",
+        &host_policy("p", &env.cgroup.relative, "observe", host),
+    );
+
+    assert!(
+        env.ctl(&[
+            "apply",
+            "-f",
+            v1.path.to_str().unwrap(),
+            "--expected-generation",
+            "0"
+        ])
+        .ok()
+        .ends_with("generation 1\n")
+    );
+    let conflict = env
+        .ctl(&[
+            "apply",
+            "-f",
+            v2.path.to_str().unwrap(),
+            "--expected-generation",
+            "0",
+        ])
+        .failed();
+    assert!(
+        conflict.contains("FailedPrecondition") && conflict.contains("generation 1, not 0"),
+        "{conflict}"
+    );
+
+    let dry = env
+        .ctl(&["apply", "-f", v2.path.to_str().unwrap(), "--dry-run"])
+        .ok();
+    assert_eq!(dry, "p configured (dry run)\ngeneration 1\n");
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:8081")])
+            .result(),
+        Err(EPERM),
+        "the dry run changed the rules"
+    );
+    assert!(
+        env.ctl(&[
+            "apply",
+            "-f",
+            v2.path.to_str().unwrap(),
+            "--expected-generation",
+            "1"
+        ])
+        .ok()
+        .ends_with("generation 2\n")
+    );
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:8081")])
+            .result(),
+        Ok(())
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn a_restarted_agent_enforces_the_saved_set_before_it_is_ready() {
+    let mut env = TestEnv::new("ctlsaved");
+    let host = env.add_host(33, &[8080, 8081]).v4;
+    let mut agent = AgentProcess::start(&env, &["--mode", "enforce"]);
+    let file = TempFile::new(
+        "ctlsaved.yaml",
+        &host_policy("saved", &env.cgroup.relative, "", host),
+    );
+    env.ctl(&["apply", "-f", file.path.to_str().unwrap()]).ok();
+    assert!(agent.terminate().success());
+    // Take the kernel side away entirely: only the saved state remains.
+    let cleanup = Command::new(tollgate_tests::agent_binary())
+        .arg("cleanup")
+        .arg("--bpffs-root")
+        .arg(env.bpffs.root())
+        .output()
+        .unwrap();
+    assert!(cleanup.status.success());
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:8081")])
+            .result(),
+        Ok(())
+    );
+
+    let restarted = AgentProcess::start(&env, &[]);
+    assert_eq!(
+        restarted.startup_lines_with("policies=1"),
+        1,
+        "{:#?}",
+        restarted.startup_log
+    );
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:8081")])
+            .result(),
+        Err(EPERM)
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn flows_follow_shows_recent_and_new_decisions() {
+    let mut env = TestEnv::new("ctlflows");
+    let host = env.add_host(34, &[8080]).v4;
+    let _agent = AgentProcess::start(
+        &env,
+        &["--mode", "enforce", "--allowed-report-interval", "0"],
+    );
+    let file = TempFile::new(
+        "ctlflows.yaml",
+        &host_policy("web-only", &env.cgroup.relative, "", host),
+    );
+    env.ctl(&["apply", "-f", file.path.to_str().unwrap()]).ok();
+    let before = env.probe(&["connect", "tcp", &format!("{host}:8081")]);
+
+    let mut follower = Command::new(tollgate_tests::workspace_binary("tollgatectl"))
+        .args([
+            "--agent",
+            &env.agent_address(),
+            "flows",
+            "--follow",
+            "--verdict",
+            "denied",
+            "-o",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let _follower = scopeguard::guard(follower, |mut child| {
+        let _ = child.kill();
+        let _ = child.wait();
+    });
+    let mut lines = BufReader::new(stdout).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (first["src"]["pid"].as_u64(), first["verdict"].as_str()),
+        (Some(u64::from(before.pid)), Some("denied"))
+    );
+
+    // An allowed connection is filtered out; the next denied one arrives.
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:8080")])
+            .result(),
+        Ok(())
+    );
+    let after = env.probe(&["connect", "tcp", &format!("{host}:8081")]);
+    let second: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        (
+            second["src"]["pid"].as_u64(),
+            second["dst"]["port"].as_u64()
+        ),
+        (Some(u64::from(after.pid)), Some(8081))
+    );
+    assert_eq!(
+        (second["policy"].as_str(), second["rule"].as_str()),
+        (Some("web-only"), Some("default"))
+    );
+}
+
+/// A CA, a server certificate for localhost, and a client certificate, made
+/// with openssl.
+fn make_certificates(dir: &std::path::Path, ca_name: &str) {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"],
+        &key[..],
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={ca_name}"),
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        run(&[
+            &["req"],
+            &key[..],
+            &[
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+                "-subj",
+                &format!("/CN={who}"),
+            ],
+        ]
+        .concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{who}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &format!("{who}.pem"),
+            "-extfile",
+            &format!("{who}.ext"),
+        ]);
+    }
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn mutual_tls_refuses_clients_without_a_valid_certificate() {
+    let env = TestEnv::new("ctlmtls");
+    let certs = TestDir::new("ctlmtls-certs");
+    let rogue = TestDir::new("ctlmtls-rogue");
+    make_certificates(&certs.path, "tollgate-test-ca");
+    make_certificates(&rogue.path, "someone-else");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = |name: &str| certs.path.join(name).display().to_string();
+    let _agent = AgentProcess::start(
+        &env,
+        &[
+            "--listen",
+            &format!("tcp://127.0.0.1:{port}"),
+            "--tls-cert",
+            &file("server.pem"),
+            "--tls-key",
+            &file("server.key"),
+            "--tls-client-ca",
+            &file("ca.pem"),
+        ],
+    );
+    let agent = format!("https://localhost:{port}");
+    let ca = file("ca.pem");
+
+    let ok = env
+        .ctl_at(
+            &agent,
+            &[
+                "--ca",
+                &ca,
+                "--cert",
+                &file("client.pem"),
+                "--key",
+                &file("client.key"),
+                "status",
+            ],
+        )
+        .ok();
+    assert!(ok.contains("global mode: observe"), "{ok}");
+
+    let anonymous = env.ctl_at(&agent, &["--ca", &ca, "status"]).failed();
+    assert!(!anonymous.is_empty());
+    let rogue_cert = rogue.path.join("client.pem").display().to_string();
+    let rogue_key = rogue.path.join("client.key").display().to_string();
+    let stranger = env
+        .ctl_at(
+            &agent,
+            &[
+                "--ca",
+                &ca,
+                "--cert",
+                &rogue_cert,
+                "--key",
+                &rogue_key,
+                "status",
+            ],
+        )
+        .failed();
+    assert!(!stranger.is_empty());
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn thousands_of_applies_never_leave_a_decision_outside_both_sets() {
+    let mut env = TestEnv::new("ctlatomic");
+    let host = env.add_host(35, &[8080]).v4;
+    let agent = AgentProcess::start(
+        &env,
+        &["--mode", "enforce", "--allowed-report-interval", "0"],
+    );
+    // Set A allows by default and denies 8080 ("a-deny"); set B denies by
+    // default and allows 8080 ("b-allow"). A decision by "default" would be
+    // one that belongs to neither.
+    let yaml = |default: &str, action: &str, rule: &str| {
+        format!(
+            "apiVersion: policy.tollgate.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: flip}}\nspec:\n  cgroupSelector: {{paths: [\"{}\"]}}\n  defaultAction: {default}\n  egress:\n  - {{name: {rule}, action: {action}, to: [{{cidr: {host}/32}}], ports: [{{port: 8080, protocol: TCP}}]}}\n",
+            env.cgroup.relative
+        )
+    };
+    let parse = |text: String| {
+        tollgate_agent::policy::document::parse_documents("t", &text)
+            .unwrap()
+            .remove(0)
+            .policy
+    };
+    let sets = [
+        parse(yaml("allow", "deny", "a-deny")),
+        parse(yaml("deny", "allow", "b-allow")),
+    ];
+
+    const ATTEMPTS: usize = 3000;
+    const APPLIES: usize = 2000;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut client = runtime.block_on(async {
+        PolicyServiceClient::new(
+            connect(&env.agent_address(), &ClientTls::default())
+                .await
+                .unwrap(),
+        )
+    });
+    let apply = |client: &mut PolicyServiceClient<_>, n: usize| {
+        let request = api::ApplyPoliciesRequest {
+            policies: vec![sets[n % 2].clone()],
+            ..Default::default()
+        };
+        runtime.block_on(client.apply_policies(request)).unwrap();
+    };
+    apply(&mut client, 0);
+    let (run, applies) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            env.probe(&[
+                "--count",
+                &ATTEMPTS.to_string(),
+                "connect",
+                "tcp",
+                &format!("{host}:8080"),
+            ])
+        });
+        let mut applies = 1;
+        while !prober.is_finished() || applies < APPLIES {
+            apply(&mut client, applies);
+            applies += 1;
+        }
+        (prober.join().unwrap(), applies)
+    });
+    assert!(applies >= APPLIES);
+
+    let mut seen = std::collections::HashMap::new();
+    for result in &run.results {
+        let record = loop {
+            let record = agent.next_record(WAIT);
+            if record["src"]["pid"].as_u64() == Some(u64::from(run.pid)) {
+                break record;
+            }
+        };
+        let rule = record["rule"].as_str().unwrap().to_owned();
+        let expected = match rule.as_str() {
+            "a-deny" => Err(EPERM),
+            "b-allow" => Ok(()),
+            other => panic!("a decision by {other:?} belongs to neither set: {record}"),
+        };
+        assert_eq!(*result, expected, "{record}");
+        *seen.entry(rule).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both sets must have decided some connections: {seen:?}"
+    );
+}
