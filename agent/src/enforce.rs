@@ -14,7 +14,7 @@ use crate::{
     cgroups,
     datapath::{Datapath, DatapathError},
     policy::{
-        compile::{CompileError, Names, compile},
+        compile::{CompileError, Compiler, Names, compile},
         document::{FieldError, parse_documents},
         model::Policy,
         select::select_cgroups,
@@ -94,6 +94,7 @@ pub struct Enforcer {
     policies: Option<Vec<Policy>>,
     cgroup_root: PathBuf,
     endpoints: Option<BTreeMap<u64, Vec<usize>>>,
+    compiler: Compiler,
     names: VecDeque<GenerationNames>,
 }
 
@@ -136,6 +137,7 @@ impl Enforcer {
             policies: None,
             cgroup_root: cgroup_root.to_owned(),
             endpoints: None,
+            compiler: Compiler::default(),
             names: VecDeque::new(),
         }
     }
@@ -189,7 +191,7 @@ impl Enforcer {
         mode: Mode,
         datapath: &mut Datapath,
     ) -> Result<u32, EnforceError> {
-        let compiled = compile(policies, endpoints)?;
+        let compiled = self.compiler.compile(policies, endpoints)?;
         let generation = datapath.switch_rules_with_mode(&compiled.rules, mode)?;
         if self.names.len() == NAMED_GENERATIONS {
             self.names.pop_front();

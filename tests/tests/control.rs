@@ -453,7 +453,12 @@ fn mutual_tls_refuses_clients_without_a_valid_certificate() {
     assert!(ok.contains("global mode: observe"), "{ok}");
 
     let anonymous = env.ctl_at(&agent, &["--ca", &ca, "status"]).failed();
-    assert!(!anonymous.is_empty());
+    assert!(
+        anonymous.contains(
+            "Unauthenticated: a client certificate signed by the agent's client CA is required"
+        ),
+        "{anonymous}"
+    );
     let rogue_cert = rogue.path.join("client.pem").display().to_string();
     let rogue_key = rogue.path.join("client.key").display().to_string();
     let stranger = env

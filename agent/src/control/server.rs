@@ -14,7 +14,10 @@ use tollgate_proto::v1::{
     agent_service_server::AgentServiceServer, flow_service_server::FlowServiceServer,
     policy_service_server::PolicyServiceServer,
 };
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::Router};
+use tonic::{
+    Request, Status,
+    transport::{Certificate, Identity, Server, ServerTlsConfig, server::Router},
+};
 
 use super::service::Api;
 
@@ -99,9 +102,13 @@ pub async fn bind(listen: &Listen) -> Result<Bound, ServeError> {
                     source,
                 })
             };
+            // A certificate that is presented must chain to the CA (else the
+            // handshake fails); a missing one is refused per call with
+            // UNAUTHENTICATED, which a client can show, by `require_client_cert`.
             let config = ServerTlsConfig::new()
                 .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
-                .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?));
+                .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?))
+                .client_auth_optional(true);
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::Bind {
@@ -122,18 +129,29 @@ pub async fn bind(listen: &Listen) -> Result<Bound, ServeError> {
     }
 }
 
-fn routes(builder: &mut Server, api: Api) -> Router {
+/// The services, unauthenticated (a 0600 unix socket: only root connects)
+/// or requiring a verified client certificate on every call.
+fn routes(builder: &mut Server, api: Api, require_certificate: bool) -> Router {
+    let check = move |request: Request<()>| {
+        if !require_certificate || request.peer_certs().is_some_and(|certs| !certs.is_empty()) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "a client certificate signed by the agent's client CA is required",
+            ))
+        }
+    };
     builder
-        .add_service(PolicyServiceServer::new(api.clone()))
-        .add_service(FlowServiceServer::new(api.clone()))
-        .add_service(AgentServiceServer::new(api))
+        .add_service(PolicyServiceServer::with_interceptor(api.clone(), check))
+        .add_service(FlowServiceServer::with_interceptor(api.clone(), check))
+        .add_service(AgentServiceServer::with_interceptor(api, check))
 }
 
 /// Serves until `shutdown`; a unix socket is removed afterwards.
 pub async fn serve(bound: Bound, api: Api, shutdown: CancellationToken) -> Result<(), ServeError> {
     match bound {
         Bound::Unix(listener, path) => {
-            let result = routes(&mut Server::builder(), api)
+            let result = routes(&mut Server::builder(), api, false)
                 .serve_with_incoming_shutdown(
                     UnixListenerStream::new(listener),
                     shutdown.cancelled_owned(),
@@ -144,10 +162,11 @@ pub async fn serve(bound: Bound, api: Api, shutdown: CancellationToken) -> Resul
         }
         Bound::Tcp(listener, tls) => {
             let mut builder = Server::builder();
+            let require_certificate = tls.is_some();
             if let Some(tls) = tls {
                 builder = builder.tls_config(tls)?;
             }
-            routes(&mut builder, api)
+            routes(&mut builder, api, require_certificate)
                 .serve_with_incoming_shutdown(
                     TcpListenerStream::new(listener),
                     shutdown.cancelled_owned(),

@@ -424,9 +424,7 @@ fn attach_or_adopt(
             .ok_or(DatapathError::MissingProgram(name))?
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| DatapathError::Program { name, source })?;
+        load_program(program).map_err(|source| DatapathError::Program { name, source })?;
         let link_id = program
             .attach(&cgroup_fd, CgroupAttachMode::default())
             .map_err(|source| DatapathError::Program { name, source })?;
@@ -448,6 +446,21 @@ fn attach_or_adopt(
         attachments.push((name, Attachment::New));
     }
     Ok(attachments)
+}
+
+/// Loads a program. The verifier gives up with EAGAIN when a signal is
+/// pending on the loading thread (a child exiting is enough); like libbpf,
+/// try again a few times before calling that a failure.
+fn load_program(program: &mut CgroupSockAddr) -> Result<(), aya::programs::ProgramError> {
+    const ATTEMPTS: usize = 5;
+    for _ in 1..ATTEMPTS {
+        match program.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) => {}
+            result => return result,
+        }
+    }
+    program.load()
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

@@ -61,70 +61,146 @@ pub enum CompileError {
 }
 
 /// Compiles `policies` for `endpoints` (cgroup id -> indexes into
-/// `policies` of the policies that select it). Endpoints selected by the same
-/// policies share one rule set.
+/// `policies` of the policies that select it) from scratch.
 pub fn compile(
     policies: &[Policy],
     endpoints: &BTreeMap<u64, Vec<usize>>,
 ) -> Result<Compiled, CompileError> {
-    for policy in policies {
-        if let Some(rule) = policy
-            .rules
-            .iter()
-            .find(|r| r.to.iter().any(|p| matches!(p, Peer::Fqdn(_))))
-        {
-            return Err(CompileError::FqdnUnsupported {
-                policy: policy.key.to_string(),
-                rule: rule.name.clone(),
-            });
-        }
-    }
-    // Rule ids follow policy key order, so an unchanged policy set always
-    // gets the same ids.
-    let mut by_key: Vec<usize> = (0..policies.len()).collect();
-    by_key.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
-    let mut rule_ids: HashMap<(usize, usize), u32> = HashMap::new();
-    let mut names = Names::default();
-    let mut next_id = 1u32;
-    for &p in &by_key {
-        for (r, rule) in policies[p].rules.iter().enumerate() {
-            rule_ids.insert((p, r), next_id);
-            names.rules.insert(
-                next_id,
-                RuleRef {
-                    policy: policies[p].key.clone(),
-                    rule: rule.name.clone(),
-                },
-            );
-            next_id += 1;
-        }
+    Compiler::default().compile(policies, endpoints)
+}
+
+/// Compiles again and again, doing only the work a change needs: rule ids
+/// stay the same for a (policy, rule position) as long as the policy exists,
+/// and the set of every combination of policies whose contents did not
+/// change is reused as it was.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    rule_ids: HashMap<(PolicyKey, usize), u32>,
+    next_rule_id: u32,
+    /// Member policies (in key order, with their contents) -> compiled set.
+    sets: HashMap<Vec<Policy>, CompiledSet>,
+    last_stats: CompileStats,
+}
+
+#[derive(Clone, Debug)]
+struct CompiledSet {
+    rules: SetRules,
+    defaults: Vec<PolicyKey>,
+}
+
+/// What the last compilation did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompileStats {
+    pub sets_compiled: usize,
+    pub sets_reused: usize,
+}
+
+impl Compiler {
+    pub fn last_stats(&self) -> CompileStats {
+        self.last_stats
     }
 
-    let mut rules = RuleSet::default();
-    let mut set_of: HashMap<Vec<usize>, u32> = HashMap::new();
-    for (&cgroup_id, selecting) in endpoints {
-        let mut members: Vec<usize> = selecting.clone();
-        members.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
-        members.dedup();
-        if members.is_empty() {
-            continue; // no policy selects it: not restricted
-        }
-        let set = match set_of.get(&members) {
-            Some(&set) => set,
-            None => {
-                let members_ref: Vec<(usize, &Policy)> =
-                    members.iter().map(|&i| (i, &policies[i])).collect();
-                let (set_rules, defaults) = compile_set(&members_ref, &rule_ids)?;
-                let set = rules.sets.len() as u32;
-                rules.sets.push(set_rules);
-                names.set_defaults.push(defaults);
-                set_of.insert(members, set);
-                set
+    /// Endpoints selected by the same policies share one rule set.
+    pub fn compile(
+        &mut self,
+        policies: &[Policy],
+        endpoints: &BTreeMap<u64, Vec<usize>>,
+    ) -> Result<Compiled, CompileError> {
+        for policy in policies {
+            if let Some(rule) = policy
+                .rules
+                .iter()
+                .find(|r| r.to.iter().any(|p| matches!(p, Peer::Fqdn(_))))
+            {
+                return Err(CompileError::FqdnUnsupported {
+                    policy: policy.key.to_string(),
+                    rule: rule.name.clone(),
+                });
             }
-        };
-        rules.endpoints.insert(cgroup_id, set);
+        }
+        let rule_ids = self.assign_rule_ids(policies);
+        let mut names = Names::default();
+        for (p, policy) in policies.iter().enumerate() {
+            for (r, rule) in policy.rules.iter().enumerate() {
+                names.rules.insert(
+                    rule_ids[&(p, r)],
+                    RuleRef {
+                        policy: policy.key.clone(),
+                        rule: rule.name.clone(),
+                    },
+                );
+            }
+        }
+
+        let mut stats = CompileStats::default();
+        let mut used: HashMap<Vec<Policy>, CompiledSet> = HashMap::new();
+        let mut rules = RuleSet::default();
+        let mut set_of: HashMap<Vec<usize>, u32> = HashMap::new();
+        for (&cgroup_id, selecting) in endpoints {
+            let mut members: Vec<usize> = selecting.clone();
+            members.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
+            members.dedup();
+            if members.is_empty() {
+                continue; // no policy selects it: not restricted
+            }
+            if let Some(&set) = set_of.get(&members) {
+                rules.endpoints.insert(cgroup_id, set);
+                continue;
+            }
+            let contents: Vec<Policy> = members.iter().map(|&i| policies[i].clone()).collect();
+            let compiled = match self
+                .sets
+                .remove(&contents)
+                .or_else(|| used.get(&contents).cloned())
+            {
+                Some(compiled) => {
+                    stats.sets_reused += 1;
+                    compiled
+                }
+                None => {
+                    stats.sets_compiled += 1;
+                    let members_ref: Vec<(usize, &Policy)> =
+                        members.iter().map(|&i| (i, &policies[i])).collect();
+                    let (rules, defaults) = compile_set(&members_ref, &rule_ids)?;
+                    CompiledSet { rules, defaults }
+                }
+            };
+            let set = rules.sets.len() as u32;
+            rules.sets.push(compiled.rules.clone());
+            names.set_defaults.push(compiled.defaults.clone());
+            used.insert(contents, compiled);
+            set_of.insert(members, set);
+            rules.endpoints.insert(cgroup_id, set);
+        }
+        // Only what this compilation used is kept for the next.
+        self.sets = used;
+        self.last_stats = stats;
+        Ok(Compiled { rules, names })
     }
-    Ok(Compiled { rules, names })
+
+    /// Ids by (index into `policies`, rule position); existing ones kept,
+    /// those of policies that are gone dropped.
+    fn assign_rule_ids(&mut self, policies: &[Policy]) -> HashMap<(usize, usize), u32> {
+        let present: std::collections::HashSet<&PolicyKey> =
+            policies.iter().map(|p| &p.key).collect();
+        self.rule_ids.retain(|(key, _), _| present.contains(key));
+        let mut by_key: Vec<usize> = (0..policies.len()).collect();
+        by_key.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
+        let mut ids = HashMap::new();
+        for p in by_key {
+            for r in 0..policies[p].rules.len() {
+                let id = *self
+                    .rule_ids
+                    .entry((policies[p].key.clone(), r))
+                    .or_insert_with(|| {
+                        self.next_rule_id += 1;
+                        self.next_rule_id
+                    });
+                ids.insert((p, r), id);
+            }
+        }
+        ids
+    }
 }
 
 /// Deny rules with a stronger mode come first, so the reported rule of a

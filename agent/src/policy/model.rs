@@ -23,7 +23,7 @@ impl std::fmt::Display for PolicyKey {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Policy {
     pub key: PolicyKey,
     pub mode: PolicyMode,
@@ -33,7 +33,7 @@ pub struct Policy {
 }
 
 /// Which endpoints a policy applies to.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Selector {
     /// Pods, when the policy has a podSelector or namespaceSelector.
     pub pods: Option<PodSelector>,
@@ -41,20 +41,20 @@ pub struct Selector {
     pub cgroups: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PodSelector {
     pub pods: LabelSelector,
     /// None: pods of the policy's own namespace.
     pub namespaces: Option<LabelSelector>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LabelSelector {
     pub match_labels: BTreeMap<String, String>,
     pub match_expressions: Vec<LabelRequirement>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum LabelRequirement {
     In { key: String, values: Vec<String> },
     NotIn { key: String, values: Vec<String> },
@@ -62,7 +62,7 @@ pub enum LabelRequirement {
     DoesNotExist { key: String },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
     /// The rule's `name`, or `egress[<index>]`.
     pub name: String,
@@ -73,7 +73,7 @@ pub struct Rule {
     pub ports: Vec<PortSpec>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// `net` minus every prefix in `except` (each inside `net`, longer).
     Cidr {

@@ -307,6 +307,73 @@ fn endpoints_selected_by_the_same_policies_share_a_set() {
 }
 
 #[test]
+fn a_change_to_one_policy_recompiles_only_the_sets_it_is_in() {
+    let allow = |net: &str| rule(Action::Allow, vec![cidr(net)], vec![]);
+    let mut policies = vec![
+        policy(
+            "a",
+            Action::Deny,
+            PolicyMode::Inherit,
+            vec![allow("10.1.0.0/16")],
+        ),
+        policy(
+            "b",
+            Action::Deny,
+            PolicyMode::Inherit,
+            vec![allow("10.2.0.0/16")],
+        ),
+        policy(
+            "c",
+            Action::Deny,
+            PolicyMode::Inherit,
+            vec![allow("10.3.0.0/16")],
+        ),
+    ];
+    let endpoints = BTreeMap::from([(1, vec![0]), (2, vec![1]), (3, vec![0, 2]), (4, vec![0])]);
+    let mut compiler = super::compile::Compiler::default();
+    let first = compiler.compile(&policies, &endpoints).unwrap();
+    assert_eq!(
+        compiler.last_stats(),
+        super::compile::CompileStats {
+            sets_compiled: 3,
+            sets_reused: 0
+        }
+    );
+
+    policies[1].rules.push(allow("10.9.0.0/16"));
+    let second = compiler.compile(&policies, &endpoints).unwrap();
+    assert_eq!(
+        compiler.last_stats(),
+        super::compile::CompileStats {
+            sets_compiled: 1,
+            sets_reused: 2
+        }
+    );
+    // Untouched sets are the very same, rule ids included.
+    let set_of = |c: &Compiled, e: u64| c.rules.sets[c.rules.endpoints[&e] as usize].clone();
+    assert_eq!(set_of(&first, 1), set_of(&second, 1));
+    assert_eq!(set_of(&first, 3), set_of(&second, 3));
+    // And the incremental result decides like a compilation from scratch.
+    let fresh = compile(&policies, &endpoints).unwrap();
+    for endpoint in [1, 2, 3] {
+        for ip in ["10.1.0.1", "10.2.0.1", "10.3.0.1", "10.9.0.1", "10.8.0.1"] {
+            let name = |c: &Compiled| {
+                let (action, _, id) =
+                    set_of(c, endpoint).decide(ip.parse().unwrap(), 80, TCP, PolicyMode::Enforce);
+                (
+                    action,
+                    c.names
+                        .rules
+                        .get(&id)
+                        .map(|r| (r.policy.clone(), r.rule.clone())),
+                )
+            };
+            assert_eq!(name(&second), name(&fresh), "endpoint {endpoint}, {ip}");
+        }
+    }
+}
+
+#[test]
 fn prefixes_that_change_nothing_get_no_entry() {
     // The except's own allow rule repeats the /8's list: no extra entry for
     // 10.1.0.0/16 is needed except the carve-out.
@@ -357,6 +424,45 @@ fn too_many_rules_for_one_prefix_is_an_error_that_says_so() {
         "17 port rules apply to 10.0.0.0/8 for endpoints selected by wide; the datapath holds at most 16 per prefix \
          (merge rules, or use fewer port entries)"
     );
+}
+
+#[test]
+fn the_shipped_examples_are_valid() {
+    let examples = [
+        (
+            "host-allow-list.yaml",
+            include_str!("../../../examples/policies/host-allow-list.yaml"),
+        ),
+        (
+            "observe-first.yaml",
+            include_str!("../../../examples/policies/observe-first.yaml"),
+        ),
+        (
+            "deny-instance-metadata.yaml",
+            include_str!("../../../examples/policies/deny-instance-metadata.yaml"),
+        ),
+        (
+            "aks-allow-list.yaml",
+            include_str!("../../../examples/policies/aks-allow-list.yaml"),
+        ),
+    ];
+    for (name, text) in examples {
+        let documents =
+            super::document::parse_documents(name, text).unwrap_or_else(|e| panic!("{e:?}"));
+        let policies =
+            super::validate::validate_all(&documents).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let compiled = compile(
+            &policies,
+            &BTreeMap::from([(1, (0..policies.len()).collect())]),
+        );
+        match name {
+            "aks-allow-list.yaml" => assert!(matches!(
+                compiled,
+                Err(CompileError::FqdnUnsupported { .. })
+            )),
+            _ => assert!(compiled.is_ok(), "{name}: {compiled:?}"),
+        }
+    }
 }
 
 // ---- property test -------------------------------------------------------
