@@ -147,6 +147,19 @@ fn invalid_requests_are_refused_with_field_paths_and_change_nothing() {
         status.message()
     );
 
+    // Over a datapath limit: 17 port rules on one prefix.
+    let ports: Vec<String> = (1..=17).map(|p| format!("{{port: {p}}}")).collect();
+    let wide = host_policy("wide", &env.cgroup.relative, "", host)
+        .replace("{port: 8080, protocol: TCP}", &ports.join(", "));
+    let wide = TempFile::new("ctlbad-wide.yaml", &wide);
+    let exhausted = env
+        .ctl(&["apply", "-f", wide.path.to_str().unwrap()])
+        .failed();
+    assert!(
+        exhausted.contains("ResourceExhausted") && exhausted.contains("at most 16 per prefix"),
+        "{exhausted}"
+    );
+
     let missing = env.ctl(&["delete", "no-such-policy"]).failed();
     assert!(missing.contains("NotFound"), "{missing}");
     // The first policy is still the one in force.
@@ -173,16 +186,33 @@ fn generation_conflicts_are_refused_and_dry_runs_change_nothing() {
         &host_policy("p", &env.cgroup.relative, "observe", host),
     );
 
-    assert!(
-        env.ctl(&[
+    // From stdin, as in pipelines.
+    let mut from_stdin = Command::new(tollgate_tests::workspace_binary("tollgatectl"))
+        .args([
+            "--agent",
+            &env.agent_address(),
             "apply",
             "-f",
-            v1.path.to_str().unwrap(),
+            "-",
             "--expected-generation",
-            "0"
+            "0",
         ])
-        .ok()
-        .ends_with("generation 1\n")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut from_stdin.stdin.take().unwrap(),
+        std::fs::read(&v1.path).unwrap().as_slice(),
+    )
+    .unwrap();
+    let output = from_stdin.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "p created
+generation 1
+"
     );
     let conflict = env
         .ctl(&[
@@ -507,8 +537,8 @@ fn thousands_of_applies_never_leave_a_decision_outside_both_sets() {
         parse(yaml("deny", "allow", "b-allow")),
     ];
 
-    const ATTEMPTS: usize = 3000;
     const APPLIES: usize = 2000;
+    const BATCH: &str = "300";
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -520,49 +550,49 @@ fn thousands_of_applies_never_leave_a_decision_outside_both_sets() {
                 .unwrap(),
         )
     });
-    let apply = |client: &mut PolicyServiceClient<_>, n: usize| {
+    let mut apply = |n: usize| {
         let request = api::ApplyPoliciesRequest {
             policies: vec![sets[n % 2].clone()],
             ..Default::default()
         };
         runtime.block_on(client.apply_policies(request)).unwrap();
     };
-    apply(&mut client, 0);
-    let (run, applies) = std::thread::scope(|scope| {
-        let prober = scope.spawn(|| {
-            env.probe(&[
-                "--count",
-                &ATTEMPTS.to_string(),
-                "connect",
-                "tcp",
-                &format!("{host}:8080"),
-            ])
+    apply(0);
+    // The prober runs batch after batch for as long as the applies go on,
+    // so the two overlap however fast either side is.
+    let applying = std::sync::atomic::AtomicBool::new(true);
+    let runs = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for n in 1..=APPLIES {
+                apply(n);
+            }
+            applying.store(false, std::sync::atomic::Ordering::SeqCst);
         });
-        let mut applies = 1;
-        while !prober.is_finished() || applies < APPLIES {
-            apply(&mut client, applies);
-            applies += 1;
+        let mut runs = Vec::new();
+        while applying.load(std::sync::atomic::Ordering::SeqCst) {
+            runs.push(env.probe(&["--count", BATCH, "connect", "tcp", &format!("{host}:8080")]));
         }
-        (prober.join().unwrap(), applies)
+        runs
     });
-    assert!(applies >= APPLIES);
 
     let mut seen = std::collections::HashMap::new();
-    for result in &run.results {
-        let record = loop {
-            let record = agent.next_record(WAIT);
-            if record["src"]["pid"].as_u64() == Some(u64::from(run.pid)) {
-                break record;
-            }
-        };
-        let rule = record["rule"].as_str().unwrap().to_owned();
-        let expected = match rule.as_str() {
-            "a-deny" => Err(EPERM),
-            "b-allow" => Ok(()),
-            other => panic!("a decision by {other:?} belongs to neither set: {record}"),
-        };
-        assert_eq!(*result, expected, "{record}");
-        *seen.entry(rule).or_insert(0) += 1;
+    for run in &runs {
+        for result in &run.results {
+            let record = loop {
+                let record = agent.next_record(WAIT);
+                if record["src"]["pid"].as_u64() == Some(u64::from(run.pid)) {
+                    break record;
+                }
+            };
+            let rule = record["rule"].as_str().unwrap().to_owned();
+            let expected = match rule.as_str() {
+                "a-deny" => Err(EPERM),
+                "b-allow" => Ok(()),
+                other => panic!("a decision by {other:?} belongs to neither set: {record}"),
+            };
+            assert_eq!(*result, expected, "{record}");
+            *seen.entry(rule).or_insert(0) += 1;
+        }
     }
     assert_eq!(
         seen.len(),

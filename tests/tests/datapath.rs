@@ -503,37 +503,38 @@ async fn every_decision_during_rule_switches_belongs_to_one_generation() {
     dp.switch_rules(&deny_rules).unwrap();
     assert_eq!(dp.generation() % 2, 1);
 
-    const ATTEMPTS: usize = 1500;
-    let (run, switches) = std::thread::scope(|scope| {
-        let prober = scope.spawn(|| {
-            env.probe(&[
-                "--count",
-                &ATTEMPTS.to_string(),
-                "connect",
-                "tcp",
-                &format!("{host}:8080"),
-            ])
+    // The prober runs batch after batch for as long as the switches go on,
+    // so the two overlap however fast either side is.
+    const SWITCHES: u32 = 2000;
+    let switching = std::sync::atomic::AtomicBool::new(true);
+    let runs = std::thread::scope(|scope| {
+        let dp = &mut dp;
+        scope.spawn(|| {
+            for _ in 0..SWITCHES {
+                let next = if (dp.generation() + 1) % 2 == 1 {
+                    &deny_rules
+                } else {
+                    &allow_rules
+                };
+                dp.switch_rules(next).unwrap();
+            }
+            switching.store(false, std::sync::atomic::Ordering::SeqCst);
         });
-        let mut switches = 0u32;
-        while !prober.is_finished() {
-            let next = if (dp.generation() + 1) % 2 == 1 {
-                &deny_rules
-            } else {
-                &allow_rules
-            };
-            dp.switch_rules(next).unwrap();
-            switches += 1;
+        let mut runs = Vec::new();
+        while switching.load(std::sync::atomic::Ordering::SeqCst) {
+            runs.push(env.probe(&["--count", "300", "connect", "tcp", &format!("{host}:8080")]));
         }
-        (prober.join().unwrap(), switches)
+        runs
     });
-    assert!(
-        switches > 50,
-        "only {switches} switches happened during the run"
-    );
 
-    let got = collect_events(&mut events, ATTEMPTS, WAIT).await;
-    assert_eq!(got.len(), ATTEMPTS);
-    for (event, result) in got.iter().zip(&run.results) {
+    let attempts: usize = runs.iter().map(|r| r.results.len()).sum();
+    let got = collect_events(&mut events, attempts, WAIT).await;
+    assert_eq!(got.len(), attempts);
+    let results = runs
+        .iter()
+        .flat_map(|r| r.results.iter().map(move |result| (r.pid, result)));
+    for (event, (pid, result)) in got.iter().zip(results) {
+        assert_eq!((event.pid_tgid >> 32) as u32, pid);
         let expected_rule = if event.generation % 2 == 1 { 101 } else { 202 };
         assert_eq!(
             event.rule_id, expected_rule,

@@ -134,20 +134,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cert: cli.cert,
         key: cli.key,
     };
-    // Local input is checked before the agent is contacted.
-    if let Command::Apply { files, .. } = &cli.command {
-        read_policies(files)?;
-    }
+    // Local input is read once and checked before the agent is contacted.
+    let documents = match &cli.command {
+        Command::Apply { files, .. } => read_policies(files)?,
+        _ => Vec::new(),
+    };
     let channel = connect(&cli.agent, &tls).await?;
     let mut policies = PolicyServiceClient::new(channel.clone());
     match cli.command {
         Command::Apply {
-            files,
             dry_run,
             expected_generation,
+            ..
         } => {
             let request = api::ApplyPoliciesRequest {
-                policies: read_policies(&files)?,
+                policies: documents,
                 expected_generation,
                 dry_run,
             };
