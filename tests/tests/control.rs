@@ -6,6 +6,7 @@
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
     time::Duration,
 };
 
@@ -538,7 +539,7 @@ fn thousands_of_applies_never_leave_a_decision_outside_both_sets() {
     ];
 
     const APPLIES: usize = 2000;
-    const BATCH: &str = "300";
+    const BATCH: &str = "50";
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -558,19 +559,25 @@ fn thousands_of_applies_never_leave_a_decision_outside_both_sets() {
         runtime.block_on(client.apply_policies(request)).unwrap();
     };
     apply(0);
-    // The prober runs batch after batch for as long as the applies go on,
-    // so the two overlap however fast either side is.
-    let applying = std::sync::atomic::AtomicBool::new(true);
+    // The prober runs small batches, pausing between them, for as long as
+    // the applies go on; the applies go on until at least three batches ran
+    // meanwhile. So the two overlap by construction, without flooding.
+    let applying = AtomicBool::new(true);
+    let batches = AtomicUsize::new(0);
     let runs = std::thread::scope(|scope| {
         scope.spawn(|| {
-            for n in 1..=APPLIES {
+            let mut n = 1;
+            while n <= APPLIES || batches.load(SeqCst) < 3 {
                 apply(n);
+                n += 1;
             }
-            applying.store(false, std::sync::atomic::Ordering::SeqCst);
+            applying.store(false, SeqCst);
         });
         let mut runs = Vec::new();
-        while applying.load(std::sync::atomic::Ordering::SeqCst) {
+        while applying.load(SeqCst) {
             runs.push(env.probe(&["--count", BATCH, "connect", "tcp", &format!("{host}:8080")]));
+            batches.fetch_add(1, SeqCst);
+            std::thread::sleep(Duration::from_millis(10));
         }
         runs
     });

@@ -4,7 +4,12 @@
 //!
 //! These tests need root and the BPF object: `cargo xtask test` runs them.
 
-use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst},
+    time::Duration,
+};
 
 use tollgate_agent::datapath::{
     Action, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet, SetRules,
@@ -503,26 +508,33 @@ async fn every_decision_during_rule_switches_belongs_to_one_generation() {
     dp.switch_rules(&deny_rules).unwrap();
     assert_eq!(dp.generation() % 2, 1);
 
-    // The prober runs batch after batch for as long as the switches go on,
-    // so the two overlap however fast either side is.
+    // The prober runs small batches, pausing between them, for as long as
+    // the switches go on; the switches go on until at least three batches
+    // ran meanwhile. So the two overlap by construction, and the ring buffer
+    // (read only afterwards) is never flooded.
     const SWITCHES: u32 = 2000;
-    let switching = std::sync::atomic::AtomicBool::new(true);
+    let switching = AtomicBool::new(true);
+    let batches = AtomicUsize::new(0);
     let runs = std::thread::scope(|scope| {
         let dp = &mut dp;
         scope.spawn(|| {
-            for _ in 0..SWITCHES {
+            let mut n = 0;
+            while n < SWITCHES || batches.load(SeqCst) < 3 {
                 let next = if (dp.generation() + 1) % 2 == 1 {
                     &deny_rules
                 } else {
                     &allow_rules
                 };
                 dp.switch_rules(next).unwrap();
+                n += 1;
             }
-            switching.store(false, std::sync::atomic::Ordering::SeqCst);
+            switching.store(false, SeqCst);
         });
         let mut runs = Vec::new();
-        while switching.load(std::sync::atomic::Ordering::SeqCst) {
-            runs.push(env.probe(&["--count", "300", "connect", "tcp", &format!("{host}:8080")]));
+        while switching.load(SeqCst) {
+            runs.push(env.probe(&["--count", "100", "connect", "tcp", &format!("{host}:8080")]));
+            batches.fetch_add(1, SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
         }
         runs
     });
