@@ -8,30 +8,16 @@ use std::{
 };
 
 use tollgate_common::{Mode, SET_ID_HALF_BIT};
-use tollgate_proto::v1 as api;
 
 use crate::{
     cgroups,
     datapath::{Datapath, DatapathError},
     policy::{
         compile::{CompileError, Compiler, Names, compile},
-        document::{FieldError, parse_documents},
         model::Policy,
         select::select_cgroups,
-        validate::validate_all,
     },
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("invalid policies:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<FieldError>),
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforceError {
@@ -39,50 +25,6 @@ pub enum EnforceError {
     Compile(#[from] CompileError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
-}
-
-/// Reads policy documents from files and directories (their `*.yaml`,
-/// `*.yml` and `*.json`, in name order). Nothing is returned unless every
-/// document is valid.
-pub fn load_policy_files(paths: &[PathBuf]) -> Result<Vec<api::EgressPolicy>, LoadError> {
-    let mut files = Vec::new();
-    for path in paths {
-        let read_err = |source| LoadError::Read {
-            path: path.clone(),
-            source,
-        };
-        if path.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(read_err)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.extension()
-                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
-                })
-                .collect();
-            entries.sort();
-            files.extend(entries);
-        } else {
-            files.push(path.clone());
-        }
-    }
-    let mut sourced = Vec::new();
-    let mut errors = Vec::new();
-    for file in &files {
-        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Read {
-            path: file.clone(),
-            source,
-        })?;
-        match parse_documents(&file.display().to_string(), &text) {
-            Ok(policies) => sourced.extend(policies),
-            Err(e) => errors.extend(e),
-        }
-    }
-    if !errors.is_empty() {
-        return Err(LoadError::Invalid(errors));
-    }
-    validate_all(&sourced).map_err(LoadError::Invalid)?;
-    Ok(sourced.into_iter().map(|s| s.policy).collect())
 }
 
 /// Generations whose names are kept, for events still in flight.

@@ -11,4 +11,5 @@ pub mod flow;
 pub mod mounts;
 pub mod output;
 pub mod policy;
+pub mod policy_files;
 pub mod run;

@@ -7,7 +7,7 @@ use tollgate_agent::{
     config::{Cli, Command, RunArgs},
     control::server::{self, Listen, TlsFiles},
     datapath::{self, DatapathOptions},
-    enforce, mounts,
+    mounts, policy_files,
     run::{self, RunConfig},
 };
 use tracing_subscriber::EnvFilter;
@@ -57,7 +57,7 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         Some(node) => node,
         None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
     };
-    let policies = enforce::load_policy_files(&args.policies)?;
+    let policies = policy_files::load(&args.policies)?;
     let tls = match (args.tls_cert, args.tls_key, args.tls_client_ca) {
         (Some(cert), Some(key), Some(client_ca)) => Some(TlsFiles {
             cert,

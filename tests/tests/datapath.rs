@@ -12,7 +12,7 @@ use std::{
 };
 
 use tollgate_agent::datapath::{
-    Action, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet, SetRules,
+    Action, Datapath, EventReader, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet, SetRules,
 };
 use tollgate_common::{
     FlowEvent, Hook, Mode, RULE_ID_DEFAULT, Verdict, family, flow_flags, protocol,
@@ -21,6 +21,16 @@ use tollgate_tests::{TestEnv, collect_events, no_more_events};
 
 const EPERM: i32 = libc::EPERM;
 const WAIT: Duration = Duration::from_secs(5);
+
+/// The datapath attached to the test's cgroup, enforcing, reporting every
+/// decision, and its event reader.
+fn enforcing(env: &TestEnv) -> (Datapath, EventReader) {
+    let mut dp = env.open_datapath();
+    let events = dp.take_event_reader().unwrap().unwrap();
+    dp.set_global_mode(Mode::Enforce).unwrap();
+    dp.set_allowed_report_interval(Duration::ZERO).unwrap();
+    (dp, events)
+}
 
 fn rule(ports: PortRange, protocol: Protocol, action: Action, rule_id: u32) -> PortRuleSpec {
     PortRuleSpec {
@@ -62,10 +72,7 @@ fn dst_ip(event: &FlowEvent) -> IpAddr {
 async fn tcp_connect_is_denied_with_eperm_and_allowed_by_rule() {
     let mut env = TestEnv::new("tcp");
     let host = env.add_host(1, &[8080, 8081]).v4;
-    let mut dp = env.open_datapath();
-    let mut events = dp.take_event_reader().unwrap().unwrap();
-    dp.set_global_mode(Mode::Enforce).unwrap();
-    dp.set_allowed_report_interval(Duration::ZERO).unwrap();
+    let (mut dp, mut events) = enforcing(&env);
 
     // Default deny; one allow rule for 8080/TCP on the host's /24.
     let mut rules = set(Action::Deny);
@@ -118,10 +125,7 @@ async fn tcp_connect_is_denied_with_eperm_and_allowed_by_rule() {
 async fn unconnected_udp_sendto_is_denied() {
     let mut env = TestEnv::new("udp");
     let host = env.add_host(2, &[]).v4;
-    let mut dp = env.open_datapath();
-    let mut events = dp.take_event_reader().unwrap().unwrap();
-    dp.set_global_mode(Mode::Enforce).unwrap();
-    dp.set_allowed_report_interval(Duration::ZERO).unwrap();
+    let (mut dp, mut events) = enforcing(&env);
     let mut rules = set(Action::Allow);
     rules.v4.push((
         format!("{host}/32").parse().unwrap(),
@@ -201,9 +205,7 @@ async fn unconnected_udp_sendto_is_denied() {
 async fn ipv4_mapped_ipv6_destinations_are_judged_as_ipv4() {
     let mut env = TestEnv::new("mapped");
     let host = env.add_host(3, &[8080]).v4;
-    let mut dp = env.open_datapath();
-    let mut events = dp.take_event_reader().unwrap().unwrap();
-    dp.set_global_mode(Mode::Enforce).unwrap();
+    let (mut dp, mut events) = enforcing(&env);
     let mut rules = set(Action::Allow);
     rules.v4.push((
         format!("{host}/32").parse().unwrap(),
@@ -252,10 +254,7 @@ async fn ipv4_mapped_ipv6_destinations_are_judged_as_ipv4() {
 async fn ipv6_prefixes_port_ranges_and_any_protocol() {
     let mut env = TestEnv::new("ipv6");
     let host = env.add_host(4, &[8999, 9005, 9006, 9011]).v6;
-    let mut dp = env.open_datapath();
-    let mut events = dp.take_event_reader().unwrap().unwrap();
-    dp.set_global_mode(Mode::Enforce).unwrap();
-    dp.set_allowed_report_interval(Duration::ZERO).unwrap();
+    let (mut dp, mut events) = enforcing(&env);
     let deny_range = rule(
         PortRange {
             first: 9000,
@@ -381,9 +380,7 @@ async fn observe_mode_lets_denied_connections_through_as_audit() {
 async fn allowed_flows_are_deduplicated_denied_ones_never() {
     let mut env = TestEnv::new("dedup");
     let host = env.add_host(6, &[8080]).v4;
-    let mut dp = env.open_datapath();
-    let mut events = dp.take_event_reader().unwrap().unwrap();
-    dp.set_global_mode(Mode::Enforce).unwrap();
+    let (mut dp, mut events) = enforcing(&env);
     dp.set_allowed_report_interval(Duration::from_secs(3600))
         .unwrap();
     let mut rules = set(Action::Allow);
@@ -434,9 +431,7 @@ async fn allowed_flows_are_deduplicated_denied_ones_never() {
 async fn a_full_ring_buffer_loses_nothing_silently() {
     let mut env = TestEnv::new("ringfull");
     let host = env.add_host(7, &[]).v4;
-    let mut dp = env.open_datapath();
-    let mut events = dp.take_event_reader().unwrap().unwrap();
-    dp.set_global_mode(Mode::Enforce).unwrap();
+    let (mut dp, mut events) = enforcing(&env);
     let mut rules = set(Action::Allow);
     rules.v4.push((
         format!("{host}/32").parse().unwrap(),
@@ -476,10 +471,7 @@ async fn a_full_ring_buffer_loses_nothing_silently() {
 async fn every_decision_during_rule_switches_belongs_to_one_generation() {
     let mut env = TestEnv::new("switch");
     let host = env.add_host(8, &[8080]).v4;
-    let mut dp = env.open_datapath();
-    let mut events = dp.take_event_reader().unwrap().unwrap();
-    dp.set_global_mode(Mode::Enforce).unwrap();
-    dp.set_allowed_report_interval(Duration::ZERO).unwrap();
+    let (mut dp, mut events) = enforcing(&env);
     let target: ipnet::Ipv4Net = format!("{host}/32").parse().unwrap();
     // Generation parity tells which set must have decided.
     let mut deny_set = set(Action::Allow);

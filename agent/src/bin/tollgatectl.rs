@@ -1,15 +1,14 @@
 //! tollgatectl: the command-line client of an agent's control API.
 //! Exits non-zero on any failure, with the agent's message on stderr.
 
-use std::{io::Read, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_stream::StreamExt;
 use tollgate_agent::{
     client::{ClientTls, connect},
     config::parse_duration,
-    policy::{document::parse_documents, validate::validate_all},
+    policy_files,
 };
 use tollgate_proto::v1::{
     self as api, agent_service_client::AgentServiceClient, flow_service_client::FlowServiceClient,
@@ -45,7 +44,7 @@ enum Command {
     /// Create or replace policies from a file, a directory, or - (stdin).
     Apply {
         #[arg(short = 'f', long = "filename", required = true)]
-        files: Vec<String>,
+        files: Vec<PathBuf>,
         /// Show what would change; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -136,7 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     // Local input is read once and checked before the agent is contacted.
     let documents = match &cli.command {
-        Command::Apply { files, .. } => read_policies(files)?,
+        Command::Apply { files, .. } => policy_files::load(files)?,
         _ => Vec::new(),
     };
     let channel = connect(&cli.agent, &tls).await?;
@@ -282,55 +281,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn failed(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
-}
-
-/// Reads and validates every document; all problems are reported together.
-fn read_policies(sources: &[String]) -> anyhow::Result<Vec<api::EgressPolicy>> {
-    let mut texts = Vec::new();
-    for source in sources {
-        if source == "-" {
-            let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text)?;
-            texts.push(("stdin".to_owned(), text));
-            continue;
-        }
-        let path = PathBuf::from(source);
-        let mut files = vec![path.clone()];
-        if path.is_dir() {
-            files = std::fs::read_dir(&path)
-                .with_context(|| source.clone())?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.extension()
-                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
-                })
-                .collect();
-            files.sort();
-        }
-        for file in files {
-            let text =
-                std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
-            texts.push((file.display().to_string(), text));
-        }
-    }
-    let mut documents = Vec::new();
-    let mut errors = Vec::new();
-    for (source, text) in &texts {
-        match parse_documents(source, text) {
-            Ok(parsed) => documents.extend(parsed),
-            Err(e) => errors.extend(e),
-        }
-    }
-    if errors.is_empty()
-        && let Err(e) = validate_all(&documents)
-    {
-        errors = e;
-    }
-    if !errors.is_empty() {
-        let lines: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
-        bail!("invalid policies:\n{}", lines.join("\n"));
-    }
-    Ok(documents.into_iter().map(|d| d.policy).collect())
 }
 
 fn print_changes(changes: &api::PolicyChanges) {

@@ -109,24 +109,23 @@ pub async fn bind(listen: &Listen) -> Result<Bound, ServeError> {
                 .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
                 .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?))
                 .client_auth_optional(true);
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
+            let listener = bind_tcp(addr).await?;
             Ok(Bound::Tcp(listener, Some(config)))
         }
         Listen::Insecure(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
+            let listener = bind_tcp(addr).await?;
             Ok(Bound::Tcp(listener, None))
         }
     }
+}
+
+async fn bind_tcp(addr: &SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// The services, unauthenticated (a 0600 unix socket: only root connects)

@@ -9,14 +9,14 @@ use tollgate_common::Mode;
 use tollgate_proto::v1::{self as api, PolicyChange};
 
 use crate::policy::{
-    document::{DocumentRef, FieldError, SourcedPolicy},
+    document::{DocumentRef, FieldError, SourcedPolicy, describe},
     model::{Policy, PolicyKey, PolicyMode},
     validate::validate_all,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
-    #[error("invalid policies:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    #[error("invalid policies:\n{}", describe(.0))]
     Invalid(Vec<FieldError>),
     #[error("the policy set is at generation {actual}, not {expected}")]
     GenerationMismatch { expected: u64, actual: u64 },

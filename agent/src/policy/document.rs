@@ -34,6 +34,15 @@ impl std::fmt::Display for FieldError {
     }
 }
 
+/// The errors one per line, indented, for a message that lists them.
+pub fn describe(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A policy as read, with where it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SourcedPolicy {
