@@ -41,17 +41,18 @@ fn main() -> anyhow::Result<()> {
 
 fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
     let cgroup2_mount = mounts::cgroup2_mount().context("finding the cgroup v2 mount")?;
-    let cgroup = args.cgroup.unwrap_or_else(|| cgroup2_mount.clone());
+    let cgroup = match args.cgroup {
+        // Resolved, so that "..", links and relative paths cannot step outside.
+        Some(path) => path
+            .canonicalize()
+            .with_context(|| format!("--cgroup {}", path.display()))?,
+        None => cgroup2_mount.clone(),
+    };
     anyhow::ensure!(
-        cgroup.starts_with(&cgroup2_mount),
-        "--cgroup {} is not below the cgroup2 mount {}",
+        cgroup.starts_with(&cgroup2_mount) && cgroup.is_dir(),
+        "--cgroup {} is not a directory below the cgroup2 mount {}",
         cgroup.display(),
         cgroup2_mount.display()
-    );
-    anyhow::ensure!(
-        cgroup.is_dir(),
-        "--cgroup {} is not a directory",
-        cgroup.display()
     );
     let node = match args.node {
         Some(node) => node,

@@ -164,6 +164,8 @@ struct Printer<W: io::Write> {
 
 impl<W: io::Write> Printer<W> {
     fn print(&mut self, events: &[FlowEvent], enforcer: &Enforcer) -> Result<(), RunError> {
+        // Taken anew per batch, so a step of the wall clock (NTP) shows at once.
+        self.clock = WallClock::now();
         for event in events {
             self.seq += 1;
             let cgroup = self.cgroups.resolve(event.cgroup_id);
