@@ -1,6 +1,7 @@
 //! Tollgate's node agent as a library: the binaries (`tollgate-agent`,
 //! `tollgate-ctl`) and the integration tests are thin layers over it.
 
+pub mod cgroup_watch;
 pub mod cgroups;
 pub mod client;
 pub mod config;

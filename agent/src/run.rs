@@ -11,6 +11,7 @@ use tollgate_proto::v1 as api;
 use tracing::{info, warn};
 
 use crate::{
+    cgroup_watch::CgroupWatcher,
     cgroups::CgroupPaths,
     control::{
         controller::{ControlError, Controller},
@@ -51,10 +52,14 @@ pub enum RunError {
     Control(#[from] ControlError),
     #[error("control API: {0}")]
     Serve(#[from] ServeError),
+    #[error("watching cgroups: {0}")]
+    Watch(io::Error),
 }
 
-/// How often cgroups are looked for anew, to find endpoints that appeared.
-const CGROUP_RESCAN: Duration = Duration::from_secs(1);
+/// New and removed cgroups are noticed at once through inotify; a full
+/// rescan this often catches anything inotify could not report (a queue
+/// overflow).
+const CGROUP_RESCAN: Duration = Duration::from_secs(30);
 
 const BATCH: usize = 512;
 
@@ -112,6 +117,8 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     };
     let mut events = Vec::with_capacity(BATCH);
     let mut rescan = tokio::time::interval(CGROUP_RESCAN);
+    let mut cgroups = CgroupWatcher::new(&config.cgroup2_mount).map_err(RunError::Watch)?;
+    info!(cgroups = cgroups.watched(), "watching cgroups");
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -121,15 +128,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                 events.clear();
             }
             Some(command) = commands.recv() => controller.handle(command, &mut datapath),
-            _ = rescan.tick() => {
-                let enforcer = controller.enforcer_mut();
-                match enforcer.refresh(&mut datapath) {
-                    Ok(Some(generation)) => info!(endpoints = enforcer.endpoint_count(), generation, "endpoints changed"),
-                    Ok(None) => {}
-                    // The previous rules stay in force; the next rescan retries.
-                    Err(e) => warn!(error = %e, "cannot put the changed endpoints in force"),
-                }
+            changed = cgroups.changed() => {
+                changed.map_err(RunError::Watch)?;
+                refresh(&mut controller, &mut datapath);
             }
+            _ = rescan.tick() => refresh(&mut controller, &mut datapath),
         }
     }
     // What the kernel reported before the stop still goes out.
@@ -151,6 +154,20 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         Err(e) => warn!(error = %e, "stopping; cannot read counters"),
     }
     Ok(())
+}
+
+/// Puts the policies in force for the endpoints there are now.
+fn refresh(controller: &mut Controller, datapath: &mut Datapath) {
+    let enforcer = controller.enforcer_mut();
+    match enforcer.refresh(datapath) {
+        Ok(Some(generation)) => info!(
+            endpoints = enforcer.endpoint_count(),
+            generation, "endpoints changed"
+        ),
+        Ok(None) => {}
+        // The previous rules stay in force; the next change or rescan retries.
+        Err(e) => warn!(error = %e, "cannot put the changed endpoints in force"),
+    }
 }
 
 struct Printer<W: io::Write> {
