@@ -1,5 +1,6 @@
 //! Cgroup ids and paths. A cgroup v2 id is the inode number of its directory.
 
+use crate::pods::kubelet::{self, PodCgroup};
 use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt,
@@ -12,6 +13,15 @@ pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
     Ok(std::fs::metadata(path)?.ino())
 }
 
+/// What is known of a cgroup from its place in the tree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupInfo {
+    /// Relative to the cgroup2 mount ("/" is the root).
+    pub path: String,
+    /// The pod (and container) whose cgroup this is, by kubelet's layout.
+    pub pod: Option<PodCgroup>,
+}
+
 /// Maps cgroup ids to paths relative to the cgroup2 mount ("/" is the root).
 ///
 /// Ids are learned by walking the tree; an unknown id triggers a new walk at
@@ -19,7 +29,7 @@ pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
 /// that is already gone costs one walk, not one per event.
 pub struct CgroupPaths {
     root: PathBuf,
-    paths: HashMap<u64, String>,
+    paths: HashMap<u64, CgroupInfo>,
     last_scan: Option<Instant>,
     min_rescan_interval: Duration,
 }
@@ -34,7 +44,7 @@ impl CgroupPaths {
         }
     }
 
-    pub fn resolve(&mut self, id: u64) -> Option<&str> {
+    pub fn resolve(&mut self, id: u64) -> Option<&CgroupInfo> {
         if !self.paths.contains_key(&id) {
             let due = self
                 .last_scan
@@ -43,12 +53,23 @@ impl CgroupPaths {
                 self.rescan();
             }
         }
-        self.paths.get(&id).map(String::as_str)
+        self.paths.get(&id)
     }
 
     fn rescan(&mut self) {
         self.last_scan = Some(Instant::now());
-        self.paths = walk(&self.root).into_iter().collect();
+        self.paths = walk(&self.root)
+            .into_iter()
+            .map(|(id, path)| {
+                (
+                    id,
+                    CgroupInfo {
+                        pod: kubelet::parse(&path),
+                        path,
+                    },
+                )
+            })
+            .collect();
     }
 }
 
@@ -85,8 +106,13 @@ mod tests {
         scopeguard::defer! { let _ = std::fs::remove_dir_all(&root); }
         let mut paths = CgroupPaths::new(root.clone());
         let id = cgroup_id(&root.join("a/b")).unwrap();
-        assert_eq!(paths.resolve(id), Some("/a/b"));
-        assert_eq!(paths.resolve(cgroup_id(&root).unwrap()), Some("/"));
+        assert_eq!(paths.resolve(id).map(|c| c.path.as_str()), Some("/a/b"));
+        assert_eq!(
+            paths
+                .resolve(cgroup_id(&root).unwrap())
+                .map(|c| c.path.as_str()),
+            Some("/")
+        );
         assert_eq!(paths.resolve(u64::MAX), None);
     }
 }

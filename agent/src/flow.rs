@@ -7,6 +7,8 @@ use std::{
 };
 
 use serde::Serialize;
+
+use crate::pods::kubelet::PodCgroup;
 use tollgate_common::{
     FlowEvent, Hook, Mode, RULE_ID_DEFAULT, Verdict, event_kind, family, protocol,
 };
@@ -56,6 +58,10 @@ pub struct Source<'a> {
     pub comm: Cow<'a, str>,
     pub uid: u32,
     pub gid: u32,
+    /// The pod whose cgroup this is (kubelet's layout), else null.
+    pub pod_uid: Option<&'a str>,
+    /// The container whose cgroup this is, else null.
+    pub container_id: Option<&'a str>,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -69,6 +75,7 @@ pub struct Enrichment<'a> {
     pub seq: u64,
     pub node: &'a str,
     pub cgroup: Option<&'a str>,
+    pub pod: Option<&'a PodCgroup>,
     pub clock: WallClock,
     /// The deciding policy, and rule name (None: the default decided).
     pub attribution: Option<(&'a str, Option<&'a str>)>,
@@ -115,6 +122,11 @@ impl<'a> FlowRecord<'a> {
                 comm: String::from_utf8_lossy(&event.comm[..comm_len]),
                 uid: event.uid_gid as u32,
                 gid: (event.uid_gid >> 32) as u32,
+                pod_uid: enrichment.pod.map(|p| p.pod_uid.as_str()),
+                container_id: enrichment
+                    .pod
+                    .and_then(|p| p.container.as_ref())
+                    .map(|c| c.id.as_str()),
             },
             dst: Destination {
                 ip: dst_ip,
@@ -264,6 +276,7 @@ mod tests {
                 seq: 1,
                 node: "node-a",
                 cgroup: Some("/tgtest"),
+                pod: None,
                 clock: WallClock::with_offset(1_700_000_000_000_000_000),
                 attribution: None,
             },
@@ -279,7 +292,7 @@ mod tests {
                 "mode": "enforce",
                 "protocol": "tcp",
                 "hook": "connect4",
-                "src": {"cgroup_id": 99, "cgroup": "/tgtest", "pid": 1234, "tid": 1235, "comm": "curl", "uid": 10, "gid": 20},
+                "src": {"cgroup_id": 99, "cgroup": "/tgtest", "pid": 1234, "tid": 1235, "comm": "curl", "uid": 10, "gid": 20, "pod_uid": null, "container_id": null},
                 "dst": {"ip": "10.0.0.1", "port": 443},
                 "policy": null,
                 "rule": "rule-7",
@@ -304,6 +317,7 @@ mod tests {
                 seq: 2,
                 node: "n",
                 cgroup: None,
+                pod: None,
                 clock: WallClock::with_offset(0),
                 attribution: Some(("prod/p", None)),
             },
@@ -322,6 +336,7 @@ mod tests {
             seq: 3,
             node: "n",
             cgroup: None,
+            pod: None,
             clock: WallClock::with_offset(0),
             attribution: Some(("prod/payments", Some("dns"))),
         };

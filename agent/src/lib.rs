@@ -11,6 +11,7 @@ pub mod enforce;
 pub mod flow;
 pub mod mounts;
 pub mod output;
+pub mod pods;
 pub mod policy;
 pub mod policy_files;
 pub mod run;

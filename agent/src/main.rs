@@ -20,6 +20,9 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A closed log pipe must not stop enforcement reporting (the default
+        // reports a failed write with eprintln!, which panics then).
+        .log_internal_errors(false)
         .init();
     match cli.command {
         Some(Command::Cleanup { bpffs_root }) => cleanup(&bpffs_root),

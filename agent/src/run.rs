@@ -73,6 +73,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     for (program, attachment) in datapath.attachments() {
         info!(program, ?attachment, "attached");
     }
+    // Watching starts before the first walk of the tree, so a cgroup made
+    // at any moment after it is reported (queued until the loop runs).
+    let mut cgroups = CgroupWatcher::new(&config.cgroup2_mount).map_err(RunError::Watch)?;
+    info!(cgroups = cgroups.watched(), "watching cgroups");
     // The saved and given policies are in force before the agent is ready.
     let mut controller = Controller::start(
         &mut datapath,
@@ -117,8 +121,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     };
     let mut events = Vec::with_capacity(BATCH);
     let mut rescan = tokio::time::interval(CGROUP_RESCAN);
-    let mut cgroups = CgroupWatcher::new(&config.cgroup2_mount).map_err(RunError::Watch)?;
-    info!(cgroups = cgroups.watched(), "watching cgroups");
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -186,6 +188,10 @@ impl<W: io::Write> Printer<W> {
         for event in events {
             self.seq += 1;
             let cgroup = self.cgroups.resolve(event.cgroup_id);
+            let (cgroup, pod) = (
+                cgroup.map(|c| c.path.as_str()),
+                cgroup.and_then(|c| c.pod.as_ref()),
+            );
             let attribution = (event.flags & flow_flags::ENDPOINT_KNOWN != 0)
                 .then(|| enforcer.attribute(event.generation, event.set_id, event.rule_id))
                 .flatten();
@@ -193,6 +199,7 @@ impl<W: io::Write> Printer<W> {
                 seq: self.seq,
                 node: &self.node,
                 cgroup,
+                pod,
                 clock: self.clock,
                 attribution,
             };

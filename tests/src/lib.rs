@@ -80,10 +80,11 @@ impl TestCgroup {
 }
 
 impl TestCgroup {
-    /// Makes a cgroup below this one (removed with it).
+    /// Makes a cgroup (and its parents) below this one, removed with it.
     pub fn child(&self, name: &str) -> PathBuf {
         let path = self.path.join(name);
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
         path
     }
 }
@@ -511,6 +512,9 @@ pub struct AgentProcess {
     pub startup_log: Vec<String>,
     child: Child,
     stdout: std::sync::mpsc::Receiver<String>,
+    /// Log lines after startup; collected all along, so the agent never
+    /// writes into a closed pipe.
+    stderr: std::sync::mpsc::Receiver<String>,
 }
 
 impl AgentProcess {
@@ -563,6 +567,7 @@ impl AgentProcess {
             startup_log,
             child,
             stdout,
+            stderr,
         })
     }
 
@@ -589,14 +594,20 @@ impl AgentProcess {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
+    /// SIGTERM, then the exit status and everything logged after startup.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Vec<String>) {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         )
         .expect("signalling the agent");
-        self.child.wait().expect("waiting for the agent")
+        let status = self.child.wait().expect("waiting for the agent");
+        // The reader thread ends with the pipe; give it a moment to hand over the rest.
+        let mut log = Vec::new();
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(2)) {
+            log.push(line);
+        }
+        (status, log)
     }
 }
 

@@ -144,8 +144,8 @@ fn sigterm_stops_the_agent_and_leaves_the_programs_attached() {
     let host = env.add_host(12, &[8080]).v4;
     let mut agent = AgentProcess::start(&env, &["--mode", "enforce"]);
     deny_port(&env, host, 8080);
-    let status = agent.terminate();
-    assert!(status.success(), "{status:?}");
+    let (status, log) = agent.terminate();
+    assert!(status.success(), "{status:?}: {log:#?}");
     assert_eq!(
         env.probe(&["connect", "tcp", &format!("{host}:8080")])
             .result(),
@@ -221,4 +221,38 @@ fn adopting_pins_attached_to_another_cgroup_is_refused() {
         "{err}"
     );
     assert!(err.to_string().contains("tollgate-agent cleanup"), "{err}");
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn flow_records_name_the_pod_and_container_of_a_kubelet_cgroup() {
+    let mut env = TestEnv::new("kubelet");
+    let host = env.add_host(14, &[8080]).v4;
+    let agent = AgentProcess::start(&env, &["--allowed-report-interval", "0"]);
+    let uid = "0f5b6e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5b";
+    let id = "3f2c9a8b7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a";
+    // A systemd-driver tree, as kubelet makes it, below the test's cgroup.
+    let pod_slice = format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        uid.replace('-', "_")
+    );
+    let container = env
+        .cgroup
+        .child(&format!("{pod_slice}/cri-containerd-{id}.scope"));
+
+    assert_eq!(
+        env.probe_in(&container, &["connect", "tcp", &format!("{host}:8080")])
+            .result(),
+        Ok(())
+    );
+    let record = agent.next_record(WAIT);
+    assert_eq!(record["src"]["pod_uid"], uid);
+    assert_eq!(record["src"]["container_id"], id);
+    assert_eq!(
+        record["src"]["cgroup"],
+        format!(
+            "{}/{pod_slice}/cri-containerd-{id}.scope",
+            env.cgroup.relative
+        )
+    );
 }

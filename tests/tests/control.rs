@@ -268,7 +268,8 @@ fn a_restarted_agent_enforces_the_saved_set_before_it_is_ready() {
         &host_policy("saved", &env.cgroup.relative, "", host),
     );
     env.ctl(&["apply", "-f", file.path.to_str().unwrap()]).ok();
-    assert!(agent.terminate().success());
+    let (status, log) = agent.terminate();
+    assert!(status.success(), "{status:?}: {log:#?}");
     // Take the kernel side away entirely: only the saved state remains.
     let cleanup = Command::new(tollgate_tests::agent_binary())
         .arg("cleanup")

@@ -156,6 +156,8 @@ pub fn to_api(record: &FlowRecord) -> Flow {
             gid: record.src.gid,
             namespace: None,
             pod: None,
+            pod_uid: record.src.pod_uid.map(str::to_owned),
+            container_id: record.src.container_id.map(str::to_owned),
         }),
         dst: Some(FlowDestination {
             ip: record.dst.ip.to_string(),
@@ -255,6 +257,8 @@ mod tests {
                 comm: "curl".into(),
                 uid: 4,
                 gid: 5,
+                pod_uid: Some("0f5b6e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5b"),
+                container_id: None,
             },
             dst: Destination {
                 ip: "10.0.0.1".parse().unwrap(),

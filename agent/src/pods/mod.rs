@@ -1,0 +1,3 @@
+//! Pods as endpoints: which cgroups belong to which pod and container.
+
+pub mod kubelet;
