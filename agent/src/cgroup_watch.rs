@@ -22,6 +22,7 @@ impl AsRawFd for Fd {
 }
 
 pub struct CgroupWatcher {
+    root: PathBuf,
     inotify: AsyncFd<Fd>,
     directories: HashMap<WatchDescriptor, PathBuf>,
 }
@@ -39,6 +40,7 @@ impl CgroupWatcher {
         let inotify = unsafe { AsyncFd::register_with_interest(Fd(inotify), Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
         let mut watcher = Self {
+            root: root.to_owned(),
             inotify,
             directories: HashMap::new(),
         };
@@ -61,7 +63,10 @@ impl CgroupWatcher {
                     drop(guard);
                     let mut created = Vec::new();
                     for event in &events {
-                        if event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                        if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                            // Events were lost: look at the whole tree again.
+                            created.push(self.root.clone());
+                        } else if event.mask.contains(AddWatchFlags::IN_IGNORED) {
                             self.directories.remove(&event.wd);
                         } else if event
                             .mask
@@ -85,14 +90,31 @@ impl CgroupWatcher {
         }
     }
 
-    /// A directory that vanishes while being watched is simply not watched.
+    /// Watches the whole tree again: for directories whose creation was
+    /// not reported (the periodic rescan calls this).
+    pub fn rewatch(&mut self) {
+        self.watch_tree(&self.root.clone());
+    }
+
+    /// Adding a watch twice is harmless. A directory that vanishes meanwhile
+    /// is simply not watched; other failures (the inotify watch limit) are
+    /// logged, and those cgroups wait for the periodic rescan.
     fn watch_tree(&mut self, root: &Path) {
         let mut stack = vec![root.to_path_buf()];
+        let mut failed = 0;
+        let mut first_error = None;
         while let Some(dir) = stack.pop() {
-            let Ok(wd) = self.inotify.get_ref().0.add_watch(&dir, EVENTS) else {
-                continue;
-            };
-            self.directories.insert(wd, dir.clone());
+            match self.inotify.get_ref().0.add_watch(&dir, EVENTS) {
+                Ok(wd) => {
+                    self.directories.insert(wd, dir.clone());
+                }
+                Err(Errno::ENOENT) => continue,
+                Err(e) => {
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            }
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
@@ -102,6 +124,9 @@ impl CgroupWatcher {
                     .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                     .map(|e| e.path()),
             );
+        }
+        if let Some(error) = first_error {
+            tracing::warn!(failed, %error, "cannot watch some cgroups (fs.inotify.max_user_watches?); the periodic rescan finds them");
         }
     }
 }

@@ -28,7 +28,7 @@ pub enum EnforceError {
 }
 
 /// Generations whose names are kept, for events still in flight.
-const NAMED_GENERATIONS: usize = 4;
+const NAMED_GENERATIONS: usize = 16;
 
 pub struct Enforcer {
     /// None until a policy set is put in force: until then the rules in the
@@ -85,13 +85,14 @@ impl Enforcer {
     }
 
     /// Checks that `policies` would compile for the endpoints they select
-    /// now, without touching the datapath.
-    pub fn check(&self, policies: &[Policy]) -> Result<(), CompileError> {
-        compile(
+    /// now and fit the datapath's maps, without changing anything.
+    pub fn check(&self, policies: &[Policy], datapath: &Datapath) -> Result<(), EnforceError> {
+        let compiled = compile(
             policies,
             &select_cgroups(policies, &cgroups::walk(&self.cgroup_root)),
-        )
-        .map(drop)
+        )?;
+        datapath.check_rules(&compiled.rules)?;
+        Ok(())
     }
 
     /// Compiles `policies` for the endpoints they select and switches the

@@ -20,6 +20,8 @@ pub enum LoadError {
     },
     #[error("invalid policies:\n{}", describe(.0))]
     Invalid(Vec<FieldError>),
+    #[error("no policy documents in {}", .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    Empty(Vec<PathBuf>),
 }
 
 /// Reads the documents of files, directories (their `*.yaml`, `*.yml` and
@@ -70,6 +72,9 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<api::EgressPolicy>, LoadError> {
     }
     if !errors.is_empty() {
         return Err(LoadError::Invalid(errors));
+    }
+    if documents.is_empty() && !paths.is_empty() {
+        return Err(LoadError::Empty(paths.to_vec()));
     }
     validate_all(&documents).map_err(LoadError::Invalid)?;
     Ok(documents.into_iter().map(|d| d.policy).collect())

@@ -52,9 +52,14 @@ pub enum RunError {
     Control(#[from] ControlError),
     #[error("control API: {0}")]
     Serve(#[from] ServeError),
+    #[error("the control API stopped: {0}")]
+    ServerStopped(String),
     #[error("watching cgroups: {0}")]
     Watch(io::Error),
 }
+
+/// How long open control calls may take to finish after a stop.
+const SERVER_DRAIN: Duration = Duration::from_secs(5);
 
 /// New and removed cgroups are noticed at once through inotify; a full
 /// rescan this often catches anything inotify could not report (a queue
@@ -95,7 +100,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
 
     let flows = FlowHub::default();
     let (commands_tx, mut commands) = mpsc::channel(64);
-    let api = Api::new(commands_tx, flows.clone());
+    let api = Api::new(commands_tx, flows.subscriptions());
     let mut servers = JoinSet::new();
     for listen in &config.listen {
         let bound = server::bind(listen).await?;
@@ -124,6 +129,15 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            // A server stops only at shutdown; stopping before is fatal.
+            Some(stopped) = servers.join_next() => {
+                let reason = match stopped {
+                    Ok(Ok(())) => "stopped".to_owned(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(RunError::ServerStopped(reason));
+            }
             read = reader.read(&mut events, BATCH) => {
                 read.map_err(RunError::Events)?;
                 printer.print(&events, controller.enforcer())?;
@@ -134,7 +148,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                 changed.map_err(RunError::Watch)?;
                 refresh(&mut controller, &mut datapath);
             }
-            _ = rescan.tick() => refresh(&mut controller, &mut datapath),
+            _ = rescan.tick() => {
+                cgroups.rewatch();
+                refresh(&mut controller, &mut datapath);
+            }
         }
     }
     // What the kernel reported before the stop still goes out.
@@ -142,10 +159,20 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         printer.print(&events, controller.enforcer())?;
         events.clear();
     }
-    while let Some(served) = servers.join_next().await {
-        if let Ok(Err(e)) = served {
-            warn!(error = %e, "control API");
+    // Follow streams end with the hub, queued requests are answered
+    // UNAVAILABLE with the queue; then open calls can finish.
+    drop(printer);
+    drop(commands);
+    let drained = tokio::time::timeout(SERVER_DRAIN, async {
+        while let Some(served) = servers.join_next().await {
+            if let Ok(Err(e)) = served {
+                warn!(error = %e, "control API");
+            }
         }
+    });
+    if drained.await.is_err() {
+        warn!("control API calls still open after {SERVER_DRAIN:?}; closing them");
+        servers.abort_all();
     }
     match datapath.counters() {
         Ok(counters) => info!(

@@ -601,7 +601,18 @@ impl AgentProcess {
             nix::sys::signal::Signal::SIGTERM,
         )
         .expect("signalling the agent");
-        let status = self.child.wait().expect("waiting for the agent");
+        // A stop that hangs is a failure, not a stuck test run.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the agent") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the agent did not stop within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         // The reader thread ends with the pipe; give it a moment to hand over the rest.
         let mut log = Vec::new();
         while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(2)) {

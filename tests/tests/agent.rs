@@ -144,8 +144,34 @@ fn sigterm_stops_the_agent_and_leaves_the_programs_attached() {
     let host = env.add_host(12, &[8080]).v4;
     let mut agent = AgentProcess::start(&env, &["--mode", "enforce"]);
     deny_port(&env, host, 8080);
+    // A client following flows must not keep the agent from stopping.
+    let mut follower = std::process::Command::new(tollgate_tests::workspace_binary("tollgatectl"))
+        .args([
+            "--agent",
+            &env.agent_address(),
+            "flows",
+            "--follow",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let (status, log) = agent.terminate();
     assert!(status.success(), "{status:?}: {log:#?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let follower_status = loop {
+        if let Some(status) = follower.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = follower.kill();
+            panic!("tollgatectl flows --follow did not end when the agent stopped");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(follower_status.success(), "{follower_status:?}");
     assert_eq!(
         env.probe(&["connect", "tcp", &format!("{host}:8080")])
             .result(),

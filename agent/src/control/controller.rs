@@ -87,9 +87,9 @@ impl Controller {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => PolicyStore::default(),
             Err(source) => {
-                return Err(ControlError::Persist {
+                return Err(ControlError::LoadState {
                     path: state_file,
-                    source,
+                    message: source.to_string(),
                 });
             }
         };
@@ -193,11 +193,19 @@ impl Controller {
         let policies = self.store.effective_policies_of(&plan);
         let changes = plan.changes.clone();
         if dry_run {
-            self.enforcer.check(&policies).map_err(EnforceError::from)?;
+            self.enforcer.check(&policies, datapath)?;
             return Ok(api::PolicyChanges {
                 generation: self.store.generation(),
                 changes,
                 dry_run: true,
+            });
+        }
+        // Nothing to switch, save or move the generation for.
+        if !plan.changes_anything() {
+            return Ok(api::PolicyChanges {
+                generation: self.store.generation(),
+                changes,
+                dry_run: false,
             });
         }
         self.enforcer

@@ -22,10 +22,18 @@ const SUBSCRIBER_BACKLOG: usize = 4096;
 /// Records with the time they were published, oldest first.
 type Recent = VecDeque<(Instant, Arc<Flow>)>;
 
-#[derive(Clone)]
+/// The publishing side, owned by the task that reads the ring buffer. When
+/// it is dropped, every subscriber's stream ends.
 pub struct FlowHub {
     recent: Arc<Mutex<Recent>>,
     live: broadcast::Sender<Arc<Flow>>,
+}
+
+/// The subscribing side, for the API: it does not keep the stream alive.
+#[derive(Clone)]
+pub struct FlowSubscriptions {
+    recent: Arc<Mutex<Recent>>,
+    live: broadcast::WeakSender<Arc<Flow>>,
 }
 
 impl Default for FlowHub {
@@ -38,6 +46,13 @@ impl Default for FlowHub {
 }
 
 impl FlowHub {
+    pub fn subscriptions(&self) -> FlowSubscriptions {
+        FlowSubscriptions {
+            recent: self.recent.clone(),
+            live: self.live.downgrade(),
+        }
+    }
+
     pub fn publish(&self, record: &FlowRecord) {
         let flow = Arc::new(to_api(record));
         let now = Instant::now();
@@ -53,11 +68,17 @@ impl FlowHub {
         // No subscriber is not an error.
         let _ = self.live.send(flow);
     }
+}
 
+impl FlowSubscriptions {
     /// The kept records of the last `since`, and a receiver of new ones
-    /// (subscribed first, so nothing falls between the two).
-    pub fn subscribe(&self, since: Duration) -> (Vec<Arc<Flow>>, broadcast::Receiver<Arc<Flow>>) {
-        let receiver = self.live.subscribe();
+    /// (subscribed first, so nothing falls between the two); no receiver
+    /// once the agent is stopping.
+    pub fn subscribe(
+        &self,
+        since: Duration,
+    ) -> (Vec<Arc<Flow>>, Option<broadcast::Receiver<Arc<Flow>>>) {
+        let receiver = self.live.upgrade().map(|live| live.subscribe());
         let now = Instant::now();
         let recent = self.recent.lock().expect("not poisoned");
         let past = recent
@@ -79,13 +100,35 @@ pub struct Filter {
     policy: Option<String>,
 }
 
+/// Why a filter cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FilterError {
+    Invalid(String),
+    /// It asks for fields no record of this agent has yet.
+    Unsupported(String),
+}
+
 impl Filter {
-    pub fn new(filter: &FlowFilter) -> Result<Self, String> {
+    pub fn new(filter: &FlowFilter) -> Result<Self, FilterError> {
+        // No record has a namespace, pod or name yet: such a filter would
+        // match nothing and, with follow, wait forever.
+        if !filter.namespace.is_empty() || !filter.pod.is_empty() {
+            return Err(FilterError::Unsupported(
+                "namespace and pod filters need pod metadata, which this agent does not have yet"
+                    .into(),
+            ));
+        }
+        if !filter.destination_name.is_empty() {
+            return Err(FilterError::Unsupported(
+                "destination name filters need DNS learning, which this agent does not have yet"
+                    .into(),
+            ));
+        }
         for verdict in &filter.verdicts {
             if !["allowed", "denied", "audit"].contains(&verdict.as_str()) {
-                return Err(format!(
+                return Err(FilterError::Invalid(format!(
                     "verdicts: {verdict:?} is not one of \"allowed\", \"denied\", \"audit\""
-                ));
+                )));
             }
         }
         let destination = match filter.destination_cidr.as_str() {
@@ -93,7 +136,11 @@ impl Filter {
             text => Some(
                 text.parse::<IpNet>()
                     .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map_err(|_| format!("destinationCidr: {text:?} is not a valid prefix"))?,
+                    .map_err(|_| {
+                        FilterError::Invalid(format!(
+                            "destinationCidr: {text:?} is not a valid prefix"
+                        ))
+                    })?,
             ),
         };
         let set = |s: &String| (!s.is_empty()).then(|| s.clone());
@@ -209,33 +256,34 @@ mod tests {
         let by_namespace = Filter::new(&FlowFilter {
             namespace: "prod".into(),
             ..Default::default()
-        })
-        .unwrap();
-        assert!(
-            !by_namespace.matches(&flow("denied", "10.1.2.3", None)),
-            "host flows have no namespace"
-        );
+        });
+        assert!(matches!(by_namespace, Err(FilterError::Unsupported(_))));
     }
 
     #[test]
     fn bad_filters_say_what_is_wrong() {
-        let err = Filter::new(&FlowFilter {
+        let filter = |f: FlowFilter| Filter::new(&f).err().unwrap();
+        let FilterError::Invalid(err) = filter(FlowFilter {
             verdicts: vec!["blocked".into()],
             ..Default::default()
-        })
-        .err()
-        .unwrap();
+        }) else {
+            panic!("invalid")
+        };
         assert!(err.starts_with("verdicts: \"blocked\""), "{err}");
-        let err = Filter::new(&FlowFilter {
-            destination_cidr: "10.0.0.0/99".into(),
-            ..Default::default()
-        })
-        .err()
-        .unwrap();
         assert_eq!(
-            err,
-            "destinationCidr: \"10.0.0.0/99\" is not a valid prefix"
+            filter(FlowFilter {
+                destination_cidr: "10.0.0.0/99".into(),
+                ..Default::default()
+            }),
+            FilterError::Invalid("destinationCidr: \"10.0.0.0/99\" is not a valid prefix".into())
         );
+        assert!(matches!(
+            filter(FlowFilter {
+                destination_name: "api.example.com".into(),
+                ..Default::default()
+            }),
+            FilterError::Unsupported(_)
+        ));
     }
 
     #[test]

@@ -3,10 +3,11 @@
 
 use std::{
     net::SocketAddr,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
+use nix::sys::stat::{Mode, umask};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
@@ -52,49 +53,31 @@ pub enum ServeError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("another agent listens on {path}")]
+    InUse { path: PathBuf },
     #[error("TLS configuration: {0}")]
     Tls(#[from] tonic::transport::Error),
 }
 
-/// A bound listener, ready to serve.
-pub enum Bound {
-    Unix(UnixListener, PathBuf),
-    Tcp(TcpListener, Option<ServerTlsConfig>),
+/// A bound listener with its server configuration, ready to serve.
+pub struct Bound {
+    listener: Listener,
+    server: Server,
+    require_certificate: bool,
 }
 
-/// Binds every listener before the agent reports ready, so clients that
-/// connect after that find it.
+enum Listener {
+    /// With the socket's inode, so that only this socket is removed at stop.
+    Unix(UnixListener, PathBuf, u64),
+    Tcp(TcpListener),
+}
+
+/// Binds a listener and checks its TLS configuration before the agent
+/// reports ready: clients that connect after that find it, and a bad
+/// certificate or key stops the start.
 pub async fn bind(listen: &Listen) -> Result<Bound, ServeError> {
     match listen {
-        Listen::Unix(path) => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|source| ServeError::Io {
-                    path: dir.to_owned(),
-                    source,
-                })?;
-            }
-            // A socket left by an agent that died; nobody listens on it.
-            match std::fs::remove_file(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(ServeError::Io {
-                        path: path.clone(),
-                        source: e,
-                    });
-                }
-                _ => {}
-            }
-            let listener = UnixListener::bind(path).map_err(|source| ServeError::Bind {
-                addr: path.display().to_string(),
-                source,
-            })?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-                |source| ServeError::Io {
-                    path: path.clone(),
-                    source,
-                },
-            )?;
-            Ok(Bound::Unix(listener, path.clone()))
-        }
+        Listen::Unix(path) => bind_unix(path),
         Listen::MutualTls { addr, tls } => {
             let read = |path: &Path| {
                 std::fs::read(path).map_err(|source| ServeError::Io {
@@ -102,21 +85,69 @@ pub async fn bind(listen: &Listen) -> Result<Bound, ServeError> {
                     source,
                 })
             };
-            // A certificate that is presented must chain to the CA (else the
-            // handshake fails); a missing one is refused per call with
-            // UNAUTHENTICATED, which a client can show, by `require_client_cert`.
+            // A certificate that is presented must chain to the CA, else the
+            // handshake fails; a call without one gets UNAUTHENTICATED from
+            // `routes`, which a client can show.
             let config = ServerTlsConfig::new()
                 .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
                 .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?))
                 .client_auth_optional(true);
-            let listener = bind_tcp(addr).await?;
-            Ok(Bound::Tcp(listener, Some(config)))
+            let server = Server::builder().tls_config(config)?;
+            Ok(Bound {
+                listener: Listener::Tcp(bind_tcp(addr).await?),
+                server,
+                require_certificate: true,
+            })
         }
-        Listen::Insecure(addr) => {
-            let listener = bind_tcp(addr).await?;
-            Ok(Bound::Tcp(listener, None))
-        }
+        Listen::Insecure(addr) => Ok(Bound {
+            listener: Listener::Tcp(bind_tcp(addr).await?),
+            server: Server::builder(),
+            require_certificate: false,
+        }),
     }
+}
+
+fn bind_unix(path: &Path) -> Result<Bound, ServeError> {
+    let io = |source| ServeError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::InUse {
+                path: path.to_owned(),
+            });
+        }
+        // Left by an agent that died: nobody listens on it.
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    // Created 0600 from the start: no moment in which others could connect.
+    let previous = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(previous);
+    let listener = bound.map_err(|source| ServeError::Bind {
+        addr: path.display().to_string(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let inode = std::fs::metadata(path).map_err(io)?.ino();
+    Ok(Bound {
+        listener: Listener::Unix(listener, path.to_owned(), inode),
+        server: Server::builder(),
+        require_certificate: false,
+    })
 }
 
 async fn bind_tcp(addr: &SocketAddr) -> Result<TcpListener, ServeError> {
@@ -130,7 +161,7 @@ async fn bind_tcp(addr: &SocketAddr) -> Result<TcpListener, ServeError> {
 
 /// The services, unauthenticated (a 0600 unix socket: only root connects)
 /// or requiring a verified client certificate on every call.
-fn routes(builder: &mut Server, api: Api, require_certificate: bool) -> Router {
+fn routes(server: &mut Server, api: Api, require_certificate: bool) -> Router {
     let check = move |request: Request<()>| {
         if !require_certificate || request.peer_certs().is_some_and(|certs| !certs.is_empty()) {
             Ok(request)
@@ -140,32 +171,36 @@ fn routes(builder: &mut Server, api: Api, require_certificate: bool) -> Router {
             ))
         }
     };
-    builder
+    server
         .add_service(PolicyServiceServer::with_interceptor(api.clone(), check))
         .add_service(FlowServiceServer::with_interceptor(api.clone(), check))
         .add_service(AgentServiceServer::with_interceptor(api, check))
 }
 
-/// Serves until `shutdown`; a unix socket is removed afterwards.
+/// Serves until `shutdown` and open calls end; then removes its unix
+/// socket, unless another agent has put its own there since.
 pub async fn serve(bound: Bound, api: Api, shutdown: CancellationToken) -> Result<(), ServeError> {
-    match bound {
-        Bound::Unix(listener, path) => {
-            let result = routes(&mut Server::builder(), api, false)
+    let Bound {
+        listener,
+        mut server,
+        require_certificate,
+    } = bound;
+    let router = routes(&mut server, api, require_certificate);
+    match listener {
+        Listener::Unix(listener, path, inode) => {
+            let result = router
                 .serve_with_incoming_shutdown(
                     UnixListenerStream::new(listener),
                     shutdown.cancelled_owned(),
                 )
                 .await;
-            let _ = std::fs::remove_file(&path);
+            if std::fs::metadata(&path).is_ok_and(|m| m.ino() == inode) {
+                let _ = std::fs::remove_file(&path);
+            }
             result?;
         }
-        Bound::Tcp(listener, tls) => {
-            let mut builder = Server::builder();
-            let require_certificate = tls.is_some();
-            if let Some(tls) = tls {
-                builder = builder.tls_config(tls)?;
-            }
-            routes(&mut builder, api, require_certificate)
+        Listener::Tcp(listener) => {
+            router
                 .serve_with_incoming_shutdown(
                     TcpListenerStream::new(listener),
                     shutdown.cancelled_owned(),

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     controller::{Command, ControlError},
-    flows::{Filter, FlowHub},
+    flows::{Filter, FilterError, FlowSubscriptions},
     store::StoreError,
 };
 use crate::{
@@ -27,11 +27,11 @@ use crate::{
 #[derive(Clone)]
 pub struct Api {
     commands: mpsc::Sender<Command>,
-    flows: FlowHub,
+    flows: FlowSubscriptions,
 }
 
 impl Api {
-    pub fn new(commands: mpsc::Sender<Command>, flows: FlowHub) -> Self {
+    pub fn new(commands: mpsc::Sender<Command>, flows: FlowSubscriptions) -> Self {
         Self { commands, flows }
     }
 
@@ -145,7 +145,10 @@ impl FlowService for Api {
         request: Request<api::FlowFilter>,
     ) -> Result<Response<FlowStream>, Status> {
         let request = request.into_inner();
-        let filter = Filter::new(&request).map_err(Status::invalid_argument)?;
+        let filter = Filter::new(&request).map_err(|e| match e {
+            FilterError::Invalid(message) => Status::invalid_argument(message),
+            FilterError::Unsupported(message) => Status::unimplemented(message),
+        })?;
         let (past, live) = self
             .flows
             .subscribe(Duration::from_secs(u64::from(request.since_seconds)));
@@ -155,13 +158,15 @@ impl FlowService for Api {
             .map(|f| Ok((*f).clone()))
             .collect();
         let past = tokio_stream::iter(past);
-        if !request.follow {
+        // Without follow, or when the agent is stopping, the past is all.
+        let Some(live) = live.filter(|_| request.follow) else {
             return Ok(Response::new(Box::pin(past)));
-        }
+        };
+        // Ends when the agent stops publishing (the hub is dropped).
         let live = BroadcastStream::new(live).filter_map(move |item| match item {
             Ok(flow) => filter.matches(&flow).then(|| Ok((*flow).clone())),
             Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::data_loss(format!(
-                "this subscriber fell {missed} records behind"
+                "this subscriber fell {missed} records behind; the stream ends here"
             )))),
         });
         Ok(Response::new(Box::pin(past.chain(live))))

@@ -138,6 +138,13 @@ impl PolicyStore {
         let mut changes = Vec::new();
         for name in names {
             let key = parse_key(name);
+            // A name given twice is deleted once.
+            if changes
+                .iter()
+                .any(|c: &PolicyChange| c.policy == key.to_string())
+            {
+                continue;
+            }
             if next.remove(&key).is_none() {
                 return Err(StoreError::UnknownPolicy(name.clone()));
             }
@@ -409,6 +416,10 @@ mod tests {
         assert_eq!(
             store.plan_delete(&["zzz".into()], None).unwrap_err(),
             StoreError::UnknownPolicy("zzz".into())
+        );
+        assert_eq!(
+            kinds(&store.plan_delete(&["b".into(), "b".into()], None).unwrap()),
+            [("b".into(), "deleted".into())]
         );
         let plan = store.plan_delete(&["a".into()], Some(1)).unwrap();
         assert_eq!(kinds(&plan), [("a".into(), "deleted".into())]);

@@ -399,6 +399,14 @@ impl Datapath {
         Ok(next_generation)
     }
 
+    /// Whether `rules` could be switched to now (encoding and capacity),
+    /// without writing anything.
+    pub fn check_rules(&self, rules: &RuleSet) -> Result<(), DatapathError> {
+        let next_half = (self.state.generation.wrapping_add(1) & 1) as usize;
+        let encoded = encode(rules, next_half as u32)?;
+        self.check_capacity(&encoded, 1 - next_half)
+    }
+
     fn check_capacity(&self, encoded: &Encoded, live_half: usize) -> Result<(), DatapathError> {
         let live = &self.halves[live_half];
         let checks = [

@@ -88,6 +88,15 @@ struct CompiledSet {
     defaults: Vec<PolicyKey>,
 }
 
+/// Rule ids for one compilation: by (policy index, rule position), and the
+/// table (without policies that are gone) and counter to keep after it.
+#[derive(Default)]
+struct RuleIds {
+    by_position: HashMap<(usize, usize), u32>,
+    table: HashMap<(PolicyKey, usize), u32>,
+    next: u32,
+}
+
 /// What the last compilation did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CompileStats {
@@ -118,7 +127,10 @@ impl Compiler {
                 });
             }
         }
-        let rule_ids = self.assign_rule_ids(policies);
+        // Nothing of `self` changes unless the whole compilation succeeds:
+        // a cached set must never outlive the rule ids built into it.
+        let assigned = self.assign_rule_ids(policies);
+        let rule_ids = &assigned.by_position;
         let mut names = Names::default();
         for (p, policy) in policies.iter().enumerate() {
             for (r, rule) in policy.rules.iter().enumerate() {
@@ -150,8 +162,9 @@ impl Compiler {
             let contents: Vec<Policy> = members.iter().map(|&i| policies[i].clone()).collect();
             let compiled = match self
                 .sets
-                .remove(&contents)
-                .or_else(|| used.get(&contents).cloned())
+                .get(&contents)
+                .or_else(|| used.get(&contents))
+                .cloned()
             {
                 Some(compiled) => {
                     stats.sets_reused += 1;
@@ -161,7 +174,7 @@ impl Compiler {
                     stats.sets_compiled += 1;
                     let members_ref: Vec<(usize, &Policy)> =
                         members.iter().map(|&i| (i, &policies[i])).collect();
-                    let (rules, defaults) = compile_set(&members_ref, &rule_ids)?;
+                    let (rules, defaults) = compile_set(&members_ref, rule_ids)?;
                     CompiledSet { rules, defaults }
                 }
             };
@@ -174,29 +187,33 @@ impl Compiler {
         }
         // Only what this compilation used is kept for the next.
         self.sets = used;
+        self.rule_ids = assigned.table;
+        self.next_rule_id = assigned.next;
         self.last_stats = stats;
         Ok(Compiled { rules, names })
     }
 
     /// Ids by (index into `policies`, rule position); existing ones kept,
     /// those of policies that are gone dropped.
-    fn assign_rule_ids(&mut self, policies: &[Policy]) -> HashMap<(usize, usize), u32> {
-        let present: std::collections::HashSet<&PolicyKey> =
-            policies.iter().map(|p| &p.key).collect();
-        self.rule_ids.retain(|(key, _), _| present.contains(key));
+    /// Ids by (index into `policies`, rule position): existing ones kept,
+    /// new ones after the highest so far. Nothing changes in `self`; the
+    /// caller keeps the new table only if the compilation succeeds.
+    fn assign_rule_ids(&self, policies: &[Policy]) -> RuleIds {
         let mut by_key: Vec<usize> = (0..policies.len()).collect();
         by_key.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
-        let mut ids = HashMap::new();
+        let mut ids = RuleIds {
+            next: self.next_rule_id,
+            ..RuleIds::default()
+        };
         for p in by_key {
             for r in 0..policies[p].rules.len() {
-                let id = *self
-                    .rule_ids
-                    .entry((policies[p].key.clone(), r))
-                    .or_insert_with(|| {
-                        self.next_rule_id += 1;
-                        self.next_rule_id
-                    });
-                ids.insert((p, r), id);
+                let key = (policies[p].key.clone(), r);
+                let id = self.rule_ids.get(&key).copied().unwrap_or_else(|| {
+                    ids.next += 1;
+                    ids.next
+                });
+                ids.table.insert(key, id);
+                ids.by_position.insert((p, r), id);
             }
         }
         ids

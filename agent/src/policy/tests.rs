@@ -374,6 +374,54 @@ fn a_change_to_one_policy_recompiles_only_the_sets_it_is_in() {
 }
 
 #[test]
+fn a_failed_compilation_changes_nothing_in_the_compiler() {
+    let allow = |net: &str, ports: Vec<PortSpec>| rule(Action::Allow, vec![cidr(net)], ports);
+    let a = policy(
+        "a",
+        Action::Deny,
+        PolicyMode::Inherit,
+        vec![allow("10.1.0.0/16", vec![])],
+    );
+    let b = policy(
+        "b",
+        Action::Deny,
+        PolicyMode::Inherit,
+        vec![allow("10.2.0.0/16", vec![])],
+    );
+    let wide = policy(
+        "c-wide",
+        Action::Deny,
+        PolicyMode::Inherit,
+        vec![allow("10.0.0.0/8", (1..=17).map(tcp).collect())],
+    );
+    let mut compiler = super::compile::Compiler::default();
+    compiler
+        .compile(
+            &[a.clone(), b.clone()],
+            &BTreeMap::from([(1, vec![0]), (2, vec![1])]),
+        )
+        .unwrap();
+    // A deletion of `a` that fails (another endpoint's set is over a limit) ...
+    let failed = compiler.compile(
+        &[b.clone(), wide.clone()],
+        &BTreeMap::from([(2, vec![0]), (3, vec![1])]),
+    );
+    assert!(matches!(failed, Err(CompileError::TooManyPortRules { .. })));
+    // ... must leave `a` and its cached set as they were: their ids still name them.
+    let compiled = compiler
+        .compile(&[a, b], &BTreeMap::from([(1, vec![0]), (2, vec![1])]))
+        .unwrap();
+    for endpoint in [1, 2] {
+        let set = &compiled.rules.sets[compiled.rules.endpoints[&endpoint] as usize];
+        let id = set.v4[0].1[0].rule_id;
+        assert!(
+            compiled.names.rules.contains_key(&id),
+            "rule id {id} of endpoint {endpoint} has no name"
+        );
+    }
+}
+
+#[test]
 fn prefixes_that_change_nothing_get_no_entry() {
     // The except's own allow rule repeats the /8's list: no extra entry for
     // 10.1.0.0/16 is needed except the carve-out.
