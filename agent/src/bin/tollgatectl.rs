@@ -193,7 +193,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         print!("---\n{}", serde_yaml_ng::to_string(policy)?);
                     }
                 }
-                Format::Table => print!("{}", policy_table(&list)),
+                Format::Table => {
+                    let modes = policies
+                        .get_mode(api::GetModeRequest {})
+                        .await
+                        .map_err(failed)?
+                        .into_inner();
+                    print!("{}", policy_table(&list, &modes));
+                }
             }
         }
         Command::Mode { mode, policy } => {
@@ -291,9 +298,11 @@ fn print_changes(changes: &api::PolicyChanges) {
     println!("generation {}", changes.generation);
 }
 
-fn policy_table(list: &api::ListPoliciesResponse) -> String {
+/// MODE is the policy's effective mode: an override set with `mode
+/// --policy` wins over spec.mode, which wins over the global mode.
+fn policy_table(list: &api::ListPoliciesResponse, modes: &api::ModeSettings) -> String {
     let mut out = format!(
-        "{:<32} {:<10} {:<8} {:<6} {}\n",
+        "{:<32} {:<18} {:<8} {:<6} {}\n",
         "NAME", "MODE", "DEFAULT", "RULES", "SELECTS"
     );
     for policy in &list.policies {
@@ -317,10 +326,10 @@ fn policy_table(list: &api::ListPoliciesResponse) -> String {
             }
             (None, None) => "pods (namespaces)".into(),
         };
-        let mode = if spec.mode.is_empty() {
-            "(global)"
-        } else {
-            &spec.mode
+        let mode = match (modes.policy_overrides.get(&name), spec.mode.as_str()) {
+            (Some(mode), _) => format!("{mode} (set)"),
+            (None, "") => format!("{} (global)", modes.global),
+            (None, mode) => mode.to_owned(),
         };
         let default = if spec.default_action.is_empty() {
             "deny"
@@ -328,7 +337,7 @@ fn policy_table(list: &api::ListPoliciesResponse) -> String {
             &spec.default_action
         };
         out.push_str(&format!(
-            "{name:<32} {mode:<10} {default:<8} {:<6} {selects}\n",
+            "{name:<32} {mode:<18} {default:<8} {:<6} {selects}\n",
             spec.egress.len()
         ));
     }

@@ -99,6 +99,9 @@ impl Controller {
             store.commit(plan);
         }
         if let Some(mode) = mode_flag {
+            if store.global_mode().is_some_and(|saved| saved != mode) {
+                tracing::warn!(flag = mode_name(mode), saved = ?store.global_mode().map(mode_name), "--mode overrides the saved global mode");
+            }
             store.commit_mode(ModePlan::Global(mode));
         }
         let mode = store.global_mode().unwrap_or(Mode::Observe);
