@@ -69,6 +69,9 @@ pub struct RunArgs {
     /// Also serve the API on plain TCP without authentication: local development only.
     #[arg(long, value_name = "ADDR")]
     pub insecure_listen: Option<std::net::SocketAddr>,
+    /// Serve Prometheus /metrics, /healthz and /readyz on this address.
+    #[arg(long, env = "TOLLGATE_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Node name in flow records [default: the host name]
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,

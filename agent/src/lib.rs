@@ -15,3 +15,4 @@ pub mod pods;
 pub mod policy;
 pub mod policy_files;
 pub mod run;
+pub mod telemetry;

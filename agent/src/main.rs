@@ -84,6 +84,7 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         policies,
         state_dir: args.state_dir,
         listen,
+        metrics_listen: args.metrics_listen,
     })
 }
 

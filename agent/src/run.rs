@@ -10,6 +10,8 @@ use tollgate_common::{FlowEvent, Mode, flow_flags};
 use tollgate_proto::v1 as api;
 use tracing::{info, warn};
 
+use prometheus_client::metrics::{counter::Counter, family::Family};
+
 use crate::{
     cgroup_watch::CgroupWatcher,
     cgroups::CgroupPaths,
@@ -23,6 +25,7 @@ use crate::{
     enforce::Enforcer,
     flow::{Enrichment, FlowRecord, WallClock},
     output::JsonLines,
+    telemetry::{self, RecordLabels, Telemetry},
 };
 
 /// Everything the run needs, resolved from flags before the runtime starts.
@@ -38,6 +41,8 @@ pub struct RunConfig {
     pub policies: Vec<api::EgressPolicy>,
     pub state_dir: PathBuf,
     pub listen: Vec<Listen>,
+    /// Where to serve /metrics, /healthz and /readyz, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +57,8 @@ pub enum RunError {
     Control(#[from] ControlError),
     #[error("control API: {0}")]
     Serve(#[from] ServeError),
+    #[error("metrics: {0}")]
+    Metrics(io::Error),
     #[error("the control API stopped: {0}")]
     ServerStopped(String),
     #[error("watching cgroups: {0}")]
@@ -69,6 +76,19 @@ const CGROUP_RESCAN: Duration = Duration::from_secs(30);
 const BATCH: usize = 512;
 
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    let (commands_tx, mut commands) = mpsc::channel(64);
+    // Health answers from the start; readiness once everything is in force.
+    let telemetry = Telemetry::new(commands_tx.clone(), config.datapath.pin_dir().join("links"));
+    let metrics = match config.metrics_listen {
+        Some(addr) => {
+            let serving = telemetry::serve(addr, telemetry.clone(), shutdown.clone())
+                .await
+                .map_err(RunError::Metrics)?;
+            info!(%addr, "metrics and health listening");
+            Some(tokio::spawn(serving))
+        }
+        None => None,
+    };
     let mut datapath = Datapath::open(&config.datapath)?;
     datapath.set_allowed_report_interval(config.allowed_report_interval)?;
     let mut reader = datapath
@@ -99,7 +119,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     );
 
     let flows = FlowHub::default();
-    let (commands_tx, mut commands) = mpsc::channel(64);
     let api = Api::new(commands_tx, flows.subscriptions());
     let mut servers = JoinSet::new();
     for listen in &config.listen {
@@ -123,14 +142,22 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         node: config.node.clone(),
         seq: 0,
         flows,
+        flow_records: config
+            .metrics_listen
+            .map(|_| telemetry.flow_records.clone()),
     };
+    telemetry.set_ready(true);
     let mut events = Vec::with_capacity(BATCH);
     let mut rescan = tokio::time::interval(CGROUP_RESCAN);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            // A server stops only at shutdown; stopping before is fatal.
+            // A server stops only at shutdown (then it is the usual way out,
+            // whichever branch select! looks at first); stopping before is fatal.
             Some(stopped) = servers.join_next() => {
+                if shutdown.is_cancelled() {
+                    break;
+                }
                 let reason = match stopped {
                     Ok(Ok(())) => "stopped".to_owned(),
                     Ok(Err(e)) => e.to_string(),
@@ -154,6 +181,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
         }
     }
+    telemetry.set_ready(false);
     // What the kernel reported before the stop still goes out.
     while reader.read_available(&mut events, BATCH) > 0 {
         printer.print(&events, controller.enforcer())?;
@@ -173,6 +201,13 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     if drained.await.is_err() {
         warn!("control API calls still open after {SERVER_DRAIN:?}; closing them");
         servers.abort_all();
+    }
+    if let Some(metrics) = metrics {
+        match tokio::time::timeout(SERVER_DRAIN, metrics).await {
+            Ok(Ok(Err(e))) => warn!(error = %e, "metrics"),
+            Err(_) => warn!("metrics server did not stop in time"),
+            _ => {}
+        }
     }
     match datapath.counters() {
         Ok(counters) => info!(
@@ -206,6 +241,8 @@ struct Printer<W: io::Write> {
     node: String,
     seq: u64,
     flows: FlowHub,
+    /// Counted when metrics are served.
+    flow_records: Option<Family<RecordLabels, Counter>>,
 }
 
 impl<W: io::Write> Printer<W> {
@@ -233,6 +270,13 @@ impl<W: io::Write> Printer<W> {
             let record = FlowRecord::new(event, enrichment);
             self.out.write(&record).map_err(RunError::Output)?;
             self.flows.publish(&record);
+            if let Some(counters) = &self.flow_records {
+                let labels = RecordLabels {
+                    verdict: record.verdict.to_owned(),
+                    policy: record.policy.unwrap_or_default().to_owned(),
+                };
+                counters.get_or_create(&labels).inc();
+            }
         }
         self.out.flush().map_err(RunError::Output)
     }

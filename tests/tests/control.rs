@@ -608,3 +608,122 @@ fn thousands_of_applies_never_leave_a_decision_outside_both_sets() {
         "both sets must have decided some connections: {seen:?}"
     );
 }
+
+/// One scrape of the agent's metrics, or the text of a health endpoint.
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let output = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_owned())
+}
+
+/// The value of one sample line, e.g. `tollgate_decisions_total{verdict="denied"}`.
+fn sample(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn metrics_count_exactly_the_decisions_made_and_readiness_follows_the_programs() {
+    let mut env = TestEnv::new("ctlmetrics");
+    let host = env.add_host(36, &[8080, 8081]).v4;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let file = TempFile::new(
+        "ctlmetrics.yaml",
+        &host_policy("web-only", &env.cgroup.relative, "", host),
+    );
+    let _agent = AgentProcess::start(
+        &env,
+        &[
+            "--mode",
+            "enforce",
+            "--policy",
+            file.path.to_str().unwrap(),
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    assert_eq!(http_get(port, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(http_get(port, "/readyz"), (200, "ready\n".into()));
+
+    let denied = "tollgate_decisions_total{verdict=\"denied\"}";
+    let allowed = "tollgate_decisions_total{verdict=\"allowed\"}";
+    let records = "tollgate_flow_records_total{verdict=\"denied\",policy=\"web-only\"}";
+    let (code, before) = http_get(port, "/metrics");
+    assert_eq!(code, 200, "{before}");
+    assert!(before.contains("tollgate_build_info{version="), "{before}");
+    assert!(
+        before.contains("tollgate_map_capacity{map=\"TG_ENDPOINTS\"} 16384"),
+        "{before}"
+    );
+
+    let run = env.probe(&["--count", "7", "connect", "tcp", &format!("{host}:8081")]);
+    assert_eq!(run.results, vec![Err(EPERM); 7]);
+    assert_eq!(
+        env.probe(&["--count", "3", "connect", "tcp", &format!("{host}:8080")])
+            .results,
+        vec![Ok(()); 3]
+    );
+    // Records are counted as the agent writes them: wait until it has.
+    let deadline = std::time::Instant::now() + WAIT;
+    let after = loop {
+        let (_, after) = http_get(port, "/metrics");
+        if sample(&after, records) >= sample(&before, records) + 7
+            || std::time::Instant::now() > deadline
+        {
+            break after;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        sample(&after, denied) - sample(&before, denied),
+        7,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, allowed) - sample(&before, allowed),
+        3,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, records) - sample(&before, records),
+        7,
+        "{after}"
+    );
+    assert_eq!(sample(&after, "tollgate_policies"), 1);
+
+    // Removing the pins detaches the programs under the running agent.
+    let cleanup = Command::new(tollgate_tests::agent_binary())
+        .arg("cleanup")
+        .arg("--bpffs-root")
+        .arg(env.bpffs.root())
+        .output()
+        .unwrap();
+    assert!(cleanup.status.success());
+    let (code, why) = http_get(port, "/readyz");
+    assert_eq!(code, 503);
+    assert!(
+        why.contains("programs not attached: tollgate_connect4"),
+        "{why}"
+    );
+}

@@ -1,0 +1,232 @@
+//! Prometheus metrics and health endpoints: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Kernel-side figures (decisions, losses, map fill) are read from the
+//! datapath at each scrape, through the datapath task, so the numbers are
+//! the kernel's own. Flow records are counted as they are written.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::{control::controller::Command, datapath::PROGRAMS};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordLabels {
+    pub verdict: String,
+    /// The deciding policy; empty when no policy selects the source.
+    pub policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// What the HTTP handlers share with the rest of the agent.
+#[derive(Clone)]
+pub struct Telemetry {
+    /// Flow records written, by verdict and policy.
+    pub flow_records: Family<RecordLabels, Counter>,
+    ready: Arc<AtomicBool>,
+    commands: mpsc::Sender<Command>,
+    links_dir: PathBuf,
+}
+
+impl Telemetry {
+    pub fn new(commands: mpsc::Sender<Command>, links_dir: PathBuf) -> Self {
+        Self {
+            flow_records: Family::default(),
+            ready: Arc::default(),
+            commands,
+            links_dir,
+        }
+    }
+
+    /// Programs attached and the saved policy set in force.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Why the agent is not ready, if it is not: before it got ready, or
+    /// when its programs are no longer pinned (someone ran cleanup).
+    fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            return Some("starting or stopping".into());
+        }
+        let missing: Vec<&str> = PROGRAMS
+            .iter()
+            .copied()
+            .filter(|p| !self.links_dir.join(p).exists())
+            .collect();
+        (!missing.is_empty()).then(|| format!("programs not attached: {}", missing.join(", ")))
+    }
+
+    async fn render(&self) -> Result<String, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Status(reply))
+            .await
+            .map_err(|_| "the agent is stopping".to_owned())?;
+        let status = answer
+            .await
+            .map_err(|_| "the agent is stopping".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let counters = status.counters.unwrap_or_default();
+
+        let mut registry = Registry::with_prefix("tollgate");
+        let decisions = Family::<VerdictLabels, Counter>::default();
+        for (verdict, value) in [
+            ("allowed", counters.allowed),
+            ("denied", counters.denied),
+            ("audit", counters.audit),
+        ] {
+            decisions
+                .get_or_create(&VerdictLabels { verdict })
+                .inc_by(value);
+        }
+        registry.register(
+            "decisions",
+            "Connections decided in the kernel, by verdict",
+            decisions,
+        );
+        let counter = |value: u64| {
+            let counter = Counter::<u64>::default();
+            counter.inc_by(value);
+            counter
+        };
+        registry.register(
+            "allowed_not_reported",
+            "Allowed decisions not reported because the same flow was reported within the interval",
+            counter(counters.allowed_deduplicated),
+        );
+        registry.register(
+            "ringbuf_reserve_failures",
+            "Events lost because the ring buffer was full",
+            counter(counters.ringbuf_reserve_failed),
+        );
+        registry.register(
+            "generation_retries",
+            "Decisions redone because the rules switched under them",
+            counter(counters.generation_retries),
+        );
+        registry.register(
+            "flow_records",
+            "Flow records written, by verdict and policy",
+            self.flow_records.clone(),
+        );
+
+        let entries = Family::<MapLabels, Gauge>::default();
+        let capacity = Family::<MapLabels, Gauge>::default();
+        for map in &status.maps {
+            let labels = MapLabels {
+                map: map.name.clone(),
+            };
+            entries.get_or_create(&labels).set(map.entries as i64);
+            capacity.get_or_create(&labels).set(map.capacity as i64);
+        }
+        registry.register("map_entries", "Entries in force in the rule maps", entries);
+        registry.register("map_capacity", "Capacity of the rule maps", capacity);
+        let gauge = |value: i64| {
+            let gauge = Gauge::<i64>::default();
+            gauge.set(value);
+            gauge
+        };
+        registry.register(
+            "policies",
+            "Policies in the applied set",
+            gauge(i64::from(status.policies)),
+        );
+        registry.register(
+            "endpoints",
+            "Endpoints selected by a policy",
+            gauge(i64::from(status.endpoints)),
+        );
+        registry.register(
+            "policy_generation",
+            "Generation of the applied policy set",
+            gauge(status.policy_generation as i64),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "The agent's version", build);
+
+        let mut text = String::new();
+        encode(&mut text, &registry).map_err(|e| e.to_string())?;
+        Ok(text)
+    }
+}
+
+fn router(telemetry: Telemetry) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(t): State<Telemetry>| async move {
+                match t.not_ready() {
+                    None => (StatusCode::OK, "ready\n".to_owned()),
+                    Some(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {why}\n"),
+                    ),
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(t): State<Telemetry>| async move {
+                match t.render().await {
+                    Ok(text) => (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+                }
+            }),
+        )
+        .with_state(telemetry)
+}
+
+/// Binds now (so a bad address stops the start), serves until `shutdown`.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    telemetry: Telemetry,
+    shutdown: CancellationToken,
+) -> std::io::Result<impl Future<Output = std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(async move {
+        axum::serve(listener, router(telemetry))
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    })
+}
