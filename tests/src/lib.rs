@@ -350,6 +350,21 @@ impl TestEnv {
         format!("unix:{}", self.state.path.join("agent.sock").display())
     }
 
+    /// `tollgate-agent cleanup` for this test's pins: detaches the programs.
+    pub fn cleanup_pins(&self) {
+        let output = Command::new(agent_binary())
+            .arg("cleanup")
+            .arg("--bpffs-root")
+            .arg(self.bpffs.root())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "cleanup: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     /// Runs tollgatectl against this test's agent.
     pub fn ctl(&self, args: &[&str]) -> CtlRun {
         self.ctl_at(&self.agent_address(), args)

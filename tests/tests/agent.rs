@@ -199,16 +199,7 @@ fn cleanup_detaches_and_removes_every_pin() {
         .collect();
     assert_eq!(link_ids.len(), 4);
 
-    let output = std::process::Command::new(tollgate_tests::agent_binary())
-        .args(["cleanup", "--bpffs-root"])
-        .arg(env.bpffs.root())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    env.cleanup_pins();
 
     assert!(!env.bpffs.root().exists(), "pins left behind");
     let live: Vec<u32> = aya::programs::loaded_links()

@@ -271,13 +271,7 @@ fn a_restarted_agent_enforces_the_saved_set_before_it_is_ready() {
     let (status, log) = agent.terminate();
     assert!(status.success(), "{status:?}: {log:#?}");
     // Take the kernel side away entirely: only the saved state remains.
-    let cleanup = Command::new(tollgate_tests::agent_binary())
-        .arg("cleanup")
-        .arg("--bpffs-root")
-        .arg(env.bpffs.root())
-        .output()
-        .unwrap();
-    assert!(cleanup.status.success());
+    env.cleanup_pins();
     assert_eq!(
         env.probe(&["connect", "tcp", &format!("{host}:8081")])
             .result(),
@@ -713,13 +707,7 @@ fn metrics_count_exactly_the_decisions_made_and_readiness_follows_the_programs()
     assert_eq!(sample(&after, "tollgate_policies"), 1);
 
     // Removing the pins detaches the programs under the running agent.
-    let cleanup = Command::new(tollgate_tests::agent_binary())
-        .arg("cleanup")
-        .arg("--bpffs-root")
-        .arg(env.bpffs.root())
-        .output()
-        .unwrap();
-    assert!(cleanup.status.success());
+    env.cleanup_pins();
     let (code, why) = http_get(port, "/readyz");
     assert_eq!(code, 503);
     assert!(
