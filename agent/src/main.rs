@@ -43,19 +43,21 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
-    let cgroup2_mount = mounts::cgroup2_mount().context("finding the cgroup v2 mount")?;
-    let cgroup = match args.cgroup {
-        // Resolved, so that "..", links and relative paths cannot step outside.
-        Some(path) => path
-            .canonicalize()
-            .with_context(|| format!("--cgroup {}", path.display()))?,
-        None => cgroup2_mount.clone(),
-    };
+    // Resolved, so that "..", links and relative paths cannot step outside.
+    let cgroup = args
+        .cgroup
+        .map(|path| {
+            path.canonicalize()
+                .with_context(|| format!("--cgroup {}", path.display()))
+        })
+        .transpose()?;
+    let cgroup2_mount =
+        mounts::cgroup2_mount(cgroup.as_deref()).context("finding the cgroup v2 mount")?;
+    let cgroup = cgroup.unwrap_or_else(|| cgroup2_mount.clone());
     anyhow::ensure!(
-        cgroup.starts_with(&cgroup2_mount) && cgroup.is_dir(),
-        "--cgroup {} is not a directory below the cgroup2 mount {}",
-        cgroup.display(),
-        cgroup2_mount.display()
+        cgroup.is_dir(),
+        "--cgroup {} is not a directory",
+        cgroup.display()
     );
     let node = match args.node {
         Some(node) => node,

@@ -3,7 +3,7 @@
 //! The parsing is pure so it can be tested on the layouts seen in the field
 //! (unified, hybrid and legacy hosts).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Mount points of the given filesystem type, in mountinfo order.
 pub fn mount_points(mountinfo: &str, fs_type: &str) -> Vec<PathBuf> {
@@ -46,19 +46,34 @@ fn unescape_octal(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The cgroup v2 mount of this host: /sys/fs/cgroup on unified hosts,
-/// /sys/fs/cgroup/unified on hybrid ones.
-pub fn cgroup2_mount() -> std::io::Result<PathBuf> {
+/// The cgroup v2 mount to use: the one that holds `cgroup` when it is
+/// given (in a pod, the host's tree mounted from a hostPath, not the
+/// container's own /sys/fs/cgroup), else the first (/sys/fs/cgroup on
+/// unified hosts, /sys/fs/cgroup/unified on hybrid ones).
+pub fn choose_cgroup2_mount(mounts: &[PathBuf], cgroup: Option<&Path>) -> Option<PathBuf> {
+    match cgroup {
+        Some(cgroup) => mounts
+            .iter()
+            .filter(|m| cgroup.starts_with(m))
+            .max_by_key(|m| m.components().count())
+            .cloned(),
+        None => mounts.first().cloned(),
+    }
+}
+
+/// [`choose_cgroup2_mount`] on this process's mounts.
+pub fn cgroup2_mount(cgroup: Option<&Path>) -> std::io::Result<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    mount_points(&mountinfo, "cgroup2")
-        .into_iter()
-        .next()
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no cgroup2 filesystem is mounted",
-            )
-        })
+    choose_cgroup2_mount(&mount_points(&mountinfo, "cgroup2"), cgroup).ok_or_else(|| {
+        let what = match cgroup {
+            Some(cgroup) => format!(
+                "no cgroup2 filesystem is mounted at or above {}",
+                cgroup.display()
+            ),
+            None => "no cgroup2 filesystem is mounted".to_owned(),
+        };
+        std::io::Error::new(std::io::ErrorKind::NotFound, what)
+    })
 }
 
 /// Where bpffs is mounted, if anywhere.
@@ -92,6 +107,31 @@ mod tests {
         assert_eq!(
             mount_points(HYBRID, "bpf"),
             vec![PathBuf::from("/sys/fs/bpf")]
+        );
+    }
+
+    #[test]
+    fn in_a_pod_the_mount_holding_the_given_cgroup_wins() {
+        let mounts = [
+            PathBuf::from("/sys/fs/cgroup"),
+            PathBuf::from("/host/sys/fs/cgroup"),
+        ];
+        let host_root = Path::new("/host/sys/fs/cgroup");
+        assert_eq!(
+            choose_cgroup2_mount(&mounts, Some(host_root)),
+            Some(mounts[1].clone())
+        );
+        assert_eq!(
+            choose_cgroup2_mount(
+                &mounts,
+                Some(Path::new("/host/sys/fs/cgroup/kubepods.slice"))
+            ),
+            Some(mounts[1].clone())
+        );
+        assert_eq!(choose_cgroup2_mount(&mounts, None), Some(mounts[0].clone()));
+        assert_eq!(
+            choose_cgroup2_mount(&mounts, Some(Path::new("/elsewhere"))),
+            None
         );
     }
 

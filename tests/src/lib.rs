@@ -70,7 +70,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     fn new(name: &str) -> Self {
-        let mount = mounts::cgroup2_mount().expect("cgroup2 is mounted");
+        let mount = mounts::cgroup2_mount(None).expect("cgroup2 is mounted");
         let relative = format!("/tgtest-{name}-{}", std::process::id());
         let path = mount.join(&relative[1..]);
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
