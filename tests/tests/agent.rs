@@ -313,3 +313,53 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
         Err(EPERM)
     );
 }
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn an_upgrade_style_restart_never_leaves_a_connection_unjudged() {
+    let mut env = TestEnv::new("upgrade");
+    let host = env.add_host(16, &[8080]).v4;
+    let mut old = AgentProcess::start(&env, &["--mode", "enforce"]);
+    deny_port(&env, host, 8080);
+
+    // Connections run in batches the whole time one agent stops and the next starts.
+    let swapping = std::sync::atomic::AtomicBool::new(true);
+    let results = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let mut results = Vec::new();
+            while swapping.load(std::sync::atomic::Ordering::SeqCst) {
+                results.extend(
+                    env.probe(&["--count", "50", "connect", "tcp", &format!("{host}:8080")])
+                        .results,
+                );
+            }
+            results
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let (status, log) = old.terminate();
+        assert!(status.success(), "{status:?}: {log:#?}");
+        let new = AgentProcess::start(&env, &["--mode", "enforce"]);
+        std::thread::sleep(Duration::from_millis(200));
+        swapping.store(false, std::sync::atomic::Ordering::SeqCst);
+        let results = prober.join().unwrap();
+        (results, new)
+    });
+    let (results, _new) = results;
+    assert!(
+        results.len() >= 100,
+        "only {} connections ran across the swap",
+        results.len()
+    );
+    assert!(
+        results.iter().all(|r| *r == Err(EPERM)),
+        "a connection got through during the restart"
+    );
+    // And the kernel judged every one of them: its counter equals the attempts.
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ctl(&["status", "-o", "json"]).ok()).unwrap();
+    assert_eq!(
+        status["counters"]["denied"].as_u64(),
+        Some(results.len() as u64),
+        "{status}"
+    );
+}
