@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Parser, Subcommand, ValueEnum};
 use tollgate_common::Mode;
 
-use crate::datapath::DEFAULT_BPFFS_ROOT;
+use crate::{datapath::DEFAULT_BPFFS_ROOT, pods::UnknownPodAction};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,6 +80,34 @@ pub struct RunArgs {
     /// audit decisions are always reported.
     #[arg(long, env = "TOLLGATE_ALLOWED_REPORT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub allowed_report_interval: Duration,
+    /// Where pod metadata comes from. auto: in-cluster when
+    /// KUBERNETES_SERVICE_HOST is set, else --kubeconfig if given, else off
+    /// (endpoints are cgroups, selected by path).
+    #[arg(long, env = "TOLLGATE_KUBERNETES", value_enum, default_value_t = KubernetesArg::Auto)]
+    pub kubernetes: KubernetesArg,
+    /// kubeconfig file for the Kubernetes API (outside a cluster).
+    #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// What processes in a pod's cgroup may do until the pod's metadata is
+    /// known: allow (not restricted) or deny (strict clusters).
+    #[arg(long, env = "TOLLGATE_UNKNOWN_POD_ACTION", value_enum, default_value_t = UnknownPodAction::Allow)]
+    pub unknown_pod_action: UnknownPodAction,
+    /// Pod label keys that flow records carry, comma-separated.
+    #[arg(
+        long,
+        env = "TOLLGATE_POD_LABEL_KEYS",
+        value_delimiter = ',',
+        default_value = "app,app.kubernetes.io/name"
+    )]
+    pub pod_label_keys: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KubernetesArg {
+    Auto,
+    InCluster,
+    Kubeconfig,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -148,6 +176,9 @@ mod tests {
         assert_eq!(cli.run.listen, "unix:/run/tollgate/agent.sock");
         assert_eq!(cli.run.cgroup, None);
         assert_eq!(cli.run.allowed_report_interval, Duration::from_secs(10));
+        assert_eq!(cli.run.kubernetes, KubernetesArg::Auto);
+        assert_eq!(cli.run.unknown_pod_action, UnknownPodAction::Allow);
+        assert_eq!(cli.run.pod_label_keys, ["app", "app.kubernetes.io/name"]);
     }
 
     #[test]

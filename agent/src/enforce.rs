@@ -12,12 +12,21 @@ use tollgate_common::{Mode, SET_ID_HALF_BIT};
 use crate::{
     cgroups,
     datapath::{Datapath, DatapathError},
+    pods::{
+        UnknownPodAction,
+        directory::{IdentityUpdate, PodDirectory},
+        kubelet,
+    },
     policy::{
         compile::{CompileError, Compiler, Names, compile},
-        model::Policy,
-        select::select_cgroups,
+        model::{Action, Policy, PolicyKey, PolicyMode, Selector},
+        select::{Endpoint, Identity, select_endpoints},
     },
 };
+
+/// The policy that unknownPodAction `deny` puts on pods whose metadata is
+/// not known yet; its name cannot clash with a user's (`:` is not allowed).
+pub const UNKNOWN_POD_POLICY: &str = "tollgate:unknown-pod";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforceError {
@@ -30,11 +39,23 @@ pub enum EnforceError {
 /// Generations whose names are kept, for events still in flight.
 const NAMED_GENERATIONS: usize = 16;
 
+/// How cgroups become endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointOptions {
+    /// Pod cgroups are identified through the Kubernetes API; without it
+    /// every cgroup is a host cgroup, selected by path only.
+    pub kubernetes: bool,
+    pub unknown_pod_action: UnknownPodAction,
+}
+
 pub struct Enforcer {
     /// None until a policy set is put in force: until then the rules in the
-    /// datapath (maybe left by an earlier agent) are not touched.
+    /// datapath (maybe left by an earlier agent) are not touched. Ends with
+    /// the unknown-pod policy under unknownPodAction `deny`.
     policies: Option<Vec<Policy>>,
     cgroup_root: PathBuf,
+    options: EndpointOptions,
+    pods: PodDirectory,
     endpoints: Option<BTreeMap<u64, Vec<usize>>>,
     compiler: Compiler,
     names: VecDeque<GenerationNames>,
@@ -74,10 +95,13 @@ impl GenerationNames {
 }
 
 impl Enforcer {
-    pub fn new(cgroup_root: &Path) -> Self {
+    /// `pods`: what is known of pods at start (saved by an earlier run).
+    pub fn new(cgroup_root: &Path, options: EndpointOptions, pods: PodDirectory) -> Self {
         Self {
             policies: None,
             cgroup_root: cgroup_root.to_owned(),
+            options,
+            pods,
             endpoints: None,
             compiler: Compiler::default(),
             names: VecDeque::new(),
@@ -86,11 +110,9 @@ impl Enforcer {
 
     /// Checks that `policies` would compile for the endpoints they select
     /// now and fit the datapath's maps, without changing anything.
-    pub fn check(&self, policies: &[Policy], datapath: &Datapath) -> Result<(), EnforceError> {
-        let compiled = compile(
-            policies,
-            &select_cgroups(policies, &cgroups::walk(&self.cgroup_root)),
-        )?;
+    pub fn check(&self, policies: Vec<Policy>, datapath: &Datapath) -> Result<(), EnforceError> {
+        let policies = self.with_unknown_pod_policy(policies);
+        let compiled = compile(&policies, &self.select(&policies))?;
         datapath.check_rules(&compiled.rules)?;
         Ok(())
     }
@@ -104,7 +126,8 @@ impl Enforcer {
         mode: Mode,
         datapath: &mut Datapath,
     ) -> Result<u32, EnforceError> {
-        let endpoints = select_cgroups(&policies, &cgroups::walk(&self.cgroup_root));
+        let policies = self.with_unknown_pod_policy(policies);
+        let endpoints = self.select(&policies);
         let generation = self.switch(&policies, &endpoints, mode, datapath)?;
         self.policies = Some(policies);
         self.endpoints = Some(endpoints);
@@ -117,7 +140,7 @@ impl Enforcer {
         let Some(policies) = &self.policies else {
             return Ok(None);
         };
-        let endpoints = select_cgroups(policies, &cgroups::walk(&self.cgroup_root));
+        let endpoints = self.select(policies);
         if self.endpoints.as_ref() == Some(&endpoints) {
             return Ok(None);
         }
@@ -125,6 +148,61 @@ impl Enforcer {
         let generation = self.switch(&policies, &endpoints, datapath.global_mode(), datapath)?;
         self.endpoints = Some(endpoints);
         Ok(Some(generation))
+    }
+
+    /// Takes in what the Kubernetes API says; `refresh` puts it in force.
+    pub fn update_pods(&mut self, update: IdentityUpdate) -> bool {
+        self.pods.apply(update)
+    }
+
+    pub fn pods(&self) -> &PodDirectory {
+        &self.pods
+    }
+
+    fn with_unknown_pod_policy(&self, mut policies: Vec<Policy>) -> Vec<Policy> {
+        if self.options.kubernetes && self.options.unknown_pod_action == UnknownPodAction::Deny {
+            policies.push(Policy {
+                key: PolicyKey {
+                    namespace: None,
+                    name: UNKNOWN_POD_POLICY.into(),
+                },
+                mode: PolicyMode::Inherit,
+                default_action: Action::Deny,
+                selector: Selector::default(),
+                rules: vec![],
+            });
+        }
+        policies
+    }
+
+    /// Which of `policies` select which cgroups, as the tree and the pod
+    /// directory are now.
+    fn select(&self, policies: &[Policy]) -> BTreeMap<u64, Vec<usize>> {
+        let cgroups = cgroups::walk(&self.cgroup_root);
+        let pod_uids: Vec<Option<String>> = cgroups
+            .iter()
+            .map(|(_, path)| {
+                self.options
+                    .kubernetes
+                    .then(|| kubelet::parse(path).map(|pod| pod.pod_uid))
+                    .flatten()
+            })
+            .collect();
+        let endpoints = cgroups
+            .iter()
+            .zip(&pod_uids)
+            .map(|((id, path), uid)| Endpoint {
+                cgroup_id: *id,
+                path,
+                identity: uid
+                    .as_deref()
+                    .map_or(Identity::Host, |uid| self.pods.identity(uid)),
+            });
+        let unknown_pod_policy = policies
+            .last()
+            .filter(|p| p.key.namespace.is_none() && p.key.name == UNKNOWN_POD_POLICY)
+            .map(|_| policies.len() - 1);
+        select_endpoints(policies, endpoints, unknown_pod_policy)
     }
 
     fn switch(

@@ -8,7 +8,11 @@ use std::{
 
 use serde::Serialize;
 
-use crate::pods::kubelet::PodCgroup;
+use crate::pods::{
+    directory::{PodMeta, Workload},
+    kubelet::PodCgroup,
+};
+use crate::policy::select::Labels;
 use tollgate_common::{
     FlowEvent, Hook, Mode, RULE_ID_DEFAULT, Verdict, event_kind, family, protocol,
 };
@@ -58,10 +62,25 @@ pub struct Source<'a> {
     pub comm: Cow<'a, str>,
     pub uid: u32,
     pub gid: u32,
+    /// `pod` (a pod's cgroup, its metadata known), `unknown-pod` (a pod's
+    /// cgroup by kubelet's layout, metadata not known) or `host`.
+    pub identity: &'static str,
     /// The pod whose cgroup this is (kubelet's layout), else null.
     pub pod_uid: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+    pub pod: Option<&'a str>,
     /// The container whose cgroup this is, else null.
-    pub container_id: Option<&'a str>,
+    pub container: Option<Container<'a>>,
+    pub workload: Option<&'a Workload>,
+    /// The pod's labels whose keys are in --pod-label-keys, else null.
+    pub labels: Option<&'a Labels>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Container<'a> {
+    /// Null until the API server has reported the container's id.
+    pub name: Option<&'a str>,
+    pub id: &'a str,
 }
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -76,6 +95,8 @@ pub struct Enrichment<'a> {
     pub node: &'a str,
     pub cgroup: Option<&'a str>,
     pub pod: Option<&'a PodCgroup>,
+    /// What the Kubernetes API says about that pod, if anything yet.
+    pub pod_meta: Option<&'a PodMeta>,
     pub clock: WallClock,
     /// The deciding policy, and rule name (None: the default decided).
     pub attribution: Option<(&'a str, Option<&'a str>)>,
@@ -122,11 +143,26 @@ impl<'a> FlowRecord<'a> {
                 comm: String::from_utf8_lossy(&event.comm[..comm_len]),
                 uid: event.uid_gid as u32,
                 gid: (event.uid_gid >> 32) as u32,
+                identity: match (enrichment.pod, enrichment.pod_meta) {
+                    (Some(_), Some(_)) => "pod",
+                    (Some(_), None) => "unknown-pod",
+                    (None, _) => "host",
+                },
                 pod_uid: enrichment.pod.map(|p| p.pod_uid.as_str()),
-                container_id: enrichment
+                namespace: enrichment.pod_meta.map(|m| m.namespace.as_str()),
+                pod: enrichment.pod_meta.map(|m| m.name.as_str()),
+                container: enrichment
                     .pod
                     .and_then(|p| p.container.as_ref())
-                    .map(|c| c.id.as_str()),
+                    .map(|c| Container {
+                        name: enrichment.pod_meta.and_then(|m| m.container_name(&c.id)),
+                        id: &c.id,
+                    }),
+                workload: enrichment.pod_meta.and_then(|m| m.workload.as_ref()),
+                labels: enrichment
+                    .pod_meta
+                    .map(|m| &m.record_labels)
+                    .filter(|l| !l.is_empty()),
             },
             dst: Destination {
                 ip: dst_ip,
@@ -277,6 +313,7 @@ mod tests {
                 node: "node-a",
                 cgroup: Some("/tgtest"),
                 pod: None,
+                pod_meta: None,
                 clock: WallClock::with_offset(1_700_000_000_000_000_000),
                 attribution: None,
             },
@@ -292,7 +329,9 @@ mod tests {
                 "mode": "enforce",
                 "protocol": "tcp",
                 "hook": "connect4",
-                "src": {"cgroup_id": 99, "cgroup": "/tgtest", "pid": 1234, "tid": 1235, "comm": "curl", "uid": 10, "gid": 20, "pod_uid": null, "container_id": null},
+                "src": {"cgroup_id": 99, "cgroup": "/tgtest", "pid": 1234, "tid": 1235, "comm": "curl", "uid": 10, "gid": 20,
+                    "identity": "host", "pod_uid": null, "namespace": null, "pod": null,
+                    "container": null, "workload": null, "labels": null},
                 "dst": {"ip": "10.0.0.1", "port": 443},
                 "policy": null,
                 "rule": "rule-7",
@@ -300,6 +339,81 @@ mod tests {
                 "generation": 3,
                 "socket_cookie": 5
             })
+        );
+    }
+
+    #[test]
+    fn pod_records_name_namespace_pod_container_and_workload() {
+        use crate::pods::{
+            directory::{ContainerMeta, PodMeta, Workload},
+            kubelet,
+        };
+        let id = "0123456789abcdef".repeat(4);
+        let path = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod6a1c3f0e_1b2c_4d5e_8f90_123456789abc.slice/cri-containerd-{id}.scope"
+        );
+        let pod = kubelet::parse(&path).unwrap();
+        let meta = PodMeta {
+            uid: pod.pod_uid.clone(),
+            namespace: "prod".into(),
+            name: "payments-7d9c6b5f4-x2x8q".into(),
+            labels: Labels::from([
+                ("app".into(), "payments".into()),
+                ("team".into(), "x".into()),
+            ]),
+            record_labels: Labels::from([("app".into(), "payments".into())]),
+            workload: Some(Workload {
+                kind: "Deployment".into(),
+                name: "payments".into(),
+            }),
+            containers: vec![ContainerMeta {
+                name: "app".into(),
+                id: id.clone(),
+            }],
+        };
+        let e = event();
+        let record = |pod_meta| {
+            let record = FlowRecord::new(
+                &e,
+                Enrichment {
+                    seq: 1,
+                    node: "node-a",
+                    cgroup: Some(&path),
+                    pod: Some(&pod),
+                    pod_meta,
+                    clock: WallClock::with_offset(0),
+                    attribution: None,
+                },
+            );
+            serde_json::to_value(&record).unwrap()["src"].take()
+        };
+        let known = record(Some(&meta));
+        assert_eq!(known["identity"], "pod");
+        assert_eq!(known["pod_uid"], "6a1c3f0e-1b2c-4d5e-8f90-123456789abc");
+        assert_eq!(
+            (&known["namespace"], &known["pod"]),
+            (&"prod".into(), &"payments-7d9c6b5f4-x2x8q".into())
+        );
+        assert_eq!(
+            known["container"],
+            serde_json::json!({"name": "app", "id": id})
+        );
+        assert_eq!(
+            known["workload"],
+            serde_json::json!({"kind": "Deployment", "name": "payments"})
+        );
+        assert_eq!(known["labels"], serde_json::json!({"app": "payments"}));
+
+        let unknown = record(None);
+        assert_eq!(unknown["identity"], "unknown-pod");
+        assert_eq!(unknown["pod_uid"], "6a1c3f0e-1b2c-4d5e-8f90-123456789abc");
+        assert_eq!(
+            unknown["container"],
+            serde_json::json!({"name": null, "id": id})
+        );
+        assert_eq!(
+            (&unknown["namespace"], &unknown["labels"]),
+            (&serde_json::Value::Null, &serde_json::Value::Null)
         );
     }
 
@@ -318,6 +432,7 @@ mod tests {
                 node: "n",
                 cgroup: None,
                 pod: None,
+                pod_meta: None,
                 clock: WallClock::with_offset(0),
                 attribution: Some(("prod/p", None)),
             },
@@ -337,6 +452,7 @@ mod tests {
             node: "n",
             cgroup: None,
             pod: None,
+            pod_meta: None,
             clock: WallClock::with_offset(0),
             attribution: Some(("prod/payments", Some("dns"))),
         };

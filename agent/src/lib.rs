@@ -15,4 +15,5 @@ pub mod pods;
 pub mod policy;
 pub mod policy_files;
 pub mod run;
+pub mod state_file;
 pub mod telemetry;

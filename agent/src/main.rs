@@ -4,10 +4,12 @@ use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tollgate_agent::{
-    config::{Cli, Command, RunArgs},
+    config::{Cli, Command, KubernetesArg, RunArgs},
     control::server::{self, Listen, TlsFiles},
     datapath::{self, DatapathOptions},
-    mounts, policy_files,
+    mounts,
+    pods::{UnknownPodAction, watch::ApiSource},
+    policy_files,
     run::{self, RunConfig},
 };
 use tracing_subscriber::EnvFilter;
@@ -72,6 +74,12 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         }),
         _ => None,
     };
+    let kubernetes = kubernetes_source(args.kubernetes, args.kubeconfig)?;
+    anyhow::ensure!(
+        kubernetes.is_some() || args.unknown_pod_action == UnknownPodAction::Allow,
+        "--unknown-pod-action deny needs the Kubernetes API (--kubernetes in-cluster or kubeconfig): \
+         without it no pod would ever become known"
+    );
     let mut listen = vec![server::parse_listen(&args.listen, tls).map_err(anyhow::Error::msg)?];
     listen.extend(args.insecure_listen.map(Listen::Insecure));
     Ok(RunConfig {
@@ -87,7 +95,39 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         state_dir: args.state_dir,
         listen,
         metrics_listen: args.metrics_listen,
+        kubernetes,
+        unknown_pod_action: args.unknown_pod_action,
+        pod_label_keys: args.pod_label_keys,
     })
+}
+
+fn kubernetes_source(
+    choice: KubernetesArg,
+    kubeconfig: Option<std::path::PathBuf>,
+) -> anyhow::Result<Option<ApiSource>> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let source = match (choice, kubeconfig) {
+        (KubernetesArg::Off, _) => None,
+        (KubernetesArg::InCluster, _) | (KubernetesArg::Auto, _) if in_cluster => {
+            Some(ApiSource::InCluster)
+        }
+        (KubernetesArg::InCluster, _) => {
+            anyhow::bail!(
+                "--kubernetes in-cluster: KUBERNETES_SERVICE_HOST is not set (not in a pod?)"
+            )
+        }
+        (KubernetesArg::Auto | KubernetesArg::Kubeconfig, Some(path)) => {
+            // Read now, so a bad file stops the start with its reason.
+            kube::config::Kubeconfig::read_from(&path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            Some(ApiSource::Kubeconfig(path))
+        }
+        (KubernetesArg::Kubeconfig, None) => {
+            anyhow::bail!("--kubernetes kubeconfig needs --kubeconfig FILE (or KUBECONFIG)")
+        }
+        (KubernetesArg::Auto, None) => None,
+    };
+    Ok(source)
 }
 
 fn cleanup(bpffs_root: &Path) -> anyhow::Result<()> {

@@ -2,7 +2,11 @@
 //! into a flow record on stdout until told to stop. Stopping leaves the
 //! programs pinned and attached: enforcement outlives the agent.
 
-use std::{io, path::PathBuf, time::Duration};
+use std::{
+    io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -22,9 +26,14 @@ use crate::{
         service::Api,
     },
     datapath::{Datapath, DatapathError, DatapathOptions},
-    enforce::Enforcer,
+    enforce::{EndpointOptions, Enforcer},
     flow::{Enrichment, FlowRecord, WallClock},
     output::JsonLines,
+    pods::{
+        UnknownPodAction,
+        directory::PodDirectory,
+        watch::{self, ApiSource, WatchError},
+    },
     telemetry::{self, RecordLabels, Telemetry},
 };
 
@@ -43,6 +52,11 @@ pub struct RunConfig {
     pub listen: Vec<Listen>,
     /// Where to serve /metrics, /healthz and /readyz, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where pod metadata comes from; None: endpoints are cgroups only.
+    pub kubernetes: Option<ApiSource>,
+    pub unknown_pod_action: UnknownPodAction,
+    /// Pod label keys that flow records carry.
+    pub pod_label_keys: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +77,8 @@ pub enum RunError {
     ServerStopped(String),
     #[error("watching cgroups: {0}")]
     Watch(io::Error),
+    #[error(transparent)]
+    Kubernetes(#[from] WatchError),
 }
 
 /// How long open control calls may take to finish after a stop.
@@ -102,11 +118,39 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     // at any moment after it is reported (queued until the loop runs).
     let mut cgroups = CgroupWatcher::new(&config.cgroup2_mount).map_err(RunError::Watch)?;
     info!(cgroups = cgroups.watched(), "watching cgroups");
+    // Pod metadata arrives when the API server answers; nothing waits for it.
+    let (pod_updates_tx, mut pod_updates) = mpsc::channel(256);
+    if let Some(source) = &config.kubernetes {
+        let client = watch::client(source).await?;
+        info!(?source, node = %config.node, "watching pods and namespaces");
+        tokio::spawn(watch::watch(
+            client,
+            config.node.clone(),
+            config.pod_label_keys.clone(),
+            pod_updates_tx.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // Pods known to the last run stay known until the first list replaces
+    // them: a restart does not turn running pods into unknown ones.
+    let pods_file = config.state_dir.join("pods.json");
+    let pods = match config.kubernetes {
+        Some(_) => load_pods(&pods_file),
+        None => PodDirectory::default(),
+    };
+    let enforcer = Enforcer::new(
+        &config.cgroup2_mount,
+        EndpointOptions {
+            kubernetes: config.kubernetes.is_some(),
+            unknown_pod_action: config.unknown_pod_action,
+        },
+        pods,
+    );
     // The saved and given policies are in force before the agent is ready.
     let mut controller = Controller::start(
         &mut datapath,
         &config.state_dir,
-        &config.cgroup2_mount,
+        enforcer,
         &config.datapath.cgroup,
         config.policies,
         config.mode,
@@ -171,6 +215,17 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                 events.clear();
             }
             Some(command) = commands.recv() => controller.handle(command, &mut datapath),
+            Some(update) = pod_updates.recv() => {
+                // A burst (a relist, a rollout) is put in force once.
+                let mut changed = controller.enforcer_mut().update_pods(update);
+                while let Ok(update) = pod_updates.try_recv() {
+                    changed |= controller.enforcer_mut().update_pods(update);
+                }
+                if changed {
+                    refresh(&mut controller, &mut datapath);
+                    save_pods(&pods_file, controller.enforcer().pods());
+                }
+            }
             changed = cgroups.changed() => {
                 changed.map_err(RunError::Watch)?;
                 refresh(&mut controller, &mut datapath);
@@ -181,6 +236,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
         }
     }
+    drop(pod_updates_tx);
     telemetry.set_ready(false);
     // What the kernel reported before the stop still goes out.
     while reader.read_available(&mut events, BATCH) > 0 {
@@ -234,6 +290,34 @@ fn refresh(controller: &mut Controller, datapath: &mut Datapath) {
     }
 }
 
+/// The saved pod directory; empty (with a warning) if it cannot be read:
+/// it is a cache that the first list refills.
+fn load_pods(path: &Path) -> PodDirectory {
+    let loaded = match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return PodDirectory::default(),
+        Err(e) => Err(e.to_string()),
+    };
+    match loaded {
+        Ok(pods) => {
+            let pods: PodDirectory = pods;
+            info!(pods = pods.pod_count(), path = %path.display(), "pod metadata of the last run loaded");
+            pods
+        }
+        Err(error) => {
+            warn!(%error, path = %path.display(), "cannot read the saved pod metadata; waiting for the API server");
+            PodDirectory::default()
+        }
+    }
+}
+
+fn save_pods(path: &Path, pods: &PodDirectory) {
+    let json = serde_json::to_vec(pods).expect("pod metadata serializes");
+    if let Err(error) = crate::state_file::write_atomic(path, &json) {
+        warn!(%error, path = %path.display(), "cannot save pod metadata");
+    }
+}
+
 struct Printer<W: io::Write> {
     out: JsonLines<W>,
     cgroups: CgroupPaths,
@@ -256,6 +340,7 @@ impl<W: io::Write> Printer<W> {
                 cgroup.map(|c| c.path.as_str()),
                 cgroup.and_then(|c| c.pod.as_ref()),
             );
+            let pod_meta = pod.and_then(|p| enforcer.pods().pod(&p.pod_uid));
             let attribution = (event.flags & flow_flags::ENDPOINT_KNOWN != 0)
                 .then(|| enforcer.attribute(event.generation, event.set_id, event.rule_id))
                 .flatten();
@@ -264,6 +349,7 @@ impl<W: io::Write> Printer<W> {
                 node: &self.node,
                 cgroup,
                 pod,
+                pod_meta,
                 clock: self.clock,
                 attribution,
             };

@@ -6,6 +6,8 @@
 //! connection goes, allowed or not). Dropping the environment removes all of
 //! it, also when the test panics.
 
+pub mod kube;
+
 use std::{
     io::{BufRead, BufReader},
     net::{Ipv4Addr, Ipv6Addr},
@@ -351,6 +353,25 @@ impl TestEnv {
     }
 
     /// `tollgate-agent cleanup` for this test's pins: detaches the programs.
+    /// The cgroups that have an entry in the datapath's endpoint map (only
+    /// the live half has entries once a switch is complete).
+    pub fn endpoint_cgroup_ids(&self) -> std::collections::BTreeSet<u64> {
+        let path = self
+            .datapath_options()
+            .pin_dir()
+            .join("maps")
+            .join(tollgate_common::map_names::ENDPOINTS);
+        let map = aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(&path).expect("the pinned endpoint map"),
+        );
+        let endpoints: aya::maps::HashMap<
+            _,
+            tollgate_common::EndpointKey,
+            tollgate_common::EndpointValue,
+        > = map.try_into().unwrap();
+        endpoints.keys().map(|k| k.unwrap().cgroup_id).collect()
+    }
+
     pub fn cleanup_pins(&self) {
         let output = Command::new(agent_binary())
             .arg("cleanup")
@@ -609,6 +630,26 @@ impl AgentProcess {
             .iter()
             .filter(|line| line.contains(needle))
             .count()
+    }
+
+    /// Reads the agent's log until a line contains `needle`; returns the
+    /// lines read.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    seen.push(line);
+                    if found {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!("the agent did not log {needle:?} in time; it logged: {seen:#?}"),
+            }
+        }
     }
 
     /// The next flow record the agent printed.

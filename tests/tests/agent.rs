@@ -264,7 +264,10 @@ fn flow_records_name_the_pod_and_container_of_a_kubelet_cgroup() {
     );
     let record = agent.next_record(WAIT);
     assert_eq!(record["src"]["pod_uid"], uid);
-    assert_eq!(record["src"]["container_id"], id);
+    assert_eq!(record["src"]["container"]["id"], id);
+    // Without the Kubernetes API nothing more is known of the pod.
+    assert_eq!(record["src"]["identity"], "unknown-pod");
+    assert_eq!(record["src"]["container"]["name"], serde_json::Value::Null);
     assert_eq!(
         record["src"]["cgroup"],
         format!(

@@ -3,10 +3,7 @@
 //! force in the kernel, then committed and persisted; if putting it in force
 //! fails, neither the store nor the kernel changes.
 
-use std::{
-    io::Write,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use tokio::sync::oneshot;
 use tollgate_common::Mode;
@@ -69,7 +66,7 @@ impl Controller {
     pub fn start(
         datapath: &mut Datapath,
         state_dir: &Path,
-        cgroup2_mount: &Path,
+        enforcer: Enforcer,
         attach_cgroup: &Path,
         documents: Vec<api::EgressPolicy>,
         mode_flag: Option<Mode>,
@@ -107,7 +104,7 @@ impl Controller {
         let mode = store.global_mode().unwrap_or(Mode::Observe);
         let mut controller = Self {
             store,
-            enforcer: Enforcer::new(cgroup2_mount),
+            enforcer,
             state_file,
             attach_cgroup: attach_cgroup.to_owned(),
         };
@@ -196,7 +193,7 @@ impl Controller {
         let policies = self.store.effective_policies_of(&plan);
         let changes = plan.changes.clone();
         if dry_run {
-            self.enforcer.check(&policies, datapath)?;
+            self.enforcer.check(policies, datapath)?;
             return Ok(api::PolicyChanges {
                 generation: self.store.generation(),
                 changes,
@@ -285,24 +282,13 @@ impl Controller {
         })
     }
 
-    /// Writes the state atomically: a reader (or a crash) sees the old file
-    /// or the new one, never a part.
     fn persist(&self) -> Result<(), ControlError> {
-        let err = |source| ControlError::Persist {
-            path: self.state_file.clone(),
-            source,
-        };
-        let dir = self.state_file.parent().expect("state file in a directory");
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let temporary = self.state_file.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&temporary).map_err(err)?;
         let json = serde_json::to_vec_pretty(&self.store.to_persisted()).expect("state serializes");
-        file.write_all(&json)
-            .and_then(|()| file.sync_all())
-            .map_err(err)?;
-        std::fs::rename(&temporary, &self.state_file).map_err(err)?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)
+        crate::state_file::write_atomic(&self.state_file, &json).map_err(|source| {
+            ControlError::Persist {
+                path: self.state_file.clone(),
+                source,
+            }
+        })
     }
 }

@@ -9,7 +9,9 @@ use std::{
 
 use ipnet::IpNet;
 use tokio::sync::broadcast;
-use tollgate_proto::v1::{Flow, FlowDestination, FlowFilter, FlowSource};
+use tollgate_proto::v1::{
+    Flow, FlowContainer, FlowDestination, FlowFilter, FlowSource, FlowWorkload,
+};
 
 use crate::flow::FlowRecord;
 
@@ -110,14 +112,8 @@ pub enum FilterError {
 
 impl Filter {
     pub fn new(filter: &FlowFilter) -> Result<Self, FilterError> {
-        // No record has a namespace, pod or name yet: such a filter would
-        // match nothing and, with follow, wait forever.
-        if !filter.namespace.is_empty() || !filter.pod.is_empty() {
-            return Err(FilterError::Unsupported(
-                "namespace and pod filters need pod metadata, which this agent does not have yet"
-                    .into(),
-            ));
-        }
+        // No record has a destination name yet: such a filter would match
+        // nothing and, with follow, wait forever.
         if !filter.destination_name.is_empty() {
             return Err(FilterError::Unsupported(
                 "destination name filters need DNS learning, which this agent does not have yet"
@@ -201,10 +197,23 @@ pub fn to_api(record: &FlowRecord) -> Flow {
             comm: record.src.comm.to_string(),
             uid: record.src.uid,
             gid: record.src.gid,
-            namespace: None,
-            pod: None,
+            namespace: record.src.namespace.map(str::to_owned),
+            pod: record.src.pod.map(str::to_owned),
             pod_uid: record.src.pod_uid.map(str::to_owned),
-            container_id: record.src.container_id.map(str::to_owned),
+            identity: record.src.identity.to_owned(),
+            container: record.src.container.as_ref().map(|c| FlowContainer {
+                name: c.name.map(str::to_owned),
+                id: c.id.to_owned(),
+            }),
+            workload: record.src.workload.map(|w| FlowWorkload {
+                kind: w.kind.clone(),
+                name: w.name.clone(),
+            }),
+            labels: record
+                .src
+                .labels
+                .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default(),
         }),
         dst: Some(FlowDestination {
             ip: record.dst.ip.to_string(),
@@ -253,11 +262,27 @@ mod tests {
         assert!(!filter.matches(&flow("allowed", "10.1.2.3", Some("web"))));
         assert!(!filter.matches(&flow("denied", "11.1.2.3", Some("web"))));
         assert!(!filter.matches(&flow("denied", "10.1.2.3", None)));
-        let by_namespace = Filter::new(&FlowFilter {
+        let by_pod = Filter::new(&FlowFilter {
             namespace: "prod".into(),
+            pod: "payments-1".into(),
             ..Default::default()
-        });
-        assert!(matches!(by_namespace, Err(FilterError::Unsupported(_))));
+        })
+        .unwrap();
+        let from = |namespace: &str, pod: &str| Flow {
+            src: Some(FlowSource {
+                namespace: Some(namespace.into()),
+                pod: Some(pod.into()),
+                ..Default::default()
+            }),
+            ..flow("denied", "10.1.2.3", Some("web"))
+        };
+        assert!(by_pod.matches(&from("prod", "payments-1")));
+        assert!(!by_pod.matches(&from("dev", "payments-1")));
+        assert!(!by_pod.matches(&from("prod", "payments-2")));
+        assert!(
+            !by_pod.matches(&flow("denied", "10.1.2.3", Some("web"))),
+            "a host's record"
+        );
     }
 
     #[test]
@@ -288,7 +313,13 @@ mod tests {
 
     #[test]
     fn the_api_flow_has_the_fields_of_the_json_record() {
-        use crate::flow::{Destination, Source};
+        use crate::flow::{Container, Destination, Source};
+        use crate::pods::directory::Workload;
+        let workload = Workload {
+            kind: "Deployment".into(),
+            name: "payments".into(),
+        };
+        let labels = crate::policy::select::Labels::from([("app".into(), "payments".into())]);
         let record = FlowRecord {
             time: "2026-11-24T08:00:00.000000001Z".into(),
             seq: 9,
@@ -305,8 +336,16 @@ mod tests {
                 comm: "curl".into(),
                 uid: 4,
                 gid: 5,
+                identity: "pod",
                 pod_uid: Some("0f5b6e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5b"),
-                container_id: None,
+                namespace: Some("prod"),
+                pod: Some("payments-1"),
+                container: Some(Container {
+                    name: Some("app"),
+                    id: "abc",
+                }),
+                workload: Some(&workload),
+                labels: Some(&labels),
             },
             dst: Destination {
                 ip: "10.0.0.1".parse().unwrap(),

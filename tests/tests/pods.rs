@@ -1,0 +1,503 @@
+//! Pods as endpoints, on a simulated node: kubelet's cgroup trees (both
+//! drivers, every QoS class, containerd, CRI-O and Docker scopes) with real
+//! processes in them, and a stand-in API server speaking list/watch. The
+//! agent learns pods and namespaces from it, selects pods by labels, and
+//! names them in flow records.
+//!
+//! These tests need root and the BPF object: `cargo xtask test` runs them.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tollgate_tests::{
+    AgentProcess, TempFile, TestEnv,
+    kube::{FakeApiServer, PodSpec, namespace, pod},
+};
+
+const EPERM: i32 = libc::EPERM;
+const WAIT: Duration = Duration::from_secs(5);
+const NODE: &str = "test-node";
+
+/// Where kubelet puts a container's cgroup.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// systemd driver: (QoS slice or None for Guaranteed, scope prefix)
+    Systemd(Option<&'static str>, &'static str),
+    /// cgroupfs driver: QoS directory or None for Guaranteed
+    Cgroupfs(Option<&'static str>),
+}
+
+/// One pod of the simulated node: its API object and its container's cgroup.
+struct SimPod {
+    uid: String,
+    container_id: String,
+    object: Value,
+    cgroup: PathBuf,
+}
+
+impl SimPod {
+    /// `n` makes the uid and container id unique within the test.
+    fn new(
+        env: &TestEnv,
+        n: u8,
+        namespace: &str,
+        deployment: &str,
+        app: &str,
+        layout: Layout,
+    ) -> Self {
+        let uid = format!("{n:08x}-1b2c-4d5e-8f90-123456789abc");
+        let container_id = format!("{n:02x}").repeat(32);
+        let (scheme, relative) = match layout {
+            Layout::Systemd(qos, prefix) => {
+                let uid_ = uid.replace('-', "_");
+                let pod_slice = match qos {
+                    Some(qos) => format!(
+                        "kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{uid_}.slice"
+                    ),
+                    None => format!("kubepods.slice/kubepods-pod{uid_}.slice"),
+                };
+                let scheme = match prefix {
+                    "cri-containerd" => "containerd",
+                    "crio" => "cri-o",
+                    other => other,
+                };
+                (scheme, format!("{pod_slice}/{prefix}-{container_id}.scope"))
+            }
+            Layout::Cgroupfs(qos) => {
+                let qos = qos.map(|q| format!("{q}/")).unwrap_or_default();
+                (
+                    "containerd",
+                    format!("kubepods/{qos}pod{uid}/{container_id}"),
+                )
+            }
+        };
+        let object = pod(&PodSpec {
+            namespace,
+            deployment,
+            uid: &uid,
+            labels: &[("app", app)],
+            node: NODE,
+            containers: &[("app", &format!("{scheme}://{container_id}"))],
+        });
+        Self {
+            uid,
+            container_id,
+            object,
+            cgroup: env.cgroup.path.join(relative),
+        }
+    }
+
+    fn make_cgroup(&self, env: &TestEnv) {
+        let relative = self.cgroup.strip_prefix(&env.cgroup.path).unwrap();
+        env.cgroup.child(relative.to_str().unwrap());
+    }
+
+    fn connect(&self, env: &TestEnv, host: Ipv4Addr, port: u16) -> Result<(), i32> {
+        env.probe_in(&self.cgroup, &["connect", "tcp", &format!("{host}:{port}")])
+            .result()
+    }
+
+    fn relabelled(&self, app: &str) -> Value {
+        let mut object = self.object.clone();
+        object["metadata"]["labels"]["app"] = app.into();
+        object
+    }
+}
+
+fn payments_policy(host: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: policy.tollgate.dev/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: payments-egress
+  namespace: prod
+spec:
+  podSelector:
+    matchLabels: {{app: payments}}
+  mode: enforce
+  egress:
+  - name: api
+    to: [{{cidr: {host}/32}}]
+    ports: [{{port: 8081, protocol: TCP}}]
+"
+    )
+}
+
+fn start_agent(env: &TestEnv, kubeconfig: &TempFile, extra: &[&str]) -> AgentProcess {
+    let mut args = vec![
+        "--kubeconfig",
+        kubeconfig.path.to_str().unwrap(),
+        "--allowed-report-interval",
+        "0",
+        "--pod-label-keys",
+        "app",
+    ];
+    args.extend_from_slice(extra);
+    let agent = AgentProcess::start(env, &args);
+    // Both lists (pods, namespaces) may come before or after "ready".
+    let listed = agent.startup_lines_with(" listed ");
+    for _ in listed..2 {
+        agent.wait_for_log(" listed ", WAIT);
+    }
+    agent
+}
+
+/// Polls `probe` until it returns `want`; how long that took.
+fn until(
+    want: Result<(), i32>,
+    limit: Duration,
+    mut probe: impl FnMut() -> Result<(), i32>,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = probe();
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "still {got:?}, not {want:?}, after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The next record from `cgroup` to `port` (records of other probes are skipped).
+fn record_from(agent: &AgentProcess, env: &TestEnv, cgroup: &std::path::Path, port: u16) -> Value {
+    let relative = format!(
+        "{}/{}",
+        env.cgroup.relative,
+        cgroup.strip_prefix(&env.cgroup.path).unwrap().display()
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let record = agent.next_record(deadline.saturating_duration_since(Instant::now()));
+        if record["src"]["cgroup"] == relative.as_str() && record["dst"]["port"] == port {
+            return record;
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn a_payments_policy_blocks_exactly_the_payments_pods_of_prod() {
+    let mut env = TestEnv::new("pods-select");
+    let host = env.add_host(40, &[8080, 8081]).v4;
+    let api = FakeApiServer::start();
+    api.put(namespace("prod", &[("env", "prod")]));
+    api.put(namespace("dev", &[("env", "dev")]));
+    // Every layout kubelet makes; four payments pods in prod.
+    let payments = [
+        SimPod::new(
+            &env,
+            1,
+            "prod",
+            "payments",
+            "payments",
+            Layout::Systemd(Some("burstable"), "cri-containerd"),
+        ),
+        SimPod::new(
+            &env,
+            2,
+            "prod",
+            "payments",
+            "payments",
+            Layout::Systemd(None, "crio"),
+        ),
+        SimPod::new(
+            &env,
+            3,
+            "prod",
+            "payments",
+            "payments",
+            Layout::Cgroupfs(Some("burstable")),
+        ),
+        SimPod::new(
+            &env,
+            4,
+            "prod",
+            "payments",
+            "payments",
+            Layout::Cgroupfs(Some("besteffort")),
+        ),
+    ];
+    let others = [
+        SimPod::new(
+            &env,
+            5,
+            "prod",
+            "web",
+            "web",
+            Layout::Systemd(Some("besteffort"), "docker"),
+        ),
+        SimPod::new(
+            &env,
+            6,
+            "dev",
+            "payments",
+            "payments",
+            Layout::Cgroupfs(None),
+        ),
+    ];
+    for sim in payments.iter().chain(&others) {
+        sim.make_cgroup(&env);
+        api.put(sim.object.clone());
+    }
+    let host_process = env.cgroup.child("system.slice/cron.service");
+    let policy = TempFile::new("pods-select.yaml", &payments_policy(host));
+    let kubeconfig = TempFile::new("pods-select.kubeconfig", &api.kubeconfig());
+    let agent = start_agent(
+        &env,
+        &kubeconfig,
+        &["--policy", policy.path.to_str().unwrap()],
+    );
+
+    until(Err(EPERM), WAIT, || payments[0].connect(&env, host, 8080));
+    for sim in &payments {
+        assert_eq!(sim.connect(&env, host, 8080), Err(EPERM), "{}", sim.uid);
+        assert_eq!(
+            sim.connect(&env, host, 8081),
+            Ok(()),
+            "the policy's allow rule"
+        );
+    }
+    for sim in &others {
+        assert_eq!(sim.connect(&env, host, 8080), Ok(()), "{}", sim.uid);
+    }
+    assert_eq!(
+        env.probe_in(&host_process, &["connect", "tcp", &format!("{host}:8080")])
+            .result(),
+        Ok(()),
+        "host processes are not restricted"
+    );
+
+    // The API server was asked for this node's pods only.
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.starts_with("pods?") && r.contains("fieldSelector=spec.nodeName=test-node")),
+        "{:#?}",
+        api.requests()
+    );
+
+    // Records name namespace, pod, container and workload.
+    assert_eq!(payments[0].connect(&env, host, 8080), Err(EPERM));
+    let denied = record_from(&agent, &env, &payments[0].cgroup, 8080);
+    assert_eq!(denied["verdict"], "denied");
+    assert_eq!(denied["policy"], "prod/payments-egress");
+    assert_eq!(denied["node"], NODE);
+    let src = &denied["src"];
+    assert_eq!(src["identity"], "pod");
+    assert_eq!(src["namespace"], "prod");
+    assert_eq!(src["pod"], payments[0].object["metadata"]["name"]);
+    assert_eq!(src["pod_uid"], payments[0].uid.as_str());
+    assert_eq!(
+        src["container"],
+        serde_json::json!({"name": "app", "id": payments[0].container_id})
+    );
+    assert_eq!(
+        src["workload"],
+        serde_json::json!({"kind": "Deployment", "name": "payments"})
+    );
+    assert_eq!(src["labels"], serde_json::json!({"app": "payments"}));
+
+    assert_eq!(others[1].connect(&env, host, 8080), Ok(()));
+    let allowed = record_from(&agent, &env, &others[1].cgroup, 8080);
+    assert_eq!(
+        (
+            &allowed["verdict"],
+            &allowed["policy"],
+            &allowed["src"]["namespace"]
+        ),
+        (&"allowed".into(), &Value::Null, &"dev".into())
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn pod_and_namespace_changes_reach_the_kernel_through_disconnects_and_410() {
+    let mut env = TestEnv::new("pods-watch");
+    let host = env.add_host(41, &[8080]).v4;
+    let api = FakeApiServer::start();
+    api.put(namespace("prod", &[("env", "prod")]));
+    api.put(namespace("staging", &[("env", "staging")]));
+    let web = SimPod::new(
+        &env,
+        1,
+        "prod",
+        "web",
+        "web",
+        Layout::Systemd(Some("burstable"), "cri-containerd"),
+    );
+    let batch = SimPod::new(
+        &env,
+        2,
+        "staging",
+        "batch",
+        "batch",
+        Layout::Cgroupfs(Some("besteffort")),
+    );
+    for sim in [&web, &batch] {
+        sim.make_cgroup(&env);
+        api.put(sim.object.clone());
+    }
+    // One policy by pod labels, one by namespace labels.
+    let policies = TempFile::new(
+        "pods-watch.yaml",
+        &format!(
+            "{}---
+apiVersion: policy.tollgate.dev/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: locked-namespaces
+spec:
+  namespaceSelector:
+    matchExpressions: [{{key: lockdown, operator: Exists}}]
+  mode: enforce
+",
+            payments_policy(host)
+        ),
+    );
+    let kubeconfig = TempFile::new("pods-watch.kubeconfig", &api.kubeconfig());
+    let agent = start_agent(
+        &env,
+        &kubeconfig,
+        &["--policy", policies.path.to_str().unwrap()],
+    );
+    until(Ok(()), WAIT, || web.connect(&env, host, 8080));
+    assert_eq!(batch.connect(&env, host, 8080), Ok(()));
+
+    // A relabelled pod is under its new policy within a second, and out of it again.
+    api.put(web.relabelled("payments"));
+    let took = until(Err(EPERM), Duration::from_secs(1), || {
+        web.connect(&env, host, 8080)
+    });
+    println!("relabel to deny took {took:?}");
+    api.put(web.object.clone());
+    until(Ok(()), Duration::from_secs(1), || {
+        web.connect(&env, host, 8080)
+    });
+
+    // A relabelled namespace too.
+    api.put(namespace(
+        "staging",
+        &[("env", "staging"), ("lockdown", "true")],
+    ));
+    until(Err(EPERM), Duration::from_secs(1), || {
+        batch.connect(&env, host, 8080)
+    });
+
+    // The watch ends (API server restart): it resumes and still follows.
+    api.disconnect_watches();
+    api.put(web.relabelled("payments"));
+    until(Err(EPERM), WAIT, || web.connect(&env, host, 8080));
+
+    // The history is gone (410 Gone on resume): the agent lists again, and
+    // what changed meanwhile, a deleted namespace's lockdown, takes effect.
+    api.compact();
+    api.disconnect_watches();
+    api.put(namespace("staging", &[("env", "staging")]));
+    until(Ok(()), WAIT, || batch.connect(&env, host, 8080));
+    // The agent logged the 410, so a relist (not a replay) brought the change.
+    agent.wait_for_log("too old resource version", WAIT);
+
+    // A deleted pod's entries go away with it.
+    let web_cgroup = tollgate_agent::cgroups::cgroup_id(&web.cgroup).unwrap();
+    assert!(env.endpoint_cgroup_ids().contains(&web_cgroup));
+    api.delete(&web.relabelled("payments"));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while env.endpoint_cgroup_ids().contains(&web_cgroup) {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted pod's endpoint is still there"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(api.open_watches() >= 2, "the agent still watches");
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn an_unknown_pod_is_denied_until_its_metadata_arrives_then_its_policy_takes_over_also_after_a_restart()
+ {
+    let mut env = TestEnv::new("pods-unknown");
+    let host = env.add_host(42, &[8080, 8081]).v4;
+    let api = FakeApiServer::start();
+    api.put(namespace("prod", &[]));
+    let policy = TempFile::new("pods-unknown.yaml", &payments_policy(host));
+    let kubeconfig = TempFile::new("pods-unknown.kubeconfig", &api.kubeconfig());
+    let strict = [
+        "--policy",
+        policy.path.to_str().unwrap(),
+        "--unknown-pod-action",
+        "deny",
+        "--mode",
+        "enforce",
+    ];
+    let mut agent = start_agent(&env, &kubeconfig, &strict);
+
+    // The cgroup appears before the API server has said anything of the pod.
+    let payments = SimPod::new(
+        &env,
+        1,
+        "prod",
+        "payments",
+        "payments",
+        Layout::Systemd(Some("burstable"), "cri-containerd"),
+    );
+    payments.make_cgroup(&env);
+    agent.wait_for_log("endpoints changed", WAIT);
+    assert_eq!(payments.connect(&env, host, 8081), Err(EPERM));
+    let record = record_from(&agent, &env, &payments.cgroup, 8081);
+    assert_eq!(record["verdict"], "denied");
+    assert_eq!(record["policy"], "tollgate:unknown-pod");
+    assert_eq!(record["src"]["identity"], "unknown-pod");
+    assert_eq!(record["src"]["pod_uid"], payments.uid.as_str());
+
+    // Then its metadata: its own policy decides (8081 allowed, 8080 not).
+    api.put(payments.object.clone());
+    until(Ok(()), Duration::from_secs(1), || {
+        payments.connect(&env, host, 8081)
+    });
+    assert_eq!(payments.connect(&env, host, 8080), Err(EPERM));
+    let record = record_from(&agent, &env, &payments.cgroup, 8080);
+    assert_eq!(record["policy"], "prod/payments-egress");
+    assert_eq!(record["src"]["identity"], "pod");
+
+    // A restart keeps what the last run knew, even with the API server
+    // gone: the pod does not fall back to unknown (and denied).
+    agent.terminate();
+    drop(api);
+    let mut args = vec!["--kubeconfig", kubeconfig.path.to_str().unwrap()];
+    args.extend_from_slice(&strict);
+    let agent = AgentProcess::start(&env, &args);
+    assert_eq!(
+        agent.startup_lines_with("pod metadata of the last run loaded"),
+        1,
+        "{:#?}",
+        agent.startup_log
+    );
+    assert_eq!(payments.connect(&env, host, 8081), Ok(()));
+    assert_eq!(payments.connect(&env, host, 8080), Err(EPERM));
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn unknown_pod_action_deny_without_kubernetes_is_refused() {
+    let env = TestEnv::new("pods-nokube");
+    let log = AgentProcess::try_start(
+        &env,
+        &["--unknown-pod-action", "deny", "--kubernetes", "off"],
+    )
+    .err()
+    .expect("the agent must refuse to start");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("--unknown-pod-action deny needs the Kubernetes API")),
+        "{log:#?}"
+    );
+}
