@@ -493,6 +493,10 @@ fn the_shipped_examples_are_valid() {
             "aks-allow-list.yaml",
             include_str!("../../../examples/policies/aks-allow-list.yaml"),
         ),
+        (
+            "aks-minimal-egress.yaml",
+            include_str!("../../../examples/policies/aks-minimal-egress.yaml"),
+        ),
     ];
     for (name, text) in examples {
         let documents =
@@ -511,6 +515,42 @@ fn the_shipped_examples_are_valid() {
             _ => assert!(compiled.is_ok(), "{name}: {compiled:?}"),
         }
     }
+}
+
+#[test]
+fn the_aks_minimal_egress_example_selects_application_namespaces_only() {
+    use super::select::{Endpoint, Identity, Labels, select_endpoints};
+    let text = include_str!("../../../examples/policies/aks-minimal-egress.yaml");
+    let documents = super::document::parse_documents("aks", text).unwrap();
+    let policies = super::validate::validate_all(&documents).unwrap();
+    let namespaces: Vec<(&str, Labels)> = ["default", "shop", "kube-system", "tollgate-system"]
+        .into_iter()
+        .map(|name| {
+            let labels = Labels::from([("kubernetes.io/metadata.name".into(), name.into())]);
+            (name, labels)
+        })
+        .collect();
+    let pod_labels = Labels::from([("app".into(), "x".into())]);
+    let endpoints = namespaces
+        .iter()
+        .zip(1..)
+        .map(|((name, labels), id)| Endpoint {
+            cgroup_id: id,
+            path: "/kubepods.slice/x",
+            identity: Identity::Pod {
+                namespace: name,
+                labels: &pod_labels,
+                namespace_labels: labels,
+            },
+        });
+    let selected: Vec<u64> = select_endpoints(&policies, endpoints, None)
+        .into_keys()
+        .collect();
+    assert_eq!(
+        selected,
+        [1, 2],
+        "default and shop, not the system namespaces"
+    );
 }
 
 // ---- property test -------------------------------------------------------
