@@ -96,6 +96,21 @@ impl SimPod {
         env.cgroup.child(relative.to_str().unwrap());
     }
 
+    /// Until the agent has put the container's cgroup in the datapath: the
+    /// moment between a cgroup's mkdir and that is docs/datapath.md's.
+    fn wait_until_in_datapath(&self, env: &TestEnv) {
+        let id = tollgate_agent::cgroups::cgroup_id(&self.cgroup).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while !env.endpoint_cgroup_ids().contains(&id) {
+            assert!(
+                Instant::now() < deadline,
+                "{} never got an endpoint",
+                self.uid
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn connect(&self, env: &TestEnv, host: Ipv4Addr, port: u16) -> Result<(), i32> {
         env.probe_in(&self.cgroup, &["connect", "tcp", &format!("{host}:{port}")])
             .result()
@@ -166,8 +181,15 @@ fn until(
     }
 }
 
-/// The next record from `cgroup` to `port` (records of other probes are skipped).
-fn record_from(agent: &AgentProcess, env: &TestEnv, cgroup: &std::path::Path, port: u16) -> Value {
+/// The next record from `cgroup` to `port` with `verdict` (records of other
+/// probes, like those of polling until a change took effect, are skipped).
+fn record_from(
+    agent: &AgentProcess,
+    env: &TestEnv,
+    cgroup: &std::path::Path,
+    port: u16,
+    verdict: &str,
+) -> Value {
     let relative = format!(
         "{}/{}",
         env.cgroup.relative,
@@ -176,7 +198,10 @@ fn record_from(agent: &AgentProcess, env: &TestEnv, cgroup: &std::path::Path, po
     let deadline = Instant::now() + WAIT;
     loop {
         let record = agent.next_record(deadline.saturating_duration_since(Instant::now()));
-        if record["src"]["cgroup"] == relative.as_str() && record["dst"]["port"] == port {
+        if record["src"]["cgroup"] == relative.as_str()
+            && record["dst"]["port"] == port
+            && record["verdict"] == verdict
+        {
             return record;
         }
     }
@@ -275,6 +300,21 @@ fn a_payments_policy_blocks_exactly_the_payments_pods_of_prod() {
         "host processes are not restricted"
     );
 
+    // A pod that starts now: the API server reports it (bound to this node),
+    // then kubelet makes its cgroup; its first connect is denied.
+    let late = SimPod::new(
+        &env,
+        7,
+        "prod",
+        "payments",
+        "payments",
+        Layout::Systemd(Some("burstable"), "cri-containerd"),
+    );
+    api.put(late.object.clone());
+    late.make_cgroup(&env);
+    late.wait_until_in_datapath(&env);
+    assert_eq!(late.connect(&env, host, 8080), Err(EPERM));
+
     // The API server was asked for this node's pods only.
     assert!(
         api.requests()
@@ -286,8 +326,7 @@ fn a_payments_policy_blocks_exactly_the_payments_pods_of_prod() {
 
     // Records name namespace, pod, container and workload.
     assert_eq!(payments[0].connect(&env, host, 8080), Err(EPERM));
-    let denied = record_from(&agent, &env, &payments[0].cgroup, 8080);
-    assert_eq!(denied["verdict"], "denied");
+    let denied = record_from(&agent, &env, &payments[0].cgroup, 8080, "denied");
     assert_eq!(denied["policy"], "prod/payments-egress");
     assert_eq!(denied["node"], NODE);
     let src = &denied["src"];
@@ -306,7 +345,7 @@ fn a_payments_policy_blocks_exactly_the_payments_pods_of_prod() {
     assert_eq!(src["labels"], serde_json::json!({"app": "payments"}));
 
     assert_eq!(others[1].connect(&env, host, 8080), Ok(()));
-    let allowed = record_from(&agent, &env, &others[1].cgroup, 8080);
+    let allowed = record_from(&agent, &env, &others[1].cgroup, 8080, "allowed");
     assert_eq!(
         (
             &allowed["verdict"],
@@ -450,10 +489,9 @@ fn an_unknown_pod_is_denied_until_its_metadata_arrives_then_its_policy_takes_ove
         Layout::Systemd(Some("burstable"), "cri-containerd"),
     );
     payments.make_cgroup(&env);
-    agent.wait_for_log("endpoints changed", WAIT);
+    payments.wait_until_in_datapath(&env);
     assert_eq!(payments.connect(&env, host, 8081), Err(EPERM));
-    let record = record_from(&agent, &env, &payments.cgroup, 8081);
-    assert_eq!(record["verdict"], "denied");
+    let record = record_from(&agent, &env, &payments.cgroup, 8081, "denied");
     assert_eq!(record["policy"], "tollgate:unknown-pod");
     assert_eq!(record["src"]["identity"], "unknown-pod");
     assert_eq!(record["src"]["pod_uid"], payments.uid.as_str());
@@ -464,7 +502,7 @@ fn an_unknown_pod_is_denied_until_its_metadata_arrives_then_its_policy_takes_ove
         payments.connect(&env, host, 8081)
     });
     assert_eq!(payments.connect(&env, host, 8080), Err(EPERM));
-    let record = record_from(&agent, &env, &payments.cgroup, 8080);
+    let record = record_from(&agent, &env, &payments.cgroup, 8080, "denied");
     assert_eq!(record["policy"], "prod/payments-egress");
     assert_eq!(record["src"]["identity"], "pod");
 
