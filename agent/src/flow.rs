@@ -8,6 +8,7 @@ use std::{
 
 use serde::Serialize;
 
+use crate::export::record::Summary;
 use crate::pods::{
     directory::{PodMeta, Workload},
     kubelet::PodCgroup,
@@ -30,6 +31,9 @@ pub fn decode_event(bytes: &[u8]) -> Option<FlowEvent> {
 
 #[derive(Debug, Serialize, PartialEq)]
 pub struct FlowRecord<'a> {
+    /// Always `flow` (docs/export.md has the other record types).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
     /// RFC 3339, UTC, nanoseconds.
     pub time: String,
     /// Per-node sequence number, from 1.
@@ -50,9 +54,17 @@ pub struct FlowRecord<'a> {
     pub rule_id: u32,
     pub generation: u32,
     pub socket_cookie: u64,
+    /// Only on interval aggregates of allowed flows: how many connections
+    /// this record stands for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Summary>,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+impl FlowRecord<'_> {
+    pub const KIND: &'static str = "flow";
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Source<'a> {
     pub cgroup_id: u64,
     /// Path below the cgroup2 mount, or null if the cgroup is already gone.
@@ -76,14 +88,14 @@ pub struct Source<'a> {
     pub labels: Option<&'a Labels>,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Container<'a> {
     /// Null until the API server has reported the container's id.
     pub name: Option<&'a str>,
     pub id: &'a str,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Destination {
     pub ip: IpAddr,
     pub port: u16,
@@ -125,6 +137,7 @@ impl<'a> FlowRecord<'a> {
             None => Cow::Owned(format!("rule-{}", event.rule_id)),
         };
         Self {
+            kind: Self::KIND,
             time: rfc3339_nanos(enrichment.clock.unix_nanos(event.ts_ns)),
             seq: enrichment.seq,
             node: enrichment.node,
@@ -173,6 +186,7 @@ impl<'a> FlowRecord<'a> {
             rule_id: event.rule_id,
             generation: event.generation,
             socket_cookie: event.socket_cookie,
+            summary: None,
         }
     }
 }
@@ -322,6 +336,7 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({
+                "type": "flow",
                 "time": "2023-11-14T22:13:20.000001000Z",
                 "seq": 1,
                 "node": "node-a",

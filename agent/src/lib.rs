@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod enforce;
+pub mod export;
 pub mod flow;
 pub mod mounts;
 pub mod output;

@@ -321,6 +321,7 @@ mod tests {
         };
         let labels = crate::policy::select::Labels::from([("app".into(), "payments".into())]);
         let record = FlowRecord {
+            kind: FlowRecord::KIND,
             time: "2026-11-24T08:00:00.000000001Z".into(),
             seq: 9,
             node: "n",
@@ -356,6 +357,7 @@ mod tests {
             rule_id: 7,
             generation: 8,
             socket_cookie: 6,
+            summary: None,
         };
         let json = serde_json::to_value(&record).unwrap();
         let api = serde_json::to_value(to_api(&record)).unwrap();
@@ -378,6 +380,11 @@ mod tests {
         }
         fn check(json: &serde_json::Value, api: &serde_json::Value, path: &str) {
             for (key, value) in json.as_object().unwrap() {
+                // The API's message type is the record type.
+                if path.is_empty() && key == "type" {
+                    assert_eq!(value, "flow");
+                    continue;
+                }
                 let api_value = &api[camel(key)];
                 if value.is_object() {
                     check(value, api_value, &format!("{path}.{key}"));

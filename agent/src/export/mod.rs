@@ -1,0 +1,5 @@
+//! Export of flow and DNS records to SIEMs: one record model, formats as
+//! pure functions, and sinks that deliver each record in order without
+//! holding up the datapath or each other.
+
+pub mod record;
