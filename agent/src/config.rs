@@ -1,8 +1,12 @@
-//! The agent's command line, read and checked before the runtime starts.
+//! The agent's configuration: a YAML file (`--config`), environment
+//! variables and flags, read and checked before the runtime starts. A flag
+//! wins over its environment variable, which wins over the file, which wins
+//! over the default.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Parser, Subcommand, ValueEnum, parser::ValueSource};
+use serde::Deserialize;
 use tollgate_common::Mode;
 
 use crate::{datapath::DEFAULT_BPFFS_ROOT, pods::UnknownPodAction};
@@ -33,6 +37,10 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// YAML configuration file: every setting below, by its camelCase name
+    /// (docs/configuration.md); flags and environment variables override it.
+    #[arg(long, env = "TOLLGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// observe: denials are recorded as `audit` and go through; enforce: they
     /// fail with EPERM [default: the saved mode, else observe]
     #[arg(long, env = "TOLLGATE_MODE", value_enum)]
@@ -76,10 +84,16 @@ pub struct RunArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,
     /// Report an allowed flow (same cgroup, destination, port, protocol, rule)
-    /// at most once per this interval; 0 reports every connection. Denied and
-    /// audit decisions are always reported.
+    /// once per this interval; 0 reports every connection. Denied and audit
+    /// decisions are always reported one by one.
     #[arg(long, env = "TOLLGATE_ALLOWED_REPORT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub allowed_report_interval: Duration,
+    /// How an allowed flow's interval is reported. aggregate: one record at
+    /// its end, counting its connections (the kernel hands every allowed
+    /// connection to the agent). first: its first connection only, the rest
+    /// suppressed in the kernel (fewer events, no counts).
+    #[arg(long, env = "TOLLGATE_ALLOWED_FLOWS", value_enum, default_value_t = AllowedFlows::Aggregate)]
+    pub allowed_flows: AllowedFlows,
     /// Where pod metadata comes from. auto: in-cluster when
     /// KUBERNETES_SERVICE_HOST is set, else --kubeconfig if given, else off
     /// (endpoints are cgroups, selected by path).
@@ -92,6 +106,14 @@ pub struct RunArgs {
     /// known: allow (not restricted) or deny (strict clusters).
     #[arg(long, env = "TOLLGATE_UNKNOWN_POD_ACTION", value_enum, default_value_t = UnknownPodAction::Allow)]
     pub unknown_pod_action: UnknownPodAction,
+    /// A sink for flow records, as YAML (`{type: syslog, address:
+    /// "tls://siem:6514", caFile: /etc/ca.pem}`); repeatable; replaces the
+    /// configuration file's sinks. None anywhere: JSON lines on stdout.
+    #[arg(long = "sink", value_name = "YAML")]
+    pub sinks: Vec<String>,
+    /// The configuration file's `export` section.
+    #[arg(skip)]
+    pub file_export: Option<crate::export::config::ExportSpec>,
     /// Pod label keys that flow records carry, comma-separated.
     #[arg(
         long,
@@ -102,7 +124,15 @@ pub struct RunArgs {
     pub pod_label_keys: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllowedFlows {
+    Aggregate,
+    First,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum KubernetesArg {
     Auto,
     InCluster,
@@ -110,7 +140,8 @@ pub enum KubernetesArg {
     Off,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ModeArg {
     Observe,
     Enforce,
@@ -122,6 +153,132 @@ impl From<ModeArg> for Mode {
             ModeArg::Observe => Mode::Observe,
             ModeArg::Enforce => Mode::Enforce,
         }
+    }
+}
+
+/// The configuration file: the run settings, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileConfig {
+    mode: Option<ModeArg>,
+    cgroup: Option<PathBuf>,
+    bpffs_root: Option<PathBuf>,
+    policies: Option<Vec<PathBuf>>,
+    state_dir: Option<PathBuf>,
+    listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    insecure_listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+    node: Option<String>,
+    #[serde(default, deserialize_with = "duration")]
+    allowed_report_interval: Option<Duration>,
+    allowed_flows: Option<AllowedFlows>,
+    kubernetes: Option<KubernetesArg>,
+    kubeconfig: Option<PathBuf>,
+    unknown_pod_action: Option<crate::pods::UnknownPodAction>,
+    pod_label_keys: Option<Vec<String>>,
+    export: Option<crate::export::config::ExportSpec>,
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {field}{message}")]
+    Invalid {
+        path: PathBuf,
+        /// `field: `, or empty when the problem is not one field's.
+        field: String,
+        message: String,
+    },
+}
+
+impl FileConfig {
+    pub fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    fn parse(path: &std::path::Path, text: &str) -> Result<Self, ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: if field.is_empty() {
+                field
+            } else {
+                format!("{field}: ")
+            },
+            message,
+        };
+        let value: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(text).map_err(|e| invalid(String::new(), e.to_string()))?;
+        if value.is_null() {
+            return Ok(Self::default());
+        }
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            invalid(
+                crate::policy::document::field_path(e.path()),
+                e.into_inner().to_string(),
+            )
+        })
+    }
+}
+
+impl RunArgs {
+    /// Fills in from `file` every setting that neither a flag nor an
+    /// environment variable gave (`matches` says which did).
+    pub fn with_file(mut self, file: FileConfig, matches: &ArgMatches) -> Self {
+        let given = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        macro_rules! fill {
+            ($($field:ident),* $(,)?) => {$(
+                if !given(stringify!($field)) {
+                    if let Some(value) = file.$field {
+                        self.$field = value.into();
+                    }
+                }
+            )*};
+        }
+        fill!(
+            mode,
+            cgroup,
+            bpffs_root,
+            policies,
+            state_dir,
+            listen,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            insecure_listen,
+            metrics_listen,
+            node,
+            allowed_report_interval,
+            allowed_flows,
+            kubernetes,
+            kubeconfig,
+            unknown_pod_action,
+            pod_label_keys,
+        );
+        self.file_export = file.export;
+        self
     }
 }
 
@@ -181,6 +338,25 @@ mod tests {
         assert_eq!(cli.run.pod_label_keys, ["app", "app.kubernetes.io/name"]);
     }
 
+    /// deploy/configmap.yaml's file, read as the agent reads it at start.
+    #[test]
+    fn the_deployed_configuration_is_valid() {
+        let configmap: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(include_str!("../../deploy/configmap.yaml")).unwrap();
+        let text = configmap["data"]["tollgate.yaml"]
+            .as_str()
+            .expect("the ConfigMap holds tollgate.yaml");
+        let file = FileConfig::parse(Path::new("deploy/configmap.yaml"), text)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let export = file.export.as_ref().expect("the file configures sinks");
+        let sinks = crate::export::config::validate(&export.sinks).unwrap();
+        assert_eq!(sinks.len(), 1);
+        let run = with_file(&["tollgate-agent"], text);
+        assert_eq!(run.mode, Some(ModeArg::Observe));
+        assert_eq!(run.kubernetes, KubernetesArg::InCluster);
+        assert_eq!(run.allowed_flows, AllowedFlows::Aggregate);
+    }
+
     #[test]
     fn rejects_unknown_modes() {
         let err = Cli::try_parse_from(["tollgate-agent", "--mode", "block"]).unwrap_err();
@@ -189,6 +365,73 @@ mod tests {
                 .contains("possible values: observe, enforce"),
             "{err}"
         );
+    }
+
+    fn with_file(args: &[&str], yaml: &str) -> RunArgs {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command().try_get_matches_from(args).unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        let file = FileConfig::parse(Path::new("tollgate.yaml"), yaml).unwrap();
+        cli.run.with_file(file, &matches)
+    }
+
+    #[test]
+    fn the_file_fills_what_flags_did_not_give() {
+        let yaml = "mode: enforce\nallowedReportInterval: 1m\nlisten: tcp://127.0.0.1:7000\n\
+                    unknownPodAction: deny\nkubernetes: in-cluster\npodLabelKeys: [team]\npolicies: [/etc/p]\n";
+        let run = with_file(&["tollgate-agent"], yaml);
+        assert_eq!(run.mode, Some(ModeArg::Enforce));
+        assert_eq!(run.allowed_report_interval, Duration::from_secs(60));
+        assert_eq!(run.listen, "tcp://127.0.0.1:7000");
+        assert_eq!(run.unknown_pod_action, UnknownPodAction::Deny);
+        assert_eq!(run.kubernetes, KubernetesArg::InCluster);
+        assert_eq!(run.pod_label_keys, ["team"]);
+        assert_eq!(run.policies, [PathBuf::from("/etc/p")]);
+        // Defaults stay where the file says nothing.
+        assert_eq!(run.state_dir, PathBuf::from("/var/lib/tollgate"));
+
+        let run = with_file(
+            &[
+                "tollgate-agent",
+                "--mode",
+                "observe",
+                "--allowed-report-interval",
+                "5s",
+            ],
+            yaml,
+        );
+        assert_eq!(run.mode, Some(ModeArg::Observe), "a flag wins");
+        assert_eq!(run.allowed_report_interval, Duration::from_secs(5));
+        assert_eq!(run.listen, "tcp://127.0.0.1:7000");
+    }
+
+    #[test]
+    fn a_bad_file_says_where() {
+        let err = |yaml: &str| {
+            FileConfig::parse(Path::new("tollgate.yaml"), yaml)
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("mode: block\n"),
+            "tollgate.yaml: mode: unknown variant `block`, expected `observe` or `enforce`"
+        );
+        assert_eq!(
+            err("allowedReportInterval: 10x\n"),
+            "tollgate.yaml: allowedReportInterval: \"10x\": unknown unit \"x\" (use ms, s, m or h)"
+        );
+        assert_eq!(
+            err("allowedReportInterval: 10\n"),
+            "tollgate.yaml: allowedReportInterval: invalid type: integer `10`, expected a string"
+        );
+        assert!(
+            err("moed: enforce\n")
+                .starts_with("tollgate.yaml: moed: unknown field `moed`, expected one of `mode`"),
+            "{}",
+            err("moed: enforce\n")
+        );
+        assert!(err("metricsListen: nowhere\n").starts_with("tollgate.yaml: metricsListen: "));
+        assert!(FileConfig::parse(Path::new("empty.yaml"), "").is_ok());
     }
 
     #[test]

@@ -225,15 +225,20 @@ pub struct WallClock {
     realtime_minus_monotonic_ns: i128,
 }
 
+fn clock_ns(clock: nix::time::ClockId) -> i128 {
+    let t = nix::time::clock_gettime(clock).expect("clock_gettime cannot fail for this clock");
+    i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
+}
+
+/// Now on the kernel's event clock (CLOCK_MONOTONIC, as bpf_ktime_get_ns).
+pub fn monotonic_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC) as u64
+}
+
 impl WallClock {
     pub fn now() -> Self {
-        let ns = |clock| {
-            let t =
-                nix::time::clock_gettime(clock).expect("clock_gettime cannot fail for this clock");
-            i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec())
-        };
-        let monotonic = ns(nix::time::ClockId::CLOCK_MONOTONIC);
-        let realtime = ns(nix::time::ClockId::CLOCK_REALTIME);
+        let monotonic = clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
+        let realtime = clock_ns(nix::time::ClockId::CLOCK_REALTIME);
         Self {
             realtime_minus_monotonic_ns: realtime - monotonic,
         }

@@ -11,7 +11,6 @@ pub mod enforce;
 pub mod export;
 pub mod flow;
 pub mod mounts;
-pub mod output;
 pub mod pods;
 pub mod policy;
 pub mod policy_files;

@@ -1,12 +1,16 @@
 use std::{io::IsTerminal, path::Path};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
 use tollgate_agent::{
-    config::{Cli, Command, KubernetesArg, RunArgs},
+    config::{Cli, Command, FileConfig, KubernetesArg, RunArgs},
     control::server::{self, Listen, TlsFiles},
     datapath::{self, DatapathOptions},
+    export::{
+        self,
+        config::{ExportSpec, SinkSpec, SinkType},
+    },
     mounts,
     pods::{UnknownPodAction, watch::ApiSource},
     policy_files,
@@ -15,7 +19,8 @@ use tollgate_agent::{
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -26,18 +31,34 @@ fn main() -> anyhow::Result<()> {
         // reports a failed write with eprintln!, which panics then).
         .log_internal_errors(false)
         .init();
+    // Every TLS client and server here uses ring, the one provider built in
+    // (no aws-lc-sys build); reqwest needs it installed as the default.
+    tokio_rustls::rustls::crypto::ring::default_provider()
+        .install_default()
+        .expect("no other TLS crypto provider is installed before main");
     match cli.command {
         Some(Command::Cleanup { bpffs_root }) => cleanup(&bpffs_root),
         None => {
             // Configuration is complete and checked before the runtime starts.
-            let config = run_config(cli.run)?;
+            let args = match &cli.run.config {
+                Some(path) => {
+                    let file = FileConfig::read(path)?;
+                    cli.run.with_file(file, &matches)
+                }
+                None => cli.run,
+            };
+            let config = run_config(args)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(stop_on_signal(shutdown.clone()));
-                run::run(config, shutdown).await
+                // Installed before the agent can report ready: a SIGTERM
+                // right after must drain, not kill.
+                let signals = Signals::install().context("installing signal handlers")?;
+                tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
+                run::run(config, shutdown).await?;
+                anyhow::Ok(())
             })?;
             Ok(())
         }
@@ -91,6 +112,7 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         mode: args.mode.map(Into::into),
         node,
         allowed_report_interval: args.allowed_report_interval,
+        allowed_flows: args.allowed_flows,
         policies,
         state_dir: args.state_dir,
         listen,
@@ -98,7 +120,33 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         kubernetes,
         unknown_pod_action: args.unknown_pod_action,
         pod_label_keys: args.pod_label_keys,
+        sinks: sinks(&args.sinks, args.file_export)?,
     })
+}
+
+/// The `--sink` flags if any, else the file's sinks, else stdout.
+fn sinks(
+    flags: &[String],
+    file: Option<ExportSpec>,
+) -> anyhow::Result<Vec<tollgate_agent::export::config::SinkConfig>> {
+    let specs: Vec<SinkSpec> = if flags.is_empty() {
+        file.map(|f| f.sinks).unwrap_or_default()
+    } else {
+        flags
+            .iter()
+            .map(|yaml| serde_yaml_ng::from_str(yaml).with_context(|| format!("--sink {yaml}")))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let specs = if specs.is_empty() {
+        vec![SinkSpec {
+            kind: Some(SinkType::Stdout),
+            ..Default::default()
+        }]
+    } else {
+        specs
+    };
+    export::config::validate(&specs)
+        .map_err(|problems| anyhow::anyhow!("invalid sinks:\n  {}", problems.join("\n  ")))
 }
 
 fn kubernetes_source(
@@ -139,18 +187,26 @@ fn cleanup(bpffs_root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    shutdown.cancel();
+
+    async fn cancel_on_signal(mut self, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+        shutdown.cancel();
+    }
 }

@@ -1,5 +1,5 @@
 //! The agent's main job: put the datapath in place, then turn every decision
-//! into a flow record on stdout until told to stop. Stopping leaves the
+//! into a flow record for the sinks until told to stop. Stopping leaves the
 //! programs pinned and attached: enforcement outlives the agent.
 
 use std::{
@@ -19,6 +19,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use crate::{
     cgroup_watch::CgroupWatcher,
     cgroups::CgroupPaths,
+    config::AllowedFlows,
     control::{
         controller::{ControlError, Controller},
         flows::FlowHub,
@@ -27,8 +28,14 @@ use crate::{
     },
     datapath::{Datapath, DatapathError, DatapathOptions},
     enforce::{EndpointOptions, Enforcer},
-    flow::{Enrichment, FlowRecord, WallClock},
-    output::JsonLines,
+    export::{
+        aggregate::{Aggregate, Aggregator, Offered},
+        config::SinkConfig,
+        delivery::{ExportError, Exporter},
+        record::{LossReason, LossRecord, Record, Summary},
+        sinks::{RecordMeta, Severity},
+    },
+    flow::{Enrichment, FlowRecord, WallClock, monotonic_ns, rfc3339_nanos},
     pods::{
         UnknownPodAction,
         directory::PodDirectory,
@@ -44,6 +51,7 @@ pub struct RunConfig {
     pub cgroup2_mount: PathBuf,
     pub node: String,
     pub allowed_report_interval: Duration,
+    pub allowed_flows: AllowedFlows,
     /// The global mode given on the command line (else the saved one).
     pub mode: Option<Mode>,
     /// Policy documents from --policy, applied over the saved set at start.
@@ -57,6 +65,8 @@ pub struct RunConfig {
     pub unknown_pod_action: UnknownPodAction,
     /// Pod label keys that flow records carry.
     pub pod_label_keys: Vec<String>,
+    /// Where records go (stdout as JSON lines when none are configured).
+    pub sinks: Vec<SinkConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +75,6 @@ pub enum RunError {
     Datapath(#[from] DatapathError),
     #[error("reading events: {0}")]
     Events(io::Error),
-    #[error("writing flow records: {0}")]
-    Output(io::Error),
     #[error("putting the policies in force: {0}")]
     Control(#[from] ControlError),
     #[error("control API: {0}")]
@@ -79,10 +87,20 @@ pub enum RunError {
     Watch(io::Error),
     #[error(transparent)]
     Kubernetes(#[from] WatchError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
 }
 
 /// How long open control calls may take to finish after a stop.
 const SERVER_DRAIN: Duration = Duration::from_secs(5);
+/// How long sinks may deliver after a stop; the rest stays spooled.
+const EXPORT_DRAIN: Duration = Duration::from_secs(5);
+/// How often the kernel's count of events its ring buffer could not take
+/// is turned into loss markers.
+const LOSS_CHECK: Duration = Duration::from_secs(1);
+/// Allowed-flow aggregates held at once (about 200 bytes each); beyond,
+/// new flows are reported one by one.
+const MAX_OPEN_AGGREGATES: usize = 100_000;
 
 /// New and removed cgroups are noticed at once through inotify; a full
 /// rescan this often catches anything inotify could not report (a queue
@@ -106,7 +124,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         None => None,
     };
     let mut datapath = Datapath::open(&config.datapath)?;
-    datapath.set_allowed_report_interval(config.allowed_report_interval)?;
+    // Aggregates count every connection, so the kernel suppresses none.
+    let aggregate = config.allowed_flows == AllowedFlows::Aggregate
+        && !config.allowed_report_interval.is_zero();
+    datapath.set_allowed_report_interval(if aggregate {
+        Duration::ZERO
+    } else {
+        config.allowed_report_interval
+    })?;
     let mut reader = datapath
         .take_event_reader()
         .map_err(RunError::Events)?
@@ -162,6 +187,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         "policies in force"
     );
 
+    let (exporter, sink_tasks, sink_stats) =
+        Exporter::start(config.sinks.clone(), &config.state_dir, &config.node)?;
+    telemetry.set_sinks(sink_stats);
+    info!(sinks = ?exporter.sink_names().collect::<Vec<_>>(), "exporting");
+
     let flows = FlowHub::default();
     let api = Api::new(commands_tx, flows.subscriptions());
     let mut servers = JoinSet::new();
@@ -180,7 +210,8 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     );
 
     let mut printer = Printer {
-        out: JsonLines::new(io::BufWriter::new(io::stdout().lock())),
+        exporter,
+        kernel_losses_seen: datapath.counters()?.ringbuf_reserve_failed,
         cgroups: CgroupPaths::new(config.cgroup2_mount.clone()),
         clock: WallClock::now(),
         node: config.node.clone(),
@@ -189,10 +220,18 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         flow_records: config
             .metrics_listen
             .map(|_| telemetry.flow_records.clone()),
+        aggregator: aggregate.then(|| {
+            Aggregator::new(
+                config.allowed_report_interval.as_nanos() as u64,
+                MAX_OPEN_AGGREGATES,
+            )
+        }),
+        closed: Vec::new(),
     };
     telemetry.set_ready(true);
     let mut events = Vec::with_capacity(BATCH);
     let mut rescan = tokio::time::interval(CGROUP_RESCAN);
+    let mut loss_check = tokio::time::interval(LOSS_CHECK);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -211,7 +250,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
             read = reader.read(&mut events, BATCH) => {
                 read.map_err(RunError::Events)?;
-                printer.print(&events, controller.enforcer())?;
+                printer.print(&events, controller.enforcer());
                 events.clear();
             }
             Some(command) = commands.recv() => controller.handle(command, &mut datapath),
@@ -230,6 +269,13 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                 changed.map_err(RunError::Watch)?;
                 refresh(&mut controller, &mut datapath);
             }
+            _ = loss_check.tick() => {
+                printer.close_due_aggregates(controller.enforcer());
+                match datapath.counters() {
+                    Ok(counters) => printer.report_kernel_losses(counters.ringbuf_reserve_failed),
+                    Err(e) => warn!(error = %e, "cannot read counters"),
+                }
+            }
             _ = rescan.tick() => {
                 cgroups.rewatch();
                 refresh(&mut controller, &mut datapath);
@@ -240,13 +286,18 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     telemetry.set_ready(false);
     // What the kernel reported before the stop still goes out.
     while reader.read_available(&mut events, BATCH) > 0 {
-        printer.print(&events, controller.enforcer())?;
+        printer.print(&events, controller.enforcer());
         events.clear();
+    }
+    printer.close_all_aggregates(controller.enforcer());
+    if let Ok(counters) = datapath.counters() {
+        printer.report_kernel_losses(counters.ringbuf_reserve_failed);
     }
     // Follow streams end with the hub, queued requests are answered
     // UNAVAILABLE with the queue; then open calls can finish.
     drop(printer);
     drop(commands);
+    sink_tasks.drain(EXPORT_DRAIN).await;
     let drained = tokio::time::timeout(SERVER_DRAIN, async {
         while let Some(served) = servers.join_next().await {
             if let Ok(Err(e)) = served {
@@ -318,8 +369,10 @@ fn save_pods(path: &Path, pods: &PodDirectory) {
     }
 }
 
-struct Printer<W: io::Write> {
-    out: JsonLines<W>,
+struct Printer {
+    exporter: Exporter,
+    /// The kernel's count of ring buffer reservation failures already reported.
+    kernel_losses_seen: u64,
     cgroups: CgroupPaths,
     clock: WallClock,
     node: String,
@@ -327,43 +380,128 @@ struct Printer<W: io::Write> {
     flows: FlowHub,
     /// Counted when metrics are served.
     flow_records: Option<Family<RecordLabels, Counter>>,
+    /// Allowed flows are reported as interval aggregates (else one by one,
+    /// or as the kernel's first of each interval).
+    aggregator: Option<Aggregator>,
+    /// Aggregates closed and not yet published (kept for its allocation).
+    closed: Vec<Aggregate>,
 }
 
-impl<W: io::Write> Printer<W> {
-    fn print(&mut self, events: &[FlowEvent], enforcer: &Enforcer) -> Result<(), RunError> {
+impl Printer {
+    fn print(&mut self, events: &[FlowEvent], enforcer: &Enforcer) {
         // Taken anew per batch, so a step of the wall clock (NTP) shows at once.
         self.clock = WallClock::now();
         for event in events {
-            self.seq += 1;
-            let cgroup = self.cgroups.resolve(event.cgroup_id);
-            let (cgroup, pod) = (
-                cgroup.map(|c| c.path.as_str()),
-                cgroup.and_then(|c| c.pod.as_ref()),
-            );
-            let pod_meta = pod.and_then(|p| enforcer.pods().pod(&p.pod_uid));
-            let attribution = (event.flags & flow_flags::ENDPOINT_KNOWN != 0)
-                .then(|| enforcer.attribute(event.generation, event.set_id, event.rule_id))
-                .flatten();
-            let enrichment = Enrichment {
-                seq: self.seq,
-                node: &self.node,
-                cgroup,
-                pod,
-                pod_meta,
-                clock: self.clock,
-                attribution,
+            let offered = match &mut self.aggregator {
+                Some(aggregator) => aggregator.offer(event, &mut self.closed),
+                None => Offered::ReportNow,
             };
-            let record = FlowRecord::new(event, enrichment);
-            self.out.write(&record).map_err(RunError::Output)?;
-            self.flows.publish(&record);
-            if let Some(counters) = &self.flow_records {
-                let labels = RecordLabels {
-                    verdict: record.verdict.to_owned(),
-                    policy: record.policy.unwrap_or_default().to_owned(),
-                };
-                counters.get_or_create(&labels).inc();
+            self.publish_closed(enforcer);
+            if offered == Offered::ReportNow {
+                self.publish(event, None, enforcer);
             }
         }
-        self.out.flush().map_err(RunError::Output)
+    }
+
+    /// Publishes the aggregates whose interval has ended by now: quiet
+    /// flows are reported on time too.
+    fn close_due_aggregates(&mut self, enforcer: &Enforcer) {
+        if let Some(aggregator) = &mut self.aggregator {
+            aggregator.close_due(monotonic_ns(), &mut self.closed);
+            self.clock = WallClock::now();
+            self.publish_closed(enforcer);
+        }
+    }
+
+    fn close_all_aggregates(&mut self, enforcer: &Enforcer) {
+        if let Some(aggregator) = &mut self.aggregator {
+            aggregator.close_all(&mut self.closed);
+            self.publish_closed(enforcer);
+        }
+    }
+
+    fn publish_closed(&mut self, enforcer: &Enforcer) {
+        let mut closed = std::mem::take(&mut self.closed);
+        for aggregate in closed.drain(..) {
+            self.publish(&aggregate.first, Some(&aggregate), enforcer);
+        }
+        self.closed = closed;
+    }
+
+    /// Enriches one event (an aggregate's first) and hands it to the sinks
+    /// and the flow service.
+    fn publish(&mut self, event: &FlowEvent, aggregate: Option<&Aggregate>, enforcer: &Enforcer) {
+        self.seq += 1;
+        let cgroup = self.cgroups.resolve(event.cgroup_id);
+        let (cgroup, pod) = (
+            cgroup.map(|c| c.path.as_str()),
+            cgroup.and_then(|c| c.pod.as_ref()),
+        );
+        let pod_meta = pod.and_then(|p| enforcer.pods().pod(&p.pod_uid));
+        let attribution = (event.flags & flow_flags::ENDPOINT_KNOWN != 0)
+            .then(|| enforcer.attribute(event.generation, event.set_id, event.rule_id))
+            .flatten();
+        let enrichment = Enrichment {
+            seq: self.seq,
+            node: &self.node,
+            cgroup,
+            pod,
+            pod_meta,
+            clock: self.clock,
+            attribution,
+        };
+        let mut record = FlowRecord::new(event, enrichment);
+        record.summary = aggregate.map(|aggregate| Summary {
+            count: aggregate.count,
+            first_time: record.time.clone(),
+            last_time: rfc3339_nanos(self.clock.unix_nanos(aggregate.last_ts_ns)),
+        });
+        let meta = RecordMeta {
+            kind: FlowRecord::KIND,
+            time: &record.time,
+            unix_nanos: self.clock.unix_nanos(event.ts_ns),
+            node: &self.node,
+            severity: match record.verdict {
+                "denied" => Severity::Warning,
+                "audit" => Severity::Notice,
+                _ => Severity::Info,
+            },
+            seq: Some(self.seq),
+        };
+        self.exporter.publish(Record::Flow(&record), &meta);
+        self.flows.publish(&record);
+        if let Some(counters) = &self.flow_records {
+            let labels = RecordLabels {
+                verdict: record.verdict.to_owned(),
+                policy: record.policy.unwrap_or_default().to_owned(),
+            };
+            counters.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Turns new kernel ring buffer reservation failures (events that never
+    /// reached the agent) into a loss marker for every sink.
+    fn report_kernel_losses(&mut self, failed_so_far: u64) {
+        let lost = failed_so_far.saturating_sub(self.kernel_losses_seen);
+        self.kernel_losses_seen = failed_so_far;
+        if lost == 0 {
+            return;
+        }
+        warn!(lost, "the kernel's ring buffer was full: events lost");
+        self.seq += 1;
+        let unix_nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let marker = LossRecord {
+            kind: LossRecord::KIND,
+            time: rfc3339_nanos(unix_nanos),
+            seq: Some(self.seq),
+            node: self.node.clone(),
+            count: lost,
+            reason: LossReason::KernelRingbuf,
+            sink: None,
+            first_seq: None,
+            last_seq: None,
+        };
+        let meta = RecordMeta::of_loss(&marker, unix_nanos);
+        self.exporter.publish(Record::Loss(&marker), &meta);
     }
 }

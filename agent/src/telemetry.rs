@@ -7,8 +7,8 @@
 use std::{
     path::PathBuf,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
@@ -21,7 +21,11 @@ use prometheus_client::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::{control::controller::Command, datapath::PROGRAMS};
+use crate::{
+    control::controller::Command,
+    datapath::PROGRAMS,
+    export::delivery::{SinkStats, StatsBySink},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RecordLabels {
@@ -41,6 +45,11 @@ struct MapLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabels {
+    sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -50,6 +59,8 @@ struct BuildLabels {
 pub struct Telemetry {
     /// Flow records written, by verdict and policy.
     pub flow_records: Family<RecordLabels, Counter>,
+    /// The sinks' counters, once the exporter has started.
+    sinks: Arc<OnceLock<StatsBySink>>,
     ready: Arc<AtomicBool>,
     commands: mpsc::Sender<Command>,
     links_dir: PathBuf,
@@ -59,10 +70,15 @@ impl Telemetry {
     pub fn new(commands: mpsc::Sender<Command>, links_dir: PathBuf) -> Self {
         Self {
             flow_records: Family::default(),
+            sinks: Arc::default(),
             ready: Arc::default(),
             commands,
             links_dir,
         }
+    }
+
+    pub fn set_sinks(&self, sinks: StatsBySink) {
+        let _ = self.sinks.set(sinks);
     }
 
     /// Programs attached and the saved policy set in force.
@@ -138,6 +154,10 @@ impl Telemetry {
             self.flow_records.clone(),
         );
 
+        if let Some(sinks) = self.sinks.get() {
+            register_sinks(&mut registry, sinks);
+        }
+
         let entries = Family::<MapLabels, Gauge>::default();
         let capacity = Family::<MapLabels, Gauge>::default();
         for map in &status.maps {
@@ -180,6 +200,69 @@ impl Telemetry {
         let mut text = String::new();
         encode(&mut text, &registry).map_err(|e| e.to_string())?;
         Ok(text)
+    }
+}
+
+fn register_sinks(registry: &mut Registry, sinks: &StatsBySink) {
+    type Read = fn(&SinkStats) -> &AtomicU64;
+    let counters: [(&str, &str, Read); 4] = [
+        (
+            "export_delivered_records",
+            "Records the sink's receiver took",
+            |s| &s.delivered,
+        ),
+        (
+            "export_dropped_records",
+            "Records lost before the sink's spool (queue or spool full, or an unwritable stdout)",
+            |s| &s.dropped,
+        ),
+        (
+            "export_rejected_records",
+            "Records the sink's receiver refused for good",
+            |s| &s.rejected,
+        ),
+        (
+            "export_send_failures",
+            "Deliveries that failed and will be retried",
+            |s| &s.send_failures,
+        ),
+    ];
+    for (name, help, read) in counters {
+        let family = Family::<SinkLabels, Counter>::default();
+        for (sink, stats) in sinks {
+            let labels = SinkLabels { sink: sink.clone() };
+            family
+                .get_or_create(&labels)
+                .inc_by(read(stats).load(Ordering::Relaxed));
+        }
+        registry.register(name, help, family);
+    }
+    let gauges: [(&str, &str, Read); 3] = [
+        (
+            "export_queued_records",
+            "Records in the sink's memory queue",
+            |s| &s.queued_records,
+        ),
+        (
+            "export_spooled_records",
+            "Records in the sink's disk spool, not yet delivered",
+            |s| &s.spooled_records,
+        ),
+        (
+            "export_spooled_bytes",
+            "Bytes of the sink's disk spool",
+            |s| &s.spooled_bytes,
+        ),
+    ];
+    for (name, help, read) in gauges {
+        let family = Family::<SinkLabels, Gauge>::default();
+        for (sink, stats) in sinks {
+            let labels = SinkLabels { sink: sink.clone() };
+            family
+                .get_or_create(&labels)
+                .set(read(stats).load(Ordering::Relaxed) as i64);
+        }
+        registry.register(name, help, family);
     }
 }
 

@@ -7,6 +7,8 @@
 //! it, also when the test panics.
 
 pub mod kube;
+pub mod receiver;
+pub mod rsyslog;
 
 use std::{
     io::{BufRead, BufReader},
@@ -652,6 +654,12 @@ impl AgentProcess {
         }
     }
 
+    /// The log lines written since last read, without waiting: for a
+    /// failure message.
+    pub fn log_so_far(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+
     /// The next flow record the agent printed.
     pub fn next_record(&self, timeout: Duration) -> serde_json::Value {
         let line = self
@@ -711,4 +719,121 @@ fn lines_of(stream: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Rec
         }
     });
     rx
+}
+
+/// A CA, a server certificate for localhost, and a client certificate, made
+/// with openssl.
+pub fn make_certificates(dir: &std::path::Path, ca_name: &str) {
+    let run = |args: &[&str]| {
+        let output = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"],
+        &key[..],
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={ca_name}"),
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for who in ["server", "client"] {
+        run(&[
+            &["req"],
+            &key[..],
+            &[
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+                "-subj",
+                &format!("/CN={who}"),
+            ],
+        ]
+        .concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{who}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &format!("{who}.pem"),
+            "-extfile",
+            &format!("{who}.ext"),
+        ]);
+    }
+}
+
+/// A loopback TCP port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One scrape of the agent's metrics, or the text of a health endpoint:
+/// (status code, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let output = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_owned())
+}
+
+/// The value of one sample line, e.g.
+/// `tollgate_decisions_total{verdict="denied"}`; 0 when absent.
+pub fn metric_sample(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

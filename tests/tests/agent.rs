@@ -85,6 +85,76 @@ fn prints_one_json_flow_record_per_decision() {
 
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
+fn allowed_flows_are_aggregated_per_interval_and_denials_reported_at_once() {
+    let mut env = TestEnv::new("aggregate");
+    let host = env.add_host(17, &[8080]).v4;
+    let agent = AgentProcess::start(
+        &env,
+        &["--mode", "enforce", "--allowed-report-interval", "2s"],
+    );
+    deny_port(&env, host, 8081);
+    let connect = |port: u16, count: usize| {
+        let run = env.probe(&[
+            "--count",
+            &count.to_string(),
+            "connect",
+            "tcp",
+            &format!("{host}:{port}"),
+        ]);
+        assert_eq!(run.results.len(), count);
+        run
+    };
+
+    let first_allowed = connect(8080, 5);
+    assert!(first_allowed.results.iter().all(Result::is_ok));
+    let denied = connect(8081, 2);
+    assert!(denied.results.iter().all(|r| *r == Err(EPERM)));
+    connect(8080, 3);
+
+    // Each denial at once, on its own; the allowed flow's interval is open.
+    for _ in 0..2 {
+        let record = agent.next_record(WAIT);
+        assert_eq!(record["verdict"], "denied");
+        assert_eq!(record["summary"], serde_json::Value::Null);
+    }
+    let aggregate = agent.next_record(WAIT);
+    assert_eq!(aggregate["verdict"], "allowed");
+    assert_eq!(aggregate["dst"]["port"], 8080);
+    assert_eq!(
+        aggregate["src"]["pid"], first_allowed.pid,
+        "the first connection's"
+    );
+    let summary = &aggregate["summary"];
+    assert_eq!(summary["count"], 8, "{aggregate}");
+    assert_eq!(summary["first_time"], aggregate["time"]);
+    assert!(summary["last_time"].as_str() > summary["first_time"].as_str());
+
+    // With --allowed-flows first the kernel reports the first connection of
+    // the interval only, without a count.
+    drop(agent);
+    let agent = AgentProcess::start(
+        &env,
+        &[
+            "--allowed-report-interval",
+            "1h",
+            "--allowed-flows",
+            "first",
+        ],
+    );
+    let run = connect(8080, 3);
+    let record = agent.next_record(WAIT);
+    assert_eq!(record["src"]["pid"], run.pid);
+    assert_eq!(record["summary"], serde_json::Value::Null);
+    connect(8081, 1);
+    assert_eq!(
+        agent.next_record(WAIT)["verdict"],
+        "denied",
+        "no other allowed record"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
 fn enforcement_holds_while_the_agent_is_killed_and_after_it_restarts() {
     let mut env = TestEnv::new("restart");
     let host = env.add_host(11, &[8080]).v4;

@@ -12,7 +12,10 @@ use std::{
 
 use tollgate_agent::client::{ClientTls, connect};
 use tollgate_proto::v1::{self as api, policy_service_client::PolicyServiceClient};
-use tollgate_tests::{AgentProcess, TempFile, TestDir, TestEnv, host_policy};
+use tollgate_tests::{
+    AgentProcess, TempFile, TestDir, TestEnv, free_port, host_policy, http_get, make_certificates,
+    metric_sample as sample,
+};
 
 const EPERM: i32 = libc::EPERM;
 const WAIT: Duration = Duration::from_secs(5);
@@ -355,83 +358,6 @@ fn flows_follow_shows_recent_and_new_decisions() {
     );
 }
 
-/// A CA, a server certificate for localhost, and a client certificate, made
-/// with openssl.
-fn make_certificates(dir: &std::path::Path, ca_name: &str) {
-    let run = |args: &[&str]| {
-        let output = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    let key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"],
-        &key[..],
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "1",
-            "-subj",
-            &format!("/CN={ca_name}"),
-        ],
-    ]
-    .concat());
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for who in ["server", "client"] {
-        run(&[
-            &["req"],
-            &key[..],
-            &[
-                "-keyout",
-                &format!("{who}.key"),
-                "-out",
-                &format!("{who}.csr"),
-                "-subj",
-                &format!("/CN={who}"),
-            ],
-        ]
-        .concat());
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{who}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-out",
-            &format!("{who}.pem"),
-            "-extfile",
-            &format!("{who}.ext"),
-        ]);
-    }
-}
-
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
 fn mutual_tls_refuses_clients_without_a_valid_certificate() {
@@ -603,45 +529,12 @@ fn thousands_of_applies_never_leave_a_decision_outside_both_sets() {
     );
 }
 
-/// One scrape of the agent's metrics, or the text of a health endpoint.
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let output = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            &format!("http://127.0.0.1:{port}{path}"),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), body.to_owned())
-}
-
-/// The value of one sample line, e.g. `tollgate_decisions_total{verdict="denied"}`.
-fn sample(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(name)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
 fn metrics_count_exactly_the_decisions_made_and_readiness_follows_the_programs() {
     let mut env = TestEnv::new("ctlmetrics");
     let host = env.add_host(36, &[8080, 8081]).v4;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let file = TempFile::new(
         "ctlmetrics.yaml",
         &host_policy("web-only", &env.cgroup.relative, "", host),

@@ -2,4 +2,10 @@
 //! pure functions, and sinks that deliver each record in order without
 //! holding up the datapath or each other.
 
+pub mod aggregate;
+pub mod config;
+pub mod delivery;
+pub mod format;
 pub mod record;
+pub mod sinks;
+pub mod spool;

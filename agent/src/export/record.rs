@@ -102,8 +102,12 @@ impl LossRecord {
 pub enum LossReason {
     /// The kernel's ring buffer was full: events never reached the agent.
     KernelRingbuf,
-    /// A sink's queue and spool were full.
+    /// A sink's in-memory queue was full: its intake fell behind.
+    QueueFull,
+    /// A sink's spool was full: its receiver has been away too long.
     SpoolFull,
+    /// A sink without a spool (stdout) could not write them.
+    WriteFailed,
     /// A sink refused the records for good (a permanent HTTP error).
     Rejected,
 }

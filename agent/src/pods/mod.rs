@@ -7,7 +7,8 @@ pub mod watch;
 
 /// What a process in a pod's cgroup may do while the pod's metadata is not
 /// known yet (the cgroup can appear before the API server's word on it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UnknownPodAction {
     /// Not restricted until a policy selects the pod.
     #[default]

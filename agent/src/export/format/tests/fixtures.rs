@@ -1,0 +1,313 @@
+//! Records the format tests render: the golden ones, and odd ones that
+//! only the schema checks see.
+
+use std::{borrow::Cow, net::IpAddr, sync::LazyLock};
+
+use crate::{
+    export::record::{DnsAnswer, DnsRecord, DnsResolver, LossReason, LossRecord, Record, Summary},
+    flow::{Container, Destination, FlowRecord, Source},
+    pods::directory::Workload,
+    policy::select::Labels,
+};
+
+const NODE: &str = "aks-nodepool1-0";
+const POD_UID: &str = "0f5b6e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5b";
+const CONTAINER_ID: &str = "3f2c9d1e8b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d";
+
+static WORKLOAD: LazyLock<Workload> = LazyLock::new(|| Workload {
+    kind: "Deployment".into(),
+    name: "payments".into(),
+});
+
+static LABELS: LazyLock<Labels> = LazyLock::new(|| {
+    Labels::from([
+        ("app".into(), "payments".into()),
+        ("app.kubernetes.io/name".into(), "payments".into()),
+    ])
+});
+
+/// A record of any kind, owned by the test.
+pub enum Fixture {
+    Flow(FlowRecord<'static>),
+    Dns(DnsRecord<'static>),
+    Loss(LossRecord),
+}
+
+impl Fixture {
+    pub fn record(&self) -> Record<'_, 'static> {
+        match self {
+            Self::Flow(flow) => Record::Flow(flow),
+            Self::Dns(dns) => Record::Dns(dns),
+            Self::Loss(loss) => Record::Loss(loss),
+        }
+    }
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// The payments pod of namespace prod, its container `app`.
+pub fn pod_source() -> Source<'static> {
+    Source {
+        cgroup_id: 272,
+        cgroup: Some(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f5b6e2a_1c3d_4e5f_8a9b_0c1d2e3f4a5b.slice/cri-containerd-3f2c9d1e8b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d.scope",
+        ),
+        pid: 8268,
+        tid: 8270,
+        comm: Cow::Borrowed("curl"),
+        uid: 1000,
+        gid: 1000,
+        identity: "pod",
+        pod_uid: Some(POD_UID),
+        namespace: Some("prod"),
+        pod: Some("payments-7d9c6b5f4-x2x8q"),
+        container: Some(Container {
+            name: Some("app"),
+            id: CONTAINER_ID,
+        }),
+        workload: Some(&WORKLOAD),
+        labels: Some(&LABELS),
+    }
+}
+
+pub fn host_source() -> Source<'static> {
+    Source {
+        cgroup_id: 1042,
+        cgroup: Some("/system.slice/chronyd.service"),
+        pid: 611,
+        tid: 611,
+        comm: Cow::Borrowed("chronyd"),
+        uid: 998,
+        gid: 996,
+        identity: "host",
+        pod_uid: None,
+        namespace: None,
+        pod: None,
+        container: None,
+        workload: None,
+        labels: None,
+    }
+}
+
+/// A pod of this node whose metadata has not arrived.
+fn unknown_pod_source() -> Source<'static> {
+    Source {
+        cgroup_id: 301,
+        cgroup: Some(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod7c4d2a10_5e6f_4a7b_9c8d_1e2f3a4b5c6d.slice/cri-containerd-9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b.scope",
+        ),
+        pid: 4321,
+        tid: 4399,
+        comm: Cow::Borrowed("java"),
+        uid: 0,
+        gid: 0,
+        identity: "unknown-pod",
+        pod_uid: Some("7c4d2a10-5e6f-4a7b-9c8d-1e2f3a4b5c6d"),
+        namespace: None,
+        pod: None,
+        container: Some(Container {
+            name: None,
+            id: "9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b",
+        }),
+        workload: None,
+        labels: None,
+    }
+}
+
+pub fn denied_pod_flow() -> FlowRecord<'static> {
+    FlowRecord {
+        kind: FlowRecord::KIND,
+        time: "2026-11-24T08:11:30.808267752Z".into(),
+        seq: 41,
+        node: NODE,
+        verdict: "denied",
+        mode: "enforce",
+        protocol: Cow::Borrowed("tcp"),
+        hook: "connect4",
+        src: pod_source(),
+        dst: Destination {
+            ip: ip("169.254.169.254"),
+            port: 80,
+        },
+        policy: Some("prod/payments-egress"),
+        rule: Cow::Borrowed("deny-imds"),
+        rule_id: 12,
+        generation: 3,
+        socket_cookie: 10,
+        summary: None,
+    }
+}
+
+/// The golden records, named, in the order of the golden files' lines.
+pub fn golden() -> Vec<(&'static str, Fixture)> {
+    vec![
+        (
+            "denied enforce flow from a pod",
+            Fixture::Flow(denied_pod_flow()),
+        ),
+        (
+            "audit flow from a host process to IPv6",
+            Fixture::Flow(FlowRecord {
+                kind: FlowRecord::KIND,
+                time: "2026-11-24T08:12:01.000000500Z".into(),
+                seq: 42,
+                node: NODE,
+                verdict: "audit",
+                mode: "observe",
+                protocol: Cow::Borrowed("udp"),
+                hook: "sendmsg6",
+                src: host_source(),
+                dst: Destination {
+                    ip: ip("2001:db8::123"),
+                    port: 123,
+                },
+                // A default decision: every policy that owns it.
+                policy: Some("host-allow-list,node-baseline"),
+                rule: Cow::Borrowed("default"),
+                rule_id: 0,
+                generation: 3,
+                socket_cookie: 20,
+                summary: None,
+            }),
+        ),
+        (
+            "allowed summary from an unknown pod",
+            Fixture::Flow(FlowRecord {
+                kind: FlowRecord::KIND,
+                time: "2026-11-24T08:19:50.100000000Z".into(),
+                seq: 57,
+                node: NODE,
+                verdict: "allowed",
+                mode: "observe",
+                protocol: Cow::Borrowed("tcp"),
+                // IPv4-mapped destination of an IPv6 socket, judged as IPv4.
+                hook: "connect6",
+                src: unknown_pod_source(),
+                dst: Destination {
+                    ip: ip("10.0.0.10"),
+                    port: 443,
+                },
+                policy: None,
+                rule: Cow::Borrowed("default"),
+                rule_id: 0,
+                generation: 3,
+                socket_cookie: 30,
+                summary: Some(Summary {
+                    count: 42,
+                    first_time: "2026-11-24T08:19:50.100000000Z".into(),
+                    last_time: "2026-11-24T08:19:59.900000000Z".into(),
+                }),
+            }),
+        ),
+        (
+            "DNS answer with CNAME, A and AAAA",
+            Fixture::Dns(DnsRecord {
+                kind: DnsRecord::KIND,
+                time: "2026-11-24T08:11:29.500000000Z".into(),
+                seq: 40,
+                node: NODE,
+                src: pod_source(),
+                resolver: DnsResolver {
+                    ip: ip("10.0.0.10"),
+                    port: 53,
+                },
+                query: Cow::Borrowed("api.example.com"),
+                query_type: Cow::Borrowed("A"),
+                rcode: Cow::Borrowed("NOERROR"),
+                answers: vec![
+                    DnsAnswer {
+                        name: Cow::Borrowed("api.example.com"),
+                        kind: "CNAME",
+                        data: Cow::Borrowed("edge.example.net"),
+                        ttl: 300,
+                    },
+                    DnsAnswer {
+                        name: Cow::Borrowed("edge.example.net"),
+                        kind: "A",
+                        data: Cow::Borrowed("192.0.2.10"),
+                        ttl: 60,
+                    },
+                    DnsAnswer {
+                        name: Cow::Borrowed("edge.example.net"),
+                        kind: "AAAA",
+                        data: Cow::Borrowed("2001:db8::10"),
+                        ttl: 60,
+                    },
+                ],
+                learned: true,
+            }),
+        ),
+        (
+            "loss marker of a sink",
+            Fixture::Loss(LossRecord {
+                kind: LossRecord::KIND,
+                time: "2026-11-24T08:30:00.000000000Z".into(),
+                seq: None,
+                node: NODE.into(),
+                count: 128,
+                reason: LossReason::SpoolFull,
+                sink: Some("siem-http".into()),
+                first_seq: Some(1001),
+                last_seq: Some(1128),
+            }),
+        ),
+    ]
+}
+
+/// Records outside the golden set that every format must still render
+/// within its schema: what the kernel or the pipeline may also produce.
+pub fn odd() -> Vec<(&'static str, Fixture)> {
+    let mut unknown = denied_pod_flow();
+    unknown.verdict = "unknown";
+    unknown.hook = "unknown";
+    unknown.protocol = Cow::Owned("ip-1".into());
+    unknown.policy = None;
+    let mut nxdomain = DnsRecord {
+        rcode: Cow::Borrowed("NXDOMAIN"),
+        answers: Vec::new(),
+        learned: false,
+        resolver: DnsResolver {
+            ip: ip("fd00::53"),
+            port: 53,
+        },
+        query_type: Cow::Borrowed("TYPE65"),
+        ..match golden().remove(3).1 {
+            Fixture::Dns(dns) => dns,
+            _ => unreachable!("the fourth golden record is the DNS answer"),
+        }
+    };
+    nxdomain.src = host_source();
+    vec![
+        (
+            "flow with an unknown verdict, hook and protocol",
+            Fixture::Flow(unknown),
+        ),
+        (
+            "NXDOMAIN answer from an IPv6 resolver",
+            Fixture::Dns(nxdomain),
+        ),
+        (
+            "kernel loss",
+            Fixture::Loss(LossRecord {
+                kind: LossRecord::KIND,
+                time: "2026-11-24T08:31:00.000000000Z".into(),
+                seq: Some(2000),
+                node: NODE.into(),
+                count: 7,
+                reason: LossReason::KernelRingbuf,
+                sink: None,
+                first_seq: None,
+                last_seq: None,
+            }),
+        ),
+    ]
+}
+
+/// Golden and odd records together.
+pub fn all() -> Vec<(&'static str, Fixture)> {
+    let mut all = golden();
+    all.extend(odd());
+    all
+}

@@ -1,0 +1,136 @@
+//! Where exported records go: stdout or a rotating file, syslog, or an HTTP
+//! log API. A sink turns each formatted record into its wire form once
+//! (`encode`, before the spool) and sends batches of those (`send`).
+
+pub mod file;
+pub mod http;
+pub mod syslog;
+
+use std::time::Duration;
+
+use self::{file::LineTarget, http::HttpSender, syslog::SyslogSender};
+use super::record::LossRecord;
+
+/// What transports need of a record besides its formatted payload.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordMeta<'a> {
+    /// The record's `type`: `flow`, `dns`, `loss`.
+    pub kind: &'static str,
+    /// RFC 3339 with nine fractional digits, as in the record.
+    pub time: &'a str,
+    pub unix_nanos: i128,
+    pub node: &'a str,
+    pub severity: Severity,
+    pub seq: Option<u64>,
+}
+
+impl<'a> RecordMeta<'a> {
+    /// A loss marker's: it warns.
+    pub fn of_loss(marker: &'a LossRecord, unix_nanos: i128) -> Self {
+        Self {
+            kind: LossRecord::KIND,
+            time: &marker.time,
+            unix_nanos,
+            node: &marker.node,
+            severity: Severity::Warning,
+            seq: marker.seq,
+        }
+    }
+
+    pub fn unix_seconds(&self) -> f64 {
+        self.unix_nanos as f64 / 1e9
+    }
+}
+
+/// How loud a record is: a deny warns, an audit notices, the rest informs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    Info,
+    Notice,
+    Warning,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// Not delivered now; send the same batch again (after `after`, when the
+    /// receiver said so).
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// The receiver will never take these records.
+    Rejected { records: usize, reason: String },
+}
+
+impl SendError {
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Self::Retry {
+            after: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Retry { reason, .. } => write!(f, "will retry: {reason}"),
+            Self::Rejected { records, reason } => write!(f, "{records} records rejected: {reason}"),
+        }
+    }
+}
+
+/// How a sink writes one record on the wire (no connection needed, so the
+/// publisher encodes and the sink's task only sends).
+#[derive(Clone, Debug)]
+pub enum Encoder {
+    Lines,
+    Syslog { facility: u8 },
+    Http(http::HttpApi),
+}
+
+impl Encoder {
+    /// Appends the wire form of one record. `json`: whether `payload` is
+    /// JSON; `instance` names this run of the agent (ids made of it and
+    /// `seq` are unique across restarts).
+    pub fn encode(
+        &self,
+        meta: &RecordMeta,
+        payload: &[u8],
+        json: bool,
+        instance: &str,
+        out: &mut Vec<u8>,
+    ) {
+        match self {
+            Self::Lines => out.extend_from_slice(payload),
+            Self::Syslog { facility } => syslog::encode(*facility, meta, payload, out),
+            Self::Http(api) => api.encode(meta, payload, json, instance, out),
+        }
+    }
+}
+
+/// A connected (or connectable) transport.
+pub enum Transport {
+    Lines(LineTarget),
+    Syslog(SyslogSender),
+    Http(HttpSender),
+}
+
+impl Transport {
+    /// Delivers a batch of encoded records, in order. `Ok(n)`: delivered but
+    /// for `n` the receiver rejected.
+    pub async fn send(&mut self, records: &[Vec<u8>]) -> Result<usize, SendError> {
+        match self {
+            Self::Lines(target) => target
+                .write_batch(records)
+                .map(|()| 0)
+                .map_err(|e| SendError::retry(e.to_string())),
+            Self::Syslog(sender) => sender
+                .send(records)
+                .await
+                .map(|()| 0)
+                .map_err(|e| SendError::retry(e.to_string())),
+            Self::Http(sender) => sender.send(records).await,
+        }
+    }
+}
