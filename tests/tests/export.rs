@@ -283,7 +283,7 @@ fn http_sinks_deliver_every_record_once_and_in_order_through_outages() {
 
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
-fn a_spooled_outage_survives_a_restart_and_a_full_spool_is_reported() {
+fn spooled_records_survive_a_restart_and_full_or_damaged_spools_are_reported() {
     let mut env = TestEnv::new("export-spool");
     let host = env.add_host(52, &[8080, 8081]).v4;
     let secrets = TestDir::new("export-spool-secrets");
@@ -306,6 +306,21 @@ fn a_spooled_outage_survives_a_restart_and_a_full_spool_is_reported() {
     // Stop with everything spooled: the next agent sends it.
     let (status, log) = agent.terminate();
     assert!(status.success(), "{status}: {log:#?}");
+    // A torn write at the end of roomy's spool, as a crash mid-write leaves
+    // it: a record header promising more bytes than follow.
+    let roomy_spool = env.state.path.join("spool/roomy");
+    let last_segment = std::fs::read_dir(&roomy_spool)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "seg"))
+        .max()
+        .expect("roomy has spooled segments");
+    let mut segment = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last_segment)
+        .unwrap();
+    std::io::Write::write_all(&mut segment, &[64, 0, 0, 0, 1, 2, 3, 4, b'{']).unwrap();
+    drop(segment);
     let _agent = start(&env, &policy, &sinks);
     roomy.come_back();
     small.come_back();
@@ -316,17 +331,23 @@ fn a_spooled_outage_survives_a_restart_and_a_full_spool_is_reported() {
     wait_until(|| marker_position(&events(&small)).is_some());
     denied_connections(&env, host, 10);
 
-    // seq restarts with the agent; the first run's 200 come first.
-    wait_until(|| events(&roomy).len() >= 210);
-    let seqs: Vec<u64> = events(&roomy)
+    // seq restarts with the agent; the first run's 200 come first, then
+    // the torn record is reported, then the second run's.
+    wait_until(|| events(&roomy).len() >= 211);
+    let roomy_events = events(&roomy);
+    let seqs: Vec<u64> = roomy_events
         .iter()
-        .map(|e| e["seq"].as_u64().unwrap())
+        .filter_map(|e| e["seq"].as_u64())
         .collect();
     let expected: Vec<u64> = (1..=200).chain(1..=10).collect();
     assert_eq!(
         seqs, expected,
         "every record once, in order, across the restart"
     );
+    let damaged = &roomy_events[200];
+    assert_eq!(damaged["type"], "loss", "{damaged}");
+    assert_eq!(damaged["reason"], "spool_damaged");
+    assert_eq!(damaged["count"], 1);
 
     wait_until(|| {
         let events = events(&small);

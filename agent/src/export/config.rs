@@ -243,6 +243,9 @@ fn validate_one(spec: &SinkSpec, problems: &mut Problems) -> Option<SinkConfig> 
         .as_ref()
         .map(|filter| validate_filter(filter, problems))
         .unwrap_or_default();
+    if spec.batch_records == Some(0) {
+        problems.add("batchRecords", "must be at least 1");
+    }
     let target = validate_target(spec, kind, problems)?;
     Some(SinkConfig {
         name,

@@ -359,6 +359,8 @@ impl SinkWorker {
         arrived: Arc<Notify>,
         done: tokio::sync::watch::Sender<bool>,
     ) {
+        // Damage found on opening is reported before anything else.
+        self.report_loss(&mut spool.lock().expect("not poisoned"));
         let mut sync = tokio::time::interval(SYNC_INTERVAL);
         let mut batch = Vec::with_capacity(1024);
         loop {
@@ -385,21 +387,25 @@ impl SinkWorker {
         for (seq, record) in records {
             // The reserve keeps room for the marker of the gap this record
             // would open.
-            let stored = spool.fits(record.len() + LOSS_MARKER_RESERVE) && {
+            let stored = if spool.fits(record.len() + LOSS_MARKER_RESERVE) {
                 self.report_loss(&mut spool);
                 match spool.push(&record) {
-                    Ok(pushed) => pushed == Pushed::Stored,
+                    Ok(pushed) => Ok(pushed == Pushed::Stored),
                     Err(e) => {
                         warn!(sink = self.name, error = %e, "cannot spool a record");
-                        false
+                        Err(())
                     }
                 }
+            } else {
+                Ok(false)
             };
-            if !stored {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                let mut lost = self.lost.lock().expect("not poisoned");
-                lost.note(LossReason::SpoolFull, 1, seq);
-            }
+            let reason = match stored {
+                Ok(true) => continue,
+                Ok(false) => LossReason::SpoolFull,
+                Err(()) => LossReason::WriteFailed,
+            };
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            self.lost.lock().expect("not poisoned").note(reason, 1, seq);
         }
         self.stats.spool_is(&spool);
     }
@@ -408,6 +414,14 @@ impl SinkWorker {
     /// else the loss keeps growing until there is.
     fn report_loss(&self, spool: &mut Spool) {
         let mut lost = self.lost.lock().expect("not poisoned");
+        // The spool's own drops: records it found damaged (here or in an
+        // earlier run). Refusals cannot happen: a push is tried only when
+        // it fits.
+        let damaged = spool.take_dropped();
+        if damaged > 0 {
+            self.stats.dropped.fetch_add(damaged, Ordering::Relaxed);
+            lost.note(LossReason::SpoolDamaged, damaged, None);
+        }
         if lost.count == 0 {
             return;
         }
@@ -457,6 +471,7 @@ impl SinkWorker {
                     self.acknowledge(&spool, batch.len(), rejected);
                 }
                 Err(SendError::Rejected { records, reason }) => {
+                    backoff = FIRST_BACKOFF;
                     warn!(
                         sink = self.name,
                         records, reason, "receiver rejected records for good"

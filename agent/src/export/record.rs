@@ -106,6 +106,9 @@ pub enum LossReason {
     QueueFull,
     /// A sink's spool was full: its receiver has been away too long.
     SpoolFull,
+    /// Spooled records could not be read back: a torn write at a crash, or
+    /// damage on disk (their checksum does not match).
+    SpoolDamaged,
     /// A sink without a spool (stdout) could not write them.
     WriteFailed,
     /// A sink refused the records for good (a permanent HTTP error).

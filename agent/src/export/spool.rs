@@ -624,7 +624,8 @@ impl Spool {
     }
 
     /// Bytes of damaged segment data thrown away since open, at open or
-    /// while reading.
+    /// while reading (the log says so too).
+    #[cfg(test)]
     pub fn discarded_bytes(&self) -> u64 {
         self.discarded_bytes
     }

@@ -190,6 +190,7 @@ fn loss_reason(reason: LossReason) -> &'static str {
         LossReason::KernelRingbuf => "kernel_ringbuf",
         LossReason::QueueFull => "queue_full",
         LossReason::SpoolFull => "spool_full",
+        LossReason::SpoolDamaged => "spool_damaged",
         LossReason::WriteFailed => "write_failed",
         LossReason::Rejected => "rejected",
     }

@@ -177,6 +177,7 @@ fn loss_reasons_are_spelled_as_the_json_record_spells_them() {
         LossReason::KernelRingbuf,
         LossReason::QueueFull,
         LossReason::SpoolFull,
+        LossReason::SpoolDamaged,
         LossReason::WriteFailed,
         LossReason::Rejected,
     ] {
