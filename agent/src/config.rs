@@ -41,6 +41,10 @@ pub struct RunArgs {
     /// (docs/configuration.md); flags and environment variables override it.
     #[arg(long, env = "TOLLGATE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Log filter, in RUST_LOG syntax (`info`, `warn,tollgate_agent=debug`);
+    /// `tollgatectl log-level` changes it while the agent runs.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
     /// observe: denials are recorded as `audit` and go through; enforce: they
     /// fail with EPERM [default: the saved mode, else observe]
     #[arg(long, env = "TOLLGATE_MODE", value_enum)]
@@ -175,6 +179,7 @@ pub struct FileConfig {
     #[serde(default, deserialize_with = "duration")]
     allowed_report_interval: Option<Duration>,
     allowed_flows: Option<AllowedFlows>,
+    log_level: Option<String>,
     kubernetes: Option<KubernetesArg>,
     kubeconfig: Option<PathBuf>,
     unknown_pod_action: Option<crate::pods::UnknownPodAction>,
@@ -272,6 +277,7 @@ impl RunArgs {
             node,
             allowed_report_interval,
             allowed_flows,
+            log_level,
             kubernetes,
             kubeconfig,
             unknown_pod_action,

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod enforce;
 pub mod export;
 pub mod flow;
+pub mod log_level;
 pub mod mounts;
 pub mod pods;
 pub mod policy;

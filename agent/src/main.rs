@@ -11,26 +11,31 @@ use tollgate_agent::{
         self,
         config::{ExportSpec, SinkSpec, SinkType},
     },
+    log_level::LogLevel,
     mounts,
     pods::{UnknownPodAction, watch::ApiSource},
     policy_files,
     run::{self, RunConfig},
 };
-use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+    // Configuration is complete and checked before anything starts.
+    let args = match &cli.run.config {
+        Some(path) => {
+            let file = FileConfig::read(path)?;
+            cli.run.with_file(file, &matches)
+        }
+        None => cli.run,
+    };
+    let output = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         // A closed log pipe must not stop enforcement reporting (the default
         // reports a failed write with eprintln!, which panics then).
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    let log_level = LogLevel::install(&args.log_level, output)?;
     // Every TLS client and server here uses ring, the one provider built in
     // (no aws-lc-sys build); reqwest needs it installed as the default.
     tokio_rustls::rustls::crypto::ring::default_provider()
@@ -39,15 +44,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Cleanup { bpffs_root }) => cleanup(&bpffs_root),
         None => {
-            // Configuration is complete and checked before the runtime starts.
-            let args = match &cli.run.config {
-                Some(path) => {
-                    let file = FileConfig::read(path)?;
-                    cli.run.with_file(file, &matches)
-                }
-                None => cli.run,
-            };
-            let config = run_config(args)?;
+            let config = run_config(args, log_level)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -65,7 +62,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
+fn run_config(args: RunArgs, log_level: LogLevel) -> anyhow::Result<RunConfig> {
     // Resolved, so that "..", links and relative paths cannot step outside.
     let cgroup = args
         .cgroup
@@ -113,6 +110,7 @@ fn run_config(args: RunArgs) -> anyhow::Result<RunConfig> {
         node,
         allowed_report_interval: args.allowed_report_interval,
         allowed_flows: args.allowed_flows,
+        log_level,
         policies,
         state_dir: args.state_dir,
         listen,

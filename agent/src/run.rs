@@ -36,6 +36,7 @@ use crate::{
         sinks::{RecordMeta, Severity},
     },
     flow::{Enrichment, FlowRecord, WallClock, monotonic_ns, rfc3339_nanos},
+    log_level::LogLevel,
     pods::{
         UnknownPodAction,
         directory::PodDirectory,
@@ -52,6 +53,7 @@ pub struct RunConfig {
     pub node: String,
     pub allowed_report_interval: Duration,
     pub allowed_flows: AllowedFlows,
+    pub log_level: LogLevel,
     /// The global mode given on the command line (else the saved one).
     pub mode: Option<Mode>,
     /// Policy documents from --policy, applied over the saved set at start.
@@ -193,7 +195,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     info!(sinks = ?exporter.sink_names().collect::<Vec<_>>(), "exporting");
 
     let flows = FlowHub::default();
-    let api = Api::new(commands_tx, flows.subscriptions());
+    let api = Api::new(
+        commands_tx,
+        flows.subscriptions(),
+        config.log_level.clone(),
+        telemetry.grpc_calls.clone(),
+    );
     let mut servers = JoinSet::new();
     for listen in &config.listen {
         let bound = server::bind(listen).await?;
@@ -217,9 +224,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         node: config.node.clone(),
         seq: 0,
         flows,
-        flow_records: config
-            .metrics_listen
-            .map(|_| telemetry.flow_records.clone()),
+        record_counters: config.metrics_listen.map(|_| RecordCounters {
+            records: telemetry.flow_records.clone(),
+            decisions: telemetry.reported_decisions.clone(),
+        }),
         aggregator: aggregate.then(|| {
             Aggregator::new(
                 config.allowed_report_interval.as_nanos() as u64,
@@ -369,6 +377,11 @@ fn save_pods(path: &Path, pods: &PodDirectory) {
     }
 }
 
+struct RecordCounters {
+    records: Family<RecordLabels, Counter>,
+    decisions: Family<RecordLabels, Counter>,
+}
+
 struct Printer {
     exporter: Exporter,
     /// The kernel's count of ring buffer reservation failures already reported.
@@ -379,7 +392,7 @@ struct Printer {
     seq: u64,
     flows: FlowHub,
     /// Counted when metrics are served.
-    flow_records: Option<Family<RecordLabels, Counter>>,
+    record_counters: Option<RecordCounters>,
     /// Allowed flows are reported as interval aggregates (else one by one,
     /// or as the kernel's first of each interval).
     aggregator: Option<Aggregator>,
@@ -470,12 +483,15 @@ impl Printer {
         };
         self.exporter.publish(Record::Flow(&record), &meta);
         self.flows.publish(&record);
-        if let Some(counters) = &self.flow_records {
+        if let Some(counters) = &self.record_counters {
             let labels = RecordLabels {
                 verdict: record.verdict.to_owned(),
                 policy: record.policy.unwrap_or_default().to_owned(),
+                namespace: record.src.namespace.unwrap_or_default().to_owned(),
             };
-            counters.get_or_create(&labels).inc();
+            counters.records.get_or_create(&labels).inc();
+            let decisions = record.summary.as_ref().map_or(1, |s| s.count);
+            counters.decisions.get_or_create(&labels).inc_by(decisions);
         }
     }
 

@@ -32,6 +32,30 @@ pub struct RecordLabels {
     pub verdict: String,
     /// The deciding policy; empty when no policy selects the source.
     pub policy: String,
+    /// The source pod's namespace; empty for host processes and pods not
+    /// known yet.
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    method: &'static str,
+    /// The gRPC status code's name: `Ok`, `InvalidArgument`, ...
+    code: String,
+}
+
+/// Control API calls by method and status code.
+#[derive(Clone, Default)]
+pub struct GrpcCalls(Family<GrpcLabels, Counter>);
+
+impl GrpcCalls {
+    pub fn count(&self, method: &'static str, code: tonic::Code) {
+        let labels = GrpcLabels {
+            method,
+            code: format!("{code:?}"),
+        };
+        self.0.get_or_create(&labels).inc();
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,8 +81,11 @@ struct BuildLabels {
 /// What the HTTP handlers share with the rest of the agent.
 #[derive(Clone)]
 pub struct Telemetry {
-    /// Flow records written, by verdict and policy.
+    /// Flow records written, by verdict, policy and namespace.
     pub flow_records: Family<RecordLabels, Counter>,
+    /// Connections those records stand for (an aggregate's count).
+    pub reported_decisions: Family<RecordLabels, Counter>,
+    pub grpc_calls: GrpcCalls,
     /// The sinks' counters, once the exporter has started.
     sinks: Arc<OnceLock<StatsBySink>>,
     ready: Arc<AtomicBool>,
@@ -70,6 +97,8 @@ impl Telemetry {
     pub fn new(commands: mpsc::Sender<Command>, links_dir: PathBuf) -> Self {
         Self {
             flow_records: Family::default(),
+            reported_decisions: Family::default(),
+            grpc_calls: GrpcCalls::default(),
             sinks: Arc::default(),
             ready: Arc::default(),
             commands,
@@ -150,8 +179,18 @@ impl Telemetry {
         );
         registry.register(
             "flow_records",
-            "Flow records written, by verdict and policy",
+            "Flow records written, by verdict, policy and source namespace",
             self.flow_records.clone(),
+        );
+        registry.register(
+            "reported_decisions",
+            "Decisions the flow records stand for, by verdict, policy and source namespace",
+            self.reported_decisions.clone(),
+        );
+        registry.register(
+            "grpc_requests",
+            "Control API calls, by method and status code",
+            self.grpc_calls.0.clone(),
         );
 
         if let Some(sinks) = self.sinks.get() {

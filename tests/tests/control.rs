@@ -555,7 +555,12 @@ fn metrics_count_exactly_the_decisions_made_and_readiness_follows_the_programs()
 
     let denied = "tollgate_decisions_total{verdict=\"denied\"}";
     let allowed = "tollgate_decisions_total{verdict=\"allowed\"}";
-    let records = "tollgate_flow_records_total{verdict=\"denied\",policy=\"web-only\"}";
+    let records =
+        "tollgate_flow_records_total{verdict=\"denied\",policy=\"web-only\",namespace=\"\"}";
+    let reported =
+        "tollgate_reported_decisions_total{verdict=\"denied\",policy=\"web-only\",namespace=\"\"}";
+    let status_calls = "tollgate_grpc_requests_total{method=\"Status\",code=\"Ok\"}";
+    let not_found = "tollgate_grpc_requests_total{method=\"DeletePolicies\",code=\"NotFound\"}";
     let (code, before) = http_get(port, "/metrics");
     assert_eq!(code, 200, "{before}");
     assert!(before.contains("tollgate_build_info{version="), "{before}");
@@ -597,7 +602,27 @@ fn metrics_count_exactly_the_decisions_made_and_readiness_follows_the_programs()
         7,
         "{after}"
     );
+    assert_eq!(
+        sample(&after, reported) - sample(&before, reported),
+        7,
+        "{after}"
+    );
     assert_eq!(sample(&after, "tollgate_policies"), 1);
+
+    // Control API calls are counted by method and code.
+    env.ctl(&["status"]).ok();
+    env.ctl(&["delete", "no-such-policy"]).failed();
+    let (_, calls) = http_get(port, "/metrics");
+    assert_eq!(
+        sample(&calls, status_calls) - sample(&after, status_calls),
+        1,
+        "{calls}"
+    );
+    assert_eq!(
+        sample(&calls, not_found) - sample(&after, not_found),
+        1,
+        "{calls}"
+    );
 
     // Removing the pins detaches the programs under the running agent.
     env.cleanup_pins();
@@ -606,5 +631,27 @@ fn metrics_count_exactly_the_decisions_made_and_readiness_follows_the_programs()
     assert!(
         why.contains("programs not attached: tollgate_connect4"),
         "{why}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn the_log_level_changes_while_the_agent_runs() {
+    let env = TestEnv::new("ctllog");
+    let agent = AgentProcess::start(&env, &[]);
+    assert_eq!(env.ctl(&["log-level"]).ok(), "info\n");
+
+    env.ctl(&["log-level", "info,tollgate_agent=debug"]).ok();
+    assert_eq!(env.ctl(&["log-level"]).ok(), "info,tollgate_agent=debug\n");
+    // Debug lines appear from now on: each control call logs one.
+    env.ctl(&["status"]).ok();
+    agent.wait_for_log("control API call", WAIT);
+
+    let refused = env.ctl(&["log-level", "tollgate_agent=loud"]).failed();
+    assert!(refused.contains("InvalidArgument"), "{refused}");
+    assert_eq!(
+        env.ctl(&["log-level"]).ok(),
+        "info,tollgate_agent=debug\n",
+        "a refused filter changes nothing"
     );
 }

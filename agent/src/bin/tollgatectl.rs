@@ -105,6 +105,11 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Show the agent's log filter, or set it until the agent restarts.
+    LogLevel {
+        /// RUST_LOG syntax: `debug`, `info,tollgate_agent::pods=debug`, ...
+        filter: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -281,6 +286,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Format::Yaml => print!("{}", serde_yaml_ng::to_string(&status)?),
                 Format::Table => print!("{}", status_text(&status)),
             }
+        }
+        Command::LogLevel { filter } => {
+            let mut client = AgentServiceClient::new(channel);
+            let level = match filter {
+                Some(filter) => client.set_log_level(api::LogLevel { filter }).await,
+                None => client.get_log_level(api::GetLogLevelRequest {}).await,
+            };
+            println!("{}", level.map_err(failed)?.into_inner().filter);
         }
     }
     Ok(())

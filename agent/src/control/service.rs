@@ -1,7 +1,7 @@
 //! The gRPC services: each call becomes a command for the datapath task, and
 //! its errors become the status codes clients can act on.
 
-use std::{pin::Pin, time::Duration};
+use std::{future::Future, pin::Pin, time::Duration};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{
@@ -11,7 +11,8 @@ use tollgate_proto::v1::{
     self as api, agent_service_server::AgentService, flow_service_server::FlowService,
     policy_service_server::PolicyService,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tracing::debug;
 
 use super::{
     controller::{Command, ControlError},
@@ -21,18 +22,45 @@ use super::{
 use crate::{
     datapath::{DatapathError, RuleSetError},
     enforce::EnforceError,
+    log_level::{LogLevel, LogLevelError},
     policy::compile::CompileError,
+    telemetry::GrpcCalls,
 };
 
 #[derive(Clone)]
 pub struct Api {
     commands: mpsc::Sender<Command>,
     flows: FlowSubscriptions,
+    log_level: LogLevel,
+    calls: GrpcCalls,
 }
 
 impl Api {
-    pub fn new(commands: mpsc::Sender<Command>, flows: FlowSubscriptions) -> Self {
-        Self { commands, flows }
+    pub fn new(
+        commands: mpsc::Sender<Command>,
+        flows: FlowSubscriptions,
+        log_level: LogLevel,
+        calls: GrpcCalls,
+    ) -> Self {
+        Self {
+            commands,
+            flows,
+            log_level,
+            calls,
+        }
+    }
+
+    /// Runs one call, counting it by method and status code.
+    async fn observed<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let result = call.await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.calls.count(method, code);
+        debug!(method, ?code, "control API call");
+        result
     }
 
     async fn ask<T>(
@@ -77,60 +105,110 @@ impl PolicyService for Api {
         &self,
         request: Request<api::ApplyPoliciesRequest>,
     ) -> Result<Response<api::PolicyChanges>, Status> {
-        let request = request.into_inner();
-        self.ask(|reply| Command::Apply(request, reply))
-            .await?
-            .map(Response::new)
-            .map_err(status)
+        self.observed("ApplyPolicies", async {
+            let request = request.into_inner();
+            self.ask(|reply| Command::Apply(request, reply))
+                .await?
+                .map(Response::new)
+                .map_err(status)
+        })
+        .await
     }
 
     async fn delete_policies(
         &self,
         request: Request<api::DeletePoliciesRequest>,
     ) -> Result<Response<api::PolicyChanges>, Status> {
-        let request = request.into_inner();
-        self.ask(|reply| Command::Delete(request, reply))
-            .await?
-            .map(Response::new)
-            .map_err(status)
+        self.observed("DeletePolicies", async {
+            let request = request.into_inner();
+            self.ask(|reply| Command::Delete(request, reply))
+                .await?
+                .map(Response::new)
+                .map_err(status)
+        })
+        .await
     }
 
     async fn list_policies(
         &self,
         _: Request<api::ListPoliciesRequest>,
     ) -> Result<Response<api::ListPoliciesResponse>, Status> {
-        self.ask(Command::List).await.map(Response::new)
+        self.observed("ListPolicies", async {
+            self.ask(Command::List).await.map(Response::new)
+        })
+        .await
     }
 
     async fn get_mode(
         &self,
         _: Request<api::GetModeRequest>,
     ) -> Result<Response<api::ModeSettings>, Status> {
-        self.ask(Command::GetMode).await.map(Response::new)
+        self.observed("GetMode", async {
+            self.ask(Command::GetMode).await.map(Response::new)
+        })
+        .await
     }
 
     async fn set_mode(
         &self,
         request: Request<api::SetModeRequest>,
     ) -> Result<Response<api::ModeSettings>, Status> {
-        let request = request.into_inner();
-        self.ask(|reply| Command::SetMode(request, reply))
-            .await?
-            .map(Response::new)
-            .map_err(status)
+        self.observed("SetMode", async {
+            let request = request.into_inner();
+            self.ask(|reply| Command::SetMode(request, reply))
+                .await?
+                .map(Response::new)
+                .map_err(status)
+        })
+        .await
+    }
+}
+
+fn log_level_status(error: LogLevelError) -> Status {
+    match error {
+        LogLevelError::Invalid { .. } => Status::invalid_argument(error.to_string()),
+        LogLevelError::Gone => Status::internal(error.to_string()),
     }
 }
 
 #[tonic::async_trait]
 impl AgentService for Api {
+    async fn get_log_level(
+        &self,
+        _: Request<api::GetLogLevelRequest>,
+    ) -> Result<Response<api::LogLevel>, Status> {
+        self.observed("GetLogLevel", async {
+            Ok(Response::new(api::LogLevel {
+                filter: self.log_level.get(),
+            }))
+        })
+        .await
+    }
+
+    async fn set_log_level(
+        &self,
+        request: Request<api::LogLevel>,
+    ) -> Result<Response<api::LogLevel>, Status> {
+        self.observed("SetLogLevel", async {
+            let filter = request.into_inner().filter;
+            self.log_level.set(&filter).map_err(log_level_status)?;
+            tracing::info!(filter, "log level changed");
+            Ok(Response::new(api::LogLevel { filter }))
+        })
+        .await
+    }
+
     async fn status(
         &self,
         _: Request<api::StatusRequest>,
     ) -> Result<Response<api::StatusResponse>, Status> {
-        self.ask(Command::Status)
-            .await?
-            .map(Response::new)
-            .map_err(status)
+        self.observed("Status", async {
+            self.ask(Command::Status)
+                .await?
+                .map(Response::new)
+                .map_err(status)
+        })
+        .await
     }
 }
 
@@ -144,31 +222,34 @@ impl FlowService for Api {
         &self,
         request: Request<api::FlowFilter>,
     ) -> Result<Response<FlowStream>, Status> {
-        let request = request.into_inner();
-        let filter = Filter::new(&request).map_err(|e| match e {
-            FilterError::Invalid(message) => Status::invalid_argument(message),
-            FilterError::Unsupported(message) => Status::unimplemented(message),
-        })?;
-        let (past, live) = self
-            .flows
-            .subscribe(Duration::from_secs(u64::from(request.since_seconds)));
-        let past: Vec<_> = past
-            .into_iter()
-            .filter(|f| filter.matches(f))
-            .map(|f| Ok((*f).clone()))
-            .collect();
-        let past = tokio_stream::iter(past);
-        // Without follow, or when the agent is stopping, the past is all.
-        let Some(live) = live.filter(|_| request.follow) else {
-            return Ok(Response::new(Box::pin(past)));
-        };
-        // Ends when the agent stops publishing (the hub is dropped).
-        let live = BroadcastStream::new(live).filter_map(move |item| match item {
-            Ok(flow) => filter.matches(&flow).then(|| Ok((*flow).clone())),
-            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::data_loss(format!(
-                "this subscriber fell {missed} records behind; the stream ends here"
-            )))),
-        });
-        Ok(Response::new(Box::pin(past.chain(live))))
+        self.observed("StreamFlows", async {
+            let request = request.into_inner();
+            let filter = Filter::new(&request).map_err(|e| match e {
+                FilterError::Invalid(message) => Status::invalid_argument(message),
+                FilterError::Unsupported(message) => Status::unimplemented(message),
+            })?;
+            let (past, live) = self
+                .flows
+                .subscribe(Duration::from_secs(u64::from(request.since_seconds)));
+            let past: Vec<_> = past
+                .into_iter()
+                .filter(|f| filter.matches(f))
+                .map(|f| Ok((*f).clone()))
+                .collect();
+            let past = tokio_stream::iter(past);
+            // Without follow, or when the agent is stopping, the past is all.
+            let Some(live) = live.filter(|_| request.follow) else {
+                return Ok(Response::new(Box::pin(past) as FlowStream));
+            };
+            // Ends when the agent stops publishing (the hub is dropped).
+            let live = BroadcastStream::new(live).filter_map(move |item| match item {
+                Ok(flow) => filter.matches(&flow).then(|| Ok((*flow).clone())),
+                Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Status::data_loss(
+                    format!("this subscriber fell {missed} records behind; the stream ends here"),
+                ))),
+            });
+            Ok(Response::new(Box::pin(past.chain(live)) as FlowStream))
+        })
+        .await
     }
 }
