@@ -182,6 +182,9 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         config.policies,
         config.mode,
     )?;
+    // Only now, with the rules in this layout's maps, may an older layout's
+    // programs stop enforcing.
+    datapath.take_over_older_layouts()?;
     info!(
         policies = controller.policy_count(),
         endpoints = controller.enforcer().endpoint_count(),

@@ -837,3 +837,88 @@ pub fn metric_sample(metrics: &str, name: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A cgroup/connect4 program that allows everything (`r0 = 1; exit`),
+/// loaded straight through the bpf syscall: what an older agent's program
+/// stands in as in upgrade tests.
+pub fn allow_all_connect4() -> std::os::fd::OwnedFd {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    /// `union bpf_attr` for BPF_PROG_LOAD, up to `expected_attach_type`.
+    #[repr(C)]
+    struct ProgLoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    // mov64 r0, 1; exit
+    let instructions: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        insn_cnt: instructions.len() as u32,
+        insns: instructions.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: *b"tg_test_allow\0\0\0",
+        prog_ifindex: 0,
+        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+    };
+    // SAFETY: ProgLoadAttr is BPF_PROG_LOAD's prefix without padding; the
+    // instructions and license outlive the call.
+    let fd = unsafe { tollgate_agent::datapath::raw_bpf::bpf(BPF_PROG_LOAD, &mut attr) }
+        .expect("loading the allow-all program");
+    // SAFETY: a new fd from the kernel, owned by nothing else.
+    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+}
+
+/// How many programs are attached directly to `cgroup` for cgroup/connect4
+/// (BPF_PROG_QUERY).
+pub fn connect4_programs_attached(cgroup: &std::path::Path) -> u32 {
+    use std::os::fd::AsRawFd;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    /// `union bpf_attr` for BPF_PROG_QUERY, up to `prog_cnt`, padded.
+    #[repr(C)]
+    struct ProgQueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    let dir = std::fs::File::open(cgroup).unwrap();
+    let mut attr = ProgQueryAttr {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_INET4_CONNECT,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: 0,
+        prog_cnt: 0,
+        _pad: 0,
+    };
+    // SAFETY: ProgQueryAttr is BPF_PROG_QUERY's prefix, padding zeroed; with
+    // no id buffer the kernel writes only prog_cnt and attach_flags.
+    unsafe { tollgate_agent::datapath::raw_bpf::bpf(BPF_PROG_QUERY, &mut attr) }
+        .expect("BPF_PROG_QUERY");
+    attr.prog_cnt
+}

@@ -6,10 +6,13 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use tollgate_agent::datapath::{
-    Action, DatapathError, DatapathOptions, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet,
-    SetRules,
+    Action, DatapathError, DatapathOptions, PROGRAMS, PolicyMode, PortRange, PortRuleSpec,
+    Protocol, RuleSet, SetRules, raw_bpf,
 };
-use tollgate_tests::{AgentProcess, TestEnv};
+use tollgate_common::PIN_LAYOUT_VERSION;
+use tollgate_tests::{
+    AgentProcess, TempFile, TestEnv, allow_all_connect4, connect4_programs_attached, host_policy,
+};
 
 const EPERM: i32 = libc::EPERM;
 const WAIT: Duration = Duration::from_secs(5);
@@ -434,5 +437,99 @@ fn an_upgrade_style_restart_never_leaves_a_connection_unjudged() {
         status["counters"]["denied"].as_u64(),
         Some(results.len() as u64),
         "{status}"
+    );
+}
+
+/// The attachment each program reports in `tollgatectl status`.
+fn attachments(env: &TestEnv) -> BTreeMap<String, String> {
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ctl(&["status", "-o", "json"]).ok()).unwrap();
+    status["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["attachment"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Swaps an allow-all program into a pinned connect4 link, as an older
+/// agent version's program.
+fn downgrade_connect4(link_pin: &std::path::Path) {
+    use std::os::fd::AsFd;
+    let link = raw_bpf::open_pinned(link_pin).unwrap();
+    raw_bpf::replace_program(link.as_fd(), allow_all_connect4().as_fd()).unwrap();
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn an_upgrade_replaces_changed_programs_in_place_and_takes_over_older_layouts() {
+    let mut env = TestEnv::new("replace");
+    let host = env.add_host(18, &[8080, 8081]).v4;
+    let policy = TempFile::new(
+        "replace.yaml",
+        &host_policy("web-only", &env.cgroup.relative, "enforce", host),
+    );
+    let args = ["--policy", policy.path.to_str().unwrap()];
+    let denied = || {
+        env.probe(&["connect", "tcp", &format!("{host}:8081")])
+            .result()
+    };
+    let root = env.bpffs.root();
+    let current = root.join(format!("v{PIN_LAYOUT_VERSION}"));
+    let connect4 = "links/tollgate_connect4";
+
+    let mut agent = AgentProcess::start(&env, &args);
+    assert_eq!(denied(), Err(EPERM));
+    agent.terminate();
+
+    // Same layout, another program behind the link: it is swapped back.
+    downgrade_connect4(&current.join(connect4));
+    assert_eq!(denied(), Ok(()), "the older program decides now");
+    let mut agent = AgentProcess::start(&env, &args);
+    assert_eq!(denied(), Err(EPERM));
+    let expected = |connect4: &str| -> BTreeMap<String, String> {
+        PROGRAMS
+            .iter()
+            .map(|p| {
+                let attachment = if *p == "tollgate_connect4" {
+                    connect4
+                } else {
+                    "adopted"
+                };
+                (p.to_string(), attachment.to_owned())
+            })
+            .collect()
+    };
+    assert_eq!(attachments(&env), expected("replaced"));
+    agent.terminate();
+    // Unchanged programs are adopted as they are.
+    let mut agent = AgentProcess::start(&env, &args);
+    assert_eq!(attachments(&env), expected("adopted"));
+    agent.terminate();
+
+    // An older layout version: its links keep enforcing (here connect4 with
+    // an older program) until this version's maps hold the rules, then
+    // take this version's programs, and the older layout is gone.
+    let older = root.join(format!("v{}", PIN_LAYOUT_VERSION - 1));
+    std::fs::rename(&current, &older).unwrap();
+    downgrade_connect4(&older.join(connect4));
+    let _agent = AgentProcess::start(&env, &args);
+    assert_eq!(denied(), Err(EPERM));
+    assert!(!older.exists(), "the older layout's pins are removed");
+    assert!(current.join(connect4).exists());
+    assert!(
+        attachments(&env).values().all(|a| a == "replaced"),
+        "{:?}",
+        attachments(&env)
+    );
+    assert_eq!(
+        connect4_programs_attached(&env.cgroup.path),
+        1,
+        "one connect4 program, this version's"
     );
 }

@@ -253,6 +253,8 @@ impl Controller {
                     attachment: match attachment {
                         Attachment::New => "new",
                         Attachment::Adopted => "adopted",
+                        Attachment::Replaced => "replaced",
+                        Attachment::Pending => "pending",
                     }
                     .into(),
                 })

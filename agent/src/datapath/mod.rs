@@ -11,21 +11,30 @@
 //! Pinned links keep the programs attached while no agent runs, so
 //! enforcement never lapses across a crash or restart. A starting agent
 //! reuses the pinned maps and links it finds ("adopts" them) and attaches
-//! only what is missing.
+//! only what is missing. When its programs differ from the attached ones
+//! (an upgrade), it swaps them into the pinned links in one step each.
+//! Links of an older layout version (other maps) keep enforcing until the
+//! new maps hold the rules; `take_over_older_layouts` then swaps the new
+//! programs into them, moves their pins here and removes the older layout.
 
 mod events;
+pub mod raw_bpf;
 mod rules;
 
 use std::{
     fs,
     io::ErrorKind,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramFd, links::FdLink, links::PinnedLink,
+        loaded_programs,
+    },
 };
 pub use events::EventReader;
 pub use rules::{
@@ -84,6 +93,11 @@ pub enum DatapathError {
         path: PathBuf,
         source: aya::programs::links::LinkError,
     },
+    #[error("replacing the program of pinned link {path}: {source}")]
+    ReplaceProgram {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -131,13 +145,50 @@ fn pin_dir(bpffs_root: &Path) -> PathBuf {
     bpffs_root.join(format!("v{PIN_LAYOUT_VERSION}"))
 }
 
+/// The pin directories of other layout versions under `bpffs_root`.
+fn older_pin_dirs(bpffs_root: &Path) -> Vec<PathBuf> {
+    let current = pin_dir(bpffs_root);
+    let Ok(entries) = fs::read_dir(bpffs_root) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            *path != current
+                && path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|name| {
+                        name.strip_prefix('v')
+                            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                    })
+        })
+        .collect();
+    dirs.sort();
+    dirs
+}
+
 /// How each hook came to be attached when the datapath was opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment {
     /// Attached by this agent.
     New,
-    /// Already attached by an earlier agent; its pinned link was adopted.
+    /// Already attached by an earlier agent with the same program; its
+    /// pinned link was adopted.
     Adopted,
+    /// Attached by an earlier agent with another program (an upgrade):
+    /// this agent's program was swapped into the pinned link.
+    Replaced,
+    /// Attached under an older layout version; that program enforces until
+    /// `take_over_older_layouts` replaces it.
+    Pending,
+}
+
+/// A hook still enforced by an older layout's link.
+struct PendingTakeover {
+    name: &'static str,
+    program: ProgramFd,
+    older_link: PathBuf,
 }
 
 /// Decision counters, summed over CPUs.
@@ -162,6 +213,8 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     attachments: Vec<(&'static str, Attachment)>,
+    pending: Vec<PendingTakeover>,
+    bpffs_root: PathBuf,
     /// What this agent last wrote to `TG_CONFIG`.
     state: Config,
     /// Keys present in each generation half, so a switch deletes exactly them.
@@ -224,14 +277,51 @@ impl Datapath {
             counters,
             events: Some(events),
             attachments: Vec::new(),
+            pending: Vec::new(),
+            bpffs_root: options.bpffs_root.clone(),
             state,
             halves: Default::default(),
         };
         datapath.halves = datapath.scan_halves()?;
         // The configuration is in place before the first decision is made.
         datapath.write_config(state)?;
-        datapath.attachments = attach_or_adopt(&mut ebpf, &options.cgroup, &links_dir)?;
+        let older_links = older_pin_dirs(&options.bpffs_root)
+            .into_iter()
+            .map(|dir| dir.join("links"))
+            .collect::<Vec<_>>();
+        (datapath.attachments, datapath.pending) =
+            attach_or_adopt(&mut ebpf, &options.cgroup, &links_dir, &older_links)?;
         Ok(datapath)
+    }
+
+    /// Completes an upgrade across layout versions, once this datapath's
+    /// maps hold the rules: swaps this agent's programs into the older
+    /// layout's links (so no connection goes unjudged), pins those links
+    /// here, and removes every older layout's pins. Without older layouts,
+    /// does nothing.
+    pub fn take_over_older_layouts(&mut self) -> Result<(), DatapathError> {
+        let links_dir = self.pin_dir.join("links");
+        for pending in std::mem::take(&mut self.pending) {
+            let replace = |source| DatapathError::ReplaceProgram {
+                path: pending.older_link.clone(),
+                source,
+            };
+            let link = raw_bpf::open_pinned(&pending.older_link).map_err(replace)?;
+            raw_bpf::replace_program(link.as_fd(), pending.program.as_fd()).map_err(replace)?;
+            let here = links_dir.join(pending.name);
+            raw_bpf::pin(link.as_fd(), &here).map_err(DatapathError::io(&here))?;
+            if let Some((_, attachment)) = self
+                .attachments
+                .iter_mut()
+                .find(|(name, _)| *name == pending.name)
+            {
+                *attachment = Attachment::Replaced;
+            }
+        }
+        for dir in older_pin_dirs(&self.bpffs_root) {
+            remove_layout(&dir)?;
+        }
+        Ok(())
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -331,11 +421,26 @@ impl Datapath {
     }
 }
 
-/// Removes every pin under `bpffs_root` for this layout version, which
+/// Removes every pin under `bpffs_root`, of every layout version, which
 /// detaches the programs once no agent holds them open, and deletes the
 /// directories it created. Returns the paths removed.
 pub fn cleanup(bpffs_root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
-    let pin_dir = pin_dir(bpffs_root);
+    let mut removed = Vec::new();
+    for dir in older_pin_dirs(bpffs_root)
+        .into_iter()
+        .chain([pin_dir(bpffs_root)])
+    {
+        removed.extend(remove_layout(&dir)?);
+    }
+    // The root is ours too, unless something else lives there.
+    if fs::read_dir(bpffs_root).is_ok_and(|mut d| d.next().is_none()) {
+        remove_dir_if_present(bpffs_root)?;
+    }
+    Ok(removed)
+}
+
+/// Unpins one layout version's links and maps and removes its directories.
+fn remove_layout(pin_dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     let mut removed = Vec::new();
     for sub in ["links", "maps"] {
         let dir = pin_dir.join(sub);
@@ -356,11 +461,7 @@ pub fn cleanup(bpffs_root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
         }
         remove_dir_if_present(&dir)?;
     }
-    remove_dir_if_present(&pin_dir)?;
-    // The root is ours too, unless another layout version still lives there.
-    if fs::read_dir(bpffs_root).is_ok_and(|mut d| d.next().is_none()) {
-        remove_dir_if_present(bpffs_root)?;
-    }
+    remove_dir_if_present(pin_dir)?;
     Ok(removed)
 }
 
@@ -401,36 +502,52 @@ fn ensure_bpffs(bpffs_root: &Path) -> Result<(), DatapathError> {
     })
 }
 
+type Attached = (Vec<(&'static str, Attachment)>, Vec<PendingTakeover>);
+
 fn attach_or_adopt(
     ebpf: &mut Ebpf,
     cgroup: &Path,
     links_dir: &Path,
-) -> Result<Vec<(&'static str, Attachment)>, DatapathError> {
+    older_links_dirs: &[PathBuf],
+) -> Result<Attached, DatapathError> {
     let cgroup_fd = fs::File::open(cgroup).map_err(DatapathError::io(cgroup))?;
     let mut attachments = Vec::with_capacity(PROGRAMS.len());
+    let mut pending = Vec::new();
     for name in PROGRAMS {
-        let link_path = links_dir.join(name);
-        if link_path.exists() {
-            // The pin keeps the link; opening it checks it is a real link.
-            PinnedLink::from_pin(&link_path).map_err(|source| DatapathError::AdoptLink {
-                path: link_path.clone(),
-                source,
-            })?;
-            attachments.push((name, Attachment::Adopted));
-            continue;
-        }
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram(name))?
             .try_into()
             .map_err(|source| DatapathError::Program { name, source })?;
         load_program(program).map_err(|source| DatapathError::Program { name, source })?;
+        let program_error = |source| DatapathError::Program { name, source };
+        let link_path = links_dir.join(name);
+        if link_path.exists() {
+            attachments.push((name, adopt(program, &link_path)?));
+            continue;
+        }
+        if let Some(older_link) = older_links_dirs
+            .iter()
+            .map(|dir| dir.join(name))
+            .find(|path| path.exists())
+        {
+            pending.push(PendingTakeover {
+                name,
+                program: program
+                    .fd()
+                    .and_then(|fd| fd.try_clone().map_err(Into::into))
+                    .map_err(program_error)?,
+                older_link,
+            });
+            attachments.push((name, Attachment::Pending));
+            continue;
+        }
         let link_id = program
             .attach(&cgroup_fd, CgroupAttachMode::default())
-            .map_err(|source| DatapathError::Program { name, source })?;
+            .map_err(program_error)?;
         let link: FdLink = program
             .take_link(link_id)
-            .map_err(|source| DatapathError::Program { name, source })?
+            .map_err(program_error)?
             .try_into()
             .map_err(
                 |source: aya::programs::links::LinkError| DatapathError::AdoptLink {
@@ -445,12 +562,41 @@ fn attach_or_adopt(
             })?;
         attachments.push((name, Attachment::New));
     }
-    Ok(attachments)
+    Ok((attachments, pending))
 }
 
-/// Loads a program. The verifier gives up with EAGAIN when a signal is
-/// pending on the loading thread (a child exiting is enough); like libbpf,
-/// try again a few times before calling that a failure.
+/// Keeps a pinned link, with `program` swapped in if the attached one
+/// differs from it (by the kernel's tag, a hash of the instructions).
+fn adopt(program: &CgroupSockAddr, link_path: &Path) -> Result<Attachment, DatapathError> {
+    let adopt_error = |source| DatapathError::AdoptLink {
+        path: link_path.to_owned(),
+        source,
+    };
+    let replace_error = |source| DatapathError::ReplaceProgram {
+        path: link_path.to_owned(),
+        source,
+    };
+    // Opening the pin checks it is a real link.
+    let link = FdLink::from(PinnedLink::from_pin(link_path).map_err(adopt_error)?);
+    let attached_id = link.info().map_err(adopt_error)?.program_id();
+    let ours = program
+        .info()
+        .map_err(|e| replace_error(std::io::Error::other(e)))?;
+    let attached_tag = loaded_programs()
+        .filter_map(Result::ok)
+        .find(|info| info.id() == attached_id)
+        .map(|info| info.tag());
+    if attached_tag == Some(ours.tag()) {
+        return Ok(Attachment::Adopted);
+    }
+    let link_fd = raw_bpf::open_pinned(link_path).map_err(replace_error)?;
+    let program_fd = program
+        .fd()
+        .map_err(|e| replace_error(std::io::Error::other(e)))?;
+    raw_bpf::replace_program(link_fd.as_fd(), program_fd.as_fd()).map_err(replace_error)?;
+    Ok(Attachment::Replaced)
+}
+
 fn load_program(program: &mut CgroupSockAddr) -> Result<(), aya::programs::ProgramError> {
     const ATTEMPTS: usize = 5;
     for _ in 1..ATTEMPTS {
