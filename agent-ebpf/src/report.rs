@@ -5,6 +5,7 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{bpf_get_current_comm, bpf_get_socket_cookie},
@@ -17,6 +18,11 @@ use crate::{
     decide::Destination,
     maps::{TG_COUNTERS, TG_EVENTS, TG_FLOW_DEDUP},
 };
+
+/// Unread ring-buffer bytes (about 600 events) from which a submit wakes
+/// the agent. Below, the agent's own poll picks events up (every 10 ms), so
+/// a busy node pays for one wakeup per batch, not one per connection.
+const WAKEUP_THRESHOLD: u64 = 64 << 10;
 
 pub struct Report {
     pub hook: Hook,
@@ -90,7 +96,12 @@ pub fn decision(ctx: &SockAddrContext, report: &Report, dst: &Destination) {
             core::ptr::write_bytes(comm as *mut u8, 0, 16);
         }
     }
-    entry.submit(0);
+    let wakeup = if TG_EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= WAKEUP_THRESHOLD {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(wakeup.into());
 }
 
 /// True if the same allowed flow was reported less than an interval ago;

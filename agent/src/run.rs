@@ -26,7 +26,7 @@ use crate::{
         server::{self, Listen, ServeError},
         service::Api,
     },
-    datapath::{Datapath, DatapathError, DatapathOptions},
+    datapath::{Datapath, DatapathError, DatapathOptions, EventReader},
     enforce::{EndpointOptions, Enforcer},
     export::{
         aggregate::{Aggregate, Aggregator, Offered},
@@ -264,7 +264,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                 printer.print(&events, controller.enforcer());
                 events.clear();
             }
-            Some(command) = commands.recv() => controller.handle(command, &mut datapath),
+            Some(command) = commands.recv() => {
+                // A command may switch the rules: the events of the current
+                // generation are named first, while its names are surely kept.
+                printer.print_available(&mut reader, &mut events, controller.enforcer());
+                controller.handle(command, &mut datapath);
+            }
             Some(update) = pod_updates.recv() => {
                 // A burst (a relist, a rollout) is put in force once.
                 let mut changed = controller.enforcer_mut().update_pods(update);
@@ -272,12 +277,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                     changed |= controller.enforcer_mut().update_pods(update);
                 }
                 if changed {
+                    printer.print_available(&mut reader, &mut events, controller.enforcer());
                     refresh(&mut controller, &mut datapath);
                     save_pods(&pods_file, controller.enforcer().pods());
                 }
             }
             changed = cgroups.changed() => {
                 changed.map_err(RunError::Watch)?;
+                printer.print_available(&mut reader, &mut events, controller.enforcer());
                 refresh(&mut controller, &mut datapath);
             }
             _ = loss_check.tick() => {
@@ -289,6 +296,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
             _ = rescan.tick() => {
                 cgroups.rewatch();
+                printer.print_available(&mut reader, &mut events, controller.enforcer());
                 refresh(&mut controller, &mut datapath);
             }
         }
@@ -296,10 +304,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     drop(pod_updates_tx);
     telemetry.set_ready(false);
     // What the kernel reported before the stop still goes out.
-    while reader.read_available(&mut events, BATCH) > 0 {
-        printer.print(&events, controller.enforcer());
-        events.clear();
-    }
+    printer.print_available(&mut reader, &mut events, controller.enforcer());
     printer.close_all_aggregates(controller.enforcer());
     if let Ok(counters) = datapath.counters() {
         printer.report_kernel_losses(counters.ringbuf_reserve_failed);
@@ -404,6 +409,20 @@ struct Printer {
 }
 
 impl Printer {
+    /// Prints every event the ring buffer holds now, without waiting (the
+    /// programs wake the reader only once events pile up).
+    fn print_available(
+        &mut self,
+        reader: &mut EventReader,
+        events: &mut Vec<FlowEvent>,
+        enforcer: &Enforcer,
+    ) {
+        while reader.read_available(events, BATCH) > 0 {
+            self.print(events, enforcer);
+            events.clear();
+        }
+    }
+
     fn print(&mut self, events: &[FlowEvent], enforcer: &Enforcer) {
         // Taken anew per batch, so a step of the wall clock (NTP) shows at once.
         self.clock = WallClock::now();

@@ -29,11 +29,14 @@ use tollgate_common::FlowEvent;
 /// `cargo xtask test` (target/<profile>/deps/<test> -> target/<profile>/<name>).
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join(name);
+    // Test binaries live in <profile>/deps, tg-bench in <profile>.
+    let dir = exe.parent().expect("target dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("profile dir")
+    } else {
+        dir
+    };
+    let path = dir.join(name);
     assert!(
         path.exists(),
         "{} is missing: run the tests with `cargo xtask test`",
@@ -51,7 +54,8 @@ pub fn probe_binary() -> PathBuf {
     workspace_binary("tg-probe")
 }
 
-fn sh(program: &str, args: &[&str]) {
+/// Runs a command that must succeed.
+pub fn sh(program: &str, args: &[&str]) {
     let output = Command::new(program)
         .args(args)
         .output()
@@ -73,7 +77,8 @@ pub struct TestCgroup {
 }
 
 impl TestCgroup {
-    fn new(name: &str) -> Self {
+    /// A cgroup directly below the cgroup2 mount, removed on drop.
+    pub fn new(name: &str) -> Self {
         let mount = mounts::cgroup2_mount(None).expect("cgroup2 is mounted");
         let relative = format!("/tgtest-{name}-{}", std::process::id());
         let path = mount.join(&relative[1..]);
@@ -624,6 +629,10 @@ impl AgentProcess {
             stdout,
             stderr,
         })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// How many startup log lines contain `needle`.

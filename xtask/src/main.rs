@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <build|test|run|lint>`.
+//! Project tasks: `cargo xtask <build|test|run|lint|bench>`.
 //!
 //! Every task first runs `scripts/setup.sh`, which installs what is missing
 //! (nightly rust-src, LLVM 22, bpf-linker, the test peers) and skips what is
@@ -40,6 +40,13 @@ enum Task {
     },
     /// Formatting, clippy and the deployment files, as CI checks them.
     Lint,
+    /// The benchmarks (release build, needs root): BENCHMARKS.md and
+    /// bench.json in the workspace root, or with --smoke a quick check that
+    /// they still run, written to target/bench-smoke.
+    Bench {
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,7 +60,28 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(agent).args(args))
         }
         Task::Lint => lint(&root),
+        Task::Bench { smoke } => bench(&root, smoke),
     }
+}
+
+fn bench(root: &Path, smoke: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the benchmarks load BPF programs and make cgroups and network namespaces: run as root"
+        );
+    }
+    build(root, true)?;
+    let out = if smoke {
+        root.join("target/bench-smoke")
+    } else {
+        root.to_owned()
+    };
+    let mut bench = Command::new(root.join("target/release/tg-bench"));
+    bench.arg("run").arg("--out").arg(&out);
+    if smoke {
+        bench.arg("--smoke");
+    }
+    run(&mut bench)
 }
 
 fn workspace_root() -> PathBuf {

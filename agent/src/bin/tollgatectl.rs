@@ -8,6 +8,7 @@ use tokio_stream::StreamExt;
 use tollgate_agent::{
     client::{ClientTls, connect},
     config::parse_duration,
+    control::server,
     policy_files,
 };
 use tollgate_proto::v1::{
@@ -144,7 +145,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         _ => Vec::new(),
     };
     let channel = connect(&cli.agent, &tls).await?;
-    let mut policies = PolicyServiceClient::new(channel.clone());
+    let mut policies = PolicyServiceClient::new(channel.clone())
+        .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(server::MAX_MESSAGE_BYTES);
     match cli.command {
         Command::Apply {
             dry_run,

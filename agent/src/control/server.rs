@@ -17,6 +17,7 @@ use tollgate_proto::v1::{
 };
 use tonic::{
     Request, Status,
+    service::interceptor::InterceptedService,
     transport::{Certificate, Identity, Server, ServerTlsConfig, server::Router},
 };
 
@@ -171,11 +172,18 @@ fn routes(server: &mut Server, api: Api, require_certificate: bool) -> Router {
             ))
         }
     };
+    let policies = PolicyServiceServer::new(api.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     server
-        .add_service(PolicyServiceServer::with_interceptor(api.clone(), check))
+        .add_service(InterceptedService::new(policies, check))
         .add_service(FlowServiceServer::with_interceptor(api.clone(), check))
         .add_service(AgentServiceServer::with_interceptor(api, check))
 }
+
+/// The largest policy set a call may carry or return: 100k rules in YAML
+/// terms are about 5 MiB as protobuf, beyond tonic's 4 MiB default.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Serves until `shutdown` and open calls end; then removes its unix
 /// socket, unless another agent has put its own there since.

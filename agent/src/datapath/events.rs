@@ -30,7 +30,16 @@ impl EventReader {
     /// of them to `out`.
     pub async fn read(&mut self, out: &mut Vec<FlowEvent>, max: usize) -> io::Result<usize> {
         loop {
-            let mut guard = self.ring.readable_mut().await?;
+            // The programs wake the agent only once events pile up; below
+            // that, they wait for this poll.
+            let Ok(ready) = tokio::time::timeout(POLL, self.ring.readable_mut()).await else {
+                let read = self.read_available(out, max);
+                if read > 0 {
+                    return Ok(read);
+                }
+                continue;
+            };
+            let mut guard = ready?;
             let read = drain(guard.get_inner_mut(), out, max, &mut self.undecodable);
             if read > 0 {
                 return Ok(read);
@@ -55,6 +64,10 @@ impl EventReader {
         self.undecodable
     }
 }
+
+/// How often the reader looks for events nobody woke it for (the programs'
+/// wakeup threshold, agent-ebpf/src/report.rs).
+const POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 fn drain(
     ring: &mut RingBuf<MapData>,

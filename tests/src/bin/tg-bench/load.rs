@@ -1,0 +1,172 @@
+//! The load worker: a process that joins a cgroup and a network namespace,
+//! then makes loopback TCP connections (connect, then close with RST so no
+//! TIME_WAIT piles up) or unconnected UDP sends as fast as it can, or at a
+//! given rate, for a while, and reports how many and how long each took.
+
+use std::{
+    io::Write,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsFd,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// connect() to a loopback listener, then close.
+    Tcp,
+    /// sendto() on an unconnected UDP socket to a loopback receiver.
+    Udp,
+}
+
+/// What one worker run measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LoadResult {
+    pub ops: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    /// Per operation, nanoseconds.
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+}
+
+impl LoadResult {
+    pub fn ops_per_second(&self) -> f64 {
+        self.ops as f64 / self.seconds
+    }
+}
+
+pub struct LoadSpec<'a> {
+    pub cgroup: &'a str,
+    pub netns: &'a str,
+    pub workload: Workload,
+    pub seconds: f64,
+    /// Operations per second to aim at; 0: as fast as possible.
+    pub rate: u64,
+}
+
+/// Runs in the worker process: joins the namespace and the cgroup, runs
+/// the load and prints the result as JSON.
+pub fn run(spec: &LoadSpec) {
+    // The namespace first, while this process has one thread.
+    let netns = std::fs::File::open(format!("/run/netns/{}", spec.netns))
+        .unwrap_or_else(|e| panic!("netns {}: {e}", spec.netns));
+    nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    let target = match spec.workload {
+        Workload::Tcp => serve_tcp(),
+        Workload::Udp => serve_udp(),
+    };
+    std::fs::write(
+        format!("{}/cgroup.procs", spec.cgroup),
+        std::process::id().to_string(),
+    )
+    .unwrap_or_else(|e| panic!("joining {}: {e}", spec.cgroup));
+    let result = match spec.workload {
+        Workload::Tcp => measure(spec, || connect_close(target)),
+        Workload::Udp => {
+            let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            measure(spec, || socket.send_to(b"tollgate bench", target).map(drop))
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, &result).unwrap();
+    writeln!(out).unwrap();
+}
+
+/// A listener that accepts and drops, on its own thread.
+fn serve_tcp() -> SocketAddr {
+    use std::os::fd::AsRawFd;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    // A deep backlog: std's 128 overflows when the acceptor falls behind a
+    // burst, and a dropped SYN costs the client a 1 s retransmit, which
+    // would measure TCP's timer, not the connect path.
+    // SAFETY: listen() on a socket we own.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 65_535) }, 0);
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+    addr
+}
+
+/// A receiver whose buffer the kernel fills and then drops into: sends
+/// never fail for want of a reader, and no ICMP port-unreachable is made.
+fn serve_udp() -> SocketAddr {
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::mem::forget(socket);
+    addr
+}
+
+fn connect_close(target: SocketAddr) -> std::io::Result<()> {
+    let stream = TcpStream::connect(target)?;
+    // Close with RST: no TIME_WAIT, so ports never run out.
+    socket_linger_zero(&stream);
+    Ok(())
+}
+
+fn socket_linger_zero(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a linger struct of the size given.
+    let result = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(result, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+fn measure(spec: &LoadSpec, mut op: impl FnMut() -> std::io::Result<()>) -> LoadResult {
+    let duration = Duration::from_secs_f64(spec.seconds);
+    let mut latencies: Vec<u32> = Vec::with_capacity(1 << 20);
+    let mut errors = 0;
+    let started = Instant::now();
+    // Rate: ops go in slices of 1 ms, each with its share.
+    let per_slice = (spec.rate / 1000).max(1);
+    let mut slice_start = started;
+    'run: loop {
+        for _ in 0..if spec.rate == 0 { 64 } else { per_slice } {
+            let before = Instant::now();
+            if op().is_err() {
+                errors += 1;
+            }
+            latencies.push(before.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32);
+            if before.duration_since(started) >= duration {
+                break 'run;
+            }
+        }
+        if spec.rate != 0 {
+            slice_start += Duration::from_millis(1);
+            if let Some(wait) = slice_start.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .map_or(0, u64::from)
+    };
+    LoadResult {
+        ops: latencies.len() as u64,
+        errors,
+        seconds,
+        p50_ns: percentile(0.50),
+        p99_ns: percentile(0.99),
+    }
+}
