@@ -222,6 +222,14 @@ impl Enforcer {
         Ok(generation)
     }
 
+    /// The generation whose names the next switch forgets, if the kept
+    /// window is full: records of it must be named before that switch.
+    pub fn generation_named_last_time(&self) -> Option<u32> {
+        (self.names.len() == NAMED_GENERATIONS)
+            .then(|| self.names.front().map(|n| n.generation))
+            .flatten()
+    }
+
     /// Number of endpoints the policies select now.
     pub fn endpoint_count(&self) -> usize {
         self.endpoints.as_ref().map_or(0, BTreeMap::len)

@@ -410,7 +410,9 @@ struct Printer {
 
 impl Printer {
     /// Prints every event the ring buffer holds now, without waiting (the
-    /// programs wake the reader only once events pile up).
+    /// programs wake the reader only once events pile up). Called before
+    /// every rule switch, so that records are named while their
+    /// generation's names are kept.
     fn print_available(
         &mut self,
         reader: &mut EventReader,
@@ -420,6 +422,13 @@ impl Printer {
         while reader.read_available(events, BATCH) > 0 {
             self.print(events, enforcer);
             events.clear();
+        }
+        // Open aggregates whose names the coming switch may forget go now.
+        if let (Some(aggregator), Some(generation)) =
+            (&mut self.aggregator, enforcer.generation_named_last_time())
+        {
+            aggregator.close_generation(generation, &mut self.closed);
+            self.publish_closed(enforcer);
         }
     }
 
@@ -456,6 +465,9 @@ impl Printer {
     }
 
     fn publish_closed(&mut self, enforcer: &Enforcer) {
+        if self.closed.is_empty() {
+            return;
+        }
         let mut closed = std::mem::take(&mut self.closed);
         for aggregate in closed.drain(..) {
             self.publish(&aggregate.first, Some(&aggregate), enforcer);

@@ -97,6 +97,21 @@ impl Aggregator {
         }
     }
 
+    /// Closes the aggregates whose first connection was decided under
+    /// `generation` (before its rule names are forgotten), oldest first.
+    pub fn close_generation(&mut self, generation: u32, closed: &mut Vec<Aggregate>) {
+        let open = &mut self.open;
+        self.closing.retain(|(_, key)| {
+            let of_generation = open
+                .get(key)
+                .is_some_and(|a| a.first.generation == generation);
+            if of_generation {
+                closed.extend(open.remove(key));
+            }
+            !of_generation
+        });
+    }
+
     /// Closes every aggregate (at a stop), oldest first.
     pub fn close_all(&mut self, closed: &mut Vec<Aggregate>) {
         self.close_due(u64::MAX, closed);
@@ -161,6 +176,24 @@ mod tests {
         aggregator.offer(&event(Verdict::Denied, 7, 1, 22 * SECOND), &mut closed);
         assert_eq!(counts(&closed), [(80, 1), (443, 2)]);
         assert_eq!(aggregator.open(), 0);
+    }
+
+    #[test]
+    fn aggregates_of_a_generation_close_together() {
+        let mut aggregator = Aggregator::new(10 * SECOND, 100);
+        let mut closed = Vec::new();
+        for (port, generation) in [(1, 7), (2, 8), (3, 7)] {
+            let mut event = event(Verdict::Allowed, 1, port, SECOND);
+            event.generation = generation;
+            aggregator.offer(&event, &mut closed);
+        }
+        aggregator.close_generation(7, &mut closed);
+        let ports: Vec<u16> = closed.iter().map(|a| a.first.dst_port).collect();
+        assert_eq!(ports, [1, 3], "oldest first");
+        closed.clear();
+        aggregator.close_all(&mut closed);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].first.generation, 8);
     }
 
     #[test]
