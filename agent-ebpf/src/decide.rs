@@ -1,5 +1,7 @@
 //! The decision: endpoint -> rule set -> one longest-prefix lookup -> the
-//! port rules there, in precedence order, or the endpoint's default.
+//! port rules there, in precedence order, or the endpoint's default. For an
+//! endpoint with FQDN rules, the rules of the patterns it learned the
+//! destination for (from DNS answers, `dns.rs`) join in by precedence.
 //!
 //! The agent switches rule sets by generation: it writes the new entries into
 //! the inactive half of the maps, flips `TG_CONFIG.generation`, then deletes
@@ -13,15 +15,21 @@
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use aya_ebpf::{
-    helpers::bpf_get_current_cgroup_id, maps::lpm_trie::Key, programs::SockAddrContext,
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
 };
 use tollgate_common::{
-    EndpointKey, MAX_PORT_RULES, Mode, RULE_ID_DEFAULT, RuleKeyV4, RuleKeyV6, RuleList, Verdict,
-    action, counter, family, flow_flags, policy_mode,
+    EndpointKey, FqdnRuleKey, LEARNED_SLOTS, LearnedKey, MAX_PORT_RULES, Mode, RULE_ID_DEFAULT,
+    RuleKeyV4, RuleKeyV6, RuleList, Verdict, action, counter, endpoint_flags, family, flow_flags,
+    policy_mode,
 };
 
 use crate::{
-    maps::{TG_CONFIG, TG_ENDPOINTS, TG_RULES_V4, TG_RULES_V6},
+    maps::{
+        TG_CONFIG, TG_DECIDE_SCRATCH, TG_ENDPOINTS, TG_FQDN_LEARNED, TG_FQDN_RULES, TG_RULES_V4,
+        TG_RULES_V6,
+    },
     report,
 };
 
@@ -153,11 +161,12 @@ fn evaluate(cgroup_id: u64, generation: u32, global_mode: u8, dst: &Destination)
     };
     // SAFETY: a value pointer from a successful lookup. A concurrent delete
     // can only happen after the generation moved, which the caller sees.
-    let (set_id, default_action, default_mode) = unsafe {
+    let (set_id, default_action, default_mode, endpoint_flags) = unsafe {
         (
             (*endpoint).set_id,
             (*endpoint).default_action,
             (*endpoint).default_mode,
+            (*endpoint).flags,
         )
     };
     let default = Decision {
@@ -187,82 +196,156 @@ fn evaluate(cgroup_id: u64, generation: u32, global_mode: u8, dst: &Destination)
         );
         TG_RULES_V6.get(&key)
     };
-    match rules {
-        Some(rules) => decide_by_rules(rules, dst, global_mode, default),
-        None => default,
+    let mut scan = Scan::default();
+    if let Some(rules) = rules {
+        scan.add(rules, dst, global_mode);
+        scan.settle();
+    }
+    if endpoint_flags & endpoint_flags::FQDN_RULES != 0 {
+        scan_learned(&mut scan, cgroup_id, set_id, dst, global_mode);
+    }
+    scan.decide(default, global_mode)
+}
+
+/// Adds the FQDN rule lists of every pattern the endpoint learned the
+/// destination for, while the learned entry lives.
+#[inline(always)]
+fn scan_learned(scan: &mut Scan, cgroup_id: u64, set_id: u32, dst: &Destination, global_mode: u8) {
+    let key = LearnedKey {
+        cgroup_id,
+        addr: if dst.family == family::INET {
+            let a = dst.addr[0].to_ne_bytes();
+            [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        } else {
+            v6_bytes(&dst.addr)
+        },
+        family: dst.family,
+        _pad: [0; 7],
+    };
+    let Some(learned) = TG_FQDN_LEARNED.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    for slot in 0..LEARNED_SLOTS {
+        // SAFETY: value pointer of a successful lookup; a slot the ingress
+        // program rewrites concurrently gets its pattern before its expiry,
+        // so a torn read can only look expired.
+        let (pattern_id, expires_ns) = unsafe {
+            (
+                core::ptr::read_volatile(&(*learned).slots[slot].pattern_id),
+                core::ptr::read_volatile(&(*learned).slots[slot].expires_ns),
+            )
+        };
+        if pattern_id == 0 || expires_ns <= now {
+            continue;
+        }
+        let key = FqdnRuleKey { set_id, pattern_id };
+        // SAFETY: plain lookup; the value lives while the generation does.
+        if let Some(rules) = unsafe { TG_FQDN_RULES.get(&key) } {
+            scan.add(rules, dst, global_mode);
+            scan.settle();
+        }
     }
 }
 
-/// The port rules of a prefix, denies first (strongest mode first), then
-/// allows. An enforced deny decides at once. A deny that only observes
-/// decides as `audit` unless nothing allows the connection and the default
-/// is an enforced deny: an observing policy never weakens another policy's
-/// enforced default.
-#[inline(always)]
-fn decide_by_rules(
-    rules: &RuleList,
-    dst: &Destination,
-    global_mode: u8,
-    default: Decision,
-) -> Decision {
-    let len = rules.len as usize;
-    let mut observed_deny: Option<(u8, u32)> = None;
-    for i in 0..MAX_PORT_RULES {
-        if i >= len {
-            break;
+/// The first matching rule, by `order`, of each kind that decides. The
+/// lists of one decision are each sorted by order (denies first, strongest
+/// mode first, then allows), so taking each kind's lowest over all lists
+/// decides as walking the merged list would.
+///
+/// A candidate is one u64, `order << 40 | mode << 32 | rule_id`, and
+/// `NONE` when there is none: keeping the lowest is one comparison, and the
+/// verifier sees plain scalars instead of a flag per kind and rule.
+struct Scan {
+    enforced_deny: u64,
+    deny: u64,
+    allow: u64,
+}
+
+const NONE: u64 = u64::MAX;
+
+impl Default for Scan {
+    fn default() -> Self {
+        Self {
+            enforced_deny: NONE,
+            deny: NONE,
+            allow: NONE,
         }
-        let rule = &rules.rules[i];
-        let matches = rule.port_lo <= dst.port
-            && dst.port <= rule.port_hi
-            && (rule.protocol == 0 || rule.protocol == dst.protocol);
-        if !matches {
-            continue;
+    }
+}
+
+impl Scan {
+    /// Stores the candidates in per-CPU memory and reads them back: the
+    /// verifier then knows nothing of their values, so every way through
+    /// the lists scanned so far continues as one state instead of one each.
+    #[inline(always)]
+    fn settle(&mut self) {
+        let Some(slot) = TG_DECIDE_SCRATCH.get_ptr_mut(0) else {
+            return;
+        };
+        // SAFETY: the per-CPU value is this program's alone while it runs.
+        unsafe {
+            core::ptr::write_volatile(slot, [self.enforced_deny, self.deny, self.allow]);
+            [self.enforced_deny, self.deny, self.allow] = core::ptr::read_volatile(slot);
         }
-        if rule.action == action::DENY {
-            // Later denies are no stronger than the first one.
-            if observed_deny.is_some() {
+    }
+
+    #[inline(always)]
+    fn add(&mut self, rules: &RuleList, dst: &Destination, global_mode: u8) {
+        let len = rules.len as usize;
+        for i in 0..MAX_PORT_RULES {
+            if i >= len {
+                break;
+            }
+            let rule = &rules.rules[i];
+            let matches = rule.port_lo <= dst.port
+                && dst.port <= rule.port_hi
+                && (rule.protocol == 0 || rule.protocol == dst.protocol);
+            if !matches {
                 continue;
             }
-            if effective_mode(rule.mode, global_mode) == Mode::Enforce {
-                return Decision {
-                    action: action::DENY,
-                    mode: rule.mode,
-                    rule_id: rule.rule_id,
-                    ..default
-                };
+            let candidate =
+                (rule.order as u64) << 40 | (rule.mode as u64) << 32 | rule.rule_id as u64;
+            if rule.action == action::DENY {
+                if effective_mode(rule.mode, global_mode) == Mode::Enforce {
+                    self.enforced_deny = self.enforced_deny.min(candidate);
+                }
+                self.deny = self.deny.min(candidate);
+            } else {
+                // Everything after an allow in a list comes later.
+                self.allow = self.allow.min(candidate);
+                break;
             }
-            observed_deny = Some((rule.mode, rule.rule_id));
-            continue;
         }
-        return match observed_deny {
-            Some((mode, rule_id)) => Decision {
-                action: action::DENY,
-                mode,
-                rule_id,
-                ..default
-            },
-            None => Decision {
-                action: action::ALLOW,
-                mode: rule.mode,
-                rule_id: rule.rule_id,
-                ..default
-            },
-        };
     }
-    match observed_deny {
-        Some(_)
-            if default.action == action::DENY
-                && effective_mode(default.mode, global_mode) == Mode::Enforce =>
-        {
-            default
-        }
-        Some((mode, rule_id)) => Decision {
-            action: action::DENY,
-            mode,
-            rule_id,
+
+    /// An enforced deny decides. A deny that only observes decides as
+    /// `audit` unless nothing allows the connection and the default is an
+    /// enforced deny: an observing policy never weakens another policy's
+    /// enforced default.
+    #[inline(always)]
+    fn decide(self, default: Decision, global_mode: u8) -> Decision {
+        let (action, deciding) = if self.enforced_deny != NONE {
+            (action::DENY, self.enforced_deny)
+        } else if self.deny != NONE {
+            let default_enforces_deny = default.action == action::DENY
+                && effective_mode(default.mode, global_mode) == Mode::Enforce;
+            if self.allow == NONE && default_enforces_deny {
+                return default;
+            }
+            (action::DENY, self.deny)
+        } else if self.allow != NONE {
+            (action::ALLOW, self.allow)
+        } else {
+            return default;
+        };
+        Decision {
+            action,
+            mode: (deciding >> 32) as u8,
+            rule_id: deciding as u32,
             ..default
-        },
-        None => default,
+        }
     }
 }
 

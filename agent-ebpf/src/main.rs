@@ -3,11 +3,14 @@
 //! Four `cgroup/sock_addr` hooks decide every egress connection (TCP connect,
 //! connected and unconnected UDP) by destination, using maps the agent
 //! writes. The decision logic lives in [`decide`], the reporting (counters,
-//! dedup, ring buffer) in [`report`]; each hook only reads its context.
+//! dedup, ring buffer) in [`report`]; each hook only reads its context. A
+//! `cgroup_skb` ingress program ([`dns`]) learns FQDN rules' addresses from
+//! DNS answers.
 #![no_std]
 #![no_main]
 
 mod decide;
+mod dns;
 mod hooks;
 mod maps;
 mod report;

@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use tollgate_common::{
-    Config, EndpointKey, EndpointValue, FlowDedupKey, RuleKeyV4, RuleKeyV6, RuleList, capacity,
+    Config, DnsScratch, EndpointKey, EndpointValue, FlowDedupKey, FqdnName, FqdnNameIds,
+    FqdnRuleKey, LearnedKey, LearnedValue, ResolverKey, RuleKeyV4, RuleKeyV6, RuleList, capacity,
     counter,
 };
 
@@ -36,3 +37,34 @@ pub static TG_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0
 #[map]
 pub static TG_FLOW_DEDUP: LruHashMap<FlowDedupKey, u64> =
     LruHashMap::pinned(capacity::FLOW_DEDUP, 0);
+
+/// FQDN rule names -> the patterns built on them. Not per generation:
+/// pattern ids are stable, and the agent removes a name only after no
+/// generation in force uses it.
+#[map]
+pub static TG_FQDN_NAMES: HashMap<FqdnName, FqdnNameIds> =
+    HashMap::pinned(capacity::FQDN_NAMES, BPF_F_NO_PREALLOC);
+
+/// (set, pattern) -> the set's port rules for addresses learned for the
+/// pattern. Set ids carry the generation half, like the rule tries.
+#[map]
+pub static TG_FQDN_RULES: HashMap<FqdnRuleKey, RuleList> =
+    HashMap::pinned(capacity::FQDN_RULES, BPF_F_NO_PREALLOC);
+
+/// (endpoint, address) -> the patterns it was learned for, until when.
+/// LRU: a full map forgets the least recently used address, never refuses.
+#[map]
+pub static TG_FQDN_LEARNED: LruHashMap<LearnedKey, LearnedValue> =
+    LruHashMap::pinned(capacity::FQDN_LEARNED, 0);
+
+/// Resolvers whose answers are learned from.
+#[map]
+pub static TG_DNS_TRUSTED: HashMap<ResolverKey, u8> =
+    HashMap::pinned(capacity::DNS_TRUSTED, 0);
+
+#[map]
+pub static TG_DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::pinned(1, 0);
+
+/// Where a decision parks its candidates between rule lists (decide.rs).
+#[map]
+pub static TG_DECIDE_SCRATCH: PerCpuArray<[u64; 3]> = PerCpuArray::pinned(1, 0);

@@ -38,9 +38,14 @@ pub struct Report {
 
 #[inline(always)]
 pub fn count(index: u32) {
+    add(index, 1);
+}
+
+#[inline(always)]
+pub fn add(index: u32, n: u64) {
     if let Some(value) = TG_COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot; programs do not migrate while running.
-        unsafe { *value += 1 };
+        unsafe { *value += n };
     }
 }
 

@@ -126,6 +126,58 @@ pub struct RunArgs {
         default_value = "app,app.kubernetes.io/name"
     )]
     pub pod_label_keys: Vec<String>,
+    /// A resolver whose DNS answers FQDN rules learn from, as IP or
+    /// IP:PORT (port 53 if none); repeatable [default: the nameservers of
+    /// /etc/resolv.conf and node-local DNS, 169.254.20.10]
+    #[arg(long = "dns-resolver", env = "TOLLGATE_DNS_RESOLVERS", value_delimiter = ',', value_name = "ADDR", value_parser = parse_resolver)]
+    pub dns_resolvers: Vec<SocketAddr>,
+    /// The shortest a learned address lives, whatever its answer's TTL says
+    /// (applications cache answers longer than their TTL).
+    #[arg(long, env = "TOLLGATE_DNS_MIN_TTL", default_value = "300s", value_parser = parse_duration)]
+    pub dns_min_ttl: Duration,
+    /// The longest a learned address lives.
+    #[arg(long, env = "TOLLGATE_DNS_MAX_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub dns_max_ttl: Duration,
+    /// Addresses an endpoint may hold learned from answers for one name;
+    /// beyond, those expiring first are forgotten.
+    #[arg(
+        long,
+        env = "TOLLGATE_FQDN_MAX_ADDRESSES_PER_NAME",
+        default_value_t = 128
+    )]
+    pub fqdn_max_addresses_per_name: usize,
+    /// Learned addresses an endpoint may hold in all.
+    #[arg(
+        long,
+        env = "TOLLGATE_FQDN_MAX_ADDRESSES_PER_ENDPOINT",
+        default_value_t = 2048
+    )]
+    pub fqdn_max_addresses_per_endpoint: usize,
+}
+
+/// Node-local DNS's usual address (the NodeLocal DNSCache add-on).
+pub const NODE_LOCAL_DNS: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 20, 10)),
+    53,
+);
+
+/// The `nameserver` addresses of a resolv.conf, on port 53.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// `IP` (port 53) or `IP:PORT` (`[IPv6]:PORT`).
+pub fn parse_resolver(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Ok(ip) = text.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    text.parse::<SocketAddr>()
+        .map_err(|_| format!("{text:?} is not IP or IP:PORT"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -184,7 +236,25 @@ pub struct FileConfig {
     kubeconfig: Option<PathBuf>,
     unknown_pod_action: Option<crate::pods::UnknownPodAction>,
     pod_label_keys: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "resolvers")]
+    dns_resolvers: Option<Vec<SocketAddr>>,
+    #[serde(default, deserialize_with = "duration")]
+    dns_min_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    dns_max_ttl: Option<Duration>,
+    fqdn_max_addresses_per_name: Option<usize>,
+    fqdn_max_addresses_per_endpoint: Option<usize>,
     export: Option<crate::export::config::ExportSpec>,
+}
+
+fn resolvers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<SocketAddr>>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| parse_resolver(t))
+        .collect::<Result<_, _>>()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -282,6 +352,11 @@ impl RunArgs {
             kubeconfig,
             unknown_pod_action,
             pod_label_keys,
+            dns_resolvers,
+            dns_min_ttl,
+            dns_max_ttl,
+            fqdn_max_addresses_per_name,
+            fqdn_max_addresses_per_endpoint,
         );
         self.file_export = file.export;
         self
@@ -319,6 +394,32 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn resolvers_parse_with_and_without_ports() {
+        assert_eq!(
+            parse_resolver("10.0.0.10"),
+            Ok("10.0.0.10:53".parse().unwrap())
+        );
+        assert_eq!(
+            parse_resolver("10.0.0.10:5353"),
+            Ok("10.0.0.10:5353".parse().unwrap())
+        );
+        assert_eq!(
+            parse_resolver("fd00::a"),
+            Ok("[fd00::a]:53".parse().unwrap())
+        );
+        assert!(parse_resolver("dns.example").is_err());
+        assert_eq!(
+            resolv_conf_nameservers(
+                "# x\nnameserver 10.0.0.10\nsearch a\nnameserver fd00::1\nnameserver bogus\n"
+            ),
+            vec![
+                "10.0.0.10:53".parse().unwrap(),
+                "[fd00::1]:53".parse().unwrap()
+            ]
+        );
+    }
 
     #[test]
     fn durations() {

@@ -19,7 +19,7 @@ use crate::{
     },
     policy::{
         compile::{CompileError, Compiler, Names, compile},
-        model::{Action, Policy, PolicyKey, PolicyMode, Selector},
+        model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, Selector},
         select::{Endpoint, Identity, select_endpoints},
     },
 };
@@ -58,6 +58,10 @@ pub struct Enforcer {
     pods: PodDirectory,
     endpoints: Option<BTreeMap<u64, Vec<usize>>>,
     compiler: Compiler,
+    /// Whether the compiler has taken over the kernel's FQDN pattern ids.
+    fqdn_ids_adopted: bool,
+    /// The FQDN patterns in force, by id.
+    fqdn_patterns: BTreeMap<u32, FqdnPattern>,
     names: VecDeque<GenerationNames>,
 }
 
@@ -104,6 +108,8 @@ impl Enforcer {
             pods,
             endpoints: None,
             compiler: Compiler::default(),
+            fqdn_ids_adopted: false,
+            fqdn_patterns: BTreeMap::new(),
             names: VecDeque::new(),
         }
     }
@@ -212,8 +218,14 @@ impl Enforcer {
         mode: Mode,
         datapath: &mut Datapath,
     ) -> Result<u32, EnforceError> {
+        if !self.fqdn_ids_adopted {
+            // Addresses learned before this agent started refer to these.
+            self.compiler.adopt_fqdn_ids(datapath.fqdn_pattern_ids());
+            self.fqdn_ids_adopted = true;
+        }
         let compiled = self.compiler.compile(policies, endpoints)?;
         let generation = datapath.switch_rules_with_mode(&compiled.rules, mode)?;
+        self.fqdn_patterns = compiled.rules.fqdn_patterns.clone();
         if self.names.len() == NAMED_GENERATIONS {
             self.names.pop_front();
         }
@@ -228,6 +240,28 @@ impl Enforcer {
         (self.names.len() == NAMED_GENERATIONS)
             .then(|| self.names.front().map(|n| n.generation))
             .flatten()
+    }
+
+    /// The FQDN patterns of the rules in force, by id.
+    pub fn fqdn_patterns(&self) -> &BTreeMap<u32, FqdnPattern> {
+        &self.fqdn_patterns
+    }
+
+    /// Whether a policy selecting the endpoint has FQDN rules (then its
+    /// DNS answers are learned from).
+    pub fn has_fqdn_rules(&self, cgroup_id: u64) -> bool {
+        let (Some(policies), Some(endpoints)) = (&self.policies, &self.endpoints) else {
+            return false;
+        };
+        endpoints.get(&cgroup_id).is_some_and(|selecting| {
+            selecting.iter().any(|&p| {
+                policies[p]
+                    .rules
+                    .iter()
+                    .flat_map(|r| &r.to)
+                    .any(|peer| matches!(peer, Peer::Fqdn(_)))
+            })
+        })
     }
 
     /// Number of endpoints the policies select now.

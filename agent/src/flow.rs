@@ -44,7 +44,7 @@ pub struct FlowRecord<'a> {
     pub protocol: Cow<'static, str>,
     pub hook: &'static str,
     pub src: Source<'a>,
-    pub dst: Destination,
+    pub dst: Destination<'a>,
     /// The policy that decided (for a default decision, every policy that
     /// owns it, comma-separated), or null when no policy selects the source.
     pub policy: Option<&'a str>,
@@ -96,9 +96,13 @@ pub struct Container<'a> {
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Destination {
+pub struct Destination<'a> {
     pub ip: IpAddr,
     pub port: u16,
+    /// The name the source endpoint resolved this address from (lowercase,
+    /// no trailing dot), or null when not known. Always serialized, so the
+    /// record's shape does not depend on it.
+    pub fqdn: Option<&'a str>,
 }
 
 /// What the agent adds to an event.
@@ -112,6 +116,9 @@ pub struct Enrichment<'a> {
     pub clock: WallClock,
     /// The deciding policy, and rule name (None: the default decided).
     pub attribution: Option<(&'a str, Option<&'a str>)>,
+    /// The name the source resolved the destination from (lowercase, no
+    /// trailing dot), if its DNS answers are known.
+    pub dst_fqdn: Option<&'a str>,
 }
 
 impl<'a> FlowRecord<'a> {
@@ -149,37 +156,17 @@ impl<'a> FlowRecord<'a> {
             protocol: protocol_name(event.protocol),
             hook: hook_name(event.hook),
             src: Source {
-                cgroup_id: event.cgroup_id,
-                cgroup: enrichment.cgroup,
                 pid: (event.pid_tgid >> 32) as u32,
                 tid: event.pid_tgid as u32,
                 comm: String::from_utf8_lossy(&event.comm[..comm_len]),
                 uid: event.uid_gid as u32,
                 gid: (event.uid_gid >> 32) as u32,
-                identity: match (enrichment.pod, enrichment.pod_meta) {
-                    (Some(_), Some(_)) => "pod",
-                    (Some(_), None) => "unknown-pod",
-                    (None, _) => "host",
-                },
-                pod_uid: enrichment.pod.map(|p| p.pod_uid.as_str()),
-                namespace: enrichment.pod_meta.map(|m| m.namespace.as_str()),
-                pod: enrichment.pod_meta.map(|m| m.name.as_str()),
-                container: enrichment
-                    .pod
-                    .and_then(|p| p.container.as_ref())
-                    .map(|c| Container {
-                        name: enrichment.pod_meta.and_then(|m| m.container_name(&c.id)),
-                        id: &c.id,
-                    }),
-                workload: enrichment.pod_meta.and_then(|m| m.workload.as_ref()),
-                labels: enrichment
-                    .pod_meta
-                    .map(|m| &m.record_labels)
-                    .filter(|l| !l.is_empty()),
+                ..Source::endpoint(event.cgroup_id, &enrichment)
             },
             dst: Destination {
                 ip: dst_ip,
                 port: event.dst_port,
+                fqdn: enrichment.dst_fqdn,
             },
             policy,
             rule,
@@ -187,6 +174,43 @@ impl<'a> FlowRecord<'a> {
             generation: event.generation,
             socket_cookie: event.socket_cookie,
             summary: None,
+        }
+    }
+}
+
+impl<'a> Source<'a> {
+    /// The endpoint (cgroup, pod, container) as `enrichment` knows it, with
+    /// no process: what a record made outside any process's context (a DNS
+    /// answer arriving) can say.
+    pub fn endpoint(cgroup_id: u64, enrichment: &Enrichment<'a>) -> Self {
+        Source {
+            cgroup_id,
+            cgroup: enrichment.cgroup,
+            pid: 0,
+            tid: 0,
+            comm: Cow::Borrowed(""),
+            uid: 0,
+            gid: 0,
+            identity: match (enrichment.pod, enrichment.pod_meta) {
+                (Some(_), Some(_)) => "pod",
+                (Some(_), None) => "unknown-pod",
+                (None, _) => "host",
+            },
+            pod_uid: enrichment.pod.map(|p| p.pod_uid.as_str()),
+            namespace: enrichment.pod_meta.map(|m| m.namespace.as_str()),
+            pod: enrichment.pod_meta.map(|m| m.name.as_str()),
+            container: enrichment
+                .pod
+                .and_then(|p| p.container.as_ref())
+                .map(|c| Container {
+                    name: enrichment.pod_meta.and_then(|m| m.container_name(&c.id)),
+                    id: &c.id,
+                }),
+            workload: enrichment.pod_meta.and_then(|m| m.workload.as_ref()),
+            labels: enrichment
+                .pod_meta
+                .map(|m| &m.record_labels)
+                .filter(|l| !l.is_empty()),
         }
     }
 }
@@ -335,6 +359,7 @@ mod tests {
                 pod_meta: None,
                 clock: WallClock::with_offset(1_700_000_000_000_000_000),
                 attribution: None,
+                dst_fqdn: None,
             },
         );
         let json = serde_json::to_value(&record).unwrap();
@@ -352,7 +377,7 @@ mod tests {
                 "src": {"cgroup_id": 99, "cgroup": "/tgtest", "pid": 1234, "tid": 1235, "comm": "curl", "uid": 10, "gid": 20,
                     "identity": "host", "pod_uid": null, "namespace": null, "pod": null,
                     "container": null, "workload": null, "labels": null},
-                "dst": {"ip": "10.0.0.1", "port": 443},
+                "dst": {"ip": "10.0.0.1", "port": 443, "fqdn": null},
                 "policy": null,
                 "rule": "rule-7",
                 "rule_id": 7,
@@ -403,6 +428,7 @@ mod tests {
                     pod_meta,
                     clock: WallClock::with_offset(0),
                     attribution: None,
+                    dst_fqdn: None,
                 },
             );
             serde_json::to_value(&record).unwrap()["src"].take()
@@ -455,6 +481,7 @@ mod tests {
                 pod_meta: None,
                 clock: WallClock::with_offset(0),
                 attribution: Some(("prod/p", None)),
+                dst_fqdn: None,
             },
         );
         assert_eq!(record.dst.ip, "fd00::1".parse::<IpAddr>().unwrap());
@@ -475,11 +502,33 @@ mod tests {
             pod_meta: None,
             clock: WallClock::with_offset(0),
             attribution: Some(("prod/payments", Some("dns"))),
+            dst_fqdn: None,
         };
         let record = FlowRecord::new(&e, enrichment);
         assert_eq!(
             (record.policy, record.rule.as_ref()),
             (Some("prod/payments"), "dns")
+        );
+    }
+
+    #[test]
+    fn destination_names_come_from_the_enrichment() {
+        let e = event();
+        let enrichment = Enrichment {
+            seq: 4,
+            node: "n",
+            cgroup: None,
+            pod: None,
+            pod_meta: None,
+            clock: WallClock::with_offset(0),
+            attribution: None,
+            dst_fqdn: Some("myregistry.azurecr.io"),
+        };
+        let record = FlowRecord::new(&e, enrichment);
+        assert_eq!(record.dst.fqdn, Some("myregistry.azurecr.io"));
+        assert_eq!(
+            serde_json::to_value(&record).unwrap()["dst"],
+            serde_json::json!({"ip": "10.0.0.1", "port": 443, "fqdn": "myregistry.azurecr.io"})
         );
     }
 

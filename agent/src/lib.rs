@@ -12,6 +12,7 @@ pub mod export;
 pub mod flow;
 pub mod log_level;
 pub mod mounts;
+pub mod names;
 pub mod pods;
 pub mod policy;
 pub mod policy_files;

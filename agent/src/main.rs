@@ -119,7 +119,42 @@ fn run_config(args: RunArgs, log_level: LogLevel) -> anyhow::Result<RunConfig> {
         unknown_pod_action: args.unknown_pod_action,
         pod_label_keys: args.pod_label_keys,
         sinks: sinks(&args.sinks, args.file_export)?,
+        dns_resolvers: if args.dns_resolvers.is_empty() {
+            default_resolvers()
+        } else {
+            args.dns_resolvers
+        },
+        learned_ttl: learned_ttl(args.dns_min_ttl, args.dns_max_ttl)?,
+        fqdn_limits: tollgate_agent::names::Limits {
+            per_name: args.fqdn_max_addresses_per_name,
+            per_endpoint: args.fqdn_max_addresses_per_endpoint,
+        },
     })
+}
+
+/// Node-local DNS, and the nameservers the host itself uses.
+fn default_resolvers() -> Vec<std::net::SocketAddr> {
+    let resolv_conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut resolvers = tollgate_agent::config::resolv_conf_nameservers(&resolv_conf);
+    resolvers.push(tollgate_agent::config::NODE_LOCAL_DNS);
+    resolvers.sort();
+    resolvers.dedup();
+    resolvers
+}
+
+fn learned_ttl(
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> anyhow::Result<(std::time::Duration, std::time::Duration)> {
+    anyhow::ensure!(
+        min <= max,
+        "--dns-min-ttl ({min:?}) is longer than --dns-max-ttl ({max:?})"
+    );
+    anyhow::ensure!(
+        max.as_secs() <= u64::from(u32::MAX) && min.subsec_nanos() == 0 && max.subsec_nanos() == 0,
+        "DNS TTL bounds are whole seconds"
+    );
+    Ok((min, max))
 }
 
 /// The `--sink` flags if any, else the file's sinks, else stdout.

@@ -4,13 +4,15 @@
 
 use std::{
     io,
+    net::SocketAddr,
     path::{Path, PathBuf},
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-use tollgate_common::{FlowEvent, Mode, flow_flags};
+use tollgate_common::{FlowEvent, LEARNED_SLOTS, Mode, dns_flags, flow_flags};
 use tollgate_proto::v1 as api;
 use tracing::{info, warn};
 
@@ -26,23 +28,24 @@ use crate::{
         server::{self, Listen, ServeError},
         service::Api,
     },
-    datapath::{Datapath, DatapathError, DatapathOptions, EventReader},
+    datapath::{Datapath, DatapathError, DatapathOptions, Event, EventReader, events::DnsMessage},
     enforce::{EndpointOptions, Enforcer},
     export::{
         aggregate::{Aggregate, Aggregator, Offered},
         config::SinkConfig,
         delivery::{ExportError, Exporter},
-        record::{LossReason, LossRecord, Record, Summary},
+        record::{DnsAnswer, DnsRecord, DnsResolver, LossReason, LossRecord, Record, Summary},
         sinks::{RecordMeta, Severity},
     },
-    flow::{Enrichment, FlowRecord, WallClock, monotonic_ns, rfc3339_nanos},
+    flow::{Enrichment, FlowRecord, Source, WallClock, monotonic_ns, rfc3339_nanos},
     log_level::LogLevel,
+    names::{LearnedAddresses, Limits, Messages, NameCache, expiry_ns, matching_patterns},
     pods::{
         UnknownPodAction,
         directory::PodDirectory,
         watch::{self, ApiSource, WatchError},
     },
-    telemetry::{self, RecordLabels, Telemetry},
+    telemetry::{self, LimitLabels, RecordLabels, Telemetry},
 };
 
 /// Everything the run needs, resolved from flags before the runtime starts.
@@ -69,6 +72,11 @@ pub struct RunConfig {
     pub pod_label_keys: Vec<String>,
     /// Where records go (stdout as JSON lines when none are configured).
     pub sinks: Vec<SinkConfig>,
+    /// Resolvers whose answers FQDN rules learn from.
+    pub dns_resolvers: Vec<SocketAddr>,
+    /// Bounds of a learned address's lifetime (its answer's TTL, clamped).
+    pub learned_ttl: (Duration, Duration),
+    pub fqdn_limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +112,9 @@ const LOSS_CHECK: Duration = Duration::from_secs(1);
 /// new flows are reported one by one.
 const MAX_OPEN_AGGREGATES: usize = 100_000;
 
+/// How often expired learned addresses are removed and the live ones counted.
+const LEARNED_SWEEP: Duration = Duration::from_secs(10);
+
 /// New and removed cgroups are noticed at once through inotify; a full
 /// rescan this often catches anything inotify could not report (a queue
 /// overflow).
@@ -126,6 +137,9 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         None => None,
     };
     let mut datapath = Datapath::open(&config.datapath)?;
+    datapath.set_trusted_resolvers(&config.dns_resolvers)?;
+    datapath.set_learned_ttl_bounds(config.learned_ttl.0, config.learned_ttl.1)?;
+    info!(resolvers = ?config.dns_resolvers, ttl = ?config.learned_ttl, "learning FQDN rules' addresses from DNS answers");
     // Aggregates count every connection, so the kernel suppresses none.
     let aggregate = config.allowed_flows == AllowedFlows::Aggregate
         && !config.allowed_report_interval.is_zero();
@@ -231,6 +245,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             records: telemetry.flow_records.clone(),
             decisions: telemetry.reported_decisions.clone(),
         }),
+        messages: Messages::default(),
+        names: NameCache::default(),
+        learned: LearnedAddresses::new(config.fqdn_limits),
+        ttl_bounds: datapath.learned_ttl_bounds(),
+        fqdn_metrics: FqdnMetrics {
+            learned_addresses: telemetry.learned_addresses.clone(),
+            limit_evictions: telemetry.limit_evictions.clone(),
+        },
         aggregator: aggregate.then(|| {
             Aggregator::new(
                 config.allowed_report_interval.as_nanos() as u64,
@@ -243,6 +265,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     let mut events = Vec::with_capacity(BATCH);
     let mut rescan = tokio::time::interval(CGROUP_RESCAN);
     let mut loss_check = tokio::time::interval(LOSS_CHECK);
+    let mut learned_sweep = tokio::time::interval(LEARNED_SWEEP);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -261,13 +284,13 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
             read = reader.read(&mut events, BATCH) => {
                 read.map_err(RunError::Events)?;
-                printer.print(&events, controller.enforcer());
+                printer.print(&events, controller.enforcer(), &mut datapath);
                 events.clear();
             }
             Some(command) = commands.recv() => {
                 // A command may switch the rules: the events of the current
                 // generation are named first, while its names are surely kept.
-                printer.print_available(&mut reader, &mut events, controller.enforcer());
+                printer.print_available(&mut reader, &mut events, controller.enforcer(), &mut datapath);
                 controller.handle(command, &mut datapath);
             }
             Some(update) = pod_updates.recv() => {
@@ -277,14 +300,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                     changed |= controller.enforcer_mut().update_pods(update);
                 }
                 if changed {
-                    printer.print_available(&mut reader, &mut events, controller.enforcer());
+                    printer.print_available(&mut reader, &mut events, controller.enforcer(), &mut datapath);
                     refresh(&mut controller, &mut datapath);
                     save_pods(&pods_file, controller.enforcer().pods());
                 }
             }
             changed = cgroups.changed() => {
                 changed.map_err(RunError::Watch)?;
-                printer.print_available(&mut reader, &mut events, controller.enforcer());
+                printer.print_available(&mut reader, &mut events, controller.enforcer(), &mut datapath);
                 refresh(&mut controller, &mut datapath);
             }
             _ = loss_check.tick() => {
@@ -294,9 +317,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                     Err(e) => warn!(error = %e, "cannot read counters"),
                 }
             }
+            _ = learned_sweep.tick() => printer.sweep_learned(&mut datapath),
             _ = rescan.tick() => {
                 cgroups.rewatch();
-                printer.print_available(&mut reader, &mut events, controller.enforcer());
+                printer.print_available(&mut reader, &mut events, controller.enforcer(), &mut datapath);
                 refresh(&mut controller, &mut datapath);
             }
         }
@@ -304,7 +328,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     drop(pod_updates_tx);
     telemetry.set_ready(false);
     // What the kernel reported before the stop still goes out.
-    printer.print_available(&mut reader, &mut events, controller.enforcer());
+    printer.print_available(
+        &mut reader,
+        &mut events,
+        controller.enforcer(),
+        &mut datapath,
+    );
     printer.close_all_aggregates(controller.enforcer());
     if let Ok(counters) = datapath.counters() {
         printer.report_kernel_losses(counters.ringbuf_reserve_failed);
@@ -341,6 +370,16 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         Err(e) => warn!(error = %e, "stopping; cannot read counters"),
     }
     Ok(())
+}
+
+/// The destination of a flow event.
+fn dst_ip(event: &FlowEvent) -> std::net::IpAddr {
+    if event.family == tollgate_common::family::INET6 {
+        std::net::IpAddr::from(event.dst_addr)
+    } else {
+        let [a, b, c, d, ..] = event.dst_addr;
+        std::net::IpAddr::from([a, b, c, d])
+    }
 }
 
 /// Puts the policies in force for the endpoints there are now.
@@ -385,6 +424,11 @@ fn save_pods(path: &Path, pods: &PodDirectory) {
     }
 }
 
+struct FqdnMetrics {
+    learned_addresses: prometheus_client::metrics::gauge::Gauge,
+    limit_evictions: Family<LimitLabels, Counter>,
+}
+
 struct RecordCounters {
     records: Family<RecordLabels, Counter>,
     decisions: Family<RecordLabels, Counter>,
@@ -406,6 +450,15 @@ struct Printer {
     aggregator: Option<Aggregator>,
     /// Aggregates closed and not yet published (kept for its allocation).
     closed: Vec<Aggregate>,
+    /// The DNS messages of DNS events (TCP streams reassembled).
+    messages: Messages,
+    /// The names endpoints resolved addresses from, for `dst.fqdn`.
+    names: NameCache,
+    /// Learned addresses, kept within the limits.
+    learned: LearnedAddresses,
+    fqdn_metrics: FqdnMetrics,
+    /// The datapath's bounds of a learned address's lifetime, in seconds.
+    ttl_bounds: (u32, u32),
 }
 
 impl Printer {
@@ -416,11 +469,12 @@ impl Printer {
     fn print_available(
         &mut self,
         reader: &mut EventReader,
-        events: &mut Vec<FlowEvent>,
+        events: &mut Vec<Event>,
         enforcer: &Enforcer,
+        datapath: &mut Datapath,
     ) {
         while reader.read_available(events, BATCH) > 0 {
-            self.print(events, enforcer);
+            self.print(events, enforcer, datapath);
             events.clear();
         }
         // Open aggregates whose names the coming switch may forget go now.
@@ -432,10 +486,17 @@ impl Printer {
         }
     }
 
-    fn print(&mut self, events: &[FlowEvent], enforcer: &Enforcer) {
+    fn print(&mut self, events: &[Event], enforcer: &Enforcer, datapath: &mut Datapath) {
         // Taken anew per batch, so a step of the wall clock (NTP) shows at once.
         self.clock = WallClock::now();
         for event in events {
+            let event = match event {
+                Event::Flow(event) => event,
+                Event::Dns(message) => {
+                    self.on_dns(message, enforcer, datapath);
+                    continue;
+                }
+            };
             let offered = match &mut self.aggregator {
                 Some(aggregator) => aggregator.offer(event, &mut self.closed),
                 None => Offered::ReportNow,
@@ -496,6 +557,7 @@ impl Printer {
             pod_meta,
             clock: self.clock,
             attribution,
+            dst_fqdn: self.names.get(event.cgroup_id, dst_ip(event), event.ts_ns),
         };
         let mut record = FlowRecord::new(event, enrichment);
         record.summary = aggregate.map(|aggregate| Summary {
@@ -527,6 +589,198 @@ impl Printer {
             let decisions = record.summary.as_ref().map_or(1, |s| s.count);
             counters.decisions.get_or_create(&labels).inc_by(decisions);
         }
+    }
+
+    /// Learns from one DNS event: remembers the names of its addresses,
+    /// installs the addresses of answers the kernel left to the agent, and
+    /// publishes a DNS record for each answer.
+    fn on_dns(&mut self, message: &DnsMessage, enforcer: &Enforcer, datapath: &mut Datapath) {
+        let header = &message.header;
+        for bytes in self.messages.of(message, Instant::now()) {
+            let answer = match tollgate_dns::full::decode(&bytes) {
+                Ok(answer) => answer,
+                Err(error) => {
+                    tracing::debug!(%error, cgroup_id = header.cgroup_id, "undecodable DNS answer");
+                    continue;
+                }
+            };
+            let mut learned = header.flags & dns_flags::LEARNED != 0;
+            if answer.rcode == tollgate_common::dns::RCODE_NOERROR {
+                let to_install = if header.flags & dns_flags::TO_USERSPACE != 0
+                    && enforcer.has_fqdn_rules(header.cgroup_id)
+                {
+                    matching_patterns(enforcer.fqdn_patterns(), &answer.name, LEARNED_SLOTS)
+                } else {
+                    Vec::new()
+                };
+                let name: Arc<str> = answer.name.as_str().into();
+                let now = monotonic_ns();
+                for (ip, ttl) in answer.addresses() {
+                    let expires_ns = expiry_ns(header.ts_ns, ttl, self.ttl_bounds);
+                    self.names
+                        .insert(header.cgroup_id, ip, name.clone(), expires_ns, now);
+                    if to_install.is_empty() {
+                        continue;
+                    }
+                    let expires_ns = expiry_ns(now, ttl, self.ttl_bounds);
+                    match datapath.install_learned(
+                        header.cgroup_id,
+                        ip,
+                        &to_install,
+                        now,
+                        expires_ns,
+                    ) {
+                        Ok(_) => learned = true,
+                        Err(error) => warn!(%error, %ip, "cannot install a learned address"),
+                    }
+                }
+            }
+            let limit = if learned {
+                self.keep_within_limits(header, &answer, datapath)
+            } else {
+                None
+            };
+            self.publish_dns(header, &answer, learned, limit, enforcer);
+        }
+    }
+
+    /// Records an answer's learned addresses and forgets, in the kernel
+    /// too, those the limits leave no room for; returns the limit that was
+    /// hit, if any.
+    fn keep_within_limits(
+        &mut self,
+        header: &tollgate_common::DnsEvent,
+        answer: &tollgate_dns::full::Decoded,
+        datapath: &mut Datapath,
+    ) -> Option<&'static str> {
+        let name: Arc<str> = answer.name.as_str().into();
+        let mut hit = None;
+        for (ip, ttl) in answer.addresses() {
+            let expires_ns = expiry_ns(header.ts_ns, ttl, self.ttl_bounds);
+            let forget = self
+                .learned
+                .learned(header.cgroup_id, ip, name.clone(), expires_ns);
+            for (gone, limit) in forget {
+                let key = crate::datapath::learned::learned_key(header.cgroup_id, gone);
+                if let Err(error) = datapath.remove_learned(&key) {
+                    warn!(%error, ip = %gone, "cannot forget a learned address");
+                }
+                self.fqdn_metrics
+                    .limit_evictions
+                    .get_or_create(&LimitLabels {
+                        limit: limit.name(),
+                    })
+                    .inc();
+                hit = Some(limit.name());
+            }
+        }
+        if let Some(limit) = hit {
+            warn!(cgroup_id = header.cgroup_id, name = %answer.name, limit, "learned addresses over a limit: those expiring first were forgotten");
+        }
+        hit
+    }
+
+    /// Removes learned addresses whose every pattern expired, counts the
+    /// live ones, and forgets expired names.
+    fn sweep_learned(&mut self, datapath: &mut Datapath) {
+        let now = monotonic_ns();
+        let entries = match datapath.learned() {
+            Ok(entries) => entries,
+            Err(error) => {
+                warn!(%error, "cannot read the learned addresses");
+                return;
+            }
+        };
+        let mut live = 0;
+        for (key, value) in entries {
+            if crate::datapath::learned::all_expired(&value, now) {
+                if let Err(error) = datapath.remove_learned(&key) {
+                    warn!(%error, "cannot remove an expired learned address");
+                }
+            } else {
+                live += 1;
+            }
+        }
+        self.fqdn_metrics.learned_addresses.set(live);
+        self.names.expire(now);
+        self.learned.expire(now);
+    }
+
+    fn publish_dns(
+        &mut self,
+        header: &tollgate_common::DnsEvent,
+        answer: &tollgate_dns::full::Decoded,
+        learned: bool,
+        limit: Option<&'static str>,
+        enforcer: &Enforcer,
+    ) {
+        use tollgate_dns::full::{RecordData, rcode_name, rtype_name};
+        self.seq += 1;
+        let cgroup = self.cgroups.resolve(header.cgroup_id);
+        let (cgroup, pod) = (
+            cgroup.map(|c| c.path.as_str()),
+            cgroup.and_then(|c| c.pod.as_ref()),
+        );
+        let enrichment = Enrichment {
+            seq: self.seq,
+            node: &self.node,
+            cgroup,
+            pod,
+            pod_meta: pod.and_then(|p| enforcer.pods().pod(&p.pod_uid)),
+            clock: self.clock,
+            attribution: None,
+            dst_fqdn: None,
+        };
+        let resolver_ip = if header.family == tollgate_common::family::INET6 {
+            std::net::IpAddr::from(header.resolver_addr)
+        } else {
+            let [a, b, c, d, ..] = header.resolver_addr;
+            std::net::IpAddr::from([a, b, c, d])
+        };
+        let time = rfc3339_nanos(self.clock.unix_nanos(header.ts_ns));
+        let record = DnsRecord {
+            kind: DnsRecord::KIND,
+            time: time.clone(),
+            seq: self.seq,
+            node: &self.node,
+            src: Source::endpoint(header.cgroup_id, &enrichment),
+            resolver: DnsResolver {
+                ip: resolver_ip,
+                port: header.resolver_port,
+            },
+            query: answer.name.as_str().into(),
+            query_type: rtype_name(answer.qtype),
+            rcode: rcode_name(answer.rcode),
+            answers: answer
+                .answers
+                .iter()
+                .filter_map(|record| {
+                    let (kind, data) = match &record.data {
+                        RecordData::Address(ip) if ip.is_ipv4() => ("A", ip.to_string()),
+                        RecordData::Address(ip) => ("AAAA", ip.to_string()),
+                        RecordData::Name(target) => ("CNAME", target.clone()),
+                        RecordData::Other => return None,
+                    };
+                    Some(DnsAnswer {
+                        name: record.name.as_str().into(),
+                        kind,
+                        data: data.into(),
+                        ttl: record.ttl,
+                    })
+                })
+                .collect(),
+            learned,
+            limit,
+        };
+        let meta = RecordMeta {
+            kind: DnsRecord::KIND,
+            time: &time,
+            unix_nanos: self.clock.unix_nanos(header.ts_ns),
+            node: &self.node,
+            severity: Severity::Info,
+            seq: Some(self.seq),
+        };
+        self.exporter.publish(Record::Dns(&record), &meta);
     }
 
     /// Turns new kernel ring buffer reservation failures (events that never

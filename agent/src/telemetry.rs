@@ -28,6 +28,12 @@ use crate::{
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `addresses_per_name` or `addresses_per_endpoint`.
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RecordLabels {
     pub verdict: String,
     /// The deciding policy; empty when no policy selects the source.
@@ -85,6 +91,10 @@ pub struct Telemetry {
     pub flow_records: Family<RecordLabels, Counter>,
     /// Connections those records stand for (an aggregate's count).
     pub reported_decisions: Family<RecordLabels, Counter>,
+    /// Live learned FQDN addresses, as the last sweep counted them.
+    pub learned_addresses: Gauge,
+    /// Learned addresses forgotten to keep within a limit, by limit.
+    pub limit_evictions: Family<LimitLabels, Counter>,
     pub grpc_calls: GrpcCalls,
     /// The sinks' counters, once the exporter has started.
     sinks: Arc<OnceLock<StatsBySink>>,
@@ -98,6 +108,8 @@ impl Telemetry {
         Self {
             flow_records: Family::default(),
             reported_decisions: Family::default(),
+            learned_addresses: Gauge::default(),
+            limit_evictions: Family::default(),
             grpc_calls: GrpcCalls::default(),
             sinks: Arc::default(),
             ready: Arc::default(),
@@ -176,6 +188,50 @@ impl Telemetry {
             "generation_retries",
             "Decisions redone because the rules switched under them",
             counter(counters.generation_retries),
+        );
+        for (name, help, value) in [
+            (
+                "dns_answers",
+                "DNS answers from trusted resolvers seen by the kernel",
+                counters.dns_answers,
+            ),
+            (
+                "dns_addresses_learned",
+                "Addresses the kernel installed or refreshed for FQDN rules",
+                counters.dns_addresses_learned,
+            ),
+            (
+                "dns_answers_to_agent",
+                "DNS answers the kernel left to the agent (TCP, too large, too odd)",
+                counters.dns_answers_to_agent,
+            ),
+            (
+                "dns_answers_malformed",
+                "DNS answers the kernel found malformed (nothing learned)",
+                counters.dns_answers_malformed,
+            ),
+            (
+                "dns_answers_untrusted",
+                "DNS answers from port 53 of resolvers that are not trusted (ignored)",
+                counters.dns_answers_untrusted,
+            ),
+            (
+                "fqdn_slots_full",
+                "Learned addresses that matched more FQDN patterns than an entry holds",
+                counters.fqdn_slots_full,
+            ),
+        ] {
+            registry.register(name, help, counter(value));
+        }
+        registry.register(
+            "fqdn_learned_addresses",
+            "Addresses endpoints learned from DNS answers that are alive, as of the last sweep",
+            self.learned_addresses.clone(),
+        );
+        registry.register(
+            "fqdn_limit_evictions",
+            "Learned addresses forgotten to keep an endpoint within a limit, by limit",
+            self.limit_evictions.clone(),
         );
         registry.register(
             "flow_records",

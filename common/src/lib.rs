@@ -10,8 +10,10 @@
 //! See `docs/datapath.md` for how the maps fit together.
 #![no_std]
 
+pub mod dns;
+
 /// Version of the pinned map layout; part of the bpffs pin directory name.
-pub const PIN_LAYOUT_VERSION: u32 = 1;
+pub const PIN_LAYOUT_VERSION: u32 = 2;
 
 /// Map names (at most 15 bytes: the kernel truncates longer object names).
 pub mod map_names {
@@ -22,6 +24,11 @@ pub mod map_names {
     pub const EVENTS: &str = "TG_EVENTS";
     pub const COUNTERS: &str = "TG_COUNTERS";
     pub const FLOW_DEDUP: &str = "TG_FLOW_DEDUP";
+    pub const FQDN_NAMES: &str = "TG_FQDN_NAMES";
+    pub const FQDN_RULES: &str = "TG_FQDN_RULES";
+    pub const FQDN_LEARNED: &str = "TG_FQDN_LEARNED";
+    pub const DNS_TRUSTED: &str = "TG_DNS_TRUSTED";
+    pub const DNS_SCRATCH: &str = "TG_DNS_SCRATCH";
 }
 
 /// Default capacities; the agent may override them at load time.
@@ -30,9 +37,20 @@ pub mod capacity {
     pub const RULES_V4: u32 = 262_144;
     pub const RULES_V6: u32 = 65_536;
     pub const FLOW_DEDUP: u32 = 65_536;
+    /// Distinct FQDN rule names (a pattern's name; `*.` and `**.` share it).
+    pub const FQDN_NAMES: u32 = 16_384;
+    /// (rule set, FQDN pattern) port rule lists, both generation halves.
+    pub const FQDN_RULES: u32 = 65_536;
+    /// (endpoint, address) pairs learned from DNS answers (LRU).
+    pub const FQDN_LEARNED: u32 = 131_072;
+    /// Trusted resolver (address, port) pairs.
+    pub const DNS_TRUSTED: u32 = 64;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 4 << 20;
 }
+
+/// Highest [`PortRule::order`]: the programs pack it into 24 bits.
+pub const MAX_RULE_ORDER: u32 = (1 << 24) - 1;
 
 /// Port rules stored inline in one LPM value. The compiler checks this limit
 /// before anything is written.
@@ -124,7 +142,21 @@ pub mod counter {
     /// Decisions that saw the generation change on every attempt and went
     /// with the last one (only a writer switching continuously can cause it).
     pub const GENERATION_UNSTABLE: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// DNS answers from trusted resolvers seen by the ingress program.
+    pub const DNS_ANSWERS: u32 = 7;
+    /// Addresses installed (new or refreshed) for an FQDN rule by the kernel.
+    pub const DNS_ADDRESSES_LEARNED: u32 = 8;
+    /// Answers the kernel parser left to the agent (TCP, too large, too odd).
+    pub const DNS_TO_USERSPACE: u32 = 9;
+    /// Answers the kernel parser found malformed: nothing learned.
+    pub const DNS_MALFORMED: u32 = 10;
+    /// Answers from port 53 of a resolver that is not trusted: ignored.
+    pub const DNS_UNTRUSTED: u32 = 11;
+    /// An address matched more FQDN patterns than a learned entry holds.
+    pub const FQDN_SLOTS_FULL: u32 = 12;
+    /// A learned address could not be written to its map.
+    pub const FQDN_LEARN_FAILED: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Singleton in `TG_CONFIG[0]`.
@@ -147,6 +179,10 @@ pub struct Config {
     /// Id of the cgroup the programs are attached to; lets a restarted agent
     /// check that the pinned links are the ones it was asked for.
     pub attached_cgroup_id: u64,
+    /// Bounds applied to a DNS answer's TTL before it becomes a learned
+    /// address's lifetime (see [`dns::learned_ttl`]).
+    pub fqdn_ttl_min_s: u32,
+    pub fqdn_ttl_max_s: u32,
 }
 
 /// Key of `TG_ENDPOINTS`: a cgroup in one generation half.
@@ -170,7 +206,16 @@ pub struct EndpointValue {
     pub default_action: u8,
     /// [`policy_mode`] of the default decision.
     pub default_mode: u8,
-    pub _pad: [u8; 2],
+    /// [`endpoint_flags`].
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// Bits of [`EndpointValue::flags`].
+pub mod endpoint_flags {
+    /// The endpoint's set has FQDN rules: connects also look up the
+    /// addresses it learned, and its DNS answers are learned from.
+    pub const FQDN_RULES: u8 = 1 << 0;
 }
 
 /// LPM key data of `TG_RULES_V4`: prefix length = 32 + CIDR prefix length,
@@ -208,6 +253,11 @@ pub struct PortRule {
     pub _pad: u8,
     /// Agent-assigned id, reported with the decision.
     pub rule_id: u32,
+    /// Precedence of the rule within its set: lower goes first. Lists of
+    /// one lookup are sorted by it; a decision that combines a prefix's list
+    /// with FQDN lists takes every category's lowest. At most
+    /// [`MAX_RULE_ORDER`].
+    pub order: u32,
 }
 
 /// Value of the rule LPM tries: every rule that applies to destinations in
@@ -223,6 +273,7 @@ pub struct RuleList {
 /// Event kinds on the ring buffer; every event starts with its kind.
 pub mod event_kind {
     pub const FLOW: u32 = 1;
+    pub const DNS: u32 = 2;
 }
 
 /// A decision, as reported on `TG_EVENTS`.
@@ -270,6 +321,145 @@ pub struct FlowDedupKey {
     pub protocol: u8,
     pub family: u8,
     pub rule_id: u32,
+}
+
+/// Key of `TG_FQDN_NAMES`: a DNS name in wire form (length-prefixed
+/// labels, lowercase, ending with the root label), zero-padded. Wire form
+/// is unambiguous, so equal keys are equal names: matching compares the
+/// whole name, never a hash of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FqdnName {
+    pub wire: [u8; dns::NAME_KEY],
+}
+
+/// Value of `TG_FQDN_NAMES`: the FQDN patterns built on a name; 0 = none.
+/// For `example.com`: `example.com` (exact), `*.example.com` (one label)
+/// and `**.example.com` (any labels).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FqdnNameIds {
+    pub exact: u32,
+    pub one_label: u32,
+    pub any_labels: u32,
+    pub _pad: u32,
+}
+
+/// Key of `TG_FQDN_RULES`: the port rules that a set applies to addresses
+/// learned for one FQDN pattern.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FqdnRuleKey {
+    pub set_id: u32,
+    pub pattern_id: u32,
+}
+
+/// Key of `TG_FQDN_LEARNED`: an address one endpoint learned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LearnedKey {
+    pub cgroup_id: u64,
+    /// Network order; IPv4 in the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Patterns one learned address holds at most.
+pub const LEARNED_SLOTS: usize = 2;
+
+/// One FQDN pattern an address was learned for, until when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedSlot {
+    /// 0: free.
+    pub pattern_id: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub expires_ns: u64,
+}
+
+/// Value of `TG_FQDN_LEARNED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedValue {
+    pub slots: [LearnedSlot; LEARNED_SLOTS],
+}
+
+/// Key of `TG_DNS_TRUSTED`: a trusted resolver's address and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResolverKey {
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// Bits of [`DnsEvent::flags`].
+pub mod dns_flags {
+    /// Addresses of this answer were installed by the kernel.
+    pub const LEARNED: u16 = 1 << 0;
+    /// The kernel parser left this answer to the agent (too large or too
+    /// odd); the agent parses it and installs what it allows.
+    pub const TO_USERSPACE: u16 = 1 << 1;
+    /// The payload is a TCP segment of a DNS stream (`tcp_seq` is set).
+    pub const TCP: u16 = 1 << 2;
+    /// The message is longer than the copy: only `payload_len` bytes follow.
+    pub const CLIPPED: u16 = 1 << 3;
+    /// The receiving endpoint has FQDN rules.
+    pub const ENDPOINT_FQDN: u16 = 1 << 4;
+    /// The kernel parser found the answer malformed.
+    pub const MALFORMED: u16 = 1 << 5;
+}
+
+/// A DNS answer (or a TCP segment of one) arriving at an endpoint from a
+/// trusted resolver, as reported on `TG_EVENTS`: this header, then
+/// `payload_len` bytes of the UDP or TCP payload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsEvent {
+    /// [`event_kind::DNS`].
+    pub kind: u32,
+    /// [`dns_flags`].
+    pub flags: u16,
+    pub payload_len: u16,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub socket_cookie: u64,
+    /// Network order; IPv4 in the first four bytes.
+    pub resolver_addr: [u8; 16],
+    pub resolver_port: u16,
+    pub family: u8,
+    /// IPPROTO_UDP or IPPROTO_TCP.
+    pub protocol: u8,
+    /// TCP sequence number of the payload's first byte (host order).
+    pub tcp_seq: u32,
+    /// Length of the whole UDP or TCP payload.
+    pub message_len: u16,
+    /// Addresses the kernel installed from this answer.
+    pub learned: u16,
+    pub _pad: u32,
+}
+
+/// Per-CPU scratch space of the DNS ingress program (too big for the BPF
+/// stack): the event being built, the payload right after it so the two go
+/// out in one copy, and the question name as a lookup key.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsScratch {
+    pub event: DnsEvent,
+    pub payload: [u8; dns::MESSAGE_MAX],
+    pub name: [u8; dns::NAME_BUF],
+    pub found: dns::FoundAddresses,
+    /// The parse so far, stored and read back between the program's
+    /// phases (see `agent-ebpf/src/dns.rs`).
+    pub header: dns::Header,
+    pub question: dns::Question,
+    pub patterns: [u32; LEARNED_SLOTS],
+    pub pattern_count: u32,
 }
 
 impl Config {
@@ -327,21 +517,37 @@ mod pod {
     unsafe impl aya::Pod for RuleList {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for FlowDedupKey {}
+    unsafe impl aya::Pod for FqdnName {}
+    unsafe impl aya::Pod for FqdnNameIds {}
+    unsafe impl aya::Pod for FqdnRuleKey {}
+    unsafe impl aya::Pod for LearnedKey {}
+    unsafe impl aya::Pod for LearnedValue {}
+    unsafe impl aya::Pod for ResolverKey {}
+    unsafe impl aya::Pod for DnsEvent {}
+    unsafe impl aya::Pod for DnsScratch {}
 }
 
 // The layouts are part of the pinned ABI: fail the build if one drifts.
 const _: () = {
-    assert!(core::mem::size_of::<Config>() == 24);
+    assert!(core::mem::size_of::<Config>() == 32);
     assert!(core::mem::size_of::<EndpointKey>() == 16);
     assert!(core::mem::size_of::<EndpointValue>() == 8);
     assert!(core::mem::size_of::<RuleKeyV4>() == 8);
     assert!(core::mem::size_of::<RuleKeyV6>() == 20);
-    assert!(core::mem::size_of::<PortRule>() == 12);
-    assert!(core::mem::size_of::<RuleList>() == 4 + 12 * MAX_PORT_RULES);
+    assert!(core::mem::size_of::<PortRule>() == 16);
+    assert!(core::mem::size_of::<RuleList>() == 4 + 16 * MAX_PORT_RULES);
     assert!(core::mem::size_of::<FlowEvent>() == 96);
     // No implicit padding anywhere: every byte of an event is written.
     assert!(core::mem::offset_of!(FlowEvent, ts_ns) == 24);
     assert!(core::mem::offset_of!(FlowEvent, comm) == 80);
     assert!(core::mem::offset_of!(Config, allowed_report_interval_ns) == 8);
     assert!(core::mem::size_of::<FlowDedupKey>() == 32);
+    assert!(core::mem::size_of::<FqdnNameIds>() == 16);
+    assert!(core::mem::size_of::<FqdnRuleKey>() == 8);
+    assert!(core::mem::size_of::<LearnedKey>() == 32);
+    assert!(core::mem::size_of::<LearnedValue>() == 16 * LEARNED_SLOTS);
+    assert!(core::mem::size_of::<ResolverKey>() == 20);
+    assert!(core::mem::size_of::<DnsEvent>() == 64);
+    assert!(core::mem::offset_of!(DnsScratch, payload) == 64);
+    assert!(core::mem::offset_of!(DnsScratch, name) == 64 + dns::MESSAGE_MAX);
 };

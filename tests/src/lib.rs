@@ -20,7 +20,7 @@ use std::{
 
 use tollgate_agent::{
     cgroups,
-    datapath::{Datapath, DatapathOptions, EventReader},
+    datapath::{Datapath, DatapathOptions, Event, EventReader},
     mounts,
 };
 use tollgate_common::FlowEvent;
@@ -145,6 +145,9 @@ spec:
     )
 }
 
+/// A probe result for "the DNS answer had no address" (not an errno).
+pub const NO_ADDRESS: i32 = -1;
+
 /// A file of the test's own, removed on drop.
 #[must_use]
 pub struct TempFile {
@@ -202,6 +205,17 @@ pub struct TestHost {
     pub v4: Ipv4Addr,
     pub v6: Ipv6Addr,
     servers: Vec<Child>,
+    files: Vec<PathBuf>,
+}
+
+/// What a test's DNS server answers: names with addresses, CNAMEs, and the
+/// TTL of every record.
+#[derive(Clone, Debug, Default)]
+pub struct Zone {
+    pub addresses: Vec<(String, std::net::IpAddr)>,
+    /// (alias, target); the target must be a name of the zone.
+    pub cnames: Vec<(String, String)>,
+    pub ttl: u32,
 }
 
 impl TestHost {
@@ -216,6 +230,7 @@ impl TestHost {
             v4: Ipv4Addr::new(10, 231, index, 2),
             v6: format!("fd00:231:{index}::2").parse().unwrap(),
             servers: Vec::new(),
+            files: Vec::new(),
         };
         // From here on, Drop removes whatever was made.
         sh("ip", &["netns", "add", &netns]);
@@ -295,11 +310,103 @@ impl TestHost {
     }
 }
 
+impl TestHost {
+    /// Starts dnsmasq on this host's IPv4 address, port 53, answering
+    /// `zone` and refusing everything else (it never forwards).
+    pub fn serve_dns(&mut self, zone: &Zone) {
+        let hosts = std::env::temp_dir().join(format!("tollgate-{}.hosts", self.netns));
+        let lines: String = zone
+            .addresses
+            .iter()
+            .map(|(name, ip)| format!("{ip} {name}\n"))
+            .collect();
+        std::fs::write(&hosts, lines).unwrap();
+        self.files.push(hosts.clone());
+        let mut command = Command::new("ip");
+        command
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "dnsmasq",
+                "--keep-in-foreground",
+            ])
+            .args([
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+            ])
+            .args([
+                "--bind-interfaces",
+                "--port=53",
+                "--pid-file=",
+                "--user=root",
+            ])
+            .arg(format!("--listen-address={}", self.v4))
+            .arg(format!("--local-ttl={}", zone.ttl))
+            .arg(format!("--addn-hosts={}", hosts.display()))
+            .args(
+                zone.cnames
+                    .iter()
+                    .map(|(alias, target)| format!("--cname={alias},{target},{}", zone.ttl)),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.servers
+            .push(command.spawn().expect("starting dnsmasq"));
+        // Ready once it answers.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            let probe = Command::new("dig")
+                .args([
+                    "+time=1",
+                    "+tries=1",
+                    "+short",
+                    &format!("@{}", self.v4),
+                    "ready.invalid",
+                ])
+                .output()
+                .expect("running dig");
+            if probe.status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("dnsmasq on {} did not start", self.v4);
+    }
+
+    /// Makes this host own every address of `prefix` (IPv4), so that its
+    /// listeners accept connections to any of them, and routes `prefix`
+    /// to it.
+    pub fn own_prefix(&mut self, prefix: &str) {
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.netns,
+                "ip",
+                "route",
+                "add",
+                "local",
+                prefix,
+                "dev",
+                "lo",
+            ],
+        );
+        sh("ip", &["route", "add", prefix, "via", &self.v4.to_string()]);
+    }
+}
+
 impl Drop for TestHost {
     fn drop(&mut self) {
         for server in &mut self.servers {
             let _ = server.kill();
             let _ = server.wait();
+        }
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
         }
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_if])
@@ -512,6 +619,8 @@ impl ProbeRun {
                 results.push(Ok(()));
             } else if let Some(errno) = line.strip_prefix("errno=") {
                 results.push(Err(errno.parse().unwrap()));
+            } else if line == "noaddress" {
+                results.push(Err(NO_ADDRESS));
             }
         }
         Self { pid, results }
@@ -531,14 +640,19 @@ pub async fn collect_events(
     timeout: Duration,
 ) -> Vec<FlowEvent> {
     let mut events = Vec::new();
+    let mut read_now = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while events.len() < want {
-        match tokio::time::timeout_at(deadline, reader.read(&mut events, 1024)).await {
+        match tokio::time::timeout_at(deadline, reader.read(&mut read_now, 1024)).await {
             Ok(read) => {
                 read.expect("reading events");
             }
             Err(_) => break,
         }
+        events.extend(read_now.drain(..).filter_map(|event| match event {
+            Event::Flow(flow) => Some(flow),
+            Event::Dns(_) => None,
+        }));
     }
     events
 }

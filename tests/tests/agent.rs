@@ -32,11 +32,14 @@ fn deny_port(env: &TestEnv, host: std::net::Ipv4Addr, port: u16) {
                     action: Action::Deny,
                     mode: PolicyMode::Enforce,
                     rule_id: 77,
+                    order: 0,
                 }],
             )],
             v6: vec![],
+            fqdn: vec![],
         }],
         endpoints: BTreeMap::from([(env.cgroup.id, 0)]),
+        ..RuleSet::default()
     };
     dp.switch_rules(&rules).unwrap();
 }
@@ -169,7 +172,7 @@ fn enforcement_holds_while_the_agent_is_killed_and_after_it_restarts() {
     );
     assert_eq!(
         agent.startup_lines_with("New"),
-        4,
+        PROGRAMS.len(),
         "{:#?}",
         agent.startup_log
     );
@@ -191,7 +194,7 @@ fn enforcement_holds_while_the_agent_is_killed_and_after_it_restarts() {
     );
     assert_eq!(
         restarted.startup_lines_with("Adopted"),
-        4,
+        PROGRAMS.len(),
         "{:#?}",
         restarted.startup_log
     );
@@ -260,17 +263,21 @@ fn cleanup_detaches_and_removes_every_pin() {
     let mut agent = AgentProcess::start(&env, &["--mode", "enforce"]);
     deny_port(&env, host, 8080);
     agent.kill();
-    let link_ids: Vec<u32> = std::fs::read_dir(env.bpffs.root().join("v1/links"))
-        .unwrap()
-        .map(|entry| {
-            let link = aya::programs::links::PinnedLink::from_pin(entry.unwrap().path()).unwrap();
-            aya::programs::links::FdLink::from(link)
-                .info()
-                .unwrap()
-                .id()
-        })
-        .collect();
-    assert_eq!(link_ids.len(), 4);
+    let link_ids: Vec<u32> = std::fs::read_dir(
+        env.bpffs
+            .root()
+            .join(format!("v{PIN_LAYOUT_VERSION}/links")),
+    )
+    .unwrap()
+    .map(|entry| {
+        let link = aya::programs::links::PinnedLink::from_pin(entry.unwrap().path()).unwrap();
+        aya::programs::links::FdLink::from(link)
+            .info()
+            .unwrap()
+            .id()
+    })
+    .collect();
+    assert_eq!(link_ids.len(), PROGRAMS.len());
 
     env.cleanup_pins();
 

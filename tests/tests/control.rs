@@ -83,7 +83,10 @@ fn apply_blocks_observe_audits_delete_releases() {
     assert_eq!(status["globalMode"], "enforce");
     assert_eq!(status["counters"]["denied"], 1);
     assert_eq!(status["counters"]["audit"], 1);
-    assert_eq!(status["programs"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        status["programs"].as_array().unwrap().len(),
+        tollgate_agent::datapath::PROGRAMS.len()
+    );
     assert_eq!(status["maps"][0]["name"], "TG_ENDPOINTS");
 }
 

@@ -39,6 +39,8 @@ fn rule(ports: PortRange, protocol: Protocol, action: Action, rule_id: u32) -> P
         action,
         mode: PolicyMode::Inherit,
         rule_id,
+        // These tests list rules in the order they mean them to be tried.
+        order: rule_id,
     }
 }
 
@@ -48,6 +50,7 @@ fn set(default_action: Action) -> SetRules {
         default_mode: PolicyMode::Inherit,
         v4: vec![],
         v6: vec![],
+        fqdn: vec![],
     }
 }
 
@@ -55,6 +58,7 @@ fn only_endpoint(cgroup_id: u64, set: SetRules) -> RuleSet {
     RuleSet {
         sets: vec![set],
         endpoints: BTreeMap::from([(cgroup_id, 0)]),
+        ..RuleSet::default()
     }
 }
 

@@ -351,6 +351,7 @@ mod tests {
             dst: Destination {
                 ip: "10.0.0.1".parse().unwrap(),
                 port: 443,
+                fqdn: None,
             },
             policy: Some("p"),
             rule: "r".into(),

@@ -23,7 +23,6 @@ use crate::{
     datapath::{DatapathError, RuleSetError},
     enforce::EnforceError,
     log_level::{LogLevel, LogLevelError},
-    policy::compile::CompileError,
     telemetry::GrpcCalls,
 };
 
@@ -88,9 +87,6 @@ fn status(error: ControlError) -> Status {
             Status::failed_precondition(message)
         }
         ControlError::Store(StoreError::UnknownPolicy(_)) => Status::not_found(message),
-        ControlError::Enforce(EnforceError::Compile(CompileError::FqdnUnsupported { .. })) => {
-            Status::unimplemented(message)
-        }
         ControlError::Enforce(EnforceError::Compile(_))
         | ControlError::Enforce(EnforceError::Datapath(DatapathError::Rules(
             RuleSetError::Capacity { .. },

@@ -17,7 +17,8 @@
 //! new maps hold the rules; `take_over_older_layouts` then swaps the new
 //! programs into them, moves their pins here and removes the older layout.
 
-mod events;
+pub mod events;
+pub mod learned;
 pub mod raw_bpf;
 mod rules;
 
@@ -32,17 +33,19 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramFd, links::FdLink, links::PinnedLink,
-        loaded_programs,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, ProgramFd,
+        ProgramInfo, links::FdLink, links::PinnedLink, loaded_programs,
     },
 };
-pub use events::EventReader;
+pub use events::{Event, EventReader};
 pub use rules::{
-    Action, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet, RuleSetError, SetRules,
+    Action, FqdnPattern, ListName, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet,
+    RuleSetError, SetRules, wire_name,
 };
 use tollgate_common::{
-    Config, EndpointKey, EndpointValue, Mode, PIN_LAYOUT_VERSION, RuleKeyV4, RuleKeyV6, RuleList,
-    counter, map_names,
+    Config, EndpointKey, EndpointValue, FqdnName, FqdnNameIds, FqdnRuleKey, LearnedKey,
+    LearnedValue, Mode, PIN_LAYOUT_VERSION, ResolverKey, RuleKeyV4, RuleKeyV6, RuleList, counter,
+    map_names,
 };
 
 use crate::{cgroups, mounts};
@@ -50,13 +53,17 @@ use crate::{cgroups, mounts};
 /// The BPF object built by `cargo xtask build` (empty in host-only builds).
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate.bpf.o"));
 
-/// The four hooks, by program name.
-pub const PROGRAMS: [&str; 4] = [
+/// The programs, by name: four `cgroup/sock_addr` hooks that decide, and
+/// the `cgroup_skb` ingress program that learns from DNS answers.
+pub const PROGRAMS: [&str; 5] = [
     "tollgate_connect4",
     "tollgate_connect6",
     "tollgate_sendmsg4",
     "tollgate_sendmsg6",
+    DNS_PROGRAM,
 ];
+
+const DNS_PROGRAM: &str = "tollgate_dns_ingress";
 
 /// Default parent of the versioned pin directory.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/tollgate";
@@ -201,6 +208,13 @@ pub struct Counters {
     pub ringbuf_reserve_failed: u64,
     pub generation_retries: u64,
     pub generation_unstable: u64,
+    pub dns_answers: u64,
+    pub dns_addresses_learned: u64,
+    pub dns_to_userspace: u64,
+    pub dns_malformed: u64,
+    pub dns_untrusted: u64,
+    pub fqdn_slots_full: u64,
+    pub fqdn_learn_failed: u64,
 }
 
 /// The loaded (or adopted) datapath.
@@ -210,6 +224,12 @@ pub struct Datapath {
     endpoints: HashMap<MapData, EndpointKey, EndpointValue>,
     rules_v4: LpmTrie<MapData, RuleKeyV4, RuleList>,
     rules_v6: LpmTrie<MapData, RuleKeyV6, RuleList>,
+    fqdn_rules: HashMap<MapData, FqdnRuleKey, RuleList>,
+    fqdn_names_map: HashMap<MapData, FqdnName, FqdnNameIds>,
+    /// What `fqdn_names_map` holds.
+    fqdn_names: rules::FqdnNames,
+    fqdn_learned: HashMap<MapData, LearnedKey, LearnedValue>,
+    dns_trusted: HashMap<MapData, ResolverKey, u8>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     attachments: Vec<(&'static str, Attachment)>,
@@ -261,6 +281,10 @@ impl Datapath {
         let endpoints = take_map(&mut ebpf, map_names::ENDPOINTS)?;
         let rules_v4 = take_map(&mut ebpf, map_names::RULES_V4)?;
         let rules_v6 = take_map(&mut ebpf, map_names::RULES_V6)?;
+        let fqdn_rules = take_map(&mut ebpf, map_names::FQDN_RULES)?;
+        let fqdn_names_map = take_map(&mut ebpf, map_names::FQDN_NAMES)?;
+        let fqdn_learned = take_map(&mut ebpf, map_names::FQDN_LEARNED)?;
+        let dns_trusted = take_map(&mut ebpf, map_names::DNS_TRUSTED)?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
         let events = take_map(&mut ebpf, map_names::EVENTS)?;
         // Unknown until the agent configures it: observe, never a surprise block.
@@ -274,6 +298,11 @@ impl Datapath {
             endpoints,
             rules_v4,
             rules_v6,
+            fqdn_rules,
+            fqdn_names_map,
+            fqdn_names: Default::default(),
+            fqdn_learned,
+            dns_trusted,
             counters,
             events: Some(events),
             attachments: Vec::new(),
@@ -283,6 +312,7 @@ impl Datapath {
             halves: Default::default(),
         };
         datapath.halves = datapath.scan_halves()?;
+        datapath.fqdn_names = datapath.scan_names()?;
         // The configuration is in place before the first decision is made.
         datapath.write_config(state)?;
         let older_links = older_pin_dirs(&options.bpffs_root)
@@ -381,6 +411,13 @@ impl Datapath {
             ringbuf_reserve_failed: sum(counter::RINGBUF_RESERVE_FAILED)?,
             generation_retries: sum(counter::GENERATION_RETRIES)?,
             generation_unstable: sum(counter::GENERATION_UNSTABLE)?,
+            dns_answers: sum(counter::DNS_ANSWERS)?,
+            dns_addresses_learned: sum(counter::DNS_ADDRESSES_LEARNED)?,
+            dns_to_userspace: sum(counter::DNS_TO_USERSPACE)?,
+            dns_malformed: sum(counter::DNS_MALFORMED)?,
+            dns_untrusted: sum(counter::DNS_UNTRUSTED)?,
+            fqdn_slots_full: sum(counter::FQDN_SLOTS_FULL)?,
+            fqdn_learn_failed: sum(counter::FQDN_LEARN_FAILED)?,
         })
     }
 
@@ -406,6 +443,16 @@ impl Datapath {
                 map_names::RULES_V6,
                 live.v6_count(),
                 capacity(map_names::RULES_V6, self.rules_v6.map())?,
+            ),
+            (
+                map_names::FQDN_RULES,
+                live.fqdn_count(),
+                capacity(map_names::FQDN_RULES, self.fqdn_rules.map())?,
+            ),
+            (
+                map_names::FQDN_NAMES,
+                self.fqdn_names.len(),
+                capacity(map_names::FQDN_NAMES, self.fqdn_names_map.map())?,
             ),
         ])
     }
@@ -514,16 +561,12 @@ fn attach_or_adopt(
     let mut attachments = Vec::with_capacity(PROGRAMS.len());
     let mut pending = Vec::new();
     for name in PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { name, source })?;
-        load_program(program).map_err(|source| DatapathError::Program { name, source })?;
         let program_error = |source| DatapathError::Program { name, source };
+        let mut program = CgroupProgram::get(ebpf, name)?;
+        program.load().map_err(program_error)?;
         let link_path = links_dir.join(name);
         if link_path.exists() {
-            attachments.push((name, adopt(program, &link_path)?));
+            attachments.push((name, adopt(&program, &link_path)?));
             continue;
         }
         if let Some(older_link) = older_links_dirs
@@ -542,19 +585,7 @@ fn attach_or_adopt(
             attachments.push((name, Attachment::Pending));
             continue;
         }
-        let link_id = program
-            .attach(&cgroup_fd, CgroupAttachMode::default())
-            .map_err(program_error)?;
-        let link: FdLink = program
-            .take_link(link_id)
-            .map_err(program_error)?
-            .try_into()
-            .map_err(
-                |source: aya::programs::links::LinkError| DatapathError::AdoptLink {
-                    path: link_path.clone(),
-                    source,
-                },
-            )?;
+        let link = program.attach(&cgroup_fd).map_err(program_error)?;
         link.pin(&link_path)
             .map_err(|source| DatapathError::PinLink {
                 path: link_path.clone(),
@@ -565,9 +596,82 @@ fn attach_or_adopt(
     Ok((attachments, pending))
 }
 
+/// One of the programs, whatever its kind.
+enum CgroupProgram<'a> {
+    SockAddr(&'a mut CgroupSockAddr),
+    /// The DNS ingress program.
+    Skb(&'a mut CgroupSkb),
+}
+
+impl<'a> CgroupProgram<'a> {
+    fn get(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Self, DatapathError> {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?;
+        let kind_error = |source| DatapathError::Program { name, source };
+        Ok(if name == DNS_PROGRAM {
+            Self::Skb(program.try_into().map_err(kind_error)?)
+        } else {
+            Self::SockAddr(program.try_into().map_err(kind_error)?)
+        })
+    }
+
+    /// Loads, retrying the EAGAIN a busy verifier can give.
+    fn load(&mut self) -> Result<(), ProgramError> {
+        const ATTEMPTS: usize = 5;
+        let mut load = || match self {
+            Self::SockAddr(p) => p.load(),
+            Self::Skb(p) => p.load(),
+        };
+        for _ in 1..ATTEMPTS {
+            match load() {
+                Err(ProgramError::LoadError { io_error, .. })
+                    if io_error.raw_os_error() == Some(libc::EAGAIN) => {}
+                result => return result,
+            }
+        }
+        load()
+    }
+
+    fn fd(&self) -> Result<&ProgramFd, ProgramError> {
+        match self {
+            Self::SockAddr(p) => p.fd(),
+            Self::Skb(p) => p.fd(),
+        }
+    }
+
+    fn info(&self) -> Result<ProgramInfo, ProgramError> {
+        match self {
+            Self::SockAddr(p) => p.info(),
+            Self::Skb(p) => p.info(),
+        }
+    }
+
+    /// Attaches with a link (so programs of others on the same cgroup
+    /// coexist) and hands the link over for pinning.
+    fn attach(&mut self, cgroup: &fs::File) -> Result<FdLink, ProgramError> {
+        let link_error =
+            |e: aya::programs::links::LinkError| ProgramError::IOError(std::io::Error::other(e));
+        match self {
+            Self::SockAddr(p) => {
+                let id = p.attach(cgroup, CgroupAttachMode::default())?;
+                p.take_link(id)?.try_into().map_err(link_error)
+            }
+            Self::Skb(p) => {
+                let id = p.attach(
+                    cgroup,
+                    CgroupSkbAttachType::Ingress,
+                    CgroupAttachMode::default(),
+                )?;
+                p.take_link(id)?.try_into().map_err(link_error)
+            }
+        }
+    }
+}
+
 /// Keeps a pinned link, with `program` swapped in if the attached one
 /// differs from it (by the kernel's tag, a hash of the instructions).
-fn adopt(program: &CgroupSockAddr, link_path: &Path) -> Result<Attachment, DatapathError> {
+fn adopt(program: &CgroupProgram, link_path: &Path) -> Result<Attachment, DatapathError> {
     let adopt_error = |source| DatapathError::AdoptLink {
         path: link_path.to_owned(),
         source,
@@ -595,18 +699,6 @@ fn adopt(program: &CgroupSockAddr, link_path: &Path) -> Result<Attachment, Datap
         .map_err(|e| replace_error(std::io::Error::other(e)))?;
     raw_bpf::replace_program(link_fd.as_fd(), program_fd.as_fd()).map_err(replace_error)?;
     Ok(Attachment::Replaced)
-}
-
-fn load_program(program: &mut CgroupSockAddr) -> Result<(), aya::programs::ProgramError> {
-    const ATTEMPTS: usize = 5;
-    for _ in 1..ATTEMPTS {
-        match program.load() {
-            Err(aya::programs::ProgramError::LoadError { io_error, .. })
-                if io_error.raw_os_error() == Some(libc::EAGAIN) => {}
-            result => return result,
-        }
-    }
-    program.load()
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, DatapathError>

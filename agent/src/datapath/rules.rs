@@ -12,8 +12,10 @@ use std::collections::BTreeMap;
 use aya::maps::{IterableMap, lpm_trie::Key};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tollgate_common::{
-    Config, EndpointKey, EndpointValue, MAX_PORT_RULES, Mode, PortRule, RuleKeyV4, RuleKeyV6,
-    RuleList, SET_ID_HALF_BIT, action, map_names, policy_mode, protocol,
+    Config, EndpointKey, EndpointValue, FqdnName, FqdnNameIds, FqdnRuleKey, MAX_PORT_RULES,
+    MAX_RULE_ORDER, Mode, PortRule, RuleKeyV4, RuleKeyV6, RuleList, SET_ID_HALF_BIT, action,
+    dns::{NAME_KEY, NAME_MAX},
+    endpoint_flags, map_names, policy_mode, protocol,
 };
 
 use super::{Datapath, DatapathError, map_err};
@@ -82,6 +84,54 @@ pub struct PortRuleSpec {
     pub mode: PolicyMode,
     /// Reported with every decision this rule makes; never 0 (that is "default").
     pub rule_id: u32,
+    /// Precedence within the set, lower first: denies (strongest mode
+    /// first), then allows. Every list holds its rules in this order.
+    pub order: u32,
+}
+
+/// A DNS name rule, lowercased, without a trailing dot.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FqdnPattern {
+    /// `api.example.com`
+    Exact(String),
+    /// `*.example.com`: exactly one more label; holds `example.com`.
+    OneLabel(String),
+    /// `**.example.com`: one or more labels; holds `example.com`.
+    AnyLabels(String),
+}
+
+impl FqdnPattern {
+    /// The name the pattern is built on.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Exact(name) | Self::OneLabel(name) | Self::AnyLabels(name) => name,
+        }
+    }
+
+    /// Whether `name` (lowercase, dotted, no trailing dot) matches.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Exact(exact) => name == exact,
+            Self::OneLabel(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+            Self::AnyLabels(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|labels| !labels.is_empty() && !labels.split('.').any(str::is_empty)),
+        }
+    }
+}
+
+impl std::fmt::Display for FqdnPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exact(name) => f.write_str(name),
+            Self::OneLabel(name) => write!(f, "*.{name}"),
+            Self::AnyLabels(name) => write!(f, "**.{name}"),
+        }
+    }
 }
 
 /// The datapath entries of one rule set.
@@ -93,6 +143,9 @@ pub struct SetRules {
     /// longest matching prefix alone must decide.
     pub v4: Vec<(Ipv4Net, Vec<PortRuleSpec>)>,
     pub v6: Vec<(Ipv6Net, Vec<PortRuleSpec>)>,
+    /// FQDN pattern id -> the rules for addresses an endpoint of the set
+    /// learned for that pattern.
+    pub fqdn: Vec<(u32, Vec<PortRuleSpec>)>,
 }
 
 /// Everything one generation holds.
@@ -101,20 +154,26 @@ pub struct RuleSet {
     pub sets: Vec<SetRules>,
     /// cgroup id -> index into `sets`.
     pub endpoints: BTreeMap<u64, u32>,
+    /// Every FQDN pattern the sets use, by id. Ids are the agent's, stable
+    /// while a pattern is in use, and never 0.
+    pub fqdn_patterns: BTreeMap<u32, FqdnPattern>,
 }
 
 impl SetRules {
     /// What the kernel decides for this set (agent-ebpf `decide.rs`, in
-    /// plain Rust) under the global mode `global` (observe or enforce):
-    /// the longest prefix containing the destination, its port rules in
-    /// order, else the default. Returns the action, the mode of what decided
-    /// and its rule id (0 for the default).
+    /// plain Rust) under the global mode `global` (observe or enforce),
+    /// for an endpoint that learned the destination for the FQDN patterns
+    /// `learned`: the port rules of the longest prefix containing the
+    /// destination and of those patterns, taken by precedence, else the
+    /// default. Returns the action, the mode of what decided and its rule
+    /// id (0 for the default).
     pub fn decide(
         &self,
         ip: std::net::IpAddr,
         port: u16,
         protocol: u8,
         global: PolicyMode,
+        learned: &[u32],
     ) -> (Action, PolicyMode, u32) {
         let longest = match ip {
             std::net::IpAddr::V4(ip) => self
@@ -130,56 +189,87 @@ impl SetRules {
                 .max_by_key(|(net, _)| net.prefix_len())
                 .map(|(_, l)| l),
         };
+        let by_name = self
+            .fqdn
+            .iter()
+            .filter(|(id, _)| learned.contains(id))
+            .map(|(_, l)| l);
         let enforced = |mode: PolicyMode| {
             mode == PolicyMode::Enforce
                 || (mode == PolicyMode::Inherit && global == PolicyMode::Enforce)
         };
+        // Within a list, everything after its first matching allow comes later.
+        let matching: Vec<&PortRuleSpec> = longest
+            .into_iter()
+            .chain(by_name)
+            .flat_map(|list| {
+                let mut matching = list.iter().filter(|rule| {
+                    rule.ports.first <= port
+                        && port <= rule.ports.last
+                        && rule.protocol.matches(protocol)
+                });
+                let mut taken = Vec::new();
+                for rule in matching.by_ref() {
+                    taken.push(rule);
+                    if rule.action == Action::Allow {
+                        break;
+                    }
+                }
+                taken
+            })
+            .collect();
+        let first = |keep: &dyn Fn(&PortRuleSpec) -> bool| {
+            matching
+                .iter()
+                .filter(|r| keep(r))
+                .min_by_key(|r| r.order)
+                .map(|r| (r.mode, r.rule_id))
+        };
+        let enforced_deny = first(&|r| r.action == Action::Deny && enforced(r.mode));
+        let deny = first(&|r| r.action == Action::Deny);
+        let allow = first(&|r| r.action == Action::Allow);
         let default = (
             self.default_action,
             self.default_mode,
             tollgate_common::RULE_ID_DEFAULT,
         );
-        let mut observed_deny = None;
-        let matching = longest.into_iter().flatten().filter(|rule| {
-            rule.ports.first <= port && port <= rule.ports.last && rule.protocol.matches(protocol)
-        });
-        for rule in matching {
-            match rule.action {
-                Action::Deny if observed_deny.is_some() => {}
-                Action::Deny if enforced(rule.mode) => {
-                    return (Action::Deny, rule.mode, rule.rule_id);
-                }
-                Action::Deny => observed_deny = Some((Action::Deny, rule.mode, rule.rule_id)),
-                Action::Allow => {
-                    return observed_deny.unwrap_or((Action::Allow, rule.mode, rule.rule_id));
-                }
-            }
-        }
-        match observed_deny {
-            Some(_) if self.default_action == Action::Deny && enforced(self.default_mode) => {
+        match (enforced_deny, deny, allow) {
+            (Some((mode, id)), _, _) => (Action::Deny, mode, id),
+            (None, Some(_), None)
+                if self.default_action == Action::Deny && enforced(self.default_mode) =>
+            {
                 default
             }
-            Some(deny) => deny,
-            None => default,
+            (None, Some((mode, id)), _) => (Action::Deny, mode, id),
+            (None, None, Some((mode, id))) => (Action::Allow, mode, id),
+            (None, None, None) => default,
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuleSetError {
-    #[error(
-        "set {set}, prefix {prefix}: {len} port rules, at most {MAX_PORT_RULES} fit one prefix"
-    )]
-    TooManyPortRules { set: u32, prefix: IpNet, len: usize },
-    #[error("set {set}, prefix {prefix}: port range {first}-{last} is reversed")]
+    #[error("set {set}, {list}: {len} port rules, at most {MAX_PORT_RULES} fit one list")]
+    TooManyPortRules {
+        set: u32,
+        list: ListName,
+        len: usize,
+    },
+    #[error("set {set}, {list}: port range {first}-{last} is reversed")]
     ReversedPortRange {
         set: u32,
-        prefix: IpNet,
+        list: ListName,
         first: u16,
         last: u16,
     },
-    #[error("set {set}, prefix {prefix}: rule id 0 is reserved for default decisions")]
-    ReservedRuleId { set: u32, prefix: IpNet },
+    #[error("set {set} has more than {} rules", MAX_RULE_ORDER + 1)]
+    TooManyRules { set: u32 },
+    #[error("set {set}, {list}: rule id 0 is reserved for default decisions")]
+    ReservedRuleId { set: u32, list: ListName },
+    #[error("set {set} uses FQDN pattern id {pattern_id}, which the rule set does not name")]
+    UnknownFqdnPattern { set: u32, pattern_id: u32 },
+    #[error("FQDN pattern {0:?} is not a name of at most 253 characters in labels of 1 to 63")]
+    BadFqdnName(String),
     #[error("endpoint (cgroup id {cgroup_id}) uses set {set}, but there are only {sets} sets")]
     UnknownSet {
         cgroup_id: u64,
@@ -199,12 +289,29 @@ pub enum RuleSetError {
     },
 }
 
+/// Which of a set's rule lists an error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListName {
+    Prefix(IpNet),
+    FqdnPattern(u32),
+}
+
+impl std::fmt::Display for ListName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Prefix(net) => write!(f, "prefix {net}"),
+            Self::FqdnPattern(id) => write!(f, "FQDN pattern {id}"),
+        }
+    }
+}
+
 /// The keys written into one generation half.
 #[derive(Clone, Debug, Default)]
 pub(super) struct HalfContents {
     endpoints: Vec<EndpointKey>,
     v4: Vec<(u32, RuleKeyV4)>,
     v6: Vec<(u32, RuleKeyV6)>,
+    fqdn: Vec<FqdnRuleKey>,
 }
 
 impl HalfContents {
@@ -219,6 +326,10 @@ impl HalfContents {
     pub(super) fn v6_count(&self) -> usize {
         self.v6.len()
     }
+
+    pub(super) fn fqdn_count(&self) -> usize {
+        self.fqdn.len()
+    }
 }
 
 /// The kernel's set id for set `index` in generation half `half`.
@@ -230,30 +341,37 @@ fn half_of_set(set_id_be: u32) -> usize {
     (u32::from_be(set_id_be) >> 31) as usize
 }
 
-fn encode_rules(set: u32, prefix: IpNet, rules: &[PortRuleSpec]) -> Result<RuleList, RuleSetError> {
+fn encode_rules(
+    set: u32,
+    list: ListName,
+    rules: &[PortRuleSpec],
+) -> Result<RuleList, RuleSetError> {
     if rules.len() > MAX_PORT_RULES {
         return Err(RuleSetError::TooManyPortRules {
             set,
-            prefix,
+            list,
             len: rules.len(),
         });
     }
-    let mut list = RuleList {
+    let mut encoded = RuleList {
         len: rules.len() as u32,
         ..Default::default()
     };
-    for (slot, rule) in list.rules.iter_mut().zip(rules) {
+    for (slot, rule) in encoded.rules.iter_mut().zip(rules) {
         if rule.ports.first > rule.ports.last {
             let PortRange { first, last } = rule.ports;
             return Err(RuleSetError::ReversedPortRange {
                 set,
-                prefix,
+                list,
                 first,
                 last,
             });
         }
         if rule.rule_id == tollgate_common::RULE_ID_DEFAULT {
-            return Err(RuleSetError::ReservedRuleId { set, prefix });
+            return Err(RuleSetError::ReservedRuleId { set, list });
+        }
+        if rule.order > MAX_RULE_ORDER {
+            return Err(RuleSetError::TooManyRules { set });
         }
         *slot = PortRule {
             port_lo: rule.ports.first,
@@ -267,9 +385,10 @@ fn encode_rules(set: u32, prefix: IpNet, rules: &[PortRuleSpec]) -> Result<RuleL
             mode: encode_mode(rule.mode),
             _pad: 0,
             rule_id: rule.rule_id,
+            order: rule.order,
         };
     }
-    Ok(list)
+    Ok(encoded)
 }
 
 fn encode_action(action: Action) -> u8 {
@@ -292,6 +411,83 @@ struct Encoded {
     endpoints: Vec<(EndpointKey, EndpointValue)>,
     v4: Vec<(Key<RuleKeyV4>, RuleList)>,
     v6: Vec<(Key<RuleKeyV6>, RuleList)>,
+    fqdn: Vec<(FqdnRuleKey, RuleList)>,
+    /// Not per half: the names map holds the patterns of every generation
+    /// in force or about to be.
+    names: FqdnNames,
+}
+
+/// The contents of `TG_FQDN_NAMES`.
+pub(super) type FqdnNames = BTreeMap<FqdnName, FqdnNameIds>;
+
+/// `name` (lowercase, dotted, no trailing dot) in wire form, zero-padded.
+pub fn wire_name(name: &str) -> Option<FqdnName> {
+    let mut key = FqdnName {
+        wire: [0; NAME_KEY],
+    };
+    let mut at = 0;
+    for label in name.split('.') {
+        let len = label.len();
+        if len == 0 || len > 63 || at + 1 + len + 1 > NAME_MAX {
+            return None;
+        }
+        key.wire[at] = len as u8;
+        key.wire[at + 1..at + 1 + len].copy_from_slice(label.as_bytes());
+        at += 1 + len;
+    }
+    Some(key)
+}
+
+/// The dotted form of a wire name key; None if it is not one this agent
+/// writes.
+fn dotted_name(key: &FqdnName) -> Option<String> {
+    let mut labels = Vec::new();
+    let mut at = 0;
+    while at < NAME_MAX {
+        let len = key.wire[at] as usize;
+        if len == 0 {
+            return (!labels.is_empty()).then(|| labels.join("."));
+        }
+        let label = key.wire.get(at + 1..at + 1 + len)?;
+        labels.push(std::str::from_utf8(label).ok()?.to_owned());
+        at += 1 + len;
+    }
+    None
+}
+
+fn encode_names(patterns: &BTreeMap<u32, FqdnPattern>) -> Result<FqdnNames, RuleSetError> {
+    let mut names = FqdnNames::new();
+    for (&id, pattern) in patterns {
+        let key = wire_name(pattern.name())
+            .ok_or_else(|| RuleSetError::BadFqdnName(pattern.to_string()))?;
+        let ids = names.entry(key).or_default();
+        match pattern {
+            FqdnPattern::Exact(_) => ids.exact = id,
+            FqdnPattern::OneLabel(_) => ids.one_label = id,
+            FqdnPattern::AnyLabels(_) => ids.any_labels = id,
+        }
+    }
+    Ok(names)
+}
+
+/// The patterns a names map holds, by id.
+pub(super) fn decode_names(names: &FqdnNames) -> BTreeMap<FqdnPattern, u32> {
+    let mut patterns = BTreeMap::new();
+    for (key, ids) in names {
+        let Some(name) = dotted_name(key) else {
+            continue;
+        };
+        for (id, pattern) in [
+            (ids.exact, FqdnPattern::Exact(name.clone())),
+            (ids.one_label, FqdnPattern::OneLabel(name.clone())),
+            (ids.any_labels, FqdnPattern::AnyLabels(name.clone())),
+        ] {
+            if id != 0 {
+                patterns.insert(pattern, id);
+            }
+        }
+    }
+    patterns
 }
 
 fn encode(rules: &RuleSet, half: u32) -> Result<Encoded, RuleSetError> {
@@ -304,12 +500,14 @@ fn encode(rules: &RuleSet, half: u32) -> Result<Encoded, RuleSetError> {
         endpoints: Vec::new(),
         v4: Vec::new(),
         v6: Vec::new(),
+        fqdn: Vec::new(),
+        names: encode_names(&rules.fqdn_patterns)?,
     };
     for (index, set) in rules.sets.iter().enumerate() {
         let index = index as u32;
         let set_id_be = set_id(half, index).to_be();
         for (net, port_rules) in &set.v4 {
-            let list = encode_rules(index, IpNet::V4(*net), port_rules)?;
+            let list = encode_rules(index, ListName::Prefix(IpNet::V4(*net)), port_rules)?;
             let data = RuleKeyV4 {
                 set_id_be,
                 addr: net.network().octets(),
@@ -319,7 +517,7 @@ fn encode(rules: &RuleSet, half: u32) -> Result<Encoded, RuleSetError> {
                 .push((Key::new(32 + u32::from(net.prefix_len()), data), list));
         }
         for (net, port_rules) in &set.v6 {
-            let list = encode_rules(index, IpNet::V6(*net), port_rules)?;
+            let list = encode_rules(index, ListName::Prefix(IpNet::V6(*net)), port_rules)?;
             let data = RuleKeyV6 {
                 set_id_be,
                 addr: net.network().octets(),
@@ -327,6 +525,20 @@ fn encode(rules: &RuleSet, half: u32) -> Result<Encoded, RuleSetError> {
             encoded
                 .v6
                 .push((Key::new(32 + u32::from(net.prefix_len()), data), list));
+        }
+        for (pattern_id, port_rules) in &set.fqdn {
+            if !rules.fqdn_patterns.contains_key(pattern_id) {
+                return Err(RuleSetError::UnknownFqdnPattern {
+                    set: index,
+                    pattern_id: *pattern_id,
+                });
+            }
+            let list = encode_rules(index, ListName::FqdnPattern(*pattern_id), port_rules)?;
+            let key = FqdnRuleKey {
+                set_id: set_id(half, index),
+                pattern_id: *pattern_id,
+            };
+            encoded.fqdn.push((key, list));
         }
     }
     for (&cgroup_id, &set) in &rules.endpoints {
@@ -347,7 +559,12 @@ fn encode(rules: &RuleSet, half: u32) -> Result<Encoded, RuleSetError> {
                 set_id: set_id(half, set),
                 default_action: encode_action(set_rules.default_action),
                 default_mode: encode_mode(set_rules.default_mode),
-                _pad: [0; 2],
+                flags: if set_rules.fqdn.is_empty() {
+                    0
+                } else {
+                    endpoint_flags::FQDN_RULES
+                },
+                _pad: 0,
             },
         ));
     }
@@ -378,6 +595,11 @@ impl Datapath {
 
         // Left over by a switch that failed half way; not in force.
         self.clear_half(next_half)?;
+        // Names of both generations while either may decide; a pattern id
+        // never changes while the pattern is in use, so the union is sound.
+        let mut both = self.fqdn_names.clone();
+        both.extend(encoded.names.iter().map(|(k, v)| (*k, *v)));
+        self.write_names(both)?;
         let flipped = self.write_half(&encoded, next_half).and_then(|()| {
             let next = Config {
                 generation: next_generation,
@@ -395,6 +617,9 @@ impl Datapath {
         // half that cannot be deleted stay tracked and go at the next switch.
         if let Err(e) = self.clear_half(live_half) {
             tracing::warn!(error = %e, "old rules not all removed; they are out of force and go at the next switch");
+        }
+        if let Err(e) = self.write_names(encoded.names) {
+            tracing::warn!(error = %e, "FQDN names of old rules not all removed; they go at the next switch");
         }
         Ok(next_generation)
     }
@@ -428,6 +653,18 @@ impl Datapath {
                 encoded.v6.len(),
                 live.v6.len(),
             ),
+            (
+                map_names::FQDN_RULES,
+                self.fqdn_rules.map(),
+                encoded.fqdn.len(),
+                live.fqdn.len(),
+            ),
+            (
+                map_names::FQDN_NAMES,
+                self.fqdn_names_map.map(),
+                encoded.names.len(),
+                self.fqdn_names.len(),
+            ),
         ];
         for (map, data, needed, live) in checks {
             let capacity = data.info().map_err(map_err(map))?.max_entries();
@@ -458,6 +695,12 @@ impl Datapath {
                 .map_err(map_err(map_names::RULES_V6))?;
             self.halves[half].v6.push((key.prefix_len(), key.data()));
         }
+        for (key, list) in &encoded.fqdn {
+            self.fqdn_rules
+                .insert(key, list, 0)
+                .map_err(map_err(map_names::FQDN_RULES))?;
+            self.halves[half].fqdn.push(*key);
+        }
         for (key, value) in &encoded.endpoints {
             self.endpoints
                 .insert(key, value, 0)
@@ -467,6 +710,39 @@ impl Datapath {
         Ok(())
     }
 
+    /// Makes `TG_FQDN_NAMES` hold `target`, writing only what differs.
+    fn write_names(&mut self, target: FqdnNames) -> Result<(), DatapathError> {
+        for (key, ids) in &target {
+            if self.fqdn_names.get(key) != Some(ids) {
+                self.fqdn_names_map
+                    .insert(key, ids, 0)
+                    .map_err(map_err(map_names::FQDN_NAMES))?;
+                self.fqdn_names.insert(*key, *ids);
+            }
+        }
+        let gone: Vec<FqdnName> = self
+            .fqdn_names
+            .keys()
+            .filter(|key| !target.contains_key(key))
+            .copied()
+            .collect();
+        for key in gone {
+            match self.fqdn_names_map.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::FQDN_NAMES)(e)),
+            }
+            self.fqdn_names.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// FQDN pattern ids as the pinned maps hold them: a restarted agent
+    /// keeps them, so addresses learned before it started stay tied to
+    /// the same patterns.
+    pub fn fqdn_pattern_ids(&self) -> BTreeMap<FqdnPattern, u32> {
+        decode_names(&self.fqdn_names)
+    }
+
     /// Deletes the entries of a half. Keys are forgotten only once deleted,
     /// so after an error the rest is still known and deleted next time.
     fn clear_half(&mut self, half: usize) -> Result<(), DatapathError> {
@@ -474,6 +750,7 @@ impl Datapath {
             endpoints,
             rules_v4,
             rules_v6,
+            fqdn_rules,
             halves,
             ..
         } = self;
@@ -493,6 +770,11 @@ impl Datapath {
             &mut contents.v6,
             |(len, data)| rules_v6.remove(&Key::new(*len, *data)),
             map_names::RULES_V6,
+        )?;
+        delete_each(
+            &mut contents.fqdn,
+            |key| fqdn_rules.remove(key),
+            map_names::FQDN_RULES,
         )
     }
 
@@ -517,7 +799,21 @@ impl Datapath {
                 .v6
                 .push((key.prefix_len(), data));
         }
+        for key in self.fqdn_rules.keys() {
+            let key = key.map_err(map_err(map_names::FQDN_RULES))?;
+            halves[(key.set_id >> 31) as usize].fqdn.push(key);
+        }
         Ok(halves)
+    }
+
+    /// Reads back the names map (after adopting pinned maps).
+    pub(super) fn scan_names(&self) -> Result<FqdnNames, DatapathError> {
+        let mut names = FqdnNames::new();
+        for entry in self.fqdn_names_map.iter() {
+            let (key, ids) = entry.map_err(map_err(map_names::FQDN_NAMES))?;
+            names.insert(key, ids);
+        }
+        Ok(names)
     }
 }
 
@@ -554,6 +850,7 @@ mod tests {
             action,
             mode: PolicyMode::Inherit,
             rule_id,
+            order: rule_id,
         }
     }
 
@@ -564,8 +861,10 @@ mod tests {
                 default_mode: PolicyMode::Enforce,
                 v4,
                 v6: vec![],
+                fqdn: vec![],
             }],
             endpoints: BTreeMap::from([(42, 0)]),
+            fqdn_patterns: BTreeMap::new(),
         }
     }
 

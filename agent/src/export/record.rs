@@ -49,6 +49,11 @@ pub struct DnsRecord<'a> {
     pub answers: Vec<DnsAnswer<'a>>,
     /// Whether the answer's addresses were installed for an FQDN rule.
     pub learned: bool,
+    /// Set when learning this answer took the endpoint over a limit
+    /// (`addresses_per_name`, `addresses_per_endpoint`): it forgot the
+    /// addresses that would have expired first (native JSON only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<&'static str>,
 }
 
 impl DnsRecord<'_> {

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tollgate_common::MAX_PORT_RULES;
 
-use super::model::{Action, Peer, Policy, PolicyKey, PolicyMode, PortSpec, Rule};
+use super::model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, PortSpec, Rule};
 use crate::datapath::{PortRuleSpec, RuleSet, SetRules};
 
 /// What a rule id stands for.
@@ -45,16 +45,20 @@ pub struct Compiled {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
     #[error(
-        "{policy} rule {rule}: FQDN destinations need DNS learning, which this agent does not have yet; \
-         it refuses them rather than leave them unenforced (use cidr)"
-    )]
-    FqdnUnsupported { policy: String, rule: String },
-    #[error(
         "{count} port rules apply to {prefix} for endpoints selected by {policies}; the datapath holds at most \
          {MAX_PORT_RULES} per prefix (merge rules, or use fewer port entries)"
     )]
     TooManyPortRules {
         prefix: IpNet,
+        count: usize,
+        policies: String,
+    },
+    #[error(
+        "{count} port rules apply to names matching {pattern} for endpoints selected by {policies}; the datapath \
+         holds at most {MAX_PORT_RULES} per name (merge rules, or use fewer port entries)"
+    )]
+    TooManyFqdnPortRules {
+        pattern: String,
         count: usize,
         policies: String,
     },
@@ -77,6 +81,9 @@ pub fn compile(
 pub struct Compiler {
     rule_ids: HashMap<(PolicyKey, usize), u32>,
     next_rule_id: u32,
+    /// FQDN pattern ids: kept while a policy uses the pattern, because the
+    /// kernel's learned addresses refer to them.
+    fqdn_ids: BTreeMap<FqdnPattern, u32>,
     /// Member policies (in key order, with their contents) -> compiled set.
     sets: HashMap<Vec<Policy>, CompiledSet>,
     last_stats: CompileStats,
@@ -95,6 +102,8 @@ struct RuleIds {
     by_position: HashMap<(usize, usize), u32>,
     table: HashMap<(PolicyKey, usize), u32>,
     next: u32,
+    /// Every pattern the policies use.
+    fqdn: BTreeMap<FqdnPattern, u32>,
 }
 
 /// What the last compilation did.
@@ -109,24 +118,18 @@ impl Compiler {
         self.last_stats
     }
 
+    /// Takes over FQDN pattern ids already in the kernel (from an earlier
+    /// agent), so addresses learned under them keep their meaning.
+    pub fn adopt_fqdn_ids(&mut self, ids: BTreeMap<FqdnPattern, u32>) {
+        self.fqdn_ids = ids;
+    }
+
     /// Endpoints selected by the same policies share one rule set.
     pub fn compile(
         &mut self,
         policies: &[Policy],
         endpoints: &BTreeMap<u64, Vec<usize>>,
     ) -> Result<Compiled, CompileError> {
-        for policy in policies {
-            if let Some(rule) = policy
-                .rules
-                .iter()
-                .find(|r| r.to.iter().any(|p| matches!(p, Peer::Fqdn(_))))
-            {
-                return Err(CompileError::FqdnUnsupported {
-                    policy: policy.key.to_string(),
-                    rule: rule.name.clone(),
-                });
-            }
-        }
         // Nothing of `self` changes unless the whole compilation succeeds:
         // a cached set must never outlive the rule ids built into it.
         let assigned = self.assign_rule_ids(policies);
@@ -174,7 +177,7 @@ impl Compiler {
                     stats.sets_compiled += 1;
                     let members_ref: Vec<(usize, &Policy)> =
                         members.iter().map(|&i| (i, &policies[i])).collect();
-                    let (rules, defaults) = compile_set(&members_ref, rule_ids)?;
+                    let (rules, defaults) = compile_set(&members_ref, rule_ids, &assigned.fqdn)?;
                     CompiledSet { rules, defaults }
                 }
             };
@@ -185,10 +188,16 @@ impl Compiler {
             set_of.insert(members, set);
             rules.endpoints.insert(cgroup_id, set);
         }
+        rules.fqdn_patterns = assigned
+            .fqdn
+            .iter()
+            .map(|(pattern, &id)| (id, pattern.clone()))
+            .collect();
         // Only what this compilation used is kept for the next.
         self.sets = used;
         self.rule_ids = assigned.table;
         self.next_rule_id = assigned.next;
+        self.fqdn_ids = assigned.fqdn;
         self.last_stats = stats;
         Ok(Compiled { rules, names })
     }
@@ -216,6 +225,23 @@ impl Compiler {
                 ids.by_position.insert((p, r), id);
             }
         }
+        let patterns: std::collections::BTreeSet<&FqdnPattern> = policies
+            .iter()
+            .flat_map(|p| &p.rules)
+            .flat_map(|r| &r.to)
+            .filter_map(|peer| match peer {
+                Peer::Fqdn(pattern) => Some(pattern),
+                Peer::Cidr { .. } => None,
+            })
+            .collect();
+        let mut next_fqdn = self.fqdn_ids.values().max().copied().unwrap_or(0);
+        for pattern in patterns {
+            let id = self.fqdn_ids.get(pattern).copied().unwrap_or_else(|| {
+                next_fqdn += 1;
+                next_fqdn
+            });
+            ids.fqdn.insert(pattern.clone(), id);
+        }
         ids
     }
 }
@@ -235,12 +261,15 @@ struct OrderedRule<'a> {
     id: u32,
     rule: &'a Rule,
     mode: PolicyMode,
+    /// Its position in that order.
+    order: u32,
 }
 
 /// `members` are in policy key order.
 fn compile_set(
     members: &[(usize, &Policy)],
     rule_ids: &HashMap<(usize, usize), u32>,
+    fqdn_ids: &BTreeMap<FqdnPattern, u32>,
 ) -> Result<(SetRules, Vec<PolicyKey>), CompileError> {
     let in_order = members.iter().flat_map(|&(p, policy)| {
         policy
@@ -251,12 +280,16 @@ fn compile_set(
                 id: rule_ids[&(p, r)],
                 rule,
                 mode: policy.mode,
+                order: 0,
             })
     });
     let (mut ordered, allows): (Vec<_>, Vec<_>) =
         in_order.partition(|o| o.rule.action == Action::Deny);
     ordered.sort_by_key(|o| mode_rank(o.mode)); // stable: key order within a mode
     ordered.extend(allows);
+    for (order, rule) in ordered.iter_mut().enumerate() {
+        rule.order = order as u32;
+    }
 
     let policy_names = || {
         members
@@ -276,7 +309,18 @@ fn compile_set(
         default_mode: PolicyMode::Inherit,
         v4: vec![],
         v6: vec![],
+        fqdn: vec![],
     };
+    for (pattern, list) in fqdn_lists(&ordered) {
+        if list.len() > MAX_PORT_RULES {
+            return Err(CompileError::TooManyFqdnPortRules {
+                pattern: pattern.to_string(),
+                count: list.len(),
+                policies: policy_names(),
+            });
+        }
+        set.fqdn.push((fqdn_ids[pattern], list));
+    }
     for (prefix, list) in lists {
         match prefix {
             IpNet::V4(net) => set.v4.push((net, list)),
@@ -398,6 +442,30 @@ fn prefix_lists(ordered: &[OrderedRule]) -> Result<Vec<PrefixList>, (IpNet, usiz
     Ok(needed)
 }
 
+/// For each FQDN pattern of the set, the port rules of the rules naming it,
+/// in order: what applies to an address learned for that pattern.
+fn fqdn_lists<'a>(ordered: &[OrderedRule<'a>]) -> BTreeMap<&'a FqdnPattern, Vec<PortRuleSpec>> {
+    let mut lists: BTreeMap<&FqdnPattern, Vec<PortRuleSpec>> = BTreeMap::new();
+    for ordered_rule in ordered {
+        let patterns: std::collections::BTreeSet<&FqdnPattern> = ordered_rule
+            .rule
+            .to
+            .iter()
+            .filter_map(|peer| match peer {
+                Peer::Fqdn(pattern) => Some(pattern),
+                Peer::Cidr { .. } => None,
+            })
+            .collect();
+        for pattern in patterns {
+            lists
+                .entry(pattern)
+                .or_default()
+                .extend(port_rules(ordered_rule));
+        }
+    }
+    lists
+}
+
 fn port_rules(ordered: &OrderedRule) -> Vec<PortRuleSpec> {
     let specs: &[PortSpec] = if ordered.rule.ports.is_empty() {
         &[PortSpec::ANY]
@@ -412,6 +480,7 @@ fn port_rules(ordered: &OrderedRule) -> Vec<PortRuleSpec> {
             action: ordered.rule.action,
             mode: ordered.mode,
             rule_id: ordered.id,
+            order: ordered.order,
         })
         .collect()
 }

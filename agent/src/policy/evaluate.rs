@@ -20,7 +20,7 @@
 
 use std::net::IpAddr;
 
-use super::model::{Action, Policy, PolicyMode};
+use super::model::{Action, FqdnPattern, Policy, PolicyMode};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -37,13 +37,16 @@ pub struct Reference<'a> {
 }
 
 /// `policies` are the ones selecting the endpoint (at least one); `global`
-/// is observe or enforce.
+/// is observe or enforce; `learned` are the FQDN patterns for which the
+/// endpoint learned `ip` from DNS answers (an FQDN peer holds exactly the
+/// addresses learned for its pattern).
 pub fn evaluate<'a>(
     policies: &[&'a Policy],
     ip: IpAddr,
     port: u16,
     protocol: u8,
     global: PolicyMode,
+    learned: &[&FqdnPattern],
 ) -> Reference<'a> {
     let matching = |action: Action| {
         policies.iter().flat_map(move |&policy| {
@@ -53,7 +56,8 @@ pub fn evaluate<'a>(
                 .enumerate()
                 .filter(move |(_, rule)| {
                     rule.action == action
-                        && (rule.to.is_empty() || rule.to.iter().any(|peer| peer.contains(ip)))
+                        && (rule.to.is_empty()
+                            || rule.to.iter().any(|peer| peer.contains(ip, learned)))
                         && (rule.ports.is_empty()
                             || rule.ports.iter().any(|spec| spec.matches(port, protocol)))
                 })

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-pub use crate::datapath::{Action, PolicyMode, PortRange, Protocol};
+pub use crate::datapath::{Action, FqdnPattern, PolicyMode, PortRange, Protocol};
 
 /// `namespace/name`, or `name` for a policy without a namespace.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -83,17 +83,6 @@ pub enum Peer {
     Fqdn(FqdnPattern),
 }
 
-/// A DNS name rule, lowercased, without a trailing dot.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum FqdnPattern {
-    /// `api.example.com`
-    Exact(String),
-    /// `*.example.com`: exactly one more label; holds `example.com`.
-    OneLabel(String),
-    /// `**.example.com`: one or more labels; holds `example.com`.
-    AnyLabels(String),
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PortSpec {
     pub ports: PortRange,
@@ -112,14 +101,14 @@ impl PortSpec {
 }
 
 impl Peer {
-    /// Whether an address is in this peer (FQDN peers match no address by
-    /// themselves: their addresses are learned from DNS answers).
-    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+    /// Whether an address is in this peer, for an endpoint that learned it
+    /// from DNS answers for the patterns `learned`.
+    pub fn contains(&self, ip: std::net::IpAddr, learned: &[&FqdnPattern]) -> bool {
         match self {
             Peer::Cidr { net, except } => {
                 net.contains(&ip) && !except.iter().any(|e| e.contains(&ip))
             }
-            Peer::Fqdn(_) => false,
+            Peer::Fqdn(pattern) => learned.contains(&pattern),
         }
     }
 }

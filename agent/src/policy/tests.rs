@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use proptest::prelude::*;
 
 use super::{
-    compile::{CompileError, Compiled, compile},
+    compile::{CompileError, Compiled, Compiler, compile},
     evaluate::{Outcome, evaluate},
     model::*,
 };
@@ -82,7 +82,7 @@ fn kernel_outcome(
     global: PolicyMode,
 ) -> (Outcome, u32) {
     let set = &compiled.rules.sets[compiled.rules.endpoints[&1] as usize];
-    outcome_of(set.decide(ip, port, protocol, global), global)
+    outcome_of(set.decide(ip, port, protocol, global, &[]), global)
 }
 
 /// The verdict the kernel gives a decision under the global mode.
@@ -114,7 +114,7 @@ fn decide(
 ) -> (Outcome, String) {
     let ip: IpAddr = ip.parse().unwrap();
     let refs: Vec<&Policy> = policies.iter().collect();
-    let reference = evaluate(&refs, ip, port, protocol, global);
+    let reference = evaluate(&refs, ip, port, protocol, global, &[]);
     let (outcome, rule_id) = kernel_outcome(compiled, ip, port, protocol, global);
     let kernel_rule = (rule_id != 0).then(|| {
         let r = &compiled.names.rules[&rule_id];
@@ -358,8 +358,13 @@ fn a_change_to_one_policy_recompiles_only_the_sets_it_is_in() {
     for endpoint in [1, 2, 3] {
         for ip in ["10.1.0.1", "10.2.0.1", "10.3.0.1", "10.9.0.1", "10.8.0.1"] {
             let name = |c: &Compiled| {
-                let (action, _, id) =
-                    set_of(c, endpoint).decide(ip.parse().unwrap(), 80, TCP, PolicyMode::Enforce);
+                let (action, _, id) = set_of(c, endpoint).decide(
+                    ip.parse().unwrap(),
+                    80,
+                    TCP,
+                    PolicyMode::Enforce,
+                    &[],
+                );
                 (
                     action,
                     c.names
@@ -439,22 +444,186 @@ fn prefixes_that_change_nothing_get_no_entry() {
     assert!(compiled.rules.sets[0].v6.is_empty());
 }
 
+fn fqdn(text: &str) -> Peer {
+    Peer::Fqdn(super::fqdn::parse_pattern(text).unwrap())
+}
+
+/// Decides for endpoint 1 with `ip` learned for `learned`, checked against
+/// the reference evaluator; returns the outcome and the deciding rule.
+fn decide_learned(
+    policies: &[Policy],
+    compiled: &Compiled,
+    ip: &str,
+    learned: &[&str],
+    global: PolicyMode,
+) -> (Outcome, String) {
+    let ip: IpAddr = ip.parse().unwrap();
+    let patterns: Vec<FqdnPattern> = learned
+        .iter()
+        .map(|p| super::fqdn::parse_pattern(p).unwrap())
+        .collect();
+    let pattern_refs: Vec<&FqdnPattern> = patterns.iter().collect();
+    let ids: Vec<u32> = compiled
+        .rules
+        .fqdn_patterns
+        .iter()
+        .filter(|(_, p)| patterns.contains(p))
+        .map(|(id, _)| *id)
+        .collect();
+    let refs: Vec<&Policy> = policies.iter().collect();
+    let reference = evaluate(&refs, ip, 443, TCP, global, &pattern_refs);
+    let set = &compiled.rules.sets[compiled.rules.endpoints[&1] as usize];
+    let (outcome, rule_id) = outcome_of(set.decide(ip, 443, TCP, global, &ids), global);
+    let kernel_rule = (rule_id != 0)
+        .then(|| compiled.names.rules[&rule_id].rule.clone())
+        .unwrap_or_else(|| "default".into());
+    let reference_rule = reference
+        .rule
+        .map_or_else(|| "default".into(), |(p, i)| p.rules[i].name.clone());
+    assert_eq!(
+        (outcome, &kernel_rule),
+        (reference.outcome, &reference_rule)
+    );
+    (outcome, kernel_rule)
+}
+
 #[test]
-fn fqdn_destinations_are_refused_until_they_can_be_enforced() {
-    let fqdn = Peer::Fqdn(FqdnPattern::OneLabel("azurecr.io".into()));
+fn fqdn_rules_hold_exactly_the_addresses_learned_for_their_pattern() {
     let policies = [policy(
         "registry",
         Action::Deny,
-        PolicyMode::Inherit,
-        vec![rule(Action::Deny, vec![fqdn], vec![])],
+        PolicyMode::Enforce,
+        vec![
+            rule(Action::Allow, vec![fqdn("*.azurecr.io")], vec![tcp(443)]),
+            rule(
+                Action::Allow,
+                vec![fqdn("login.microsoftonline.com")],
+                vec![],
+            ),
+        ],
     )];
+    let compiled = compile_for_one(&policies).unwrap();
+    assert_eq!(compiled.rules.fqdn_patterns.len(), 2);
+    let enforce = PolicyMode::Enforce;
     assert_eq!(
-        compile_for_one(&policies).unwrap_err(),
-        CompileError::FqdnUnsupported {
-            policy: "registry".into(),
-            rule: "egress[0]".into()
-        }
+        decide_learned(&policies, &compiled, "20.1.2.3", &["*.azurecr.io"], enforce),
+        (Outcome::Allowed, "egress[0]".into())
     );
+    assert_eq!(
+        decide_learned(&policies, &compiled, "20.1.2.3", &[], enforce),
+        (Outcome::Denied, "default".into())
+    );
+    // Learned for a pattern this set does not use: nothing.
+    assert_eq!(
+        decide_learned(
+            &policies,
+            &compiled,
+            "20.1.2.3",
+            &["*.example.com"],
+            enforce
+        ),
+        (Outcome::Denied, "default".into())
+    );
+}
+
+#[test]
+fn fqdn_and_cidr_rules_combine_by_precedence() {
+    let policies = [policy(
+        "mixed",
+        Action::Allow,
+        PolicyMode::Inherit,
+        vec![
+            rule(Action::Allow, vec![cidr("10.0.0.0/8")], vec![]),
+            rule(Action::Deny, vec![fqdn("**.pastebin.com")], vec![]),
+        ],
+    )];
+    let compiled = compile_for_one(&policies).unwrap();
+    for global in [PolicyMode::Observe, PolicyMode::Enforce] {
+        // The deny of the name wins over the allow of the prefix.
+        let (outcome, rule) = decide_learned(
+            &policies,
+            &compiled,
+            "10.9.9.9",
+            &["**.pastebin.com"],
+            global,
+        );
+        assert_eq!(rule, "egress[1]");
+        assert_ne!(outcome, Outcome::Allowed);
+        assert_eq!(
+            decide_learned(&policies, &compiled, "10.9.9.9", &[], global),
+            (Outcome::Allowed, "egress[0]".into())
+        );
+    }
+}
+
+#[test]
+fn too_many_rules_for_one_name_is_an_error_that_says_so() {
+    let ports = (1..=17).map(tcp).collect();
+    let policies = [policy(
+        "wide",
+        Action::Deny,
+        PolicyMode::Inherit,
+        vec![rule(Action::Allow, vec![fqdn("api.example.com")], ports)],
+    )];
+    let err = compile_for_one(&policies).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "17 port rules apply to names matching api.example.com for endpoints selected by wide; the datapath holds \
+         at most 16 per name (merge rules, or use fewer port entries)"
+    );
+}
+
+#[test]
+fn fqdn_pattern_ids_stay_while_a_pattern_is_used_and_are_adopted() {
+    let with = |patterns: &[&str]| {
+        [policy(
+            "p",
+            Action::Deny,
+            PolicyMode::Inherit,
+            patterns
+                .iter()
+                .map(|p| rule(Action::Allow, vec![fqdn(p)], vec![]))
+                .collect(),
+        )]
+    };
+    let endpoints = BTreeMap::from([(1, vec![0])]);
+    let mut compiler = Compiler::default();
+    let first = compiler
+        .compile(&with(&["a.example.com", "*.b.example.com"]), &endpoints)
+        .unwrap();
+    let second = compiler
+        .compile(&with(&["*.b.example.com", "c.example.com"]), &endpoints)
+        .unwrap();
+    let id_of = |c: &Compiled, p: &str| {
+        let pattern = super::fqdn::parse_pattern(p).unwrap();
+        c.rules
+            .fqdn_patterns
+            .iter()
+            .find(|(_, q)| **q == pattern)
+            .map(|(id, _)| *id)
+    };
+    assert_eq!(
+        id_of(&first, "*.b.example.com"),
+        id_of(&second, "*.b.example.com")
+    );
+    assert_eq!(id_of(&second, "a.example.com"), None);
+    let ids: std::collections::BTreeSet<u32> = second.rules.fqdn_patterns.keys().copied().collect();
+    assert_eq!(ids.len(), 2, "distinct ids");
+
+    // A new agent adopting the kernel's ids keeps them.
+    let mut restarted = Compiler::default();
+    restarted.adopt_fqdn_ids(
+        second
+            .rules
+            .fqdn_patterns
+            .iter()
+            .map(|(id, p)| (p.clone(), *id))
+            .collect(),
+    );
+    let third = restarted
+        .compile(&with(&["c.example.com", "*.b.example.com"]), &endpoints)
+        .unwrap();
+    assert_eq!(third.rules.fqdn_patterns, second.rules.fqdn_patterns);
 }
 
 #[test]
@@ -507,13 +676,7 @@ fn the_shipped_examples_are_valid() {
             &policies,
             &BTreeMap::from([(1, (0..policies.len()).collect())]),
         );
-        match name {
-            "aks-allow-list.yaml" => assert!(matches!(
-                compiled,
-                Err(CompileError::FqdnUnsupported { .. })
-            )),
-            _ => assert!(compiled.is_ok(), "{name}: {compiled:?}"),
-        }
+        assert!(compiled.is_ok(), "{name}: {compiled:?}");
     }
 }
 
@@ -591,7 +754,18 @@ fn inside(net: IpNet, seed: u128, extra: u8) -> Option<IpNet> {
     Some(IpNet::new(addr, len).unwrap().trunc())
 }
 
+/// The FQDN patterns the property test draws from; a destination is
+/// learned for a random subset of them.
+const PATTERN_POOL: [&str; 3] = ["api.example.com", "*.example.com", "**.example.org"];
+
 fn peer() -> impl Strategy<Value = Peer> {
+    prop_oneof![
+        4 => cidr_peer(),
+        1 => prop::sample::select(PATTERN_POOL.to_vec()).prop_map(fqdn),
+    ]
+}
+
+fn cidr_peer() -> impl Strategy<Value = Peer> {
     (
         prefix(),
         prop::collection::vec((any::<u128>(), any::<u8>()), 0..=2),
@@ -696,28 +870,43 @@ fn destinations(policies: &[Policy], seeds: &[(u128, u16, u8, bool)]) -> Vec<(Ip
 proptest! {
     #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
 
-    /// 1,000 policy sets x 16 destinations x 2 endpoints x 2 global modes.
+    /// 1,000 policy sets x 16 destinations x 2 endpoints x 2 global modes,
+    /// each destination learned for a random subset of the FQDN patterns.
     #[test]
     fn compiled_datapath_agrees_with_the_reference_evaluator(
         policies in policies(),
         subset in prop::collection::vec(any::<bool>(), 3),
         seeds in prop::collection::vec((any::<u128>(), prop_oneof![15 => 1u16..=16, 1 => Just(65_535u16)], any::<u8>(), any::<bool>()), 16),
+        learned_sets in prop::collection::vec(0u8..8, 16),
     ) {
         // Endpoint 1: every policy; endpoint 2: a subset (at least the first).
         let chosen: Vec<usize> = (0..policies.len()).filter(|&i| i == 0 || subset[i]).collect();
         let endpoints = BTreeMap::from([(1, (0..policies.len()).collect()), (2, chosen.clone())]);
         let compiled = match compile(&policies, &endpoints) {
             Ok(compiled) => compiled,
-            Err(CompileError::TooManyPortRules { .. }) => return Err(TestCaseError::reject("over the per-prefix limit")),
-            Err(e) => return Err(TestCaseError::fail(e.to_string())),
+            Err(CompileError::TooManyPortRules { .. } | CompileError::TooManyFqdnPortRules { .. }) => return Err(TestCaseError::reject("over the per-list limit")),
         };
         for (endpoint, members) in [(1u64, (0..policies.len()).collect::<Vec<_>>()), (2, chosen)] {
             let refs: Vec<&Policy> = members.iter().map(|&i| &policies[i]).collect();
             let set = &compiled.rules.sets[compiled.rules.endpoints[&endpoint] as usize];
-            for (ip, port, protocol) in destinations(&policies, &seeds) {
+            for ((ip, port, protocol), bits) in destinations(&policies, &seeds).into_iter().zip(&learned_sets) {
+                let learned: Vec<FqdnPattern> = PATTERN_POOL
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| bits & (1 << i) != 0)
+                    .map(|(_, p)| super::fqdn::parse_pattern(p).unwrap())
+                    .collect();
+                let learned_refs: Vec<&FqdnPattern> = learned.iter().collect();
+                let learned_ids: Vec<u32> = compiled
+                    .rules
+                    .fqdn_patterns
+                    .iter()
+                    .filter(|(_, p)| learned.contains(p))
+                    .map(|(id, _)| *id)
+                    .collect();
                 for global in [PolicyMode::Observe, PolicyMode::Enforce] {
-                    let reference = evaluate(&refs, ip, port, protocol, global);
-                    let (outcome, rule_id) = outcome_of(set.decide(ip, port, protocol, global), global);
+                    let reference = evaluate(&refs, ip, port, protocol, global, &learned_refs);
+                    let (outcome, rule_id) = outcome_of(set.decide(ip, port, protocol, global, &learned_ids), global);
                     let kernel_rule = (rule_id != 0).then(|| &compiled.names.rules[&rule_id]).map(|r| (r.policy.clone(), r.rule.clone()));
                     let reference_rule = reference.rule.map(|(p, i)| (p.key.clone(), p.rules[i].name.clone()));
                     prop_assert_eq!((outcome, kernel_rule), (reference.outcome, reference_rule), "endpoint {} {} {}/{} under {:?}", endpoint, ip, port, protocol, global);

@@ -6,6 +6,11 @@
 //! With --cgroup it first moves itself into that cgroup, so every socket call
 //! it makes is judged by the programs attached there.
 //!
+//!         `tg-probe [--cgroup DIR] [--count N] resolve-connect udp|tcp RESOLVER NAME A|AAAA PORT`
+//!         asks RESOLVER (ADDR:PORT) for NAME over UDP or TCP, then connects
+//!         by TCP to the first address of the answer at once; `{}` in NAME
+//!         is replaced by the attempt's number (from 0). Prints `ok`,
+//!         `errno=<n>`, or `noaddress` per attempt.
 //! Server: `tg-probe serve PORT...` listens on [::]:PORT (dual-stack TCP),
 //! prints `listening`, and accepts until killed.
 
@@ -43,6 +48,18 @@ fn main() {
         ["serve", ports @ ..] => serve(ports),
         ["connect", protocol, addr] => attempts(count, || connect(protocol, parse(addr))),
         ["sendto", addr] => attempts(count, || sendto(parse(addr))),
+        ["resolve-connect", transport, resolver, name, qtype, port] => {
+            let port: u16 = port.parse().unwrap_or_else(|_| fail("PORT is a number"));
+            let mut round = 0;
+            attempts(count, || {
+                let name = name.replace("{}", &round.to_string());
+                round += 1;
+                match resolve(transport, parse(resolver), &name, qtype)? {
+                    Some(ip) => connect("tcp", SocketAddr::new(ip, port)),
+                    None => Err(std::io::Error::from_raw_os_error(NO_ADDRESS)),
+                }
+            })
+        }
         _ => fail(
             "usage: tg-probe [--cgroup DIR] [--count N] connect tcp|udp ADDR:PORT | sendto ADDR:PORT | serve PORT...",
         ),
@@ -65,6 +82,7 @@ fn attempts(count: usize, mut attempt: impl FnMut() -> std::io::Result<()>) {
     for _ in 0..count {
         match attempt() {
             Ok(()) => writeln!(out, "ok").unwrap(),
+            Err(e) if e.raw_os_error() == Some(NO_ADDRESS) => writeln!(out, "noaddress").unwrap(),
             Err(e) => writeln!(out, "errno={}", e.raw_os_error().unwrap_or(-1)).unwrap(),
         }
     }
@@ -83,6 +101,69 @@ fn connect(protocol: &str, addr: SocketAddr) -> std::io::Result<()> {
         }
         other => fail(&format!("unknown protocol {other}")),
     }
+}
+
+/// Stands for "the answer had no address" among errnos (none is this big).
+const NO_ADDRESS: i32 = 1 << 20;
+
+/// The first address of `name`'s answer from `resolver`.
+fn resolve(
+    transport: &str,
+    resolver: SocketAddr,
+    name: &str,
+    qtype: &str,
+) -> std::io::Result<Option<std::net::IpAddr>> {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let rtype = match qtype {
+        "A" => RecordType::A,
+        "AAAA" => RecordType::AAAA,
+        other => fail(&format!("unknown query type {other}")),
+    };
+    let name = Name::from_ascii(name).unwrap_or_else(|e| fail(&format!("{name}: {e}")));
+    let mut query = Message::query();
+    query.metadata.id = std::process::id() as u16;
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(name, rtype));
+    let bytes = query.to_vec().expect("a query encodes");
+    let answer = match transport {
+        "udp" => {
+            let socket = UdpSocket::bind(if resolver.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            })?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.connect(resolver)?;
+            socket.send(&bytes)?;
+            let mut buffer = vec![0; 65_535];
+            let len = socket.recv(&mut buffer)?;
+            buffer.truncate(len);
+            buffer
+        }
+        "tcp" => {
+            use std::io::Read;
+            let mut stream = TcpStream::connect_timeout(&resolver, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&bytes);
+            stream.write_all(&framed)?;
+            let mut len = [0; 2];
+            stream.read_exact(&mut len)?;
+            let mut buffer = vec![0; u16::from_be_bytes(len) as usize];
+            stream.read_exact(&mut buffer)?;
+            buffer
+        }
+        other => fail(&format!("unknown transport {other}")),
+    };
+    let answer = Message::from_vec(&answer).unwrap_or_else(|e| fail(&format!("answer: {e}")));
+    Ok(answer.answers.iter().find_map(|record| match &record.data {
+        RData::A(a) => Some(std::net::IpAddr::V4(a.0)),
+        RData::AAAA(aaaa) => Some(std::net::IpAddr::V6(aaaa.0)),
+        _ => None,
+    }))
 }
 
 fn sendto(addr: SocketAddr) -> std::io::Result<()> {

@@ -187,6 +187,8 @@ fn write_flow(flow: &FlowRecord, extension: &mut Extension) {
         other => extension.pair("proto", other),
     }
     extension.destination(flow.dst.ip, flow.dst.port);
+    // CEF's destinationHostName: the name the source resolved, when known.
+    extension.pair_if("dhost", flow.dst.fqdn);
     extension.source(&flow.src);
     extension.pair("dvchost", flow.node);
     extension.pair("externalId", flow.seq);

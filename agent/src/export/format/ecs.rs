@@ -50,7 +50,7 @@ struct Document<'a, T> {
     #[serde(flatten)]
     source: Option<SourceFields<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    destination: Option<Destination>,
+    destination: Option<Destination<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     network: Option<Network<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -254,9 +254,12 @@ fn source_fields<'a>(src: &'a Source<'a>) -> SourceFields<'a> {
 }
 
 #[derive(Serialize)]
-struct Destination {
+struct Destination<'a> {
     ip: IpAddr,
     port: u16,
+    /// The name the source resolved the address from, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -351,6 +354,7 @@ fn flow_document<'a>(flow: &'a FlowRecord<'a>, base: Base) -> Document<'a, FlowF
     document.destination = Some(Destination {
         ip: flow.dst.ip,
         port: flow.dst.port,
+        domain: flow.dst.fqdn,
     });
     document.network = Some(Network {
         transport: transport_name(&flow.protocol),
@@ -415,6 +419,7 @@ fn dns_document<'a>(dns: &'a DnsRecord<'a>, base: Base) -> Document<'a, DnsField
     document.destination = Some(Destination {
         ip: dns.resolver.ip,
         port: dns.resolver.port,
+        domain: None,
     });
     document.network = Some(Network {
         transport: None,

@@ -279,9 +279,12 @@ fn source_endpoint<'a>(src: &Source<'a>, node: &'a str) -> SourceEndpoint<'a> {
 }
 
 #[derive(Serialize)]
-struct Endpoint {
+struct Endpoint<'a> {
     ip: IpAddr,
     port: u16,
+    /// The name the source resolved the address from, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hostname: Option<&'a str>,
 }
 
 /// Tollgate's view of the source, without an OCSF place.
@@ -337,7 +340,7 @@ struct NetworkActivity<'a> {
     end_time: Option<i64>,
     actor: Actor<'a>,
     src_endpoint: SourceEndpoint<'a>,
-    dst_endpoint: Endpoint,
+    dst_endpoint: Endpoint<'a>,
     connection_info: ConnectionInfo<'a>,
     firewall_rule: FirewallRule<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -487,6 +490,7 @@ fn network_activity<'a>(flow: &'a FlowRecord<'a>, severity: Severity) -> Network
         dst_endpoint: Endpoint {
             ip: flow.dst.ip,
             port: flow.dst.port,
+            hostname: flow.dst.fqdn,
         },
         connection_info: ConnectionInfo {
             protocol_name: transport_name(&flow.protocol),
@@ -524,7 +528,7 @@ struct DnsActivity<'a> {
     /// The endpoint that asked.
     src_endpoint: SourceEndpoint<'a>,
     /// The resolver that answered.
-    dst_endpoint: Endpoint,
+    dst_endpoint: Endpoint<'a>,
     query: Query<'a>,
     answers: Answers<'a, Answer<'a>>,
     rcode_id: u16,
@@ -573,6 +577,7 @@ fn dns_activity<'a>(dns: &'a DnsRecord<'a>, severity: Severity) -> DnsActivity<'
         dst_endpoint: Endpoint {
             ip: dns.resolver.ip,
             port: dns.resolver.port,
+            hostname: None,
         },
         query: Query {
             hostname: &dns.query,

@@ -7,6 +7,7 @@
 //! DIR/bench.json; `tg-bench load ...` is the load worker it spawns.
 
 mod control;
+mod learned;
 mod load;
 mod pipeline;
 mod report;
@@ -268,6 +269,24 @@ fn connect_costs(plan: &Plan, report: &mut Report) {
                 compare(plan, baseline, subject, workload),
             );
         }
+    }
+    drop(agent);
+
+    // Loopback allowed by a name rule, with 1k addresses learned for it.
+    let by_name = TempFile::new(
+        "bench-by-name.yaml",
+        &rules::policy_by_name("bench", &glob, &all_prefixes[..100]),
+    );
+    let agent = AgentProcess::start(&env, &["--policy", by_name.path.to_str().unwrap()]);
+    learned::install(&env, learned::LEARNED_IN_COMPARISON);
+    for workload in [Workload::Tcp, Workload::Udp] {
+        eprintln!("tg-bench: {workload:?}: Tollgate enforce, 100 rules, loopback by name");
+        report.connect(
+            workload,
+            learned::SUBJECT,
+            100,
+            compare(plan, baseline, tollgate, workload),
+        );
     }
     drop(agent);
 

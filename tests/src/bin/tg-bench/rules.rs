@@ -57,6 +57,16 @@ pub fn policy(name: &str, cgroup_glob: &str, mode: &str, prefixes: &[IpNet]) -> 
     yaml
 }
 
+/// [`policy`], with loopback allowed by a name rule (`*.bench.test`)
+/// instead of its prefix: connections to loopback are then allowed by the
+/// addresses the endpoint learned for the name.
+pub fn policy_by_name(name: &str, cgroup_glob: &str, prefixes: &[IpNet]) -> String {
+    policy(name, cgroup_glob, "enforce", prefixes).replace(
+        "  - {name: loopback, to: [{cidr: 127.0.0.0/8}]}\n",
+        "  - {name: loopback, to: [{fqdn: \"*.bench.test\"}]}\n",
+    )
+}
+
 /// An nftables ruleset (for `nft -f`) with the prefixes in two interval
 /// sets, looked up once per packet in the output hook: what a careful
 /// operator would write.

@@ -99,6 +99,7 @@ const STANDARD_KEYS: &[&str] = &[
     "cat",
     "cnt",
     "deviceDirection",
+    "dhost",
     "dpt",
     "dst",
     "dvchost",
@@ -170,6 +171,7 @@ fn special_characters_round_trip() {
     flow.src.cgroup = Some("/a=b/c\\d");
     flow.policy = Some("p|q");
     flow.rule = "r\\1=".into();
+    flow.dst.fqdn = Some("a=b\\c.example");
     let line = render(Format::Cef, &fixtures::Fixture::Flow(flow));
     let cef = parse(&line);
     let ext = &cef.extension;
@@ -179,6 +181,7 @@ fn special_characters_round_trip() {
     assert_eq!(ext["cs5"], "/a=b/c\\d");
     assert_eq!(ext["cs1"], "p|q");
     assert_eq!(ext["cs2"], "r\\1=");
+    assert_eq!(ext["dhost"], "a=b\\c.example");
     assert_eq!(ext["cs4Label"], "Pod");
     assert_eq!(cef.header[4], "flow-denied");
 }

@@ -28,6 +28,7 @@ const ECS_FIELDS: &[(&str, Type)] = &[
     ("@timestamp", Date),
     ("container.id", Keyword),
     ("container.name", Keyword),
+    ("destination.domain", Keyword),
     ("destination.ip", Ip),
     ("destination.port", Long),
     ("dns.answers", Object),

@@ -130,6 +130,8 @@ pub fn denied_pod_flow() -> FlowRecord<'static> {
         dst: Destination {
             ip: ip("169.254.169.254"),
             port: 80,
+            // Reached by address: no name.
+            fqdn: None,
         },
         policy: Some("prod/payments-egress"),
         rule: Cow::Borrowed("deny-imds"),
@@ -162,6 +164,7 @@ pub fn golden() -> Vec<(&'static str, Fixture)> {
                 dst: Destination {
                     ip: ip("2001:db8::123"),
                     port: 123,
+                    fqdn: None,
                 },
                 // A default decision: every policy that owns it.
                 policy: Some("host-allow-list,node-baseline"),
@@ -173,7 +176,7 @@ pub fn golden() -> Vec<(&'static str, Fixture)> {
             }),
         ),
         (
-            "allowed summary from an unknown pod",
+            "allowed summary from an unknown pod to a named destination",
             Fixture::Flow(FlowRecord {
                 kind: FlowRecord::KIND,
                 time: "2026-11-24T08:19:50.100000000Z".into(),
@@ -186,8 +189,11 @@ pub fn golden() -> Vec<(&'static str, Fixture)> {
                 hook: "connect6",
                 src: unknown_pod_source(),
                 dst: Destination {
-                    ip: ip("10.0.0.10"),
+                    // A registry's private endpoint, by the name the pod
+                    // resolved.
+                    ip: ip("10.224.0.50"),
                     port: 443,
+                    fqdn: Some("myregistry.azurecr.io"),
                 },
                 policy: None,
                 rule: Cow::Borrowed("default"),
@@ -237,6 +243,7 @@ pub fn golden() -> Vec<(&'static str, Fixture)> {
                     },
                 ],
                 learned: true,
+                limit: None,
             }),
         ),
         (
@@ -268,6 +275,7 @@ pub fn odd() -> Vec<(&'static str, Fixture)> {
         rcode: Cow::Borrowed("NXDOMAIN"),
         answers: Vec::new(),
         learned: false,
+        limit: None,
         resolver: DnsResolver {
             ip: ip("fd00::53"),
             port: 53,

@@ -115,6 +115,36 @@ fn json_is_the_record_as_serde_writes_it() {
 }
 
 #[test]
+fn destination_names_map_in_every_format_and_are_left_out_when_null() {
+    use serde_json::Value;
+    let mut named = fixtures::denied_pod_flow();
+    named.dst.fqdn = Some("myregistry.azurecr.io");
+    let unnamed = fixtures::denied_pod_flow();
+    for (flow, want) in [(named, Some("myregistry.azurecr.io")), (unnamed, None)] {
+        let fixture = fixtures::Fixture::Flow(flow);
+        let json: Value = serde_json::from_str(&render(Format::Json, &fixture)).unwrap();
+        assert_eq!(json["dst"]["fqdn"], serde_json::json!(want), "json");
+        let ocsf: Value = serde_json::from_str(&render(Format::Ocsf, &fixture)).unwrap();
+        assert_eq!(
+            ocsf["dst_endpoint"].get("hostname").and_then(Value::as_str),
+            want,
+            "ocsf"
+        );
+        let ecs: Value = serde_json::from_str(&render(Format::Ecs, &fixture)).unwrap();
+        assert_eq!(
+            ecs["destination"].get("domain").and_then(Value::as_str),
+            want,
+            "ecs"
+        );
+        let cef = render(Format::Cef, &fixture);
+        match want {
+            Some(name) => assert!(cef.contains(&format!(" dhost={name} ")), "cef: {cef}"),
+            None => assert!(!cef.contains("dhost="), "cef: {cef}"),
+        }
+    }
+}
+
+#[test]
 fn formats_are_named_in_lowercase() {
     use clap::ValueEnum;
     for (name, format) in [

@@ -1,0 +1,497 @@
+//! FQDN rules learned in the kernel from DNS answers: dnsmasq in a test
+//! host's namespace resolves names to test hosts, and a client in the
+//! enforced cgroup resolves and connects at once.
+//!
+//! These tests need root and the BPF object: `cargo xtask test` runs them.
+
+use std::{net::IpAddr, time::Duration};
+
+use tollgate_tests::{AgentProcess, TempFile, TestEnv, Zone};
+
+const EPERM: i32 = libc::EPERM;
+const WAIT: Duration = Duration::from_secs(5);
+const HTTPS: u16 = 443;
+
+/// The AKS-style policy of the issue: DNS to the resolver, `*.azurecr.io`
+/// and `login.microsoftonline.com` on 443, everything else denied.
+fn aks_policy(env: &TestEnv, resolver: IpAddr, extra_rules: &str) -> TempFile {
+    let text = format!(
+        "apiVersion: policy.tollgate.dev/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: registry-and-login
+spec:
+  cgroupSelector:
+    paths: [\"{cgroup}/**\"]
+  mode: enforce
+  egress:
+  - name: dns
+    to: [{{cidr: {resolver}/32}}]
+    ports: [{{port: 53, protocol: UDP}}, {{port: 53, protocol: TCP}}]
+  - name: registry
+    to: [{{fqdn: \"*.azurecr.io\"}}]
+    ports: [{{port: 443, protocol: TCP}}]
+  - name: login
+    to: [{{fqdn: login.microsoftonline.com}}]
+    ports: [{{port: 443, protocol: TCP}}]
+{extra_rules}",
+        cgroup = env.cgroup.relative
+    );
+    TempFile::new(
+        &format!(
+            "{}-policy.yaml",
+            env.cgroup.relative.trim_start_matches("/tgtest-")
+        ),
+        &text,
+    )
+}
+
+/// Starts the agent with the AKS policy (plus `extra_rules`), trusting
+/// `resolver`; the policy file lives as long as the agent is needed.
+fn start_agent(
+    env: &TestEnv,
+    resolver: std::net::Ipv4Addr,
+    extra_rules: &str,
+    extra_args: &[&str],
+) -> (AgentProcess, TempFile) {
+    let policy = aks_policy(env, resolver.into(), extra_rules);
+    let resolver = resolver.to_string();
+    let mut args = vec![
+        "--policy",
+        policy.path.to_str().unwrap(),
+        "--dns-resolver",
+        &resolver,
+    ];
+    args.extend_from_slice(extra_args);
+    (AgentProcess::start(env, &args), policy)
+}
+
+/// A zone with one name.
+fn one_name(name: &str, ip: std::net::Ipv4Addr, ttl: u32) -> Zone {
+    Zone {
+        addresses: vec![(name.into(), ip.into())],
+        ttl,
+        ..Zone::default()
+    }
+}
+
+fn resolve_connect(
+    env: &TestEnv,
+    transport: &str,
+    resolver: IpAddr,
+    name: &str,
+    qtype: &str,
+) -> String {
+    let run = env.probe(&[
+        "resolve-connect",
+        transport,
+        &format!("{resolver}:53"),
+        name,
+        qtype,
+        &HTTPS.to_string(),
+    ]);
+    match run.result() {
+        Ok(()) => "ok".into(),
+        Err(errno) if errno == EPERM => "EPERM".into(),
+        Err(errno) => format!("errno {errno}"),
+    }
+}
+
+/// The records the agent printed within `timeout` that satisfy `keep`.
+fn records_until(
+    agent: &AgentProcess,
+    timeout: Duration,
+    mut done: impl FnMut(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut records = Vec::new();
+    while std::time::Instant::now() < deadline {
+        let record = agent.next_record(deadline - std::time::Instant::now());
+        let finished = done(&record);
+        records.push(record);
+        if finished {
+            break;
+        }
+    }
+    records
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn names_open_what_they_resolve_to_for_the_endpoint_that_resolved_them() {
+    let mut env = TestEnv::new("fqdn-names");
+    let resolver = env.add_host(60, &[HTTPS]).v4;
+    let login_host = env.add_host(61, &[HTTPS]).v4;
+    let other_host = env.add_host(62, &[HTTPS]).v4;
+    let resolver_v6 = env.hosts[0].v6;
+    env.hosts[0].serve_dns(&Zone {
+        addresses: vec![
+            ("myreg.azurecr.io".into(), resolver.into()),
+            ("myreg.azurecr.io".into(), resolver_v6.into()),
+            ("deep.myreg.azurecr.io".into(), other_host.into()),
+            ("target.msidentity.com".into(), login_host.into()),
+            ("other.example.com".into(), other_host.into()),
+        ],
+        cnames: vec![
+            (
+                "login.microsoftonline.com".into(),
+                "login.mso.msidentity.com".into(),
+            ),
+            (
+                "login.mso.msidentity.com".into(),
+                "target.msidentity.com".into(),
+            ),
+        ],
+        ttl: 60,
+    });
+    let (agent, _policy) = start_agent(
+        &env,
+        resolver,
+        "",
+        &[
+            // Every allowed connection reported at once.
+            "--allowed-report-interval",
+            "0",
+        ],
+    );
+    let r = IpAddr::V4(resolver);
+
+    // Nothing resolved yet: the login host is closed.
+    let direct = env.probe(&["connect", "tcp", &format!("{login_host}:{HTTPS}")]);
+    assert_eq!(direct.result(), Err(EPERM));
+
+    assert_eq!(
+        resolve_connect(&env, "udp", r, "login.microsoftonline.com", "A"),
+        "ok",
+        "a CNAME chain"
+    );
+    assert_eq!(
+        resolve_connect(&env, "udp", r, "myreg.azurecr.io", "A"),
+        "ok"
+    );
+    assert_eq!(
+        resolve_connect(&env, "udp", r, "MyReg.AzureCR.IO", "A"),
+        "ok",
+        "case does not matter"
+    );
+    assert_eq!(
+        resolve_connect(&env, "udp", r, "myreg.azurecr.io", "AAAA"),
+        "ok",
+        "AAAA"
+    );
+    assert_eq!(
+        resolve_connect(&env, "udp", r, "deep.myreg.azurecr.io", "A"),
+        "EPERM",
+        "*. is exactly one label"
+    );
+    assert_eq!(
+        resolve_connect(&env, "udp", r, "other.example.com", "A"),
+        "EPERM"
+    );
+    // The other host stays closed, also on a port the names open elsewhere.
+    let direct = env.probe(&["connect", "tcp", &format!("{other_host}:{HTTPS}")]);
+    assert_eq!(direct.result(), Err(EPERM));
+
+    // Another endpoint does not get what this one learned.
+    let sibling = env.cgroup.child("sibling");
+    let run = env.probe_in(
+        &sibling,
+        &["connect", "tcp", &format!("{login_host}:{HTTPS}")],
+    );
+    assert_eq!(
+        run.result(),
+        Err(EPERM),
+        "a sibling cgroup is not the endpoint that resolved"
+    );
+
+    // Flow records name the destination; DNS answers are records too.
+    let records = records_until(&agent, WAIT, |record| {
+        record["type"] == "flow" && record["dst"]["fqdn"] == "other.example.com"
+    });
+    let allowed_login = records
+        .iter()
+        .find(|r| {
+            r["type"] == "flow"
+                && r["verdict"] == "allowed"
+                && r["dst"]["ip"] == login_host.to_string()
+        })
+        .expect("the allowed connection to the login host");
+    assert_eq!(allowed_login["dst"]["fqdn"], "login.microsoftonline.com");
+    assert_eq!(allowed_login["rule"], "login");
+    let denied_other = records
+        .iter()
+        .find(|r| {
+            r["type"] == "flow"
+                && r["verdict"] == "denied"
+                && r["dst"]["fqdn"] == "other.example.com"
+        })
+        .unwrap_or_else(|| panic!("the denied connection, named: {records:#?}"));
+    assert_eq!(denied_other["rule"], "default");
+    let dns = records
+        .iter()
+        .find(|r| r["type"] == "dns" && r["query"] == "login.microsoftonline.com")
+        .expect("a DNS record of the login answer");
+    assert_eq!(dns["learned"], true);
+    assert_eq!(dns["rcode"], "NOERROR");
+    assert_eq!(dns["resolver"]["ip"], resolver.to_string());
+    assert_eq!(dns["answers"].as_array().unwrap().len(), 3, "{dns}");
+    let unlearned = records
+        .iter()
+        .find(|r| r["type"] == "dns" && r["query"] == "other.example.com")
+        .expect("a DNS record of the unmatched answer");
+    assert_eq!(unlearned["learned"], false);
+    drop(agent);
+    env.cleanup_pins();
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn any_label_wildcards_match_one_or_more_labels() {
+    let mut env = TestEnv::new("fqdn-deep");
+    let resolver = env.add_host(63, &[HTTPS]).v4;
+    let target = env.add_host(64, &[HTTPS]).v4;
+    env.hosts[0].serve_dns(&Zone {
+        addresses: vec![
+            ("a.blob.core.windows.net".into(), target.into()),
+            ("x.y.blob.core.windows.net".into(), target.into()),
+            ("blob.core.windows.net".into(), target.into()),
+        ],
+        ttl: 60,
+        ..Zone::default()
+    });
+    let (_agent, _policy) = start_agent(
+        &env,
+        resolver,
+        "  - name: storage
+    to: [{fqdn: \"**.blob.core.windows.net\"}]
+",
+        &[],
+    );
+    let r = IpAddr::V4(resolver);
+    assert_eq!(
+        resolve_connect(&env, "udp", r, "blob.core.windows.net", "A"),
+        "EPERM",
+        "** needs a label"
+    );
+    assert_eq!(
+        resolve_connect(&env, "udp", r, "x.y.blob.core.windows.net", "A"),
+        "ok"
+    );
+    assert_eq!(
+        resolve_connect(&env, "udp", r, "a.blob.core.windows.net", "A"),
+        "ok"
+    );
+    drop(_agent);
+    env.cleanup_pins();
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn answers_from_resolvers_that_are_not_trusted_are_ignored() {
+    let mut env = TestEnv::new("fqdn-forged");
+    let resolver = env.add_host(65, &[HTTPS]).v4;
+    let forger = env.add_host(66, &[HTTPS]).v4;
+    env.hosts[1].serve_dns(&one_name("myreg.azurecr.io", forger, 60));
+    // DNS to the forger is allowed; only its answers are not trusted.
+    let (_agent, _policy) = start_agent(
+        &env,
+        resolver,
+        &format!(
+            "  - name: other-dns
+    to: [{{cidr: {forger}/32}}]
+    ports: [{{port: 53, protocol: UDP}}]
+"
+        ),
+        &[],
+    );
+    assert_eq!(
+        resolve_connect(&env, "udp", IpAddr::V4(forger), "myreg.azurecr.io", "A"),
+        "EPERM"
+    );
+    drop(_agent);
+    env.cleanup_pins();
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn learned_addresses_expire_with_their_ttl() {
+    let mut env = TestEnv::new("fqdn-ttl");
+    let resolver = env.add_host(67, &[HTTPS]).v4;
+    env.hosts[0].serve_dns(&one_name("myreg.azurecr.io", resolver, 1));
+    let (_agent, _policy) = start_agent(&env, resolver, "", &["--dns-min-ttl", "1s"]);
+    assert_eq!(
+        resolve_connect(&env, "udp", IpAddr::V4(resolver), "myreg.azurecr.io", "A"),
+        "ok"
+    );
+    std::thread::sleep(Duration::from_millis(1_500));
+    let later = env.probe(&["connect", "tcp", &format!("{resolver}:{HTTPS}")]);
+    assert_eq!(later.result(), Err(EPERM), "the answer's TTL has passed");
+    drop(_agent);
+    env.cleanup_pins();
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn learning_goes_on_while_the_agent_is_down() {
+    let mut env = TestEnv::new("fqdn-down");
+    let resolver = env.add_host(68, &[HTTPS]).v4;
+    env.hosts[0].serve_dns(&one_name("myreg.azurecr.io", resolver, 60));
+    let (mut agent, _policy) = start_agent(&env, resolver, "", &[]);
+    agent.kill();
+    assert_eq!(
+        resolve_connect(&env, "udp", IpAddr::V4(resolver), "myreg.azurecr.io", "A"),
+        "ok"
+    );
+    // And a restarted agent keeps what was learned meanwhile.
+    let _restarted = AgentProcess::start(&env, &["--dns-resolver", &resolver.to_string()]);
+    let again = env.probe(&["connect", "tcp", &format!("{resolver}:{HTTPS}")]);
+    assert_eq!(again.result(), Ok(()));
+    drop(_restarted);
+    env.cleanup_pins();
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn answers_over_tcp_are_learned_by_the_agent() {
+    let mut env = TestEnv::new("fqdn-tcp");
+    let resolver = env.add_host(69, &[HTTPS]).v4;
+    env.hosts[0].serve_dns(&one_name("myreg.azurecr.io", resolver, 60));
+    let (agent, _policy) = start_agent(&env, resolver, "", &[]);
+    // The agent installs a TCP answer's addresses after the client read it:
+    // the first connect may come too early (docs/policies.md says so).
+    let _ = resolve_connect(&env, "tcp", IpAddr::V4(resolver), "myreg.azurecr.io", "A");
+    let records = records_until(&agent, WAIT, |r| r["type"] == "dns");
+    let dns = records.last().unwrap();
+    assert_eq!(dns["query"], "myreg.azurecr.io");
+    assert_eq!(dns["learned"], true, "{dns}");
+    let then = env.probe(&["connect", "tcp", &format!("{resolver}:{HTTPS}")]);
+    assert_eq!(then.result(), Ok(()));
+    drop(agent);
+    env.cleanup_pins();
+}
+
+/// The issue's bar: 1,000 rounds of resolve-then-connect, each to an
+/// address never learned before, without one failure.
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn a_thousand_first_connects_after_resolving_all_succeed() {
+    const ROUNDS: usize = 1_000;
+    let mut env = TestEnv::new("fqdn-loop");
+    let resolver = env.add_host(70, &[HTTPS]).v4;
+    // 10.232.0.0/22 all belongs to the test host: one fresh address a round.
+    env.hosts[0].own_prefix("10.232.0.0/22");
+    env.hosts[0].serve_dns(&Zone {
+        addresses: (0..ROUNDS)
+            .map(|i| {
+                let ip = std::net::Ipv4Addr::new(10, 232, (i / 250) as u8, (i % 250 + 1) as u8);
+                (format!("r{i}.azurecr.io"), ip.into())
+            })
+            .collect(),
+        ttl: 60,
+        ..Zone::default()
+    });
+    let (agent, _policy) = start_agent(&env, resolver, "", &[]);
+    let run = env.probe(&[
+        "--count",
+        &ROUNDS.to_string(),
+        "resolve-connect",
+        "udp",
+        &format!("{resolver}:53"),
+        "r{}.azurecr.io",
+        "A",
+        &HTTPS.to_string(),
+    ]);
+    let failures: Vec<(usize, &Result<(), i32>)> = run
+        .results
+        .iter()
+        .enumerate()
+        .filter(|(_, result)| result.is_err())
+        .collect();
+    assert_eq!(run.results.len(), ROUNDS);
+    assert!(
+        failures.is_empty(),
+        "{} of {ROUNDS} failed: {failures:?}",
+        failures.len()
+    );
+    drop(agent);
+    env.cleanup_pins();
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn an_endpoint_over_a_limit_forgets_addresses_and_the_record_says_so() {
+    let mut env = TestEnv::new("fqdn-limit");
+    let resolver = env.add_host(71, &[HTTPS]).v4;
+    env.hosts[0].own_prefix("10.232.8.0/24");
+    let addresses: Vec<std::net::Ipv4Addr> = (1..=3)
+        .map(|i| std::net::Ipv4Addr::new(10, 232, 8, i))
+        .collect();
+    env.hosts[0].serve_dns(&Zone {
+        addresses: addresses
+            .iter()
+            .map(|ip| ("cdn.azurecr.io".to_owned(), IpAddr::V4(*ip)))
+            .collect(),
+        ttl: 60,
+        ..Zone::default()
+    });
+    let (agent, _policy) = start_agent(&env, resolver, "", &["--fqdn-max-addresses-per-name", "2"]);
+    // dig, in the endpoint's cgroup, resolves; nothing connects yet.
+    let cgroup_procs = env.cgroup.path.join("cgroup.procs");
+    let dig = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec dig +short @{resolver} cdn.azurecr.io",
+            cgroup_procs.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&dig.stdout).lines().count(), 3);
+    let records = records_until(&agent, WAIT, |r| r["type"] == "dns");
+    let dns = records.last().unwrap();
+    assert_eq!(dns["limit"], "addresses_per_name", "{dns}");
+    let results: Vec<Result<(), i32>> = addresses
+        .iter()
+        .map(|ip| {
+            env.probe(&["connect", "tcp", &format!("{ip}:{HTTPS}")])
+                .result()
+        })
+        .collect();
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        2,
+        "two of three kept: {results:?}"
+    );
+    assert!(results.contains(&Err(EPERM)));
+    drop(agent);
+    env.cleanup_pins();
+}
+
+/// The verifier's work on every program stays well inside its budget of
+/// 1,000,000 instructions: a change that makes it grow shows here first,
+/// not as a program that fails to load on a customer's kernel.
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn every_program_verifies_well_inside_the_budget() {
+    let env = TestEnv::new("fqdn-verifier");
+    let datapath = env.open_datapath();
+    let mut seen = Vec::new();
+    for info in aya::programs::loaded_programs().filter_map(Result::ok) {
+        let name = info.name_as_str().unwrap_or_default().to_owned();
+        if !name.starts_with("tollgate_") {
+            continue;
+        }
+        if let Some(count) = info.verified_instruction_count() {
+            seen.push((name, count));
+        }
+    }
+    drop(datapath);
+    env.cleanup_pins();
+    eprintln!("verified instructions: {seen:?}");
+    assert!(
+        seen.len() >= tollgate_agent::datapath::PROGRAMS.len(),
+        "{seen:?}"
+    );
+    for (name, count) in &seen {
+        assert!(*count < 250_000, "{name}: {count} instructions verified");
+    }
+}
