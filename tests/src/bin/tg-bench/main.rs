@@ -34,6 +34,12 @@ fn main() {
             seconds: seconds.parse().expect("seconds"),
             rate: rate.parse().expect("rate"),
         }),
+        ["drain", cgroup, addr, seconds] => {
+            learned::drain(cgroup, addr, seconds.parse().expect("seconds"))
+        }
+        ["dns-blast", from, to, seconds] => {
+            learned::blast(from, to, seconds.parse().expect("seconds"))
+        }
         ["run", rest @ ..] => {
             let smoke = rest.contains(&"--smoke");
             let out = rest
@@ -99,6 +105,7 @@ fn run(plan: &Plan, out: &Path) {
     std::fs::create_dir_all(out).unwrap();
     let mut report = Report::new(plan.smoke);
     connect_costs(plan, &mut report);
+    learned::learning_rate(plan, &mut report);
     pipeline::measure(plan, &mut report);
     control::measure(plan, &mut report);
     report.write(out);
