@@ -32,7 +32,7 @@ use crate::{
         TG_CONFIG, TG_DNS_SCRATCH, TG_DNS_TRUSTED, TG_ENDPOINTS, TG_EVENTS, TG_FQDN_LEARNED,
         TG_FQDN_NAMES,
     },
-    report::{add, count},
+    report::{add, batched_wakeup, count},
 };
 
 const DNS_PORT: u16 = 53;
@@ -169,6 +169,13 @@ fn bounded_len(len: u32) -> u32 {
 #[inline(always)]
 fn output(scratch: &DnsScratch, payload_len: u32) {
     let size = EVENT_HEADER + bounded_len(payload_len) as u64;
+    // An answer only the agent can learn from wakes it at once; the rest
+    // (names for flow records, DNS records) waits for the batch, like flows.
+    let wakeup = if scratch.event.flags & dns_flags::TO_USERSPACE != 0 {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        batched_wakeup()
+    };
     // SAFETY: the event header and the payload are contiguous in the
     // scratch value (asserted in tollgate_common) and `size` is within it.
     let result = unsafe {
@@ -176,8 +183,7 @@ fn output(scratch: &DnsScratch, payload_len: u32) {
             core::ptr::addr_of!(TG_EVENTS) as *mut _,
             scratch as *const DnsScratch as *mut _,
             size,
-            // DNS answers are few and learning may wait on the agent.
-            BPF_RB_FORCE_WAKEUP as u64,
+            wakeup,
         )
     };
     if result != 0 {
@@ -446,7 +452,10 @@ fn install(scratch: &mut DnsScratch, index: usize) {
                 };
             }
         }
-        if TG_FQDN_LEARNED.insert(&key, &value, BPF_ANY as u64).is_err() {
+        if TG_FQDN_LEARNED
+            .insert(&key, &value, BPF_ANY as u64)
+            .is_err()
+        {
             count(counter::FQDN_LEARN_FAILED);
             return;
         }

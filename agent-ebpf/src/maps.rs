@@ -59,8 +59,7 @@ pub static TG_FQDN_LEARNED: LruHashMap<LearnedKey, LearnedValue> =
 
 /// Resolvers whose answers are learned from.
 #[map]
-pub static TG_DNS_TRUSTED: HashMap<ResolverKey, u8> =
-    HashMap::pinned(capacity::DNS_TRUSTED, 0);
+pub static TG_DNS_TRUSTED: HashMap<ResolverKey, u8> = HashMap::pinned(capacity::DNS_TRUSTED, 0);
 
 #[map]
 pub static TG_DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::pinned(1, 0);

@@ -101,12 +101,19 @@ pub fn decision(ctx: &SockAddrContext, report: &Report, dst: &Destination) {
             core::ptr::write_bytes(comm as *mut u8, 0, 16);
         }
     }
+    entry.submit(batched_wakeup());
+}
+
+/// The submit flag that wakes the agent only once [`WAKEUP_THRESHOLD`]
+/// bytes are unread.
+#[inline(always)]
+pub fn batched_wakeup() -> u64 {
     let wakeup = if TG_EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= WAKEUP_THRESHOLD {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    entry.submit(wakeup.into());
+    wakeup.into()
 }
 
 /// True if the same allowed flow was reported less than an interval ago;

@@ -6,7 +6,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use tollgate_tests::{AgentProcess, TempFile, TestEnv, Zone};
+use tollgate_tests::{AgentProcess, TempFile, TestEnv, Zone, free_port, http_get, metric_sample};
 
 const EPERM: i32 = libc::EPERM;
 const WAIT: Duration = Duration::from_secs(5);
@@ -342,10 +342,41 @@ fn learning_goes_on_while_the_agent_is_down() {
         resolve_connect(&env, "udp", IpAddr::V4(resolver), "myreg.azurecr.io", "A"),
         "ok"
     );
-    // And a restarted agent keeps what was learned meanwhile.
-    let _restarted = AgentProcess::start(&env, &["--dns-resolver", &resolver.to_string()]);
+    // And a restarted agent keeps what was learned meanwhile, and counts it.
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let _restarted = AgentProcess::start(
+        &env,
+        &[
+            "--dns-resolver",
+            &resolver.to_string(),
+            "--metrics-listen",
+            &metrics,
+        ],
+    );
     let again = env.probe(&["connect", "tcp", &format!("{resolver}:{HTTPS}")]);
     assert_eq!(again.result(), Ok(()));
+    let deadline = std::time::Instant::now() + WAIT;
+    let learned = loop {
+        let (_, text) = http_get(port, "/metrics");
+        let learned = metric_sample(&text, "tollgate_fqdn_learned_addresses");
+        if learned > 0 || std::time::Instant::now() > deadline {
+            assert!(
+                metric_sample(&text, "tollgate_dns_answers_total") >= 1,
+                "{text}"
+            );
+            assert!(
+                metric_sample(&text, "tollgate_dns_addresses_learned_total") >= 1,
+                "{text}"
+            );
+            break learned;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        learned, 1,
+        "the one address learned while the agent was down"
+    );
     drop(_restarted);
     env.cleanup_pins();
 }

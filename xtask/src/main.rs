@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <build|test|run|lint|bench>`.
+//! Project tasks: `cargo xtask <build|test|run|lint|bench|fuzz>`.
 //!
 //! Every task first runs `scripts/setup.sh`, which installs what is missing
 //! (nightly rust-src, LLVM 22, bpf-linker, the test peers) and skips what is
@@ -47,6 +47,13 @@ enum Task {
         #[arg(long)]
         smoke: bool,
     },
+    /// Fuzz the DNS parser against hickory-proto and the TCP reassembly
+    /// (dns/fuzz), each target for this many seconds; installs cargo-fuzz
+    /// if missing.
+    Fuzz {
+        #[arg(default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,7 +68,29 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Lint => lint(&root),
         Task::Bench { smoke } => bench(&root, smoke),
+        Task::Fuzz { seconds } => fuzz(&root, seconds),
     }
+}
+
+fn fuzz(root: &Path, seconds: u64) -> anyhow::Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        run(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))?;
+    }
+    for target in ["dns_answer", "tcp_streams"] {
+        run(Command::new("cargo")
+            .current_dir(root.join("dns/fuzz"))
+            .arg(format!("+{}", nightly()))
+            .args(["fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}")))
+        .with_context(|| format!("fuzzing {target}"))?;
+    }
+    Ok(())
 }
 
 fn bench(root: &Path, smoke: bool) -> anyhow::Result<()> {

@@ -900,6 +900,35 @@ mod tests {
     }
 
     #[test]
+    fn names_are_keys_in_wire_form_and_read_back() {
+        let key = wire_name("api.example.com").unwrap();
+        assert_eq!(&key.wire[..17], b"\x03api\x07example\x03com\x00");
+        assert!(key.wire[17..].iter().all(|b| *b == 0));
+        assert!(wire_name("a..b").is_none());
+        assert!(wire_name(&"a".repeat(64)).is_none());
+        assert!(
+            wire_name(&vec!["a".repeat(63); 4].join(".")).is_none(),
+            "over 255 bytes"
+        );
+
+        let patterns: BTreeMap<u32, FqdnPattern> = [
+            (1, FqdnPattern::Exact("example.com".into())),
+            (2, FqdnPattern::OneLabel("example.com".into())),
+            (3, FqdnPattern::AnyLabels("azurecr.io".into())),
+        ]
+        .into();
+        let names = encode_names(&patterns).unwrap();
+        assert_eq!(names.len(), 2, "one key per name");
+        let ids = names[&wire_name("example.com").unwrap()];
+        assert_eq!((ids.exact, ids.one_label, ids.any_labels), (1, 2, 0));
+        let back: BTreeMap<u32, FqdnPattern> = decode_names(&names)
+            .into_iter()
+            .map(|(p, id)| (id, p))
+            .collect();
+        assert_eq!(back, patterns);
+    }
+
+    #[test]
     fn host_bits_of_a_prefix_are_dropped() {
         let net: Ipv4Net = "10.1.2.3/16".parse().unwrap();
         let encoded = encode(

@@ -474,9 +474,11 @@ fn decide_learned(
     let reference = evaluate(&refs, ip, 443, TCP, global, &pattern_refs);
     let set = &compiled.rules.sets[compiled.rules.endpoints[&1] as usize];
     let (outcome, rule_id) = outcome_of(set.decide(ip, 443, TCP, global, &ids), global);
-    let kernel_rule = (rule_id != 0)
-        .then(|| compiled.names.rules[&rule_id].rule.clone())
-        .unwrap_or_else(|| "default".into());
+    let kernel_rule = if rule_id != 0 {
+        compiled.names.rules[&rule_id].rule.clone()
+    } else {
+        "default".into()
+    };
     let reference_rule = reference
         .rule
         .map_or_else(|| "default".into(), |(p, i)| p.rules[i].name.clone());

@@ -42,8 +42,22 @@ fn median(mut values: Vec<Duration>) -> Duration {
     values[values.len() / 2]
 }
 
+/// Addresses one endpoint learns before memory is measured.
+const LEARNED_FOR_MEMORY: u32 = 10_000;
+
 pub fn measure(plan: &Plan, report: &mut Report) {
-    let env = TestEnv::new("bench-control");
+    let mut env = TestEnv::new("bench-control");
+    let resolver = env.add_host(91, &[]).v4;
+    let netns = env.hosts[0].netns.clone();
+    let resolver_arg = resolver.to_string();
+    let agent_args = [
+        "--mode",
+        "enforce",
+        "--dns-resolver",
+        &resolver_arg,
+        "--fqdn-max-addresses-per-endpoint",
+        "20000",
+    ];
     // Endpoint cgroups ep-<j><nn>: the tenth selected by policy group-j.
     let per_group = plan.endpoints / 10;
     for j in 0..10 {
@@ -53,7 +67,7 @@ pub fn measure(plan: &Plan, report: &mut Report) {
     }
     let glob = env.cgroup.relative.clone();
     let started = Instant::now();
-    let mut agent = AgentProcess::start(&env, &["--mode", "enforce"]);
+    let mut agent = AgentProcess::start(&env, &agent_args);
     let cold_start = started.elapsed();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -110,11 +124,29 @@ pub fn measure(plan: &Plan, report: &mut Report) {
     // A restart with the saved set: adopt, restore, ready.
     agent.terminate();
     let started = Instant::now();
-    let mut agent = AgentProcess::start(&env, &["--mode", "enforce"]);
+    let mut agent = AgentProcess::start(&env, &agent_args);
     let warm_start = started.elapsed();
 
-    // Memory at scale.
-    apply(policies(&glob, plan.memory_rules, 0));
+    // Memory at scale, with an endpoint that learned 10k addresses.
+    let mut at_scale = policies(&glob, plan.memory_rules, 0);
+    let names = format!(
+        "apiVersion: policy.tollgate.dev/v1alpha1\nkind: EgressPolicy\nmetadata:\n  name: names\n\
+         spec:\n  cgroupSelector:\n    paths: [\"{glob}/ep-0000\"]\n  egress:\n\
+         \x20 - {{name: names, to: [{{fqdn: \"*.bench.test\"}}]}}\n"
+    );
+    at_scale.extend(
+        parse_documents("bench", &names)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.policy),
+    );
+    apply(at_scale);
+    let receiver_addr = format!("{}:5300", std::net::Ipv4Addr::from(u32::from(resolver) - 1));
+    let mut receiver =
+        crate::learned::start_receiver(&env.cgroup.path.join("ep-0000"), &receiver_addr, 2.0);
+    crate::learned::send_answers(&netns, resolver, &receiver_addr, 1.0, LEARNED_FOR_MEMORY);
+    let _ = receiver.wait();
+    std::thread::sleep(Duration::from_millis(500)); // the agent reads the last answers
     let pid = agent.pid();
     let rss_kib = proc_status_kib(pid, "VmRSS:");
     let map_bytes = map_memlock_bytes(pid);
@@ -131,6 +163,7 @@ pub fn measure(plan: &Plan, report: &mut Report) {
         cold_start,
         warm_start,
         memory_rules: plan.memory_rules,
+        learned_addresses: LEARNED_FOR_MEMORY,
         agent_rss_kib: rss_kib,
         map_memlock_bytes: map_bytes,
     });

@@ -54,7 +54,13 @@ pub fn learning_rate(plan: &crate::Plan, report: &mut crate::report::Report) {
     let netns = env.hosts[0].netns.clone();
     let policy = tollgate_tests::TempFile::new(
         "bench-dns.yaml",
-        &crate::rules::policy_by_name("bench-dns", &env.cgroup.relative, &[]),
+        &format!(
+            "apiVersion: policy.tollgate.dev/v1alpha1\nkind: EgressPolicy\nmetadata:\n  name: bench-dns\n\
+             spec:\n  cgroupSelector:\n    paths: [\"{}\"]\n  mode: enforce\n  egress:\n\
+             \x20 - {{name: dns, to: [{{cidr: {resolver}/32}}], ports: [{{port: 53, protocol: UDP}}]}}\n\
+             \x20 - {{name: names, to: [{{fqdn: \"*.bench.test\"}}]}}\n",
+            env.cgroup.relative
+        ),
     );
     let agent = tollgate_tests::AgentProcess::start(
         &env,
@@ -69,26 +75,30 @@ pub fn learning_rate(plan: &crate::Plan, report: &mut crate::report::Report) {
     // The endpoint's socket, on the root side of the host's veth.
     let receiver_addr = format!("{}:5300", Ipv4Addr::from(u32::from(resolver) - 1));
     let before = counters(&env);
-    let mut receiver = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["drain", env.cgroup.path.to_str().unwrap(), &receiver_addr])
-        .arg((seconds + 1.0).to_string())
-        .stdout(std::process::Stdio::piped())
+    let mut receiver = start_receiver(&env.cgroup.path, &receiver_addr, seconds + 1.0);
+    let sent = send_answers(&netns, resolver, &receiver_addr, seconds, 4096);
+    let _ = receiver.wait();
+    let after = counters(&env);
+
+    // Latency: query and answer, one at a time, from the endpoint (the
+    // ingress program parses and learns each answer) and from a cgroup
+    // outside the attach point (nothing runs), in turns.
+    let outside = tollgate_tests::TestCgroup::new("bench-dns-base");
+    let mut server = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns])
+        .arg(std::env::current_exe().unwrap())
+        .args(["dns-serve", &format!("{resolver}:53")])
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let sender = std::process::Command::new("ip")
-        .args(["netns", "exec", &netns])
-        .arg(std::env::current_exe().unwrap())
-        .args(["dns-blast", &format!("{resolver}:53"), &receiver_addr])
-        .arg(seconds.to_string())
-        .output()
-        .unwrap();
-    let sent: u64 = String::from_utf8_lossy(&sender.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    let _ = receiver.wait();
-    let after = counters(&env);
+    let rounds = if plan.smoke { 2_000 } else { 20_000 };
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..plan.rounds {
+        without.extend(round_trips(&outside.path, resolver, rounds));
+        with.extend(round_trips(&env.cgroup.path, resolver, rounds));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
     drop(agent);
     env.cleanup_pins();
     report.dns_learning(crate::report::DnsLearning {
@@ -96,7 +106,102 @@ pub fn learning_rate(plan: &crate::Plan, report: &mut crate::report::Report) {
         sent,
         answers: after.0 - before.0,
         learned: after.1 - before.1,
+        latency_ns: percentiles(&mut with),
+        baseline_latency_ns: percentiles(&mut without),
     });
+}
+
+/// Runs `dns-blast` in the resolver's namespace; returns how many it sent.
+pub fn send_answers(netns: &str, resolver: Ipv4Addr, to: &str, seconds: f64, names: u32) -> u64 {
+    let sender = std::process::Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(std::env::current_exe().unwrap())
+        .args(["dns-blast", &format!("{resolver}:53"), to])
+        .arg(seconds.to_string())
+        .arg(names.to_string())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&sender.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Starts `drain` on `addr` in `cgroup` for `seconds`.
+pub fn start_receiver(cgroup: &std::path::Path, addr: &str, seconds: f64) -> std::process::Child {
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["drain", cgroup.to_str().unwrap(), addr])
+        .arg(seconds.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    child
+}
+
+/// (p50, p99) of `samples`.
+fn percentiles(samples: &mut [u64]) -> (u64, u64) {
+    samples.sort_unstable();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    (at(0.50), at(0.99))
+}
+
+/// Query/answer round trips (ns) from a process in `cgroup`.
+fn round_trips(cgroup: &std::path::Path, resolver: Ipv4Addr, rounds: usize) -> Vec<u64> {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "dns-rtt",
+            cgroup.to_str().unwrap(),
+            &format!("{resolver}:53"),
+        ])
+        .arg(rounds.to_string())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// `tg-bench dns-serve ADDR`: answers every datagram on ADDR with the next
+/// prepared answer, until killed.
+pub fn serve(addr: &str) {
+    let answers = prepared_answers(4096);
+    let socket = std::net::UdpSocket::bind(addr).expect("binding the resolver's port 53");
+    let mut buffer = [0u8; 512];
+    let mut next = 0;
+    loop {
+        if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
+            let _ = socket.send_to(&answers[next], peer);
+            next = (next + 1) % answers.len();
+        }
+    }
+}
+
+/// `tg-bench dns-rtt CGROUP RESOLVER ROUNDS`: joins CGROUP, then sends
+/// ROUNDS queries one after the other on a connected UDP socket (the
+/// connect is judged once) and prints each round trip in ns.
+pub fn rtt(cgroup: &str, resolver: &str, rounds: usize) {
+    std::fs::write(
+        format!("{cgroup}/cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("joining the cgroup");
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.connect(resolver).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .unwrap();
+    let mut buffer = [0u8; 512];
+    let mut out = String::with_capacity(rounds * 8);
+    for _ in 0..rounds {
+        let start = std::time::Instant::now();
+        if socket.send(b"q").is_ok() && socket.recv(&mut buffer).is_ok() {
+            out.push_str(&start.elapsed().as_nanos().to_string());
+            out.push('\n');
+        }
+    }
+    print!("{out}");
 }
 
 /// The kernel's (DNS answers, addresses learned) counters.
@@ -140,29 +245,11 @@ pub fn drain(cgroup: &str, addr: &str, seconds: f64) {
     println!("{received}");
 }
 
-/// `tg-bench dns-blast FROM TO SECONDS`: sends DNS answers for
-/// `r<n>.bench.test` (a different address each) from FROM to TO as fast as
-/// it can; prints how many it sent.
-pub fn blast(from: &str, to: &str, seconds: f64) {
-    use hickory_proto::{
-        op::{Message, MessageType, Query},
-        rr::{Name, RData, Record, RecordType, rdata::A},
-    };
-    let answers: Vec<Vec<u8>> = (0..4096u32)
-        .map(|i| {
-            let name = Name::from_ascii(format!("r{i}.bench.test.")).unwrap();
-            let mut message = Message::query();
-            message.metadata.id = i as u16;
-            message.metadata.message_type = MessageType::Response;
-            message.add_query(Query::query(name.clone(), RecordType::A));
-            message.add_answer(Record::from_rdata(
-                name,
-                300,
-                RData::A(A(Ipv4Addr::from(0x0a50_0000 + i))),
-            ));
-            message.to_vec().unwrap()
-        })
-        .collect();
+/// `tg-bench dns-blast FROM TO SECONDS NAMES`: sends DNS answers for
+/// `r<n>.bench.test`, n < NAMES (a different address each), from FROM to
+/// TO as fast as it can; prints how many it sent.
+pub fn blast(from: &str, to: &str, seconds: f64, names: u32) {
+    let answers = prepared_answers(names);
     let socket = std::net::UdpSocket::bind(from).expect("binding the resolver's port 53");
     socket.connect(to).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds);
@@ -177,4 +264,28 @@ pub fn blast(from: &str, to: &str, seconds: f64) {
         }
     }
     println!("{sent}");
+}
+
+/// Answers for `r<n>.bench.test`, n < `names`, each with an address of its
+/// own.
+fn prepared_answers(names: u32) -> Vec<Vec<u8>> {
+    use hickory_proto::{
+        op::{Message, MessageType, Query},
+        rr::{Name, RData, Record, RecordType, rdata::A},
+    };
+    (0..names)
+        .map(|i| {
+            let name = Name::from_ascii(format!("r{i}.bench.test.")).unwrap();
+            let mut message = Message::query();
+            message.metadata.id = i as u16;
+            message.metadata.message_type = MessageType::Response;
+            message.add_query(Query::query(name.clone(), RecordType::A));
+            message.add_answer(Record::from_rdata(
+                name,
+                300,
+                RData::A(A(Ipv4Addr::from(0x0a50_0000 + i))),
+            ));
+            message.to_vec().unwrap()
+        })
+        .collect()
 }

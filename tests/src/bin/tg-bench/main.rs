@@ -37,9 +37,16 @@ fn main() {
         ["drain", cgroup, addr, seconds] => {
             learned::drain(cgroup, addr, seconds.parse().expect("seconds"))
         }
-        ["dns-blast", from, to, seconds] => {
-            learned::blast(from, to, seconds.parse().expect("seconds"))
+        ["dns-serve", addr] => learned::serve(addr),
+        ["dns-rtt", cgroup, resolver, rounds] => {
+            learned::rtt(cgroup, resolver, rounds.parse().expect("rounds"))
         }
+        ["dns-blast", from, to, seconds, names] => learned::blast(
+            from,
+            to,
+            seconds.parse().expect("seconds"),
+            names.parse().expect("names"),
+        ),
         ["run", rest @ ..] => {
             let smoke = rest.contains(&"--smoke");
             let out = rest
