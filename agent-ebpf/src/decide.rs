@@ -33,9 +33,11 @@ use crate::{
     report,
 };
 
-/// Only a writer that completes this many switches during one decision can
-/// exhaust them; that is counted (`GENERATION_UNSTABLE`), not hidden.
-const GENERATION_ATTEMPTS: u32 = 4;
+/// Only a writer that flips the generation twice during one decision, with
+/// a whole half written in between, can exhaust them; that is counted
+/// (`GENERATION_UNSTABLE`), not hidden. The verifier walks every attempt, so
+/// each one more costs the agent's start a full verification of `evaluate`.
+const GENERATION_ATTEMPTS: u32 = 2;
 
 /// Where a connection goes, as the hook saw it.
 pub struct Destination {
