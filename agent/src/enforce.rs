@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use tollgate_common::{Mode, SET_ID_HALF_BIT};
@@ -36,8 +37,11 @@ pub enum EnforceError {
     Datapath(#[from] DatapathError),
 }
 
-/// Generations whose names are kept, for events still in flight.
-const NAMED_GENERATIONS: usize = 16;
+/// Generations whose names are kept, for events still in flight. Events of
+/// the oldest are read (and its open aggregates closed) before a switch
+/// forgets it, so two would do; a few more spare those early closes when
+/// applies come in bursts.
+const NAMED_GENERATIONS: usize = 4;
 
 /// How cgroups become endpoints.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -68,21 +72,38 @@ pub struct Enforcer {
 /// The names of one generation's rules, rendered once for every record.
 struct GenerationNames {
     generation: u32,
-    /// rule id -> (policy, rule)
-    rules: HashMap<u32, (String, String)>,
+    /// rule id -> (policy, rule); the strings are shared with the
+    /// generation before wherever they did not change.
+    rules: HashMap<u32, (Arc<str>, Arc<str>)>,
     /// set index -> the policies owning its default, comma-separated
     defaults: Vec<String>,
 }
 
 impl GenerationNames {
-    fn new(generation: u32, names: Names) -> Self {
+    fn new(generation: u32, names: Names, previous: Option<&GenerationNames>) -> Self {
+        let mut policies: HashMap<PolicyKey, Arc<str>> = HashMap::new();
+        let rules = names
+            .rules
+            .into_iter()
+            .map(|(id, r)| {
+                let kept = previous
+                    .and_then(|p| p.rules.get(&id))
+                    .filter(|(_, rule)| **rule == *r.rule);
+                let policy = policies
+                    .entry(r.policy)
+                    .or_insert_with_key(|key| key.to_string().into());
+                let names = match kept {
+                    Some((kept_policy, rule)) if *kept_policy == *policy => {
+                        (kept_policy.clone(), rule.clone())
+                    }
+                    _ => (policy.clone(), r.rule.into()),
+                };
+                (id, names)
+            })
+            .collect();
         Self {
             generation,
-            rules: names
-                .rules
-                .into_iter()
-                .map(|(id, r)| (id, (r.policy.to_string(), r.rule)))
-                .collect(),
+            rules,
             defaults: names
                 .set_defaults
                 .iter()
@@ -175,7 +196,7 @@ impl Enforcer {
                 mode: PolicyMode::Inherit,
                 default_action: Action::Deny,
                 selector: Selector::default(),
-                rules: vec![],
+                rules: std::sync::Arc::from([]),
             });
         }
         policies
@@ -229,8 +250,8 @@ impl Enforcer {
         if self.names.len() == NAMED_GENERATIONS {
             self.names.pop_front();
         }
-        self.names
-            .push_back(GenerationNames::new(generation, compiled.names));
+        let names = GenerationNames::new(generation, compiled.names, self.names.back());
+        self.names.push_back(names);
         Ok(generation)
     }
 
@@ -283,6 +304,52 @@ impl Enforcer {
             return Some((owners.as_str(), None));
         }
         let (policy, rule) = names.rules.get(&rule_id)?;
-        Some((policy.as_str(), Some(rule.as_str())))
+        Some((policy, Some(rule)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::compile::RuleRef;
+
+    fn names(rules: &[(u32, &str, &str)]) -> Names {
+        Names {
+            rules: rules
+                .iter()
+                .map(|&(id, policy, rule)| {
+                    let policy = PolicyKey {
+                        namespace: None,
+                        name: policy.into(),
+                    };
+                    let rule = rule.into();
+                    (id, RuleRef { policy, rule })
+                })
+                .collect(),
+            set_defaults: vec![],
+        }
+    }
+
+    #[test]
+    fn generations_share_the_names_that_did_not_change() {
+        let first = GenerationNames::new(1, names(&[(1, "a", "web"), (2, "b", "db")]), None);
+        let second = GenerationNames::new(
+            2,
+            names(&[(1, "a", "web"), (2, "b", "cache"), (3, "c", "dns")]),
+            Some(&first),
+        );
+        let shared = |id: u32| {
+            let (p1, r1) = &first.rules[&id];
+            let (p2, r2) = &second.rules[&id];
+            Arc::ptr_eq(p1, p2) && Arc::ptr_eq(r1, r2)
+        };
+        assert!(shared(1), "unchanged rule");
+        assert!(!shared(2), "renamed rule");
+        assert_eq!(
+            second.rules[&2],
+            (Arc::from("b"), Arc::from("cache")),
+            "renamed rule"
+        );
+        assert_eq!(second.rules[&3], (Arc::from("c"), Arc::from("dns")));
     }
 }

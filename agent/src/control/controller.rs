@@ -120,6 +120,7 @@ impl Controller {
             datapath.set_global_mode(mode)?;
         }
         controller.persist()?;
+        release_freed_memory();
         Ok(controller)
     }
 
@@ -140,9 +141,11 @@ impl Controller {
         match command {
             Command::Apply(request, reply) => {
                 let _ = reply.send(self.apply(request, datapath));
+                release_freed_memory();
             }
             Command::Delete(request, reply) => {
                 let _ = reply.send(self.delete(request, datapath));
+                release_freed_memory();
             }
             Command::List(reply) => {
                 let _ = reply.send(api::ListPoliciesResponse {
@@ -155,6 +158,7 @@ impl Controller {
             }
             Command::SetMode(request, reply) => {
                 let _ = reply.send(self.set_mode(request, datapath));
+                release_freed_memory();
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status(datapath));
@@ -291,12 +295,25 @@ impl Controller {
     }
 
     fn persist(&self) -> Result<(), ControlError> {
-        let json = serde_json::to_vec_pretty(&self.store.to_persisted()).expect("state serializes");
-        crate::state_file::write_atomic(&self.state_file, &json).map_err(|source| {
-            ControlError::Persist {
-                path: self.state_file.clone(),
-                source,
-            }
+        let state = self.store.to_persisted();
+        crate::state_file::write_atomic_with(&self.state_file, |file| {
+            serde_json::to_writer_pretty(file, &state).map_err(std::io::Error::from)
         })
+        .map_err(|source| ControlError::Persist {
+            path: self.state_file.clone(),
+            source,
+        })
+    }
+}
+
+/// Hands the memory a policy change freed back to the kernel. A large
+/// apply allocates its request, plan and encoded rules in many small
+/// pieces; glibc keeps the freed pages in its heap, and the agent's
+/// resident size would stay at that peak.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory; no pointer is kept.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

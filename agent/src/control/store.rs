@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use tollgate_common::Mode;
 use tollgate_proto::v1::{self as api, PolicyChange};
@@ -34,10 +35,19 @@ pub struct PolicyStore {
     overrides: BTreeMap<PolicyKey, Mode>,
 }
 
+/// A policy as applied and as compiled. The document is kept encoded
+/// (protobuf): at 100k rules the decoded form is ten times the size, and it
+/// is only read to answer `GetPolicies` and to save the set.
 #[derive(Clone, Debug, PartialEq)]
 struct Stored {
-    document: api::EgressPolicy,
+    document: prost::bytes::Bytes,
     policy: Policy,
+}
+
+impl Stored {
+    fn document(&self) -> api::EgressPolicy {
+        api::EgressPolicy::decode(self.document.clone()).expect("the store encoded it")
+    }
 }
 
 /// A change worked out against the current set, not yet made.
@@ -54,15 +64,27 @@ impl Plan {
 }
 
 /// What the state directory holds.
+/// The saved policy set. `Documents` is what is read back; saving writes
+/// [`StoredDocuments`] in its place, decoding one document at a time.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PersistedState {
+pub struct PersistedState<Documents = Vec<api::EgressPolicy>> {
     pub generation: u64,
     pub global_mode: Option<String>,
     #[serde(default)]
     pub policy_modes: BTreeMap<String, String>,
     #[serde(default)]
-    pub policies: Vec<api::EgressPolicy>,
+    pub policies: Documents,
+}
+
+/// The store's documents, serialized as a list without a decoded copy of
+/// them all.
+pub struct StoredDocuments<'a>(&'a BTreeMap<PolicyKey, Stored>);
+
+impl Serialize for StoredDocuments<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.values().map(Stored::document))
+    }
 }
 
 impl PolicyStore {
@@ -84,7 +106,7 @@ impl PolicyStore {
     }
 
     pub fn documents(&self) -> Vec<api::EgressPolicy> {
-        self.policies.values().map(|s| s.document.clone()).collect()
+        self.policies.values().map(Stored::document).collect()
     }
 
     /// Validates `documents` (all of them; every error) and works out what
@@ -111,9 +133,10 @@ impl PolicyStore {
         let mut changes = Vec::new();
         for (item, policy) in sourced.into_iter().zip(validated) {
             let key = policy.key.clone();
+            // Decoded, not compared encoded: label maps encode in any order.
             let change = match next.get(&key) {
                 None => "created",
-                Some(old) if old.document == item.policy => "unchanged",
+                Some(old) if old.document() == item.policy => "unchanged",
                 Some(_) => "configured",
             };
             changes.push(PolicyChange {
@@ -123,7 +146,7 @@ impl PolicyStore {
             next.insert(
                 key,
                 Stored {
-                    document: item.policy,
+                    document: item.policy.encode_to_vec().into(),
                     policy,
                 },
             );
@@ -252,7 +275,7 @@ impl PolicyStore {
         }
     }
 
-    pub fn to_persisted(&self) -> PersistedState {
+    pub fn to_persisted(&self) -> PersistedState<StoredDocuments<'_>> {
         PersistedState {
             generation: self.generation,
             global_mode: self.global_mode.map(|m| mode_name(m).into()),
@@ -261,7 +284,7 @@ impl PolicyStore {
                 .iter()
                 .map(|(k, m)| (k.to_string(), mode_name(*m).into()))
                 .collect(),
-            policies: self.documents(),
+            policies: StoredDocuments(&self.policies),
         }
     }
 
@@ -346,6 +369,27 @@ mod tests {
             .iter()
             .map(|c| (c.policy.clone(), c.change.clone()))
             .collect()
+    }
+
+    #[test]
+    fn a_document_with_labels_applied_again_is_unchanged() {
+        let labelled = || {
+            let mut docs = docs(&["a"]);
+            let metadata = docs[0].metadata.as_mut().unwrap();
+            for i in 0..32 {
+                metadata.labels.insert(format!("label-{i}"), i.to_string());
+            }
+            docs
+        };
+        let mut store = PolicyStore::default();
+        let plan = store.plan_apply(labelled(), None).unwrap();
+        store.commit(plan);
+        // The stored encoding may list the labels in another order.
+        for _ in 0..8 {
+            let plan = store.plan_apply(labelled(), None).unwrap();
+            assert!(!plan.changes_anything(), "{:?}", kinds(&plan));
+        }
+        assert_eq!(store.documents(), labelled());
     }
 
     #[test]

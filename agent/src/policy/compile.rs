@@ -79,7 +79,8 @@ pub fn compile(
 /// change is reused as it was.
 #[derive(Debug, Default)]
 pub struct Compiler {
-    rule_ids: HashMap<(PolicyKey, usize), u32>,
+    /// Rule ids of each policy, by rule position.
+    rule_ids: HashMap<PolicyKey, Vec<u32>>,
     next_rule_id: u32,
     /// FQDN pattern ids: kept while a policy uses the pattern, because the
     /// kernel's learned addresses refer to them.
@@ -95,12 +96,12 @@ struct CompiledSet {
     defaults: Vec<PolicyKey>,
 }
 
-/// Rule ids for one compilation: by (policy index, rule position), and the
-/// table (without policies that are gone) and counter to keep after it.
+/// Rule ids for one compilation: by policy index, then rule position; and
+/// the table (without policies that are gone) and counter to keep after it.
 #[derive(Default)]
 struct RuleIds {
-    by_position: HashMap<(usize, usize), u32>,
-    table: HashMap<(PolicyKey, usize), u32>,
+    by_position: Vec<Vec<u32>>,
+    table: HashMap<PolicyKey, Vec<u32>>,
     next: u32,
     /// Every pattern the policies use.
     fqdn: BTreeMap<FqdnPattern, u32>,
@@ -138,7 +139,7 @@ impl Compiler {
         for (p, policy) in policies.iter().enumerate() {
             for (r, rule) in policy.rules.iter().enumerate() {
                 names.rules.insert(
-                    rule_ids[&(p, r)],
+                    rule_ids[p][r],
                     RuleRef {
                         policy: policy.key.clone(),
                         rule: rule.name.clone(),
@@ -202,8 +203,6 @@ impl Compiler {
         Ok(Compiled { rules, names })
     }
 
-    /// Ids by (index into `policies`, rule position); existing ones kept,
-    /// those of policies that are gone dropped.
     /// Ids by (index into `policies`, rule position): existing ones kept,
     /// new ones after the highest so far. Nothing changes in `self`; the
     /// caller keeps the new table only if the compilation succeeds.
@@ -211,23 +210,27 @@ impl Compiler {
         let mut by_key: Vec<usize> = (0..policies.len()).collect();
         by_key.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
         let mut ids = RuleIds {
+            by_position: vec![Vec::new(); policies.len()],
             next: self.next_rule_id,
             ..RuleIds::default()
         };
         for p in by_key {
-            for r in 0..policies[p].rules.len() {
-                let key = (policies[p].key.clone(), r);
-                let id = self.rule_ids.get(&key).copied().unwrap_or_else(|| {
-                    ids.next += 1;
-                    ids.next
-                });
-                ids.table.insert(key, id);
-                ids.by_position.insert((p, r), id);
-            }
+            let key = &policies[p].key;
+            let known = self.rule_ids.get(key).map_or(&[][..], Vec::as_slice);
+            let policy_ids: Vec<u32> = (0..policies[p].rules.len())
+                .map(|r| {
+                    known.get(r).copied().unwrap_or_else(|| {
+                        ids.next += 1;
+                        ids.next
+                    })
+                })
+                .collect();
+            ids.by_position[p] = policy_ids.clone();
+            ids.table.insert(key.clone(), policy_ids);
         }
         let patterns: std::collections::BTreeSet<&FqdnPattern> = policies
             .iter()
-            .flat_map(|p| &p.rules)
+            .flat_map(|p| p.rules.iter())
             .flat_map(|r| &r.to)
             .filter_map(|peer| match peer {
                 Peer::Fqdn(pattern) => Some(pattern),
@@ -268,7 +271,7 @@ struct OrderedRule<'a> {
 /// `members` are in policy key order.
 fn compile_set(
     members: &[(usize, &Policy)],
-    rule_ids: &HashMap<(usize, usize), u32>,
+    rule_ids: &[Vec<u32>],
     fqdn_ids: &BTreeMap<FqdnPattern, u32>,
 ) -> Result<(SetRules, Vec<PolicyKey>), CompileError> {
     let in_order = members.iter().flat_map(|&(p, policy)| {
@@ -277,7 +280,7 @@ fn compile_set(
             .iter()
             .enumerate()
             .map(move |(r, rule)| OrderedRule {
-                id: rule_ids[&(p, r)],
+                id: rule_ids[p][r],
                 rule,
                 mode: policy.mode,
                 order: 0,

@@ -1,7 +1,7 @@
 //! Validated policies: what the compiler and the reference evaluator work on.
 //! Only `validate` makes these, so every value here is known to be good.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -29,7 +29,10 @@ pub struct Policy {
     pub mode: PolicyMode,
     pub default_action: Action,
     pub selector: Selector,
-    pub rules: Vec<Rule>,
+    /// Shared by every copy: the store, each plan and the enforcer hold the
+    /// same policy, and at 100k rules a copy each was most of the agent's
+    /// memory.
+    pub rules: Arc<[Rule]>,
 }
 
 /// Which endpoints a policy applies to.

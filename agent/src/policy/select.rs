@@ -141,7 +141,7 @@ mod tests {
             mode: PolicyMode::Inherit,
             default_action: Action::Deny,
             selector,
-            rules: vec![],
+            rules: std::sync::Arc::from([]),
         }
     }
 

@@ -340,7 +340,12 @@ fn a_change_to_one_policy_recompiles_only_the_sets_it_is_in() {
         }
     );
 
-    policies[1].rules.push(allow("10.9.0.0/16"));
+    policies[1].rules = policies[1]
+        .rules
+        .iter()
+        .cloned()
+        .chain([allow("10.9.0.0/16")])
+        .collect();
     let second = compiler.compile(&policies, &endpoints).unwrap();
     assert_eq!(
         compiler.last_stats(),
@@ -830,7 +835,7 @@ fn policies() -> impl Strategy<Value = Vec<Policy>> {
 fn destinations(policies: &[Policy], seeds: &[(u128, u16, u8, bool)]) -> Vec<(IpAddr, u16, u8)> {
     let nets: Vec<IpNet> = policies
         .iter()
-        .flat_map(|p| &p.rules)
+        .flat_map(|p| p.rules.iter())
         .flat_map(|r| &r.to)
         .flat_map(|peer| match peer {
             Peer::Cidr { net, except } => std::iter::once(*net)
