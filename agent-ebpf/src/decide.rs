@@ -3,14 +3,15 @@
 //! endpoint with FQDN rules, the rules of the patterns it learned the
 //! destination for (from DNS answers, `dns.rs`) join in by precedence.
 //!
-//! The agent switches rule sets by generation: it writes the new entries into
-//! the inactive half of the maps, flips `TG_CONFIG.generation`, then deletes
-//! the old half. A decision reads the (generation, mode) word, makes its
-//! lookups in that generation's half, and reads the word again. Entries of a
-//! half are deleted only after the word has moved away from it, so if the two
-//! reads agree no lookup can have seen a deletion, and the decision is wholly
-//! that generation's. If they differ, it decides again with the new word, up
-//! to GENERATION_ATTEMPTS times.
+//! The agent switches rule sets by generation: it writes changed rule sets
+//! under fresh set ids and the endpoints into the inactive half of the
+//! endpoints map, flips `TG_CONFIG.generation`, then deletes what only the
+//! old generation used. A decision reads the (generation, mode) word, makes
+//! its lookups in that generation's half and sets, and reads the word again.
+//! What a generation uses is deleted or rewritten only after the word has
+//! moved away from it, so if the two reads agree no lookup can have seen a
+//! deletion, and the decision is wholly that generation's. If they differ,
+//! it decides again with the new word, up to GENERATION_ATTEMPTS times.
 
 use core::sync::atomic::{Ordering, compiler_fence};
 
@@ -33,9 +34,9 @@ use crate::{
     report,
 };
 
-/// Only a writer that flips the generation twice during one decision, with
-/// a whole half written in between, can exhaust them; that is counted
-/// (`GENERATION_UNSTABLE`), not hidden. The verifier walks every attempt, so
+/// Only a writer that flips the generation twice during one decision (two
+/// whole switches, each with its syscalls, while one program runs) can
+/// exhaust them; that is counted (`GENERATION_UNSTABLE`), not hidden. The verifier walks every attempt, so
 /// each one more costs the agent's start a full verification of `evaluate`.
 const GENERATION_ATTEMPTS: u32 = 2;
 

@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use tollgate_common::{Mode, SET_ID_HALF_BIT};
+use tollgate_common::Mode;
 
 use crate::{
     cgroups,
@@ -75,12 +75,18 @@ struct GenerationNames {
     /// rule id -> (policy, rule); the strings are shared with the
     /// generation before wherever they did not change.
     rules: HashMap<u32, (Arc<str>, Arc<str>)>,
-    /// set index -> the policies owning its default, comma-separated
-    defaults: Vec<String>,
+    /// set id -> the policies owning its default, comma-separated
+    defaults: HashMap<u32, String>,
 }
 
 impl GenerationNames {
-    fn new(generation: u32, names: Names, previous: Option<&GenerationNames>) -> Self {
+    /// `set_ids`: the kernel's id of each set, by set index.
+    fn new(
+        generation: u32,
+        names: Names,
+        set_ids: &[u32],
+        previous: Option<&GenerationNames>,
+    ) -> Self {
         let mut policies: HashMap<PolicyKey, Arc<str>> = HashMap::new();
         let rules = names
             .rules
@@ -104,15 +110,12 @@ impl GenerationNames {
         Self {
             generation,
             rules,
-            defaults: names
-                .set_defaults
+            defaults: set_ids
                 .iter()
-                .map(|owners| {
-                    owners
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(",")
+                .zip(&names.set_defaults)
+                .map(|(&id, owners)| {
+                    let owners: Vec<String> = owners.iter().map(ToString::to_string).collect();
+                    (id, owners.join(","))
                 })
                 .collect(),
         }
@@ -250,7 +253,12 @@ impl Enforcer {
         if self.names.len() == NAMED_GENERATIONS {
             self.names.pop_front();
         }
-        let names = GenerationNames::new(generation, compiled.names, self.names.back());
+        let names = GenerationNames::new(
+            generation,
+            compiled.names,
+            datapath.set_ids(),
+            self.names.back(),
+        );
         self.names.push_back(names);
         Ok(generation)
     }
@@ -300,7 +308,7 @@ impl Enforcer {
     ) -> Option<(&str, Option<&str>)> {
         let names = self.names.iter().find(|n| n.generation == generation)?;
         if rule_id == tollgate_common::RULE_ID_DEFAULT {
-            let owners = names.defaults.get((set_id & !SET_ID_HALF_BIT) as usize)?;
+            let owners = names.defaults.get(&set_id)?;
             return Some((owners.as_str(), None));
         }
         let (policy, rule) = names.rules.get(&rule_id)?;
@@ -332,10 +340,11 @@ mod tests {
 
     #[test]
     fn generations_share_the_names_that_did_not_change() {
-        let first = GenerationNames::new(1, names(&[(1, "a", "web"), (2, "b", "db")]), None);
+        let first = GenerationNames::new(1, names(&[(1, "a", "web"), (2, "b", "db")]), &[], None);
         let second = GenerationNames::new(
             2,
             names(&[(1, "a", "web"), (2, "b", "cache"), (3, "c", "dns")]),
+            &[],
             Some(&first),
         );
         let shared = |id: u32| {

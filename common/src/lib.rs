@@ -60,9 +60,6 @@ pub const MAX_PORT_RULES: usize = 16;
 /// rule matched), or by the absence of any policy for the endpoint.
 pub const RULE_ID_DEFAULT: u32 = 0;
 
-/// The set ids of generation half `h` have this bit equal to `h`.
-pub const SET_ID_HALF_BIT: u32 = 1 << 31;
-
 /// Global mode, and the mode a policy may override it with.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,7 +21,7 @@ const WAIT: Duration = Duration::from_secs(5);
 fn deny_port(env: &TestEnv, host: std::net::Ipv4Addr, port: u16) {
     let mut dp = env.open_datapath();
     let rules = RuleSet {
-        sets: vec![SetRules {
+        sets: vec![std::sync::Arc::new(SetRules {
             default_action: Action::Allow,
             default_mode: PolicyMode::Inherit,
             v4: vec![(
@@ -37,7 +37,7 @@ fn deny_port(env: &TestEnv, host: std::net::Ipv4Addr, port: u16) {
             )],
             v6: vec![],
             fqdn: vec![],
-        }],
+        })],
         endpoints: BTreeMap::from([(env.cgroup.id, 0)]),
         ..RuleSet::default()
     };

@@ -56,7 +56,7 @@ fn set(default_action: Action) -> SetRules {
 
 fn only_endpoint(cgroup_id: u64, set: SetRules) -> RuleSet {
     RuleSet {
-        sets: vec![set],
+        sets: vec![set.into()],
         endpoints: BTreeMap::from([(cgroup_id, 0)]),
         ..RuleSet::default()
     }
@@ -556,4 +556,77 @@ async fn every_decision_during_rule_switches_belongs_to_one_generation() {
         assert_eq!(*result, expected_result, "{event:?}");
     }
     assert!(got.iter().any(|e| e.rule_id == 101) && got.iter().any(|e| e.rule_id == 202));
+}
+
+/// (cgroup id, half) -> set id, as the pinned endpoints map holds them;
+/// and the set ids of the pinned IPv4 rules, one per entry.
+fn kernel_sets(env: &TestEnv) -> (BTreeMap<(u64, u32), u32>, Vec<u32>) {
+    use aya::maps::{HashMap, LpmTrie, Map, MapData};
+    use tollgate_common::{EndpointKey, EndpointValue, RuleKeyV4, RuleList, map_names};
+    let maps = env.datapath_options().pin_dir().join("maps");
+    let pinned = |name: &str| MapData::from_pin(maps.join(name)).unwrap();
+    let endpoints: HashMap<_, EndpointKey, EndpointValue> =
+        Map::HashMap(pinned(map_names::ENDPOINTS))
+            .try_into()
+            .unwrap();
+    let rules: LpmTrie<_, RuleKeyV4, RuleList> = Map::LpmTrie(pinned(map_names::RULES_V4))
+        .try_into()
+        .unwrap();
+    let endpoints = endpoints
+        .iter()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| ((k.cgroup_id, k.half), v.set_id))
+        .collect();
+    let rules = rules
+        .keys()
+        .map(|k| u32::from_be(k.unwrap().data().set_id_be))
+        .collect();
+    (endpoints, rules)
+}
+
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn a_switch_writes_only_the_sets_that_changed() {
+    let mut env = TestEnv::new("incremental");
+    let host = env.add_host(2, &[8080]).v4;
+    let (mut dp, _events) = enforcing(&env);
+    let other = env.cgroup.child("other");
+    let other_id = tollgate_agent::cgroups::cgroup_id(&other).unwrap();
+    let allow = |prefixes: &[&str], rule_id: u32| {
+        let mut set = set(Action::Deny);
+        for prefix in prefixes {
+            let any = rule(PortRange::ANY, Protocol::Any, Action::Allow, rule_id);
+            set.v4.push((prefix.parse().unwrap(), vec![any]));
+        }
+        std::sync::Arc::new(set)
+    };
+    let rules = |second: std::sync::Arc<SetRules>| RuleSet {
+        sets: vec![allow(&["10.231.2.0/24"], 1), second],
+        endpoints: BTreeMap::from([(env.cgroup.id, 0), (other_id, 1)]),
+        ..RuleSet::default()
+    };
+
+    let first = dp.switch_rules(&rules(allow(&["10.1.0.0/16"], 2))).unwrap();
+    let (endpoints, _) = kernel_sets(&env);
+    let [kept, old] = [env.cgroup.id, other_id].map(|c| endpoints[&(c, first & 1)]);
+
+    // The second set gains a prefix; the first is the same.
+    let second = dp
+        .switch_rules(&rules(allow(&["10.1.0.0/16", "10.2.0.0/16"], 2)))
+        .unwrap();
+    let (endpoints, mut rule_sets) = kernel_sets(&env);
+    let [now_kept, new] = [env.cgroup.id, other_id].map(|c| endpoints[&(c, second & 1)]);
+    assert_eq!(now_kept, kept, "an unchanged set keeps its id and entries");
+    assert_ne!(new, old, "a changed set is written under a new id");
+    rule_sets.sort();
+    let mut expected = vec![kept, new, new];
+    expected.sort();
+    assert_eq!(rule_sets, expected, "the old version's entries are gone");
+    assert_eq!(dp.set_ids(), [kept, new]);
+
+    // And the kept set still decides for its endpoint.
+    let run = env.probe(&["connect", "tcp", &format!("{host}:8080")]);
+    assert_eq!(run.result(), Ok(()));
+    let run = env.probe_in(&other, &["connect", "tcp", &format!("{host}:8080")]);
+    assert_eq!(run.result(), Err(EPERM));
 }

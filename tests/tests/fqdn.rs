@@ -4,7 +4,10 @@
 //!
 //! These tests need root and the BPF object: `cargo xtask test` runs them.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use tollgate_tests::{AgentProcess, TempFile, TestEnv, Zone, free_port, http_get, metric_sample};
 
@@ -103,10 +106,10 @@ fn records_until(
     timeout: Duration,
     mut done: impl FnMut(&serde_json::Value) -> bool,
 ) -> Vec<serde_json::Value> {
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
     let mut records = Vec::new();
-    while std::time::Instant::now() < deadline {
-        let record = agent.next_record(deadline - std::time::Instant::now());
+    while Instant::now() < deadline {
+        let record = agent.next_record(deadline - Instant::now());
         let finished = done(&record);
         records.push(record);
         if finished {
@@ -192,17 +195,26 @@ fn names_open_what_they_resolve_to_for_the_endpoint_that_resolved_them() {
     let direct = env.probe(&["connect", "tcp", &format!("{other_host}:{HTTPS}")]);
     assert_eq!(direct.result(), Err(EPERM));
 
-    // Another endpoint does not get what this one learned.
+    // Another endpoint does not get what this one learned. A new cgroup is
+    // not restricted until the agent has seen it (inotify), so this waits
+    // for the deny; were learned addresses not scoped, it never came.
     let sibling = env.cgroup.child("sibling");
-    let run = env.probe_in(
-        &sibling,
-        &["connect", "tcp", &format!("{login_host}:{HTTPS}")],
-    );
-    assert_eq!(
-        run.result(),
-        Err(EPERM),
-        "a sibling cgroup is not the endpoint that resolved"
-    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let run = env.probe_in(
+            &sibling,
+            &["connect", "tcp", &format!("{login_host}:{HTTPS}")],
+        );
+        if run.result() == Err(EPERM) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a sibling cgroup is not the endpoint that resolved: {:?}",
+            run.result()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Flow records name the destination; DNS answers are records too.
     let records = records_until(&agent, WAIT, |record| {
@@ -356,11 +368,11 @@ fn learning_goes_on_while_the_agent_is_down() {
     );
     let again = env.probe(&["connect", "tcp", &format!("{resolver}:{HTTPS}")]);
     assert_eq!(again.result(), Ok(()));
-    let deadline = std::time::Instant::now() + WAIT;
+    let deadline = Instant::now() + WAIT;
     let learned = loop {
         let (_, text) = http_get(port, "/metrics");
         let learned = metric_sample(&text, "tollgate_fqdn_learned_addresses");
-        if learned > 0 || std::time::Instant::now() > deadline {
+        if learned > 0 || Instant::now() > deadline {
             assert!(
                 metric_sample(&text, "tollgate_dns_answers_total") >= 1,
                 "{text}"

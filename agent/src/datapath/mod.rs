@@ -237,8 +237,9 @@ pub struct Datapath {
     bpffs_root: PathBuf,
     /// What this agent last wrote to `TG_CONFIG`.
     state: Config,
-    /// Keys present in each generation half, so a switch deletes exactly them.
-    halves: [rules::HalfContents; 2],
+    /// What the rule maps hold, so a switch writes and deletes exactly
+    /// what changes.
+    written: rules::Written,
 }
 
 impl Datapath {
@@ -309,9 +310,9 @@ impl Datapath {
             pending: Vec::new(),
             bpffs_root: options.bpffs_root.clone(),
             state,
-            halves: Default::default(),
+            written: Default::default(),
         };
-        datapath.halves = datapath.scan_halves()?;
+        datapath.written = datapath.scan_written()?;
         datapath.fqdn_names = datapath.scan_names()?;
         // The configuration is in place before the first decision is made.
         datapath.write_config(state)?;
@@ -424,29 +425,31 @@ impl Datapath {
     /// Entries in force and capacity of the maps that rules fill.
     pub fn map_fill(&self) -> Result<Vec<(&'static str, usize, u32)>, DatapathError> {
         use aya::maps::IterableMap;
-        let live = &self.halves[(self.state.generation & 1) as usize];
+        let [endpoints, v4, v6, fqdn] = self
+            .written
+            .live_counts((self.state.generation & 1) as usize);
         let capacity = |name: &'static str, data: &MapData| -> Result<u32, DatapathError> {
             Ok(data.info().map_err(map_err(name))?.max_entries())
         };
         Ok(vec![
             (
                 map_names::ENDPOINTS,
-                live.endpoint_count(),
+                endpoints,
                 capacity(map_names::ENDPOINTS, self.endpoints.map())?,
             ),
             (
                 map_names::RULES_V4,
-                live.v4_count(),
+                v4,
                 capacity(map_names::RULES_V4, self.rules_v4.map())?,
             ),
             (
                 map_names::RULES_V6,
-                live.v6_count(),
+                v6,
                 capacity(map_names::RULES_V6, self.rules_v6.map())?,
             ),
             (
                 map_names::FQDN_RULES,
-                live.fqdn_count(),
+                fqdn,
                 capacity(map_names::FQDN_RULES, self.fqdn_rules.map())?,
             ),
             (

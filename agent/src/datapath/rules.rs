@@ -3,17 +3,21 @@
 //! A [`RuleSet`] is what the policy compiler produces: rule sets (one per
 //! distinct combination of policies) with their prefixes and port rules, and
 //! the endpoints (cgroups) that use each set. [`Datapath::switch_rules`]
-//! writes it into the inactive half of the maps, flips the generation in one
-//! write, and deletes the old half; see `decide.rs` in agent-ebpf for why the
-//! kernel never mixes the two halves.
+//! writes the sets that are new under fresh set ids, the endpoints into the
+//! inactive half of the endpoints map, flips the generation in one write,
+//! and deletes the sets only the old generation used; see `decide.rs` in
+//! agent-ebpf for why the kernel never mixes two generations.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use aya::maps::{IterableMap, lpm_trie::Key};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tollgate_common::{
     Config, EndpointKey, EndpointValue, FqdnName, FqdnNameIds, FqdnRuleKey, MAX_PORT_RULES,
-    MAX_RULE_ORDER, Mode, PortRule, RuleKeyV4, RuleKeyV6, RuleList, SET_ID_HALF_BIT, action,
+    MAX_RULE_ORDER, Mode, PortRule, RuleKeyV4, RuleKeyV6, RuleList, action,
     dns::{NAME_KEY, NAME_MAX},
     endpoint_flags, map_names, policy_mode, protocol,
 };
@@ -135,7 +139,7 @@ impl std::fmt::Display for FqdnPattern {
 }
 
 /// The datapath entries of one rule set.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SetRules {
     pub default_action: Action,
     pub default_mode: PolicyMode,
@@ -151,7 +155,9 @@ pub struct SetRules {
 /// Everything one generation holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuleSet {
-    pub sets: Vec<SetRules>,
+    /// Shared with the compiler's cache, and with the datapath, which
+    /// recognises an unchanged set by its contents.
+    pub sets: Vec<Arc<SetRules>>,
     /// cgroup id -> index into `sets`.
     pub endpoints: BTreeMap<u64, u32>,
     /// Every FQDN pattern the sets use, by id. Ids are the agent's, stable
@@ -276,8 +282,6 @@ pub enum RuleSetError {
         set: u32,
         sets: usize,
     },
-    #[error("{sets} rule sets; at most {} fit", SET_ID_HALF_BIT)]
-    TooManySets { sets: usize },
     #[error(
         "map {map} holds at most {capacity} entries; this rule set needs {needed} beside the {live} in force"
     )]
@@ -305,40 +309,85 @@ impl std::fmt::Display for ListName {
     }
 }
 
-/// The keys written into one generation half.
-#[derive(Clone, Debug, Default)]
-pub(super) struct HalfContents {
-    endpoints: Vec<EndpointKey>,
+/// What the rule maps hold, as this agent wrote them (or, after a restart,
+/// found them).
+#[derive(Debug, Default)]
+pub(super) struct Written {
+    /// Rule entries by set id; every id an endpoint of either half refers
+    /// to is here, with or without entries.
+    sets: BTreeMap<u32, WrittenSet>,
+    /// Set id of each set whose entries are complete and known, by content:
+    /// a later rule set with the same set reuses them.
+    by_content: HashMap<Arc<SetRules>, u32>,
+    /// What each generation half of `TG_ENDPOINTS` holds, by cgroup id. The
+    /// half out of force keeps its entries until the next switch rewrites
+    /// it: only what differs is written then.
+    endpoints: [BTreeMap<u64, EndpointValue>; 2],
+    /// Set ids of the rule set in force, by set index (empty after a
+    /// restart until the first switch).
+    live: Vec<u32>,
+    /// Where the search for a free set id goes on.
+    next_set_id: u32,
+}
+
+#[derive(Debug, Default)]
+struct WrittenSet {
+    /// Known once all its entries are written.
+    content: Option<Arc<SetRules>>,
     v4: Vec<(u32, RuleKeyV4)>,
     v6: Vec<(u32, RuleKeyV6)>,
     fqdn: Vec<FqdnRuleKey>,
 }
 
-impl HalfContents {
-    pub(super) fn endpoint_count(&self) -> usize {
-        self.endpoints.len()
-    }
-
-    pub(super) fn v4_count(&self) -> usize {
-        self.v4.len()
-    }
-
-    pub(super) fn v6_count(&self) -> usize {
-        self.v6.len()
-    }
-
-    pub(super) fn fqdn_count(&self) -> usize {
-        self.fqdn.len()
+impl WrittenSet {
+    fn counts(&self) -> [usize; 3] {
+        [self.v4.len(), self.v6.len(), self.fqdn.len()]
     }
 }
 
-/// The kernel's set id for set `index` in generation half `half`.
-fn set_id(half: u32, index: u32) -> u32 {
-    (half << 31) | index
+impl Written {
+    /// Sets a decision may read now: those of the rule set in force, and
+    /// whatever the endpoints of the half in force point at.
+    fn live_set_ids(&self, live_half: usize) -> BTreeSet<u32> {
+        let mut ids: BTreeSet<u32> = self.live.iter().copied().collect();
+        ids.extend(self.endpoints[live_half].values().map(|v| v.set_id));
+        ids
+    }
+
+    /// Entries of the endpoints map and of the three rule maps that the
+    /// rule set in force uses.
+    pub(super) fn live_counts(&self, live_half: usize) -> [usize; 4] {
+        let [mut v4, mut v6, mut fqdn] = [0; 3];
+        for id in self.live_set_ids(live_half) {
+            if let Some(set) = self.sets.get(&id) {
+                let [a, b, c] = set.counts();
+                (v4, v6, fqdn) = (v4 + a, v6 + b, fqdn + c);
+            }
+        }
+        [self.endpoints[live_half].len(), v4, v6, fqdn]
+    }
 }
 
-fn half_of_set(set_id_be: u32) -> usize {
-    (u32::from_be(set_id_be) >> 31) as usize
+/// A rule set's switch worked out against what the maps hold; nothing is
+/// written yet.
+struct SwitchPlan {
+    /// Set id of each set index: an unchanged set keeps the id it has.
+    ids: Vec<u32>,
+    /// The sets to write, under fresh ids.
+    new_sets: Vec<NewSet>,
+    endpoints: BTreeMap<u64, EndpointValue>,
+    /// Not per generation: the names map holds the patterns of every
+    /// generation in force or about to be.
+    names: FqdnNames,
+}
+
+/// A set in kernel form, checked and ready to write.
+struct NewSet {
+    id: u32,
+    content: Arc<SetRules>,
+    v4: Vec<(Key<RuleKeyV4>, RuleList)>,
+    v6: Vec<(Key<RuleKeyV6>, RuleList)>,
+    fqdn: Vec<(FqdnRuleKey, RuleList)>,
 }
 
 fn encode_rules(
@@ -404,17 +453,6 @@ fn encode_mode(mode: PolicyMode) -> u8 {
         PolicyMode::Observe => policy_mode::OBSERVE,
         PolicyMode::Enforce => policy_mode::ENFORCE,
     }
-}
-
-/// A rule set in kernel form, checked and ready to write.
-struct Encoded {
-    endpoints: Vec<(EndpointKey, EndpointValue)>,
-    v4: Vec<(Key<RuleKeyV4>, RuleList)>,
-    v6: Vec<(Key<RuleKeyV6>, RuleList)>,
-    fqdn: Vec<(FqdnRuleKey, RuleList)>,
-    /// Not per half: the names map holds the patterns of every generation
-    /// in force or about to be.
-    names: FqdnNames,
 }
 
 /// The contents of `TG_FQDN_NAMES`.
@@ -490,59 +528,32 @@ pub(super) fn decode_names(names: &FqdnNames) -> BTreeMap<FqdnPattern, u32> {
     patterns
 }
 
-fn encode(rules: &RuleSet, half: u32) -> Result<Encoded, RuleSetError> {
-    if rules.sets.len() >= SET_ID_HALF_BIT as usize {
-        return Err(RuleSetError::TooManySets {
-            sets: rules.sets.len(),
-        });
-    }
-    // Sized up front: at 100k rules, growing by doubling held 1.5 copies.
-    let count = |list: fn(&SetRules) -> usize| rules.sets.iter().map(list).sum();
-    let mut encoded = Encoded {
-        endpoints: Vec::with_capacity(rules.endpoints.len()),
-        v4: Vec::with_capacity(count(|set| set.v4.len())),
-        v6: Vec::with_capacity(count(|set| set.v6.len())),
-        fqdn: Vec::with_capacity(count(|set| set.fqdn.len())),
-        names: encode_names(&rules.fqdn_patterns)?,
-    };
+/// Works out the switch to `rules`: which sets the maps already hold (same
+/// content, same id), which are new and get an id no set in the maps has,
+/// and every endpoint's value. Pure, so all of it is checked before a write.
+fn plan_switch(written: &Written, rules: &RuleSet) -> Result<SwitchPlan, RuleSetError> {
+    let names = encode_names(&rules.fqdn_patterns)?;
+    let mut ids = Vec::with_capacity(rules.sets.len());
+    let mut new_sets: Vec<NewSet> = Vec::new();
+    let mut planned: HashMap<&SetRules, u32> = HashMap::new();
+    let mut next_id = written.next_set_id;
     for (index, set) in rules.sets.iter().enumerate() {
-        let index = index as u32;
-        let set_id_be = set_id(half, index).to_be();
-        for (net, port_rules) in &set.v4 {
-            let list = encode_rules(index, ListName::Prefix(IpNet::V4(*net)), port_rules)?;
-            let data = RuleKeyV4 {
-                set_id_be,
-                addr: net.network().octets(),
-            };
-            encoded
-                .v4
-                .push((Key::new(32 + u32::from(net.prefix_len()), data), list));
+        let known = written.by_content.get(&**set).or(planned.get(&**set));
+        if let Some(&id) = known {
+            ids.push(id);
+            continue;
         }
-        for (net, port_rules) in &set.v6 {
-            let list = encode_rules(index, ListName::Prefix(IpNet::V6(*net)), port_rules)?;
-            let data = RuleKeyV6 {
-                set_id_be,
-                addr: net.network().octets(),
-            };
-            encoded
-                .v6
-                .push((Key::new(32 + u32::from(net.prefix_len()), data), list));
-        }
-        for (pattern_id, port_rules) in &set.fqdn {
-            if !rules.fqdn_patterns.contains_key(pattern_id) {
-                return Err(RuleSetError::UnknownFqdnPattern {
-                    set: index,
-                    pattern_id: *pattern_id,
-                });
+        let id = loop {
+            next_id = next_id.wrapping_add(1);
+            if !written.sets.contains_key(&next_id) && !planned.values().any(|&v| v == next_id) {
+                break next_id;
             }
-            let list = encode_rules(index, ListName::FqdnPattern(*pattern_id), port_rules)?;
-            let key = FqdnRuleKey {
-                set_id: set_id(half, index),
-                pattern_id: *pattern_id,
-            };
-            encoded.fqdn.push((key, list));
-        }
+        };
+        new_sets.push(encode_set(index as u32, id, set, &rules.fqdn_patterns)?);
+        planned.insert(set, id);
+        ids.push(id);
     }
+    let mut endpoints = BTreeMap::new();
     for (&cgroup_id, &set) in &rules.endpoints {
         let Some(set_rules) = rules.sets.get(set as usize) else {
             return Err(RuleSetError::UnknownSet {
@@ -551,24 +562,75 @@ fn encode(rules: &RuleSet, half: u32) -> Result<Encoded, RuleSetError> {
                 sets: rules.sets.len(),
             });
         };
-        encoded.endpoints.push((
-            EndpointKey {
-                cgroup_id,
-                half,
-                _pad: 0,
+        let value = EndpointValue {
+            set_id: ids[set as usize],
+            default_action: encode_action(set_rules.default_action),
+            default_mode: encode_mode(set_rules.default_mode),
+            flags: if set_rules.fqdn.is_empty() {
+                0
+            } else {
+                endpoint_flags::FQDN_RULES
             },
-            EndpointValue {
-                set_id: set_id(half, set),
-                default_action: encode_action(set_rules.default_action),
-                default_mode: encode_mode(set_rules.default_mode),
-                flags: if set_rules.fqdn.is_empty() {
-                    0
-                } else {
-                    endpoint_flags::FQDN_RULES
-                },
-                _pad: 0,
-            },
-        ));
+            _pad: 0,
+        };
+        endpoints.insert(cgroup_id, value);
+    }
+    Ok(SwitchPlan {
+        ids,
+        new_sets,
+        endpoints,
+        names,
+    })
+}
+
+/// Set `index` of a rule set in kernel form, under set id `id`.
+fn encode_set(
+    index: u32,
+    id: u32,
+    set: &Arc<SetRules>,
+    patterns: &BTreeMap<u32, FqdnPattern>,
+) -> Result<NewSet, RuleSetError> {
+    let set_id_be = id.to_be();
+    let mut encoded = NewSet {
+        id,
+        content: Arc::clone(set),
+        v4: Vec::with_capacity(set.v4.len()),
+        v6: Vec::with_capacity(set.v6.len()),
+        fqdn: Vec::with_capacity(set.fqdn.len()),
+    };
+    for (net, port_rules) in &set.v4 {
+        let list = encode_rules(index, ListName::Prefix(IpNet::V4(*net)), port_rules)?;
+        let data = RuleKeyV4 {
+            set_id_be,
+            addr: net.network().octets(),
+        };
+        encoded
+            .v4
+            .push((Key::new(32 + u32::from(net.prefix_len()), data), list));
+    }
+    for (net, port_rules) in &set.v6 {
+        let list = encode_rules(index, ListName::Prefix(IpNet::V6(*net)), port_rules)?;
+        let data = RuleKeyV6 {
+            set_id_be,
+            addr: net.network().octets(),
+        };
+        encoded
+            .v6
+            .push((Key::new(32 + u32::from(net.prefix_len()), data), list));
+    }
+    for (pattern_id, port_rules) in &set.fqdn {
+        if !patterns.contains_key(pattern_id) {
+            return Err(RuleSetError::UnknownFqdnPattern {
+                set: index,
+                pattern_id: *pattern_id,
+            });
+        }
+        let list = encode_rules(index, ListName::FqdnPattern(*pattern_id), port_rules)?;
+        let key = FqdnRuleKey {
+            set_id: id,
+            pattern_id: *pattern_id,
+        };
+        encoded.fqdn.push((key, list));
     }
     Ok(encoded)
 }
@@ -584,6 +646,10 @@ impl Datapath {
     /// [`switch_rules`](Self::switch_rules), switching the global mode in
     /// the same write, so no decision combines the new rules with the old
     /// mode or the other way round.
+    ///
+    /// Only what changed is written: sets the maps hold already keep their
+    /// ids and entries, and of the endpoints' half out of force only the
+    /// entries that differ from the new ones are rewritten.
     pub fn switch_rules_with_mode(
         &mut self,
         rules: &RuleSet,
@@ -592,35 +658,46 @@ impl Datapath {
         let next_generation = self.state.generation.wrapping_add(1);
         let next_half = (next_generation & 1) as usize;
         let live_half = 1 - next_half;
-        let encoded = encode(rules, next_half as u32)?;
-        self.check_capacity(&encoded, live_half)?;
+        let plan = plan_switch(&self.written, rules)?;
+        self.check_capacity(&plan, live_half)?;
 
-        // Left over by a switch that failed half way; not in force.
-        self.clear_half(next_half)?;
+        // Sets neither in force nor wanted: the generation before the one
+        // in force, or a switch that failed half way.
+        let mut keep = self.written.live_set_ids(live_half);
+        keep.extend(&plan.ids);
+        self.delete_sets_except(&keep)?;
         // Names of both generations while either may decide; a pattern id
         // never changes while the pattern is in use, so the union is sound.
         let mut both = self.fqdn_names.clone();
-        both.extend(encoded.names.iter().map(|(k, v)| (*k, *v)));
+        both.extend(plan.names.iter().map(|(k, v)| (*k, *v)));
         self.write_names(both)?;
-        let flipped = self.write_half(&encoded, next_half).and_then(|()| {
-            let next = Config {
-                generation: next_generation,
-                global_mode: mode as u8,
-                ..self.state
-            };
-            self.write_config(next)
-        });
-        if let Err(e) = flipped {
-            // Still not in force; whatever stays is cleared by the next switch.
-            let _ = self.clear_half(next_half);
-            return Err(e);
-        }
-        // The new rules are in force whatever happens now. Entries of the old
-        // half that cannot be deleted stay tracked and go at the next switch.
-        if let Err(e) = self.clear_half(live_half) {
+        // Rules before endpoints: an endpoint never points at a missing set.
+        let flipped = self
+            .write_sets(plan.new_sets)
+            .and_then(|()| self.write_endpoints(next_half, &plan.endpoints))
+            .and_then(|()| {
+                let next = Config {
+                    generation: next_generation,
+                    global_mode: mode as u8,
+                    ..self.state
+                };
+                self.write_config(next)
+            });
+        // On error nothing is in force that was not; what was written goes
+        // at the next switch.
+        flipped?;
+        // The new rules are in force whatever happens now.
+        self.written.live = plan.ids;
+        let keep: BTreeSet<u32> = self.written.live.iter().copied().collect();
+        // Endpoints that are gone leave the old half now; the others stay
+        // there until the next switch writes what differs.
+        let cleared = self
+            .delete_sets_except(&keep)
+            .and_then(|()| self.delete_endpoints_except(live_half, &plan.endpoints));
+        if let Err(e) = cleared {
             tracing::warn!(error = %e, "old rules not all removed; they are out of force and go at the next switch");
         }
-        if let Err(e) = self.write_names(encoded.names) {
+        if let Err(e) = self.write_names(plan.names) {
             tracing::warn!(error = %e, "FQDN names of old rules not all removed; they go at the next switch");
         }
         Ok(next_generation)
@@ -629,42 +706,56 @@ impl Datapath {
     /// Whether `rules` could be switched to now (encoding and capacity),
     /// without writing anything.
     pub fn check_rules(&self, rules: &RuleSet) -> Result<(), DatapathError> {
-        let next_half = (self.state.generation.wrapping_add(1) & 1) as usize;
-        let encoded = encode(rules, next_half as u32)?;
-        self.check_capacity(&encoded, 1 - next_half)
+        let live_half = (self.state.generation & 1) as usize;
+        let plan = plan_switch(&self.written, rules)?;
+        self.check_capacity(&plan, live_half)
     }
 
-    fn check_capacity(&self, encoded: &Encoded, live_half: usize) -> Result<(), DatapathError> {
-        let live = &self.halves[live_half];
+    /// Set ids of the rule set in force, by set index: flow records carry
+    /// the set id.
+    pub fn set_ids(&self) -> &[u32] {
+        &self.written.live
+    }
+
+    fn check_capacity(&self, plan: &SwitchPlan, live_half: usize) -> Result<(), DatapathError> {
+        let mut keep = self.written.live_set_ids(live_half);
+        keep.extend(&plan.ids);
+        let mut kept = [0; 3];
+        for id in &keep {
+            if let Some(set) = self.written.sets.get(id) {
+                for (count, n) in kept.iter_mut().zip(set.counts()) {
+                    *count += n;
+                }
+            }
+        }
+        let mut new = [0; 3];
+        for set in &plan.new_sets {
+            for (count, n) in new
+                .iter_mut()
+                .zip([set.v4.len(), set.v6.len(), set.fqdn.len()])
+            {
+                *count += n;
+            }
+        }
         let checks = [
             (
                 map_names::ENDPOINTS,
                 self.endpoints.map(),
-                encoded.endpoints.len(),
-                live.endpoints.len(),
+                plan.endpoints.len(),
+                self.written.endpoints[live_half].len(),
             ),
-            (
-                map_names::RULES_V4,
-                self.rules_v4.map(),
-                encoded.v4.len(),
-                live.v4.len(),
-            ),
-            (
-                map_names::RULES_V6,
-                self.rules_v6.map(),
-                encoded.v6.len(),
-                live.v6.len(),
-            ),
+            (map_names::RULES_V4, self.rules_v4.map(), new[0], kept[0]),
+            (map_names::RULES_V6, self.rules_v6.map(), new[1], kept[1]),
             (
                 map_names::FQDN_RULES,
                 self.fqdn_rules.map(),
-                encoded.fqdn.len(),
-                live.fqdn.len(),
+                new[2],
+                kept[2],
             ),
             (
                 map_names::FQDN_NAMES,
                 self.fqdn_names_map.map(),
-                encoded.names.len(),
+                plan.names.len(),
                 self.fqdn_names.len(),
             ),
         ];
@@ -683,31 +774,123 @@ impl Datapath {
         Ok(())
     }
 
-    fn write_half(&mut self, encoded: &Encoded, half: usize) -> Result<(), DatapathError> {
-        // Rules before endpoints: an endpoint never points at a missing set.
-        for (key, list) in &encoded.v4 {
-            self.rules_v4
-                .insert(key, list, 0)
-                .map_err(map_err(map_names::RULES_V4))?;
-            self.halves[half].v4.push((key.prefix_len(), key.data()));
+    /// Writes each set's entries; a set's content is known (and reusable)
+    /// only once all of them are in.
+    fn write_sets(&mut self, sets: Vec<NewSet>) -> Result<(), DatapathError> {
+        for set in sets {
+            let written = self.written.sets.entry(set.id).or_default();
+            for (key, list) in &set.v4 {
+                self.rules_v4
+                    .insert(key, list, 0)
+                    .map_err(map_err(map_names::RULES_V4))?;
+                written.v4.push((key.prefix_len(), key.data()));
+            }
+            for (key, list) in &set.v6 {
+                self.rules_v6
+                    .insert(key, list, 0)
+                    .map_err(map_err(map_names::RULES_V6))?;
+                written.v6.push((key.prefix_len(), key.data()));
+            }
+            for (key, list) in &set.fqdn {
+                self.fqdn_rules
+                    .insert(key, list, 0)
+                    .map_err(map_err(map_names::FQDN_RULES))?;
+                written.fqdn.push(*key);
+            }
+            written.content = Some(Arc::clone(&set.content));
+            self.written.by_content.insert(set.content, set.id);
         }
-        for (key, list) in &encoded.v6 {
-            self.rules_v6
-                .insert(key, list, 0)
-                .map_err(map_err(map_names::RULES_V6))?;
-            self.halves[half].v6.push((key.prefix_len(), key.data()));
+        Ok(())
+    }
+
+    /// Makes the endpoints' `half` hold `target`, writing only what differs.
+    fn write_endpoints(
+        &mut self,
+        half: usize,
+        target: &BTreeMap<u64, EndpointValue>,
+    ) -> Result<(), DatapathError> {
+        let key = |cgroup_id: u64| EndpointKey {
+            cgroup_id,
+            half: half as u32,
+            _pad: 0,
+        };
+        let held = &mut self.written.endpoints[half];
+        for (&cgroup_id, value) in target {
+            if held.get(&cgroup_id) != Some(value) {
+                self.endpoints
+                    .insert(key(cgroup_id), value, 0)
+                    .map_err(map_err(map_names::ENDPOINTS))?;
+                held.insert(cgroup_id, *value);
+            }
         }
-        for (key, list) in &encoded.fqdn {
-            self.fqdn_rules
-                .insert(key, list, 0)
-                .map_err(map_err(map_names::FQDN_RULES))?;
-            self.halves[half].fqdn.push(*key);
+        self.delete_endpoints_except(half, target)
+    }
+
+    /// Deletes the entries of `half` for cgroups `target` does not hold.
+    fn delete_endpoints_except(
+        &mut self,
+        half: usize,
+        target: &BTreeMap<u64, EndpointValue>,
+    ) -> Result<(), DatapathError> {
+        let held = &mut self.written.endpoints[half];
+        let gone: Vec<u64> = held
+            .keys()
+            .filter(|id| !target.contains_key(id))
+            .copied()
+            .collect();
+        for cgroup_id in gone {
+            let key = EndpointKey {
+                cgroup_id,
+                half: half as u32,
+                _pad: 0,
+            };
+            match self.endpoints.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::ENDPOINTS)(e)),
+            }
+            held.remove(&cgroup_id);
         }
-        for (key, value) in &encoded.endpoints {
-            self.endpoints
-                .insert(key, value, 0)
-                .map_err(map_err(map_names::ENDPOINTS))?;
-            self.halves[half].endpoints.push(*key);
+        Ok(())
+    }
+
+    /// Deletes the entries of every set not in `keep`. Keys are forgotten
+    /// only once deleted, so after an error the rest is still known and
+    /// deleted next time.
+    fn delete_sets_except(&mut self, keep: &BTreeSet<u32>) -> Result<(), DatapathError> {
+        let Self {
+            rules_v4,
+            rules_v6,
+            fqdn_rules,
+            written,
+            ..
+        } = self;
+        let gone: Vec<u32> = written
+            .sets
+            .keys()
+            .filter(|id| !keep.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            let set = written.sets.get_mut(&id).expect("listed above");
+            if let Some(content) = set.content.take() {
+                written.by_content.remove(&content);
+            }
+            delete_each(
+                &mut set.v4,
+                |(len, data)| rules_v4.remove(&Key::new(*len, *data)),
+                map_names::RULES_V4,
+            )?;
+            delete_each(
+                &mut set.v6,
+                |(len, data)| rules_v6.remove(&Key::new(*len, *data)),
+                map_names::RULES_V6,
+            )?;
+            delete_each(
+                &mut set.fqdn,
+                |key| fqdn_rules.remove(key),
+                map_names::FQDN_RULES,
+            )?;
+            written.sets.remove(&id);
         }
         Ok(())
     }
@@ -745,67 +928,34 @@ impl Datapath {
         decode_names(&self.fqdn_names)
     }
 
-    /// Deletes the entries of a half. Keys are forgotten only once deleted,
-    /// so after an error the rest is still known and deleted next time.
-    fn clear_half(&mut self, half: usize) -> Result<(), DatapathError> {
-        let Self {
-            endpoints,
-            rules_v4,
-            rules_v6,
-            fqdn_rules,
-            halves,
-            ..
-        } = self;
-        let contents = &mut halves[half];
-        // Endpoints first: nothing points at a set while its rules go.
-        delete_each(
-            &mut contents.endpoints,
-            |key| endpoints.remove(key),
-            map_names::ENDPOINTS,
-        )?;
-        delete_each(
-            &mut contents.v4,
-            |(len, data)| rules_v4.remove(&Key::new(*len, *data)),
-            map_names::RULES_V4,
-        )?;
-        delete_each(
-            &mut contents.v6,
-            |(len, data)| rules_v6.remove(&Key::new(*len, *data)),
-            map_names::RULES_V6,
-        )?;
-        delete_each(
-            &mut contents.fqdn,
-            |key| fqdn_rules.remove(key),
-            map_names::FQDN_RULES,
-        )
-    }
-
-    /// Reads back which keys each half holds (after adopting pinned maps).
-    pub(super) fn scan_halves(&self) -> Result<[HalfContents; 2], DatapathError> {
-        let mut halves: [HalfContents; 2] = Default::default();
-        for key in self.endpoints.keys() {
-            let key = key.map_err(map_err(map_names::ENDPOINTS))?;
-            halves[(key.half & 1) as usize].endpoints.push(key);
+    /// Reads back what the maps hold (after adopting pinned maps). Set
+    /// contents are not known from their entries, so no set is reused
+    /// before the first switch has written its own.
+    pub(super) fn scan_written(&self) -> Result<Written, DatapathError> {
+        let mut written = Written::default();
+        for entry in self.endpoints.iter() {
+            let (key, value) = entry.map_err(map_err(map_names::ENDPOINTS))?;
+            written.endpoints[(key.half & 1) as usize].insert(key.cgroup_id, value);
+            written.sets.entry(value.set_id).or_default();
         }
         for key in self.rules_v4.keys() {
             let key = key.map_err(map_err(map_names::RULES_V4))?;
             let data = key.data();
-            halves[half_of_set(data.set_id_be)]
-                .v4
-                .push((key.prefix_len(), data));
+            let set = written.sets.entry(u32::from_be(data.set_id_be));
+            set.or_default().v4.push((key.prefix_len(), data));
         }
         for key in self.rules_v6.keys() {
             let key = key.map_err(map_err(map_names::RULES_V6))?;
             let data = key.data();
-            halves[half_of_set(data.set_id_be)]
-                .v6
-                .push((key.prefix_len(), data));
+            let set = written.sets.entry(u32::from_be(data.set_id_be));
+            set.or_default().v6.push((key.prefix_len(), data));
         }
         for key in self.fqdn_rules.keys() {
             let key = key.map_err(map_err(map_names::FQDN_RULES))?;
-            halves[(key.set_id >> 31) as usize].fqdn.push(key);
+            written.sets.entry(key.set_id).or_default().fqdn.push(key);
         }
-        Ok(halves)
+        written.next_set_id = written.sets.keys().next_back().copied().unwrap_or(0);
+        Ok(written)
     }
 
     /// Reads back the names map (after adopting pinned maps).
@@ -856,35 +1006,41 @@ mod tests {
         }
     }
 
+    fn set(v4: Vec<(Ipv4Net, Vec<PortRuleSpec>)>) -> Arc<SetRules> {
+        Arc::new(SetRules {
+            default_action: Action::Deny,
+            default_mode: PolicyMode::Enforce,
+            v4,
+            v6: vec![],
+            fqdn: vec![],
+        })
+    }
+
     fn one_set(v4: Vec<(Ipv4Net, Vec<PortRuleSpec>)>) -> RuleSet {
         RuleSet {
-            sets: vec![SetRules {
-                default_action: Action::Deny,
-                default_mode: PolicyMode::Enforce,
-                v4,
-                v6: vec![],
-                fqdn: vec![],
-            }],
+            sets: vec![set(v4)],
             endpoints: BTreeMap::from([(42, 0)]),
             fqdn_patterns: BTreeMap::new(),
         }
     }
 
+    fn plan(rules: &RuleSet) -> Result<SwitchPlan, RuleSetError> {
+        plan_switch(&Written::default(), rules)
+    }
+
     #[test]
-    fn encodes_keys_with_set_id_and_half() {
+    fn encodes_keys_with_the_set_id() {
         let net: Ipv4Net = "10.1.0.0/16".parse().unwrap();
-        let encoded = encode(
-            &one_set(vec![(
-                net,
-                vec![rule(PortRange::single(443), Action::Allow, 7)],
-            )]),
-            1,
-        )
+        let plan = plan(&one_set(vec![(
+            net,
+            vec![rule(PortRange::single(443), Action::Allow, 7)],
+        )]))
         .unwrap();
-        let (key, list) = encoded.v4[0];
+        let id = plan.ids[0];
+        let (key, list) = plan.new_sets[0].v4[0];
         assert_eq!(key.prefix_len(), 48);
         assert_eq!(key.data().addr, [10, 1, 0, 0]);
-        assert_eq!(u32::from_be(key.data().set_id_be), SET_ID_HALF_BIT);
+        assert_eq!(u32::from_be(key.data().set_id_be), id);
         assert_eq!(list.len, 1);
         assert_eq!(
             (
@@ -895,10 +1051,51 @@ mod tests {
             (443, 443, 7)
         );
         assert_eq!(list.rules[0].protocol, protocol::TCP);
-        let (ekey, evalue) = encoded.endpoints[0];
-        assert_eq!((ekey.cgroup_id, ekey.half), (42, 1));
-        assert_eq!(evalue.set_id, SET_ID_HALF_BIT);
-        assert_eq!(evalue.default_action, action::DENY);
+        let endpoint = plan.endpoints[&42];
+        assert_eq!(endpoint.set_id, id);
+        assert_eq!(endpoint.default_action, action::DENY);
+    }
+
+    #[test]
+    fn a_set_the_maps_hold_keeps_its_id_and_a_new_one_gets_a_free_id() {
+        let net = |s: &str| -> Ipv4Net { s.parse().unwrap() };
+        let held = set(vec![(
+            net("10.1.0.0/16"),
+            vec![rule(PortRange::ANY, Action::Allow, 1)],
+        )]);
+        let new = set(vec![(
+            net("10.2.0.0/16"),
+            vec![rule(PortRange::ANY, Action::Allow, 2)],
+        )]);
+        let mut written = Written {
+            next_set_id: 4,
+            ..Written::default()
+        };
+        let complete = WrittenSet {
+            content: Some(Arc::clone(&held)),
+            ..WrittenSet::default()
+        };
+        written.sets.insert(5, complete);
+        written.by_content.insert(Arc::clone(&held), 5);
+        // Found in the maps at start: contents unknown, id taken.
+        written.sets.insert(6, WrittenSet::default());
+
+        let rules = RuleSet {
+            // Equal contents, another allocation: recognised all the same.
+            sets: vec![Arc::new((*held).clone()), Arc::clone(&new), new],
+            endpoints: BTreeMap::from([(1, 0), (2, 1), (3, 2)]),
+            fqdn_patterns: BTreeMap::new(),
+        };
+        let plan = plan_switch(&written, &rules).unwrap();
+        assert_eq!(
+            plan.ids,
+            [5, 7, 7],
+            "held set kept; 6 is taken; one id per contents"
+        );
+        assert_eq!(plan.new_sets.len(), 1, "only the new contents are written");
+        assert_eq!(plan.new_sets[0].id, 7);
+        let ids: Vec<u32> = plan.endpoints.values().map(|v| v.set_id).collect();
+        assert_eq!(ids, [5, 7, 7]);
     }
 
     #[test]
@@ -933,12 +1130,12 @@ mod tests {
     #[test]
     fn host_bits_of_a_prefix_are_dropped() {
         let net: Ipv4Net = "10.1.2.3/16".parse().unwrap();
-        let encoded = encode(
-            &one_set(vec![(net, vec![rule(PortRange::ANY, Action::Deny, 1)])]),
-            0,
-        )
+        let plan = plan(&one_set(vec![(
+            net,
+            vec![rule(PortRange::ANY, Action::Deny, 1)],
+        )]))
         .unwrap();
-        assert_eq!(encoded.v4[0].0.data().addr, [10, 1, 0, 0]);
+        assert_eq!(plan.new_sets[0].v4[0].0.data().addr, [10, 1, 0, 0]);
     }
 
     #[test]
@@ -948,7 +1145,7 @@ mod tests {
             .map(|id| rule(PortRange::single(id as u16), Action::Allow, id))
             .collect();
         assert!(matches!(
-            encode(&one_set(vec![(net, too_many)]), 0),
+            plan(&one_set(vec![(net, too_many)])),
             Err(RuleSetError::TooManyPortRules { len: 17, .. })
         ));
         let reversed = vec![rule(
@@ -960,18 +1157,18 @@ mod tests {
             1,
         )];
         assert!(matches!(
-            encode(&one_set(vec![(net, reversed)]), 0),
+            plan(&one_set(vec![(net, reversed)])),
             Err(RuleSetError::ReversedPortRange { .. })
         ));
         let zero = vec![rule(PortRange::ANY, Action::Allow, 0)];
         assert!(matches!(
-            encode(&one_set(vec![(net, zero)]), 0),
+            plan(&one_set(vec![(net, zero)])),
             Err(RuleSetError::ReservedRuleId { .. })
         ));
         let mut dangling = one_set(vec![]);
         dangling.endpoints.insert(7, 3);
         assert!(matches!(
-            encode(&dangling, 0),
+            plan(&dangling),
             Err(RuleSetError::UnknownSet {
                 cgroup_id: 7,
                 set: 3,

@@ -13,7 +13,10 @@
 //! the list at B is: the rules with a peer whose cidr contains B and none of
 //! whose excepts contains B. Addresses under no boundary get the default.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tollgate_common::MAX_PORT_RULES;
@@ -92,7 +95,7 @@ pub struct Compiler {
 
 #[derive(Clone, Debug)]
 struct CompiledSet {
-    rules: SetRules,
+    rules: Arc<SetRules>,
     defaults: Vec<PolicyKey>,
 }
 
@@ -179,7 +182,10 @@ impl Compiler {
                     let members_ref: Vec<(usize, &Policy)> =
                         members.iter().map(|&i| (i, &policies[i])).collect();
                     let (rules, defaults) = compile_set(&members_ref, rule_ids, &assigned.fqdn)?;
-                    CompiledSet { rules, defaults }
+                    CompiledSet {
+                        rules: Arc::new(rules),
+                        defaults,
+                    }
                 }
             };
             let set = rules.sets.len() as u32;
