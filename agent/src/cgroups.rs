@@ -3,7 +3,7 @@
 use crate::pods::kubelet::{self, PodCgroup};
 use std::{
     collections::HashMap,
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{DirEntryExt, MetadataExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -76,19 +76,21 @@ impl CgroupPaths {
 /// Every cgroup below `root` (included), as (id, path relative to `root`).
 pub fn walk(root: &Path) -> Vec<(u64, String)> {
     let mut found = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&dir) else {
-            continue;
-        };
+    let Ok(meta) = std::fs::metadata(root) else {
+        return found;
+    };
+    // Below the root, ids come from the directory entries: kernfs gives
+    // each entry its node's inode number, so no stat per cgroup.
+    let mut stack = vec![(meta.ino(), root.to_path_buf())];
+    while let Some((id, dir)) = stack.pop() {
         let relative = dir.strip_prefix(root).unwrap_or(&dir);
-        found.push((meta.ino(), format!("/{}", relative.display())));
+        found.push((id, format!("/{}", relative.display())));
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(entry.path());
+                stack.push((entry.ino(), entry.path()));
             }
         }
     }
@@ -98,6 +100,20 @@ pub fn walk(root: &Path) -> Vec<(u64, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_walk_of_the_cgroup_tree_gives_each_cgroup_its_id() {
+        let root = crate::mounts::cgroup2_mount(None).expect("a cgroup2 mount");
+        let walked = walk(&root);
+        assert!(!walked.is_empty());
+        for (id, path) in walked.iter().take(200) {
+            let dir = root.join(path.trim_start_matches('/'));
+            // A cgroup may go away meanwhile; those that stay must agree.
+            if let Ok(stat_id) = cgroup_id(&dir) {
+                assert_eq!(*id, stat_id, "{path}");
+            }
+        }
+    }
 
     #[test]
     fn resolves_directories_by_inode() {
