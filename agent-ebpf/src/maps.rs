@@ -46,7 +46,7 @@ pub static TG_FQDN_NAMES: HashMap<FqdnName, FqdnNameIds> =
     HashMap::pinned(capacity::FQDN_NAMES, BPF_F_NO_PREALLOC);
 
 /// (set, pattern) -> the set's port rules for addresses learned for the
-/// pattern. Set ids carry the generation half, like the rule tries.
+/// pattern. Keyed by set id, like the rule tries.
 #[map]
 pub static TG_FQDN_RULES: HashMap<FqdnRuleKey, RuleList> =
     HashMap::pinned(capacity::FQDN_RULES, BPF_F_NO_PREALLOC);

@@ -19,7 +19,7 @@ use crate::{
         kubelet,
     },
     policy::{
-        compile::{CompileError, Compiler, Names, compile},
+        compile::{CompileError, Compiler, Names},
         model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, Selector},
         select::{Endpoint, Identity, select_endpoints},
     },
@@ -142,7 +142,13 @@ impl Enforcer {
     /// now and fit the datapath's maps, without changing anything.
     pub fn check(&self, policies: Vec<Policy>, datapath: &Datapath) -> Result<(), EnforceError> {
         let policies = self.with_unknown_pod_policy(policies);
-        let compiled = compile(&policies, &self.select(&policies))?;
+        // The compiler as a switch would use it: same rule and pattern ids,
+        // so the sets the maps hold are recognised as the switch would.
+        let mut compiler = self.compiler.clone();
+        if !self.fqdn_ids_adopted {
+            compiler.adopt_fqdn_ids(datapath.fqdn_pattern_ids());
+        }
+        let compiled = compiler.compile(&policies, &self.select(&policies))?;
         datapath.check_rules(&compiled.rules)?;
         Ok(())
     }

@@ -606,14 +606,20 @@ async fn a_switch_writes_only_the_sets_that_changed() {
         ..RuleSet::default()
     };
 
-    let first = dp.switch_rules(&rules(allow(&["10.1.0.0/16"], 2))).unwrap();
+    let connect = |cgroup: &std::path::Path| {
+        env.probe_in(cgroup, &["connect", "tcp", &format!("{host}:8080")])
+            .result()
+    };
+    let without_host = || allow(&["10.1.0.0/16"], 2);
+    let with_host = || allow(&["10.1.0.0/16", "10.231.2.0/24"], 2);
+
+    let first = dp.switch_rules(&rules(without_host())).unwrap();
     let (endpoints, _) = kernel_sets(&env);
     let [kept, old] = [env.cgroup.id, other_id].map(|c| endpoints[&(c, first & 1)]);
+    assert_eq!(connect(&other), Err(EPERM));
 
-    // The second set gains a prefix; the first is the same.
-    let second = dp
-        .switch_rules(&rules(allow(&["10.1.0.0/16", "10.2.0.0/16"], 2)))
-        .unwrap();
+    // The second set gains the host's prefix; the first is the same.
+    let second = dp.switch_rules(&rules(with_host())).unwrap();
     let (endpoints, mut rule_sets) = kernel_sets(&env);
     let [now_kept, new] = [env.cgroup.id, other_id].map(|c| endpoints[&(c, second & 1)]);
     assert_eq!(now_kept, kept, "an unchanged set keeps its id and entries");
@@ -623,10 +629,26 @@ async fn a_switch_writes_only_the_sets_that_changed() {
     expected.sort();
     assert_eq!(rule_sets, expected, "the old version's entries are gone");
     assert_eq!(dp.set_ids(), [kept, new]);
+    assert_eq!(connect(&other), Ok(()), "the new set's entries decide");
+    assert_eq!(
+        connect(&env.cgroup.path),
+        Ok(()),
+        "the kept set still decides"
+    );
 
-    // And the kept set still decides for its endpoint.
-    let run = env.probe(&["connect", "tcp", &format!("{host}:8080")]);
-    assert_eq!(run.result(), Ok(()));
-    let run = env.probe_in(&other, &["connect", "tcp", &format!("{host}:8080")]);
-    assert_eq!(run.result(), Err(EPERM));
+    // And back, through the half the first switch wrote.
+    let third = dp.switch_rules(&rules(without_host())).unwrap();
+    let (endpoints, mut rule_sets) = kernel_sets(&env);
+    let [still_kept, newer] = [env.cgroup.id, other_id].map(|c| endpoints[&(c, third & 1)]);
+    assert_eq!(still_kept, kept);
+    assert!(
+        newer != new && newer != old,
+        "a freed id is not handed out at once"
+    );
+    rule_sets.sort();
+    let mut expected = vec![kept, newer];
+    expected.sort();
+    assert_eq!(rule_sets, expected);
+    assert_eq!(connect(&other), Err(EPERM));
+    assert_eq!(connect(&env.cgroup.path), Ok(()));
 }

@@ -316,9 +316,11 @@ pub(super) struct Written {
     /// Rule entries by set id; every id an endpoint of either half refers
     /// to is here, with or without entries.
     sets: BTreeMap<u32, WrittenSet>,
-    /// Set id of each set whose entries are complete and known, by content:
-    /// a later rule set with the same set reuses them.
-    by_content: HashMap<Arc<SetRules>, u32>,
+    /// Set ids of the sets whose entries are complete and known, by
+    /// content: a later rule set with the same set reuses them. One
+    /// content may have several ids, one per set index that had it (flow
+    /// records name a set's default owners by its id).
+    by_content: HashMap<Arc<SetRules>, BTreeSet<u32>>,
     /// What each generation half of `TG_ENDPOINTS` holds, by cgroup id. The
     /// half out of force keeps its entries until the next switch rewrites
     /// it: only what differs is written then.
@@ -326,7 +328,8 @@ pub(super) struct Written {
     /// Set ids of the rule set in force, by set index (empty after a
     /// restart until the first switch).
     live: Vec<u32>,
-    /// Where the search for a free set id goes on.
+    /// The last set id handed out; the search for a free one goes on after
+    /// it, so a freed id comes back only after the others.
     next_set_id: u32,
 }
 
@@ -535,22 +538,24 @@ fn plan_switch(written: &Written, rules: &RuleSet) -> Result<SwitchPlan, RuleSet
     let names = encode_names(&rules.fqdn_patterns)?;
     let mut ids = Vec::with_capacity(rules.sets.len());
     let mut new_sets: Vec<NewSet> = Vec::new();
-    let mut planned: HashMap<&SetRules, u32> = HashMap::new();
+    let mut taken: BTreeSet<u32> = BTreeSet::new();
     let mut next_id = written.next_set_id;
     for (index, set) in rules.sets.iter().enumerate() {
-        let known = written.by_content.get(&**set).or(planned.get(&**set));
-        if let Some(&id) = known {
+        let held = written.by_content.get(&**set);
+        if let Some(&id) = held.and_then(|ids| ids.iter().find(|id| !taken.contains(id))) {
+            taken.insert(id);
             ids.push(id);
             continue;
         }
+        // Ids only grow within a plan, so none of this plan's repeats.
         let id = loop {
             next_id = next_id.wrapping_add(1);
-            if !written.sets.contains_key(&next_id) && !planned.values().any(|&v| v == next_id) {
+            if next_id != 0 && !written.sets.contains_key(&next_id) {
                 break next_id;
             }
         };
         new_sets.push(encode_set(index as u32, id, set, &rules.fqdn_patterns)?);
-        planned.insert(set, id);
+        taken.insert(id);
         ids.push(id);
     }
     let mut endpoints = BTreeMap::new();
@@ -798,7 +803,9 @@ impl Datapath {
                 written.fqdn.push(*key);
             }
             written.content = Some(Arc::clone(&set.content));
-            self.written.by_content.insert(set.content, set.id);
+            let ids = self.written.by_content.entry(set.content).or_default();
+            ids.insert(set.id);
+            self.written.next_set_id = set.id;
         }
         Ok(())
     }
@@ -814,6 +821,9 @@ impl Datapath {
             half: half as u32,
             _pad: 0,
         };
+        // Those not wanted go first: the map has room for two halves of
+        // endpoints, not for the old contents of this one besides the new.
+        self.delete_endpoints_except(half, target)?;
         let held = &mut self.written.endpoints[half];
         for (&cgroup_id, value) in target {
             if held.get(&cgroup_id) != Some(value) {
@@ -823,7 +833,7 @@ impl Datapath {
                 held.insert(cgroup_id, *value);
             }
         }
-        self.delete_endpoints_except(half, target)
+        Ok(())
     }
 
     /// Deletes the entries of `half` for cgroups `target` does not hold.
@@ -872,8 +882,13 @@ impl Datapath {
             .collect();
         for id in gone {
             let set = written.sets.get_mut(&id).expect("listed above");
-            if let Some(content) = set.content.take() {
-                written.by_content.remove(&content);
+            if let Some(content) = set.content.take()
+                && let Some(ids) = written.by_content.get_mut(&content)
+            {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    written.by_content.remove(&content);
+                }
             }
             delete_each(
                 &mut set.v4,
@@ -1076,7 +1091,9 @@ mod tests {
             ..WrittenSet::default()
         };
         written.sets.insert(5, complete);
-        written.by_content.insert(Arc::clone(&held), 5);
+        written
+            .by_content
+            .insert(Arc::clone(&held), BTreeSet::from([5]));
         // Found in the maps at start: contents unknown, id taken.
         written.sets.insert(6, WrittenSet::default());
 
@@ -1087,15 +1104,13 @@ mod tests {
             fqdn_patterns: BTreeMap::new(),
         };
         let plan = plan_switch(&written, &rules).unwrap();
-        assert_eq!(
-            plan.ids,
-            [5, 7, 7],
-            "held set kept; 6 is taken; one id per contents"
-        );
-        assert_eq!(plan.new_sets.len(), 1, "only the new contents are written");
-        assert_eq!(plan.new_sets[0].id, 7);
+        // Equal contents at two indices still get an id each: flow records
+        // name each set's default owners by its id.
+        assert_eq!(plan.ids, [5, 7, 8], "held set kept; 6 is taken");
+        let new: Vec<u32> = plan.new_sets.iter().map(|s| s.id).collect();
+        assert_eq!(new, [7, 8], "only sets the maps do not hold are written");
         let ids: Vec<u32> = plan.endpoints.values().map(|v| v.set_id).collect();
-        assert_eq!(ids, [5, 7, 7]);
+        assert_eq!(ids, [5, 7, 8]);
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub enum CompileError {
 
 /// Compiles `policies` for `endpoints` (cgroup id -> indexes into
 /// `policies` of the policies that select it) from scratch.
+#[cfg(test)]
 pub fn compile(
     policies: &[Policy],
     endpoints: &BTreeMap<u64, Vec<usize>>,
@@ -80,7 +81,7 @@ pub fn compile(
 /// stay the same for a (policy, rule position) as long as the policy exists,
 /// and the set of every combination of policies whose contents did not
 /// change is reused as it was.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Compiler {
     /// Rule ids of each policy, by rule position.
     rule_ids: HashMap<PolicyKey, Vec<u32>>,
