@@ -146,7 +146,7 @@ impl Enforcer {
         // so the sets the maps hold are recognised as the switch would.
         let mut compiler = self.compiler.clone();
         if !self.fqdn_ids_adopted {
-            compiler.adopt_fqdn_ids(datapath.fqdn_pattern_ids());
+            adopt_kernel_fqdn_ids(&mut compiler, datapath)?;
         }
         let compiled = compiler.compile(&policies, &self.select(&policies))?;
         datapath.check_rules(&compiled.rules)?;
@@ -249,8 +249,7 @@ impl Enforcer {
         datapath: &mut Datapath,
     ) -> Result<u32, EnforceError> {
         if !self.fqdn_ids_adopted {
-            // Addresses learned before this agent started refer to these.
-            self.compiler.adopt_fqdn_ids(datapath.fqdn_pattern_ids());
+            adopt_kernel_fqdn_ids(&mut self.compiler, datapath)?;
             self.fqdn_ids_adopted = true;
         }
         let compiled = self.compiler.compile(policies, endpoints)?;
@@ -320,6 +319,18 @@ impl Enforcer {
         let (policy, rule) = names.rules.get(&rule_id)?;
         Some((policy, Some(rule)))
     }
+}
+
+/// Gives `compiler` the FQDN pattern ids the kernel holds, as the first
+/// switch of this agent must: addresses learned before it started refer
+/// to them, and to ids of patterns gone since, which are not handed out
+/// again.
+fn adopt_kernel_fqdn_ids(compiler: &mut Compiler, datapath: &Datapath) -> Result<(), EnforceError> {
+    compiler.adopt_fqdn_ids(
+        datapath.fqdn_pattern_ids(),
+        datapath.highest_learned_pattern_id()?,
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -167,6 +167,21 @@ impl Datapath {
             .map_err(map_err(map_names::FQDN_LEARNED))
     }
 
+    /// The highest FQDN pattern id a learned address refers to, expired
+    /// slots included; 0 when none does.
+    pub fn highest_learned_pattern_id(&self) -> Result<u32, DatapathError> {
+        let mut highest = 0;
+        for entry in self.fqdn_learned.iter() {
+            let (_, value) = entry.map_err(map_err(map_names::FQDN_LEARNED))?;
+            highest = value
+                .slots
+                .iter()
+                .map(|s| s.pattern_id)
+                .fold(highest, u32::max);
+        }
+        Ok(highest)
+    }
+
     /// Forgets a learned address (an expired one, or one over a limit).
     pub fn remove_learned(&mut self, key: &LearnedKey) -> Result<(), DatapathError> {
         match self.fqdn_learned.remove(key) {

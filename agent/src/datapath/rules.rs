@@ -511,6 +511,22 @@ fn encode_names(patterns: &BTreeMap<u32, FqdnPattern>) -> Result<FqdnNames, Rule
     Ok(names)
 }
 
+/// The names of two generations together, for while either may decide.
+/// A name's pattern ids merge field by field: a pattern keeps its id while
+/// it is in use, so where both name a pattern the ids agree, and a pattern
+/// only the older has goes on learning until that generation leaves force.
+fn union_names(older: &FqdnNames, newer: &FqdnNames) -> FqdnNames {
+    let mut both = older.clone();
+    for (key, new) in newer {
+        let ids = both.entry(*key).or_default();
+        let either = |new: u32, old: u32| if new != 0 { new } else { old };
+        ids.exact = either(new.exact, ids.exact);
+        ids.one_label = either(new.one_label, ids.one_label);
+        ids.any_labels = either(new.any_labels, ids.any_labels);
+    }
+    both
+}
+
 /// The patterns a names map holds, by id.
 pub(super) fn decode_names(names: &FqdnNames) -> BTreeMap<FqdnPattern, u32> {
     let mut patterns = BTreeMap::new();
@@ -671,11 +687,8 @@ impl Datapath {
         let mut keep = self.written.live_set_ids(live_half);
         keep.extend(&plan.ids);
         self.delete_sets_except(&keep)?;
-        // Names of both generations while either may decide; a pattern id
-        // never changes while the pattern is in use, so the union is sound.
-        let mut both = self.fqdn_names.clone();
-        both.extend(plan.names.iter().map(|(k, v)| (*k, *v)));
-        self.write_names(both)?;
+        // Names of both generations while either may decide.
+        self.write_names(union_names(&self.fqdn_names, &plan.names))?;
         // Rules before endpoints: an endpoint never points at a missing set.
         let flipped = self
             .write_sets(plan.new_sets)
@@ -1140,6 +1153,33 @@ mod tests {
             .map(|(p, id)| (id, p))
             .collect();
         assert_eq!(back, patterns);
+    }
+
+    #[test]
+    fn while_two_generations_decide_each_keeps_learning_for_its_patterns() {
+        let names = |patterns: &[(u32, FqdnPattern)]| {
+            encode_names(&patterns.iter().cloned().collect()).unwrap()
+        };
+        let older = names(&[
+            (1, FqdnPattern::Exact("example.com".into())),
+            (2, FqdnPattern::OneLabel("example.com".into())),
+            (3, FqdnPattern::Exact("gone.test".into())),
+        ]);
+        let newer = names(&[
+            (2, FqdnPattern::OneLabel("example.com".into())),
+            (4, FqdnPattern::AnyLabels("example.com".into())),
+            (5, FqdnPattern::Exact("new.test".into())),
+        ]);
+        let both = union_names(&older, &newer);
+        let ids = both[&wire_name("example.com").unwrap()];
+        assert_eq!(
+            (ids.exact, ids.one_label, ids.any_labels),
+            (1, 2, 4),
+            "the older generation's exact pattern stays beside the newer's"
+        );
+        assert_eq!(both[&wire_name("gone.test").unwrap()].exact, 3);
+        assert_eq!(both[&wire_name("new.test").unwrap()].exact, 5);
+        assert_eq!(both.len(), 3);
     }
 
     #[test]

@@ -89,6 +89,11 @@ pub struct Compiler {
     /// FQDN pattern ids: kept while a policy uses the pattern, because the
     /// kernel's learned addresses refer to them.
     fqdn_ids: BTreeMap<FqdnPattern, u32>,
+    /// The highest FQDN pattern id handed out or found in the kernel. Ids
+    /// are never handed out twice: addresses learned for a pattern that
+    /// left the policies stay until their TTL, and must not count for the
+    /// pattern that would get its id.
+    last_fqdn_id: u32,
     /// Member policies (in key order, with their contents) -> compiled set.
     sets: HashMap<Vec<Policy>, CompiledSet>,
     last_stats: CompileStats,
@@ -109,6 +114,7 @@ struct RuleIds {
     next: u32,
     /// Every pattern the policies use.
     fqdn: BTreeMap<FqdnPattern, u32>,
+    last_fqdn: u32,
 }
 
 /// What the last compilation did.
@@ -124,8 +130,12 @@ impl Compiler {
     }
 
     /// Takes over FQDN pattern ids already in the kernel (from an earlier
-    /// agent), so addresses learned under them keep their meaning.
-    pub fn adopt_fqdn_ids(&mut self, ids: BTreeMap<FqdnPattern, u32>) {
+    /// agent), so addresses learned under them keep their meaning; new
+    /// patterns get ids above these and above `highest_learned`, the
+    /// highest id a learned address still refers to.
+    pub fn adopt_fqdn_ids(&mut self, ids: BTreeMap<FqdnPattern, u32>, highest_learned: u32) {
+        let highest_named = ids.values().max().copied().unwrap_or(0);
+        self.last_fqdn_id = self.last_fqdn_id.max(highest_named).max(highest_learned);
         self.fqdn_ids = ids;
     }
 
@@ -206,6 +216,7 @@ impl Compiler {
         self.rule_ids = assigned.table;
         self.next_rule_id = assigned.next;
         self.fqdn_ids = assigned.fqdn;
+        self.last_fqdn_id = assigned.last_fqdn;
         self.last_stats = stats;
         Ok(Compiled { rules, names })
     }
@@ -244,11 +255,11 @@ impl Compiler {
                 Peer::Cidr { .. } => None,
             })
             .collect();
-        let mut next_fqdn = self.fqdn_ids.values().max().copied().unwrap_or(0);
+        ids.last_fqdn = self.last_fqdn_id;
         for pattern in patterns {
             let id = self.fqdn_ids.get(pattern).copied().unwrap_or_else(|| {
-                next_fqdn += 1;
-                next_fqdn
+                ids.last_fqdn += 1;
+                ids.last_fqdn
             });
             ids.fqdn.insert(pattern.clone(), id);
         }

@@ -616,8 +616,16 @@ fn fqdn_pattern_ids_stay_while_a_pattern_is_used_and_are_adopted() {
     assert_eq!(id_of(&second, "a.example.com"), None);
     let ids: std::collections::BTreeSet<u32> = second.rules.fqdn_patterns.keys().copied().collect();
     assert_eq!(ids.len(), 2, "distinct ids");
+    // Addresses learned for a.example.com live on until their TTL: its id
+    // is never given to another pattern.
+    assert_eq!(id_of(&second, "c.example.com"), Some(3));
+    let fourth_pattern = compiler
+        .compile(&with(&["*.b.example.com", "d.example.com"]), &endpoints)
+        .unwrap();
+    assert_eq!(id_of(&fourth_pattern, "d.example.com"), Some(4));
 
-    // A new agent adopting the kernel's ids keeps them.
+    // A new agent adopting the kernel's ids keeps them, and hands out new
+    // ones above every id a learned address still refers to.
     let mut restarted = Compiler::default();
     restarted.adopt_fqdn_ids(
         second
@@ -626,11 +634,16 @@ fn fqdn_pattern_ids_stay_while_a_pattern_is_used_and_are_adopted() {
             .iter()
             .map(|(id, p)| (p.clone(), *id))
             .collect(),
+        9,
     );
     let third = restarted
         .compile(&with(&["c.example.com", "*.b.example.com"]), &endpoints)
         .unwrap();
     assert_eq!(third.rules.fqdn_patterns, second.rules.fqdn_patterns);
+    let after_restart = restarted
+        .compile(&with(&["*.b.example.com", "e.example.com"]), &endpoints)
+        .unwrap();
+    assert_eq!(id_of(&after_restart, "e.example.com"), Some(10));
 }
 
 #[test]
