@@ -1,8 +1,8 @@
 //! Cgroup ids and paths. A cgroup v2 id is the inode number of its directory.
 
 use crate::pods::kubelet::{self, PodCgroup};
+use foldhash::{HashMap, HashMapExt};
 use std::{
-    collections::HashMap,
     os::unix::fs::{DirEntryExt, MetadataExt},
     path::{Path, PathBuf},
     time::{Duration, Instant},

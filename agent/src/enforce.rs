@@ -74,9 +74,9 @@ struct GenerationNames {
     generation: u32,
     /// rule id -> (policy, rule); the strings are shared with the
     /// generation before wherever they did not change.
-    rules: HashMap<u32, (Arc<str>, Arc<str>)>,
+    rules: foldhash::HashMap<u32, (Arc<str>, Arc<str>)>,
     /// set id -> the policies owning its default, comma-separated
-    defaults: HashMap<u32, String>,
+    defaults: foldhash::HashMap<u32, String>,
 }
 
 impl GenerationNames {

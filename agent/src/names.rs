@@ -5,12 +5,13 @@
 //! Pure logic: no BPF, no I/O.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use foldhash::{HashMap, HashMapExt};
 use tollgate_common::{dns::learned_ttl, dns_flags};
 use tollgate_dns::tcp::Streams;
 

@@ -6,7 +6,9 @@
 //! Pure bookkeeping on kernel events and their CLOCK_MONOTONIC times; the
 //! caller enriches and publishes what comes out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 
 use tollgate_common::{FlowDedupKey, FlowEvent, Verdict};
 
