@@ -248,12 +248,22 @@ impl Enforcer {
         mode: Mode,
         datapath: &mut Datapath,
     ) -> Result<u32, EnforceError> {
+        // The compiler moves on with the kernel only: after a failed
+        // switch, the rules in force keep their ids.
+        let mut compiler = self.compiler.clone();
         if !self.fqdn_ids_adopted {
-            adopt_kernel_fqdn_ids(&mut self.compiler, datapath)?;
-            self.fqdn_ids_adopted = true;
+            adopt_kernel_fqdn_ids(&mut compiler, datapath)?;
         }
-        let compiled = self.compiler.compile(policies, endpoints)?;
-        let generation = datapath.switch_rules_with_mode(&compiled.rules, mode)?;
+        let compiled = compiler.compile(policies, endpoints)?;
+        let generation = match datapath.switch_rules_with_mode(&compiled.rules, mode) {
+            Ok(generation) => generation,
+            Err(e) => {
+                self.compiler.retire_fqdn_ids_of(&compiler);
+                return Err(e.into());
+            }
+        };
+        self.compiler = compiler;
+        self.fqdn_ids_adopted = true;
         self.fqdn_patterns = compiled.rules.fqdn_patterns.clone();
         if self.names.len() == NAMED_GENERATIONS {
             self.names.pop_front();
@@ -328,7 +338,7 @@ impl Enforcer {
 fn adopt_kernel_fqdn_ids(compiler: &mut Compiler, datapath: &Datapath) -> Result<(), EnforceError> {
     compiler.adopt_fqdn_ids(
         datapath.fqdn_pattern_ids(),
-        datapath.highest_learned_pattern_id()?,
+        datapath.highest_fqdn_pattern_id()?,
     );
     Ok(())
 }

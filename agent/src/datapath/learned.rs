@@ -167,10 +167,15 @@ impl Datapath {
             .map_err(map_err(map_names::FQDN_LEARNED))
     }
 
-    /// The highest FQDN pattern id a learned address refers to, expired
-    /// slots included; 0 when none does.
-    pub fn highest_learned_pattern_id(&self) -> Result<u32, DatapathError> {
-        let mut highest = 0;
+    /// The highest FQDN pattern id the names or a learned address (expired
+    /// slots included) refer to; 0 when none does.
+    pub fn highest_fqdn_pattern_id(&self) -> Result<u32, DatapathError> {
+        let mut highest = self
+            .fqdn_names
+            .values()
+            .flat_map(|ids| [ids.exact, ids.one_label, ids.any_labels])
+            .max()
+            .unwrap_or(0);
         for entry in self.fqdn_learned.iter() {
             let (_, value) = entry.map_err(map_err(map_names::FQDN_LEARNED))?;
             highest = value

@@ -65,6 +65,11 @@ pub enum CompileError {
         count: usize,
         policies: String,
     },
+    #[error(
+        "every {0} id has been handed out; `tollgate-agent cleanup` (which removes the pins and what the kernel \
+         learned) starts them over"
+    )]
+    IdsExhausted(&'static str),
 }
 
 /// Compiles `policies` for `endpoints` (cgroup id -> indexes into
@@ -131,12 +136,23 @@ impl Compiler {
 
     /// Takes over FQDN pattern ids already in the kernel (from an earlier
     /// agent), so addresses learned under them keep their meaning; new
-    /// patterns get ids above these and above `highest_learned`, the
-    /// highest id a learned address still refers to.
-    pub fn adopt_fqdn_ids(&mut self, ids: BTreeMap<FqdnPattern, u32>, highest_learned: u32) {
-        let highest_named = ids.values().max().copied().unwrap_or(0);
-        self.last_fqdn_id = self.last_fqdn_id.max(highest_named).max(highest_learned);
+    /// patterns get ids above `highest_in_kernel`, the highest id the
+    /// kernel's names or learned addresses still refer to.
+    pub fn adopt_fqdn_ids(&mut self, ids: BTreeMap<FqdnPattern, u32>, highest_in_kernel: u32) {
+        let highest_adopted = ids.values().max().copied().unwrap_or(0);
+        self.last_fqdn_id = self
+            .last_fqdn_id
+            .max(highest_adopted)
+            .max(highest_in_kernel);
         self.fqdn_ids = ids;
+    }
+
+    /// After `next` (a clone of this compiler) compiled rules that did not
+    /// go into force: keeps this compiler's ids, for the rules still in
+    /// force, but never hands out again an FQDN pattern id `next` did. The
+    /// failed switch may have written them to the kernel's names already.
+    pub fn retire_fqdn_ids_of(&mut self, next: &Compiler) {
+        self.last_fqdn_id = self.last_fqdn_id.max(next.last_fqdn_id);
     }
 
     /// Endpoints selected by the same policies share one rule set.
@@ -147,7 +163,7 @@ impl Compiler {
     ) -> Result<Compiled, CompileError> {
         // Nothing of `self` changes unless the whole compilation succeeds:
         // a cached set must never outlive the rule ids built into it.
-        let assigned = self.assign_rule_ids(policies);
+        let assigned = self.assign_rule_ids(policies)?;
         let rule_ids = &assigned.by_position;
         let mut names = Names::default();
         for (p, policy) in policies.iter().enumerate() {
@@ -224,7 +240,7 @@ impl Compiler {
     /// Ids by (index into `policies`, rule position): existing ones kept,
     /// new ones after the highest so far. Nothing changes in `self`; the
     /// caller keeps the new table only if the compilation succeeds.
-    fn assign_rule_ids(&self, policies: &[Policy]) -> RuleIds {
+    fn assign_rule_ids(&self, policies: &[Policy]) -> Result<RuleIds, CompileError> {
         let mut by_key: Vec<usize> = (0..policies.len()).collect();
         by_key.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
         let mut ids = RuleIds {
@@ -236,13 +252,11 @@ impl Compiler {
             let key = &policies[p].key;
             let known = self.rule_ids.get(key).map_or(&[][..], Vec::as_slice);
             let policy_ids: Vec<u32> = (0..policies[p].rules.len())
-                .map(|r| {
-                    known.get(r).copied().unwrap_or_else(|| {
-                        ids.next += 1;
-                        ids.next
-                    })
+                .map(|r| match known.get(r) {
+                    Some(&id) => Ok(id),
+                    None => next_id(&mut ids.next, "rule"),
                 })
-                .collect();
+                .collect::<Result<_, _>>()?;
             ids.by_position[p] = policy_ids.clone();
             ids.table.insert(key.clone(), policy_ids);
         }
@@ -257,14 +271,23 @@ impl Compiler {
             .collect();
         ids.last_fqdn = self.last_fqdn_id;
         for pattern in patterns {
-            let id = self.fqdn_ids.get(pattern).copied().unwrap_or_else(|| {
-                ids.last_fqdn += 1;
-                ids.last_fqdn
-            });
+            let id = match self.fqdn_ids.get(pattern) {
+                Some(&id) => id,
+                None => next_id(&mut ids.last_fqdn, "FQDN pattern")?,
+            };
             ids.fqdn.insert(pattern.clone(), id);
         }
-        ids
+        Ok(ids)
     }
+}
+
+/// The id after `last`, which becomes it; 0 means none in the datapath, so
+/// ids never wrap around to it.
+fn next_id(last: &mut u32, what: &'static str) -> Result<u32, CompileError> {
+    *last = last
+        .checked_add(1)
+        .ok_or(CompileError::IdsExhausted(what))?;
+    Ok(*last)
 }
 
 /// Deny rules with a stronger mode come first, so the reported rule of a

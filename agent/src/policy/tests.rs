@@ -619,10 +619,28 @@ fn fqdn_pattern_ids_stay_while_a_pattern_is_used_and_are_adopted() {
     // Addresses learned for a.example.com live on until their TTL: its id
     // is never given to another pattern.
     assert_eq!(id_of(&second, "c.example.com"), Some(3));
-    let fourth_pattern = compiler
+    let with_d = compiler
         .compile(&with(&["*.b.example.com", "d.example.com"]), &endpoints)
         .unwrap();
-    assert_eq!(id_of(&fourth_pattern, "d.example.com"), Some(4));
+    assert_eq!(id_of(&with_d, "d.example.com"), Some(4));
+
+    // A compilation whose switch failed keeps the ids in force, but the
+    // ones it handed out (the kernel may hold them) are not handed out
+    // again.
+    let mut failed = compiler.clone();
+    let not_in_force = failed
+        .compile(&with(&["*.b.example.com", "e.example.com"]), &endpoints)
+        .unwrap();
+    assert_eq!(id_of(&not_in_force, "e.example.com"), Some(5));
+    compiler.retire_fqdn_ids_of(&failed);
+    let after_failure = compiler
+        .compile(
+            &with(&["*.b.example.com", "d.example.com", "f.example.com"]),
+            &endpoints,
+        )
+        .unwrap();
+    assert_eq!(id_of(&after_failure, "d.example.com"), Some(4));
+    assert_eq!(id_of(&after_failure, "f.example.com"), Some(6));
 
     // A new agent adopting the kernel's ids keeps them, and hands out new
     // ones above every id a learned address still refers to.
@@ -644,6 +662,37 @@ fn fqdn_pattern_ids_stay_while_a_pattern_is_used_and_are_adopted() {
         .compile(&with(&["*.b.example.com", "e.example.com"]), &endpoints)
         .unwrap();
     assert_eq!(id_of(&after_restart, "e.example.com"), Some(10));
+
+    // The names may hold a higher id than any learned address.
+    let mut restarted = Compiler::default();
+    restarted.adopt_fqdn_ids(
+        BTreeMap::from([(super::fqdn::parse_pattern("c.example.com").unwrap(), 7)]),
+        3,
+    );
+    let from_names = restarted
+        .compile(&with(&["c.example.com", "g.example.com"]), &endpoints)
+        .unwrap();
+    assert_eq!(id_of(&from_names, "c.example.com"), Some(7));
+    assert_eq!(id_of(&from_names, "g.example.com"), Some(8));
+}
+
+#[test]
+fn ids_never_wrap_around_to_none() {
+    let endpoints = BTreeMap::from([(1, vec![0])]);
+    let policies = [policy(
+        "p",
+        Action::Deny,
+        PolicyMode::Inherit,
+        vec![rule(Action::Allow, vec![fqdn("a.example.com")], vec![])],
+    )];
+    let mut compiler = Compiler::default();
+    compiler.adopt_fqdn_ids(BTreeMap::new(), u32::MAX);
+    let err = compiler.compile(&policies, &endpoints).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "every FQDN pattern id has been handed out; `tollgate-agent cleanup` (which removes the pins and what the \
+         kernel learned) starts them over"
+    );
 }
 
 #[test]
@@ -905,6 +954,7 @@ proptest! {
         let compiled = match compile(&policies, &endpoints) {
             Ok(compiled) => compiled,
             Err(CompileError::TooManyPortRules { .. } | CompileError::TooManyFqdnPortRules { .. }) => return Err(TestCaseError::reject("over the per-list limit")),
+            Err(e @ CompileError::IdsExhausted(_)) => panic!("{e}"),
         };
         for (endpoint, members) in [(1u64, (0..policies.len()).collect::<Vec<_>>()), (2, chosen)] {
             let refs: Vec<&Policy> = members.iter().map(|&i| &policies[i]).collect();
