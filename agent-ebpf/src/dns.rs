@@ -39,6 +39,9 @@ const DNS_PORT: u16 = 53;
 /// A TCP segment larger than one copy (a receive offload can merge many)
 /// goes out in up to this many events.
 const TCP_CHUNKS: u32 = 16;
+
+/// SYN in the TCP header's flags byte.
+const TCP_FLAG_SYN: u8 = 0x02;
 const EVENT_HEADER: u64 = core::mem::size_of::<tollgate_common::DnsEvent>() as u64;
 
 #[cgroup_skb(ingress)]
@@ -57,6 +60,8 @@ struct Segment {
     payload_offset: u32,
     payload_len: u32,
     tcp_seq: u32,
+    /// A TCP SYN: where the resolver's stream starts.
+    tcp_syn: bool,
 }
 
 #[inline(always)]
@@ -100,6 +105,15 @@ fn inspect(ctx: &SkBuffContext) {
     event.learned = 0;
     event._pad = 0;
 
+    if segment.protocol == protocol::TCP && segment.tcp_syn {
+        // The agent frames only streams it saw start: read from anywhere
+        // else, bytes the peer chose could pass for an answer.
+        scratch.event.flags = dns_flags::TCP | dns_flags::TCP_SYN | dns_flags::TO_USERSPACE;
+        scratch.event.message_len = 0;
+        scratch.event.payload_len = 0;
+        output(scratch, 0);
+        return;
+    }
     if segment.protocol == protocol::TCP {
         // A stream: the agent reassembles it and learns.
         count(counter::DNS_TO_USERSPACE);
@@ -168,7 +182,10 @@ fn bounded_len(len: u32) -> u32 {
 
 #[inline(always)]
 fn output(scratch: &DnsScratch, payload_len: u32) {
-    let size = EVENT_HEADER + bounded_len(payload_len) as u64;
+    let size = match payload_len {
+        0 => EVENT_HEADER,
+        len => EVENT_HEADER + bounded_len(len) as u64,
+    };
     // An answer only the agent can learn from wakes it at once; the rest
     // (names for flow records, DNS records) waits for the batch, like flows.
     let wakeup = if scratch.event.flags & dns_flags::TO_USERSPACE != 0 {
@@ -214,17 +231,22 @@ fn segment(ctx: &SkBuffContext) -> Option<Segment> {
         _ => return None,
     };
     let source_port = u16::from_be(ctx.load::<u16>(transport as usize).ok()?);
-    let (payload_offset, tcp_seq) = match protocol {
-        protocol::UDP => (transport + 8, 0),
+    let (payload_offset, tcp_seq, tcp_syn) = match protocol {
+        protocol::UDP => (transport + 8, 0, false),
         protocol::TCP => {
             let seq = u32::from_be(ctx.load::<u32>(transport as usize + 4).ok()?);
             let data_offset: u8 = ctx.load(transport as usize + 12).ok()?;
-            (transport + ((data_offset >> 4) as u32) * 4, seq)
+            let flags: u8 = ctx.load(transport as usize + 13).ok()?;
+            (
+                transport + ((data_offset >> 4) as u32) * 4,
+                seq,
+                flags & TCP_FLAG_SYN != 0,
+            )
         }
         _ => return None,
     };
     let payload_len = ctx.len().checked_sub(payload_offset)?;
-    if payload_len == 0 {
+    if payload_len == 0 && !tcp_syn {
         return None;
     }
     Some(Segment {
@@ -235,6 +257,7 @@ fn segment(ctx: &SkBuffContext) -> Option<Segment> {
         payload_offset,
         payload_len,
         tcp_seq,
+        tcp_syn,
     })
 }
 

@@ -171,6 +171,12 @@ impl Messages {
     pub fn of(&mut self, event: &DnsMessage, now: Instant) -> Vec<Vec<u8>> {
         if event.header.flags & dns_flags::TCP != 0 {
             self.streams.expire(now, STREAM_IDLE);
+            if event.header.flags & dns_flags::TCP_SYN != 0 {
+                let first_seq = event.header.tcp_seq.wrapping_add(1);
+                self.streams
+                    .open(event.header.socket_cookie, first_seq, now);
+                return Vec::new();
+            }
             self.streams.push(
                 event.header.socket_cookie,
                 event.header.tcp_seq,

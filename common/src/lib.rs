@@ -409,6 +409,9 @@ pub mod dns_flags {
     pub const ENDPOINT_FQDN: u16 = 1 << 4;
     /// The kernel parser found the answer malformed.
     pub const MALFORMED: u16 = 1 << 5;
+    /// The resolver's SYN of a DNS stream (with `TCP`; no payload):
+    /// `tcp_seq` is its sequence number, and the stream starts after it.
+    pub const TCP_SYN: u16 = 1 << 6;
 }
 
 /// A DNS answer (or a TCP segment of one) arriving at an endpoint from a

@@ -7,8 +7,12 @@
 //! come. Streams are bounded in number and in bytes held, so peers cannot
 //! make the agent hold more than [`MAX_STREAMS`] × [`MAX_BUFFERED`] bytes
 //! (by default); a stream past its bound is dropped, as is one left idle.
-//! A later segment of a dropped stream starts a new one, mid-stream: what
-//! it frames is likely garbage, which the decoder refuses.
+//!
+//! Only a stream seen to start (the resolver's SYN) is framed. Framing from
+//! any other byte would read a length prefix where there is none, and a
+//! peer who controls the bytes there (a TXT record, say) could make them
+//! frame a forged answer. So segments of a stream not opened, or dropped
+//! since, are ignored: their answers are not learned.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -69,30 +73,41 @@ impl Streams {
         }
     }
 
-    /// Takes in one segment's payload, with the sequence number of its first
-    /// byte, and returns the messages it completes, in stream order. The
-    /// first segment seen for `cookie` starts its stream.
-    pub fn push(&mut self, cookie: u64, seq: u32, payload: &[u8], now: Instant) -> Vec<Vec<u8>> {
-        match self.streams.get(&cookie) {
-            Some(stream) => {
-                self.recency.remove(&(stream.last_seen, cookie));
-            }
-            None if self.streams.len() >= self.max_streams => {
-                if let Some((_, least_recent)) = self.recency.pop_first() {
-                    self.streams.remove(&least_recent);
-                }
-            }
-            None => {}
+    /// Starts following the stream of `cookie`, whose first byte has the
+    /// sequence number `first_seq` (the SYN's plus one). A stream followed
+    /// already is left as it is: a retransmitted SYN starts nothing anew.
+    pub fn open(&mut self, cookie: u64, first_seq: u32, now: Instant) {
+        if self.streams.contains_key(&cookie) {
+            return;
+        }
+        if self.streams.len() >= self.max_streams
+            && let Some((_, least_recent)) = self.recency.pop_first()
+        {
+            self.streams.remove(&least_recent);
         }
         self.recency.insert((now, cookie));
-        let stream = self.streams.entry(cookie).or_insert_with(|| Stream {
-            start_seq: seq,
-            consumed: 0,
-            pending: Vec::new(),
-            ahead: BTreeMap::new(),
-            ahead_bytes: 0,
-            last_seen: now,
-        });
+        self.streams.insert(
+            cookie,
+            Stream {
+                start_seq: first_seq,
+                consumed: 0,
+                pending: Vec::new(),
+                ahead: BTreeMap::new(),
+                ahead_bytes: 0,
+                last_seen: now,
+            },
+        );
+    }
+
+    /// Takes in one segment's payload, with the sequence number of its first
+    /// byte, and returns the messages it completes, in stream order. A
+    /// segment of a stream not followed (not opened, or dropped) is ignored.
+    pub fn push(&mut self, cookie: u64, seq: u32, payload: &[u8], now: Instant) -> Vec<Vec<u8>> {
+        let Some(stream) = self.streams.get_mut(&cookie) else {
+            return Vec::new();
+        };
+        self.recency.remove(&(stream.last_seen, cookie));
+        self.recency.insert((now, cookie));
         stream.last_seen = now;
         stream.take(seq, payload);
         let messages = stream.complete_messages();
@@ -246,10 +261,17 @@ mod tests {
 
     const ISN: u32 = 1_000;
 
+    /// Streams with the stream of `cookie` open at `first_seq`.
+    fn opened(cookie: u64, first_seq: u32, now: Instant) -> Streams {
+        let mut streams = Streams::new();
+        streams.open(cookie, first_seq, now);
+        streams
+    }
+
     #[test]
     fn one_message_in_one_segment() {
-        let mut streams = Streams::new();
         let now = Instant::now();
+        let mut streams = opened(1, ISN, now);
         assert_eq!(
             streams.push(1, ISN, &framed(&[b"hello"]), now),
             vec![b"hello".to_vec()]
@@ -261,8 +283,8 @@ mod tests {
     fn split_anywhere_including_the_length_prefix() {
         let bytes = framed(&[b"first", b"second!"]);
         for cut in 0..=bytes.len() {
-            let mut streams = Streams::new();
             let now = Instant::now();
+            let mut streams = opened(7, ISN, now);
             let mut got = streams.push(7, ISN, &bytes[..cut], now);
             got.extend(streams.push(7, ISN + cut as u32, &bytes[cut..], now));
             assert_eq!(
@@ -275,16 +297,17 @@ mod tests {
 
     #[test]
     fn several_messages_in_one_segment_and_an_empty_one() {
-        let mut streams = Streams::new();
-        let got = streams.push(1, ISN, &framed(&[b"a", b"", b"ccc"]), Instant::now());
+        let now = Instant::now();
+        let mut streams = opened(1, ISN, now);
+        let got = streams.push(1, ISN, &framed(&[b"a", b"", b"ccc"]), now);
         assert_eq!(got, vec![b"a".to_vec(), Vec::new(), b"ccc".to_vec()]);
     }
 
     #[test]
     fn exact_retransmissions_are_ignored() {
         let bytes = framed(&[b"one", b"two"]);
-        let mut streams = Streams::new();
         let now = Instant::now();
+        let mut streams = opened(1, ISN, now);
         assert_eq!(
             streams.push(1, ISN, &bytes[..5], now),
             vec![b"one".to_vec()]
@@ -301,8 +324,8 @@ mod tests {
     #[test]
     fn partial_overlaps_skip_what_was_consumed() {
         let bytes = framed(&[b"abcdef", b"ghij"]);
-        let mut streams = Streams::new();
         let now = Instant::now();
+        let mut streams = opened(1, ISN, now);
         assert!(streams.push(1, ISN, &bytes[..4], now).is_empty());
         // Repeats bytes 2..4 and completes the first message.
         assert_eq!(
@@ -319,8 +342,8 @@ mod tests {
     #[test]
     fn out_of_order_segments_wait_for_the_gap() {
         let bytes = framed(&[b"first", b"second"]);
-        let mut streams = Streams::new();
         let now = Instant::now();
+        let mut streams = opened(1, ISN, now);
         assert!(streams.push(1, ISN, &bytes[..3], now).is_empty());
         assert!(streams.push(1, ISN + 10, &bytes[10..], now).is_empty());
         // Overlaps both the gap's end and the held segment.
@@ -336,8 +359,8 @@ mod tests {
     fn sequence_numbers_wrap() {
         let bytes = framed(&[b"across the wrap"]);
         let isn = u32::MAX - 4;
-        let mut streams = Streams::new();
         let now = Instant::now();
+        let mut streams = opened(1, isn, now);
         assert!(streams.push(1, isn, &bytes[..3], now).is_empty());
         assert!(
             streams
@@ -354,8 +377,8 @@ mod tests {
     fn the_largest_message_fits() {
         let message = vec![0xab; usize::from(u16::MAX)];
         let bytes = framed(&[&message]);
-        let mut streams = Streams::new();
         let now = Instant::now();
+        let mut streams = opened(1, ISN, now);
         let mut got = Vec::new();
         for (i, chunk) in bytes.chunks(1400).enumerate() {
             got.extend(streams.push(1, ISN + (i * 1400) as u32, chunk, now));
@@ -366,25 +389,26 @@ mod tests {
 
     #[test]
     fn too_much_held_drops_the_stream() {
-        let mut streams = Streams::new();
         let now = Instant::now();
+        let mut streams = opened(1, ISN, now);
         streams.push(1, ISN, &[0xff, 0xff], now); // a 65,535-byte message
         streams.push(1, ISN + 2, &[0; 1000], now);
         // Past a gap of one byte, enough to go over the bound.
         streams.push(1, ISN + 1003, &vec![0; MAX_BUFFERED - 1000], now);
         assert!(streams.is_empty());
-        // A later segment starts afresh.
-        assert_eq!(
-            streams.push(1, 5, &framed(&[b"x"]), now),
-            vec![b"x".to_vec()]
+        // What follows is not framed: the stream's start is gone.
+        assert!(
+            streams
+                .push(1, ISN + 1002, &framed(&[b"x"]), now)
+                .is_empty()
         );
+        assert!(streams.is_empty());
     }
 
     #[test]
     fn too_many_held_segments_drop_the_stream() {
-        let mut streams = Streams::new();
         let now = Instant::now();
-        streams.push(1, ISN, &[], now);
+        let mut streams = opened(1, ISN, now);
         for i in 0..=MAX_AHEAD_SEGMENTS as u32 {
             streams.push(1, ISN + 2 + 2 * i, b"x", now);
         }
@@ -393,15 +417,39 @@ mod tests {
 
     #[test]
     fn idle_streams_expire() {
-        let mut streams = Streams::new();
         let start = Instant::now();
+        let mut streams = opened(1, ISN, start);
         streams.push(1, ISN, &[0, 5], start);
+        streams.open(2, ISN, start + Duration::from_secs(20));
         streams.push(2, ISN, &[0, 5], start + Duration::from_secs(20));
         streams.expire(start + Duration::from_secs(30), Duration::from_secs(30));
         assert_eq!(streams.len(), 1);
         assert_eq!(streams.push(2, ISN + 2, b"later", start).len(), 1);
+        assert!(
+            streams.push(1, ISN + 2, b"later", start).is_empty(),
+            "an expired stream is not framed again"
+        );
         streams.remove(2);
         assert!(streams.is_empty());
+    }
+
+    #[test]
+    fn a_stream_not_seen_to_start_is_never_framed() {
+        // Bytes that frame a message only when read from the middle: the
+        // start of a TXT answer's data, say, that a peer chose.
+        let mut inner = framed(&[b"forged answer"]);
+        inner.insert(0, b'?');
+        let now = Instant::now();
+        let mut streams = Streams::new();
+        assert!(streams.push(3, ISN + 1, &inner[1..], now).is_empty());
+        assert!(streams.is_empty());
+        // A retransmitted SYN does not restart a stream under way.
+        streams.open(3, ISN, now);
+        assert!(streams.push(3, ISN, &[0, 20, 1, 2], now).is_empty());
+        streams.open(3, ISN + 2, now);
+        // Read as the old stream's bytes 2..5, not as a message of its own.
+        assert!(streams.push(3, ISN + 2, &framed(&[b"x"]), now).is_empty());
+        assert_eq!(streams.buffered_bytes(), 5);
     }
 
     #[test]
@@ -409,11 +457,11 @@ mod tests {
         let mut streams = Streams::new();
         let start = Instant::now();
         for cookie in 0..MAX_STREAMS as u64 {
-            streams.push(cookie, ISN, &[0], start + Duration::from_millis(cookie));
+            streams.open(cookie, ISN, start + Duration::from_millis(cookie));
         }
         // Stream 0 is seen again, so stream 1 is the least recent.
-        streams.push(0, ISN + 1, &[3], start + Duration::from_secs(60));
-        streams.push(u64::MAX, ISN, &[0], start + Duration::from_secs(61));
+        streams.push(0, ISN, &[3], start + Duration::from_secs(60));
+        streams.open(u64::MAX, ISN, start + Duration::from_secs(61));
         assert_eq!(streams.len(), MAX_STREAMS);
         assert!(streams.streams.contains_key(&0));
         assert!(!streams.streams.contains_key(&1));
@@ -447,18 +495,14 @@ mod tests {
                 .iter()
                 .map(|pick| segments[pick.index(segments.len())])
                 .chain(segments.iter().copied());
-            let mut streams = Streams::new();
             let now = Instant::now();
+            let mut streams = opened(9, isn, now);
             let mut got = Vec::new();
             for (start, end) in deliveries {
                 got.extend(streams.push(9, isn.wrapping_add(start as u32), &bytes[start..end], now));
             }
-            // The first delivery starts the stream; it need not be the first segment.
-            let first = order.first().map(|pick| segments[pick.index(segments.len())].0).unwrap_or(0);
-            if first == 0 {
-                prop_assert_eq!(got, messages);
-                prop_assert_eq!(streams.buffered_bytes(), 0);
-            }
+            prop_assert_eq!(got, messages);
+            prop_assert_eq!(streams.buffered_bytes(), 0);
         }
     }
 }

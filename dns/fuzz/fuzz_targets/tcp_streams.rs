@@ -12,6 +12,10 @@ const MAX_STREAMS: usize = 64;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
+    /// The resolver's SYN: segments of streams not opened are ignored.
+    Open {
+        cookie: u8,
+    },
     /// A segment at `offset` from the stream's base sequence number, so
     /// that segments of one stream overlap and leave gaps.
     Segment {
@@ -71,6 +75,7 @@ fuzz_target!(|ops: Vec<Op>| {
     for op in ops {
         let now = start + elapsed;
         match op {
+            Op::Open { cookie } => streams.open(cookie.into(), base(cookie.into()), now),
             Op::Segment {
                 cookie,
                 offset,
@@ -90,6 +95,7 @@ fuzz_target!(|ops: Vec<Op>| {
             ),
             Op::Spread { first, count } => {
                 for cookie in u64::from(first)..u64::from(first) + u64::from(count) {
+                    streams.open(cookie, base(cookie), now);
                     push(&mut streams, cookie, 0, &[0], now);
                 }
             }
