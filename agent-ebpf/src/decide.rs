@@ -36,8 +36,9 @@ use crate::{
 
 /// Only a writer that flips the generation twice during one decision (two
 /// whole switches, each with its syscalls, while one program runs) can
-/// exhaust them; that is counted (`GENERATION_UNSTABLE`), not hidden. The verifier walks every attempt, so
-/// each one more costs the agent's start a full verification of `evaluate`.
+/// exhaust them; that is counted (`GENERATION_UNSTABLE`), not hidden. The
+/// verifier walks every attempt, so each one more costs the agent's start
+/// a full verification of `evaluate`.
 const GENERATION_ATTEMPTS: u32 = 2;
 
 /// Where a connection goes, as the hook saw it.

@@ -205,7 +205,7 @@ impl Enforcer {
                 mode: PolicyMode::Inherit,
                 default_action: Action::Deny,
                 selector: Selector::default(),
-                rules: std::sync::Arc::from([]),
+                rules: Arc::from([]),
             });
         }
         policies

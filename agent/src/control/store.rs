@@ -63,7 +63,6 @@ impl Plan {
     }
 }
 
-/// What the state directory holds.
 /// The saved policy set. `Documents` is what is read back; saving writes
 /// [`StoredDocuments`] in its place, decoding one document at a time.
 #[derive(Debug, Default, Serialize, Deserialize)]
