@@ -1,8 +1,10 @@
-//! Project tasks: `cargo xtask <build|test|run|lint|bench|fuzz>`.
+//! Project tasks: `cargo xtask <build|test|run|lint|bench|fuzz|kernels>`.
 //!
 //! Every task first runs `scripts/setup.sh`, which installs what is missing
 //! (nightly rust-src, LLVM 22, bpf-linker, the test peers) and skips what is
 //! there, so each works on a fresh machine.
+
+mod kernels;
 
 use std::{
     io::{BufRead, BufReader},
@@ -54,6 +56,17 @@ enum Task {
         #[arg(default_value_t = 60)]
         seconds: u64,
     },
+    /// A core set of the root tests inside Debian's 6.1 and 5.10 kernels
+    /// under qemu (needs root); the report goes to target/kernels/report.*.
+    Kernels {
+        /// Only this kernel, 6.1 or 5.10 (repeatable); both without it.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Extra tests to run besides the core set: each test of
+        /// tollgate-tests whose name contains one of these.
+        #[arg(last = true)]
+        filters: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => lint(&root),
         Task::Bench { smoke } => bench(&root, smoke),
         Task::Fuzz { seconds } => fuzz(&root, seconds),
+        Task::Kernels { kernels, filters } => kernels::kernels(&root, &kernels, &filters),
     }
 }
 

@@ -1,0 +1,33 @@
+#!/bin/busybox sh
+# /init of the initramfs `cargo xtask kernels` boots: loads the modules the
+# -cloud kernels build as modules (virtio PCI, virtio-fs, veth; the list is
+# /modules.load, in dependency order), mounts the host's root read-only over
+# virtio-fs and switches to it, where $TGK_GUEST (scripts/kernels-guest.sh)
+# runs the tests with the host's tools. TGK_* come from the kernel command
+# line.
+/bin/busybox --install -s /bin
+export PATH=/bin
+
+fail() {
+  echo "TGK error $*"
+  echo o >/proc/sysrq-trigger
+  sleep 60
+}
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+while read -r module; do
+  insmod "/lib/modules/$module" || fail "insmod $module"
+done </modules.load
+
+mkdir -p /newroot
+mount -t virtiofs -o ro hostroot /newroot || fail "mounting the host root over virtio-fs"
+# Where the tests and their tools write: the shared root stays read-only.
+for dir in tmp run var/tmp; do
+  mount -t tmpfs -o mode=1777 tmpfs "/newroot/$dir" || fail "tmpfs on /$dir"
+done
+for fs in proc sys dev; do
+  mount --move "/$fs" "/newroot/$fs"
+done
+exec switch_root /newroot /bin/bash "$TGK_GUEST"
