@@ -34,7 +34,8 @@ cd "$(dirname "$0")/../tests" || echo "TGK error no tests directory"
 while IFS=$'\t' read -r label exe name; do
   echo "TGK start $label"
   start=$EPOCHREALTIME
-  timeout "$TEST_TIMEOUT" "$exe" --exact "$name" --include-ignored --test-threads=1 </dev/null 2>&1
+  timeout "$TEST_TIMEOUT" "$exe" --exact "$name" --include-ignored --test-threads=1 \
+    --color=never </dev/null 2>&1
   status=$?
   echo "TGK test $label $status $(seconds_since "$start")"
 done <"$TGK_PLAN"
