@@ -25,6 +25,7 @@ seconds_since() {
 
 if "$TGK_AGENT" help verify >/dev/null 2>&1; then
   "$TGK_AGENT" verify --json | sed -u 's/^/TGK verify /'
+  echo "TGK verify-exit ${PIPESTATUS[0]}"
 else
   echo "TGK verify-missing"
 fi

@@ -90,6 +90,9 @@ impl KernelReport {
                     Err(e) => report.errors.push(format!("verify line {rest:?}: {e}")),
                 },
                 "verify-missing" => report.verify_ran = false,
+                "verify-exit" if rest != "0" => report
+                    .errors
+                    .push(format!("tollgate-agent verify exited with status {rest}")),
                 "start" => started = Some(rest.to_owned()),
                 "test" => results.push(rest.to_owned()),
                 "error" => report.errors.push(format!("guest: {rest}")),
@@ -296,6 +299,7 @@ mod tests {
             "[    1.0] a kernel message",
             "TGK boot 6.1.0-50-cloud-amd64 8.5",
             r#"TGK verify {"program":"p","loaded":false,"verified_insns":null,"load_ms":1.5,"error":"too big"}"#,
+            "TGK verify-exit 1",
             "TGK start a::ok",
             "TGK test a::ok 0 2.50",
             "TGK start a::bad",
@@ -305,8 +309,12 @@ mod tests {
         let report = KernelReport::new("6.1", &plan, &console(&lines, false));
         assert_eq!(report.release, "6.1.0-50-cloud-amd64");
         assert_eq!(report.boot_seconds, Some(11.0));
-        assert_eq!(report.run_seconds, Some(6.0));
+        assert_eq!(report.run_seconds, Some(7.0));
         assert!(!report.programs[0].loaded);
+        assert_eq!(
+            report.errors,
+            ["tollgate-agent verify exited with status 1"]
+        );
         let results: Vec<_> = report.tests.iter().map(|t| (t.result, t.seconds)).collect();
         assert_eq!(
             results,
