@@ -21,9 +21,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use tollgate_common::{
-    EndpointKey, FqdnRuleKey, LEARNED_SLOTS, LearnedKey, MAX_PORT_RULES, Mode, RULE_ID_DEFAULT,
-    RuleKeyV4, RuleKeyV6, RuleList, Verdict, action, counter, endpoint_flags, family, flow_flags,
-    policy_mode,
+    DecideScratch, EndpointKey, FqdnRuleKey, LEARNED_SLOTS, LearnedKey, MAX_PORT_RULES, Mode,
+    RULE_ID_DEFAULT, RuleKeyV4, RuleKeyV6, RuleList, Verdict, action, counter, endpoint_flags,
+    family, flow_flags, policy_mode,
 };
 
 use crate::{
@@ -36,9 +36,9 @@ use crate::{
 
 /// Only a writer that flips the generation twice during one decision (two
 /// whole switches, each with its syscalls, while one program runs) can
-/// exhaust them; that is counted (`GENERATION_UNSTABLE`), not hidden. The
-/// verifier walks every attempt, so each one more costs the agent's start
-/// a full verification of `evaluate`.
+/// exhaust them; that is counted (`GENERATION_UNSTABLE`), not hidden.
+/// [`tg_evaluate`] is a global function, verified once however often it is
+/// called.
 const GENERATION_ATTEMPTS: u32 = 2;
 
 /// Where a connection goes, as the hook saw it.
@@ -53,22 +53,26 @@ pub struct Destination {
     pub flags: u8,
 }
 
-/// What one generation of the rules says about a connection.
-pub struct Decision {
-    pub action: u8,
-    /// [`policy_mode`] of the deciding rule or default.
-    pub mode: u8,
-    pub rule_id: u32,
-    pub set_id: u32,
-    pub endpoint_known: bool,
-}
-
 /// Decides, reports and returns the hook's return value.
 #[inline(always)]
 pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination) -> i32 {
     let Some(config) = TG_CONFIG.get_ptr(0) else {
         return 1; // unreachable for an array map with one entry
     };
+    let Some(scratch) = TG_DECIDE_SCRATCH.get_ptr_mut(0) else {
+        return 1; // as above
+    };
+    // SAFETY (every access to `scratch` here): the per-CPU value is this
+    // program's alone while it runs (the program does not migrate). The
+    // global functions reach it through lookups of their own, so it is
+    // used through the raw pointer only, never a reference held across
+    // their calls.
+    unsafe {
+        (*scratch).addr = dst.addr;
+        (*scratch).port = dst.port;
+        (*scratch).protocol = dst.protocol;
+        (*scratch).family = dst.family;
+    }
     // SAFETY: the value pointer is valid for the whole program; its first
     // 8 bytes are (generation, global_mode), read as one word.
     let state_word = config as *const u64;
@@ -76,11 +80,10 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
     // SAFETY: helper without preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 
-    let mut decision;
     let mut attempt = 1;
     loop {
         compiler_fence(Ordering::SeqCst);
-        decision = evaluate(cgroup_id, word as u32, (word >> 32) as u8, &dst);
+        tg_evaluate(cgroup_id, word);
         compiler_fence(Ordering::SeqCst);
         // SAFETY: as above.
         let again = unsafe { core::ptr::read_volatile(state_word) };
@@ -96,8 +99,18 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
         attempt += 1;
     }
 
-    let mode = effective_mode(decision.mode, (word >> 32) as u8);
-    let verdict = if decision.action == action::DENY {
+    // The decision, as tg_evaluate wrote it.
+    let (decided_action, decided_mode, rule_id, set_id, endpoint_known) = unsafe {
+        (
+            (*scratch).action,
+            (*scratch).mode,
+            (*scratch).rule_id,
+            (*scratch).set_id,
+            (*scratch).endpoint_known,
+        )
+    };
+    let mode = effective_mode(decided_mode, (word >> 32) as u8);
+    let verdict = if decided_action == action::DENY {
         match mode {
             Mode::Enforce => Verdict::Denied,
             Mode::Observe => Verdict::Audit,
@@ -107,7 +120,7 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
     };
 
     let mut flags = dst.flags;
-    if decision.endpoint_known {
+    if endpoint_known != 0 {
         flags |= flow_flags::ENDPOINT_KNOWN;
     }
     // SAFETY: plain read of the config value.
@@ -119,8 +132,8 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
             verdict,
             mode,
             flags,
-            rule_id: decision.rule_id,
-            set_id: decision.set_id,
+            rule_id,
+            set_id,
             generation: word as u32,
             cgroup_id,
             allowed_report_interval_ns: interval,
@@ -146,8 +159,37 @@ fn effective_mode(rule_mode: u8, global_mode: u8) -> Mode {
     }
 }
 
+/// The decision's working memory.
 #[inline(always)]
-fn evaluate(cgroup_id: u64, generation: u32, global_mode: u8, dst: &Destination) -> Decision {
+fn scratch() -> Option<&'static mut DecideScratch> {
+    // SAFETY: per-CPU, this program's alone while it runs; callers hold
+    // the reference only where they call no other global function.
+    TG_DECIDE_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Decides the destination in the scratch value for `cgroup_id` by the
+/// generation and global mode in `word`, and writes the decision there.
+///
+/// Global functions (`no_mangle`, `extern "C"`) are verified once each, on
+/// their own, with nothing known of their arguments; the caller continues
+/// from one state whatever happened inside. That keeps the verifier's work
+/// the sum of the steps rather than their product, which older verifiers
+/// (5.10 to 6.8) need: they prune far less than 6.18's. Before 5.12 they
+/// take scalars only, hence the scratch value.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_evaluate(cgroup_id: u64, word: u64) -> u32 {
+    let Some(s) = TG_DECIDE_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let generation = word as u32;
+    let global_mode = (word >> 32) as u8;
+    // SAFETY (every access to `s` here): plain places of the per-CPU
+    // value, through the raw pointer: the scans called below change it.
+    unsafe {
+        (*s).global_mode = global_mode;
+        (*s).candidates = [NONE; 3];
+    }
     let key = EndpointKey {
         cgroup_id,
         half: generation & 1,
@@ -155,17 +197,18 @@ fn evaluate(cgroup_id: u64, generation: u32, global_mode: u8, dst: &Destination)
     };
     let Some(endpoint) = TG_ENDPOINTS.get_ptr(key) else {
         // No policy selects this cgroup: not restricted.
-        return Decision {
-            action: action::ALLOW,
-            mode: policy_mode::INHERIT,
-            rule_id: RULE_ID_DEFAULT,
-            set_id: 0,
-            endpoint_known: false,
-        };
+        unsafe {
+            (*s).action = action::ALLOW;
+            (*s).mode = policy_mode::INHERIT;
+            (*s).rule_id = RULE_ID_DEFAULT;
+            (*s).set_id = 0;
+            (*s).endpoint_known = 0;
+        }
+        return 0;
     };
     // SAFETY: a value pointer from a successful lookup. A concurrent delete
     // can only happen after the generation moved, which the caller sees.
-    let (set_id, default_action, default_mode, endpoint_flags) = unsafe {
+    let (set_id, default_action, default_mode, flags) = unsafe {
         (
             (*endpoint).set_id,
             (*endpoint).default_action,
@@ -173,20 +216,33 @@ fn evaluate(cgroup_id: u64, generation: u32, global_mode: u8, dst: &Destination)
             (*endpoint).flags,
         )
     };
-    let default = Decision {
-        action: default_action,
-        mode: default_mode,
-        rule_id: RULE_ID_DEFAULT,
-        set_id,
-        endpoint_known: true,
-    };
+    tg_scan_prefix(set_id);
+    if flags & endpoint_flags::FQDN_RULES != 0 {
+        let (family, addr) = unsafe { ((*s).family, (*s).addr) };
+        scan_learned(cgroup_id, set_id, family, &addr);
+    }
+    // SAFETY: no call while the reference lives.
+    let s = unsafe { &mut *s };
+    decide(s, default_action, default_mode);
+    s.set_id = set_id;
+    s.endpoint_known = 1;
+    0
+}
 
-    let rules = if dst.family == family::INET {
+/// Adds the port rules of the longest prefix of set `set_id` that holds the
+/// destination.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_scan_prefix(set_id: u32) -> u32 {
+    let Some(s) = scratch() else {
+        return 0;
+    };
+    let rules = if s.family == family::INET {
         let key = Key::new(
             32 + 32,
             RuleKeyV4 {
                 set_id_be: set_id.to_be(),
-                addr: dst.addr[0].to_ne_bytes(),
+                addr: s.addr[0].to_ne_bytes(),
             },
         );
         TG_RULES_V4.get(&key)
@@ -195,35 +251,46 @@ fn evaluate(cgroup_id: u64, generation: u32, global_mode: u8, dst: &Destination)
             32 + 128,
             RuleKeyV6 {
                 set_id_be: set_id.to_be(),
-                addr: v6_bytes(&dst.addr),
+                addr: v6_bytes(&s.addr),
             },
         );
         TG_RULES_V6.get(&key)
     };
-    let mut scan = Scan::default();
     if let Some(rules) = rules {
-        scan.add(rules, dst, global_mode);
-        scan.settle();
+        scan(s, rules);
     }
-    if endpoint_flags & endpoint_flags::FQDN_RULES != 0 {
-        scan_learned(&mut scan, cgroup_id, set_id, dst, global_mode);
+    0
+}
+
+/// Adds the port rules of set `set_id` for addresses learned for FQDN
+/// pattern `pattern_id`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_scan_fqdn(set_id: u32, pattern_id: u32) -> u32 {
+    let Some(s) = scratch() else {
+        return 0;
+    };
+    let key = FqdnRuleKey { set_id, pattern_id };
+    // SAFETY: plain lookup; the value lives while the generation does.
+    if let Some(rules) = unsafe { TG_FQDN_RULES.get(&key) } {
+        scan(s, rules);
     }
-    scan.decide(default, global_mode)
+    0
 }
 
 /// Adds the FQDN rule lists of every pattern the endpoint learned the
 /// destination for, while the learned entry lives.
 #[inline(always)]
-fn scan_learned(scan: &mut Scan, cgroup_id: u64, set_id: u32, dst: &Destination, global_mode: u8) {
+fn scan_learned(cgroup_id: u64, set_id: u32, dst_family: u8, addr: &[u32; 4]) {
     let key = LearnedKey {
         cgroup_id,
-        addr: if dst.family == family::INET {
-            let a = dst.addr[0].to_ne_bytes();
+        addr: if dst_family == family::INET {
+            let a = addr[0].to_ne_bytes();
             [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
         } else {
-            v6_bytes(&dst.addr)
+            v6_bytes(addr)
         },
-        family: dst.family,
+        family: dst_family,
         _pad: [0; 7],
     };
     let Some(learned) = TG_FQDN_LEARNED.get_ptr(&key) else {
@@ -241,116 +308,89 @@ fn scan_learned(scan: &mut Scan, cgroup_id: u64, set_id: u32, dst: &Destination,
                 core::ptr::read_volatile(&(*learned).slots[slot].expires_ns),
             )
         };
-        if pattern_id == 0 || expires_ns <= now {
-            continue;
-        }
-        let key = FqdnRuleKey { set_id, pattern_id };
-        // SAFETY: plain lookup; the value lives while the generation does.
-        if let Some(rules) = unsafe { TG_FQDN_RULES.get(&key) } {
-            scan.add(rules, dst, global_mode);
-            scan.settle();
+        if pattern_id != 0 && expires_ns > now {
+            tg_scan_fqdn(set_id, pattern_id);
         }
     }
 }
 
-/// The first matching rule, by `order`, of each kind that decides. The
-/// lists of one decision are each sorted by order (denies first, strongest
-/// mode first, then allows), so taking each kind's lowest over all lists
-/// decides as walking the merged list would.
-///
-/// A candidate is one u64, `order << 40 | mode << 32 | rule_id`, and
-/// `NONE` when there is none: keeping the lowest is one comparison, and the
-/// verifier sees plain scalars instead of a flag per kind and rule.
-struct Scan {
-    enforced_deny: u64,
-    deny: u64,
-    allow: u64,
-}
-
+/// No candidate of a kind.
 const NONE: u64 = u64::MAX;
 
-impl Default for Scan {
-    fn default() -> Self {
-        Self {
-            enforced_deny: NONE,
-            deny: NONE,
-            allow: NONE,
+/// Candidate kinds, indexes of [`DecideScratch::candidates`].
+const ENFORCED_DENY: usize = 0;
+const DENY: usize = 1;
+const ALLOW: usize = 2;
+
+/// Keeps, of each kind that decides, the first matching rule by `order`.
+/// The lists of one decision are each sorted by order (denies first,
+/// strongest mode first, then allows), so taking each kind's lowest over
+/// all lists decides as walking the merged list would.
+///
+/// A candidate is one u64, `order << 40 | mode << 32 | rule_id`: keeping
+/// the lowest is one comparison. The candidates live in map memory, whose
+/// contents the verifier does not track, so every way through a list
+/// continues as one state.
+#[inline(always)]
+fn scan(s: &mut DecideScratch, rules: &RuleList) {
+    let len = rules.len as usize;
+    let (port, protocol, global_mode) = (s.port, s.protocol, s.global_mode);
+    for i in 0..MAX_PORT_RULES {
+        if i >= len {
+            break;
+        }
+        let rule = &rules.rules[i];
+        let matches = rule.port_lo <= port
+            && port <= rule.port_hi
+            && (rule.protocol == 0 || rule.protocol == protocol);
+        if !matches {
+            continue;
+        }
+        let candidate = (rule.order as u64) << 40 | (rule.mode as u64) << 32 | rule.rule_id as u64;
+        if rule.action == action::DENY {
+            if effective_mode(rule.mode, global_mode) == Mode::Enforce {
+                keep_lowest(&mut s.candidates[ENFORCED_DENY], candidate);
+            }
+            keep_lowest(&mut s.candidates[DENY], candidate);
+        } else {
+            // Everything after an allow in a list comes later.
+            keep_lowest(&mut s.candidates[ALLOW], candidate);
+            break;
         }
     }
 }
 
-impl Scan {
-    /// Stores the candidates in per-CPU memory and reads them back: the
-    /// verifier then knows nothing of their values, so every way through
-    /// the lists scanned so far continues as one state instead of one each.
-    #[inline(always)]
-    fn settle(&mut self) {
-        let Some(slot) = TG_DECIDE_SCRATCH.get_ptr_mut(0) else {
-            return;
-        };
-        // SAFETY: the per-CPU value is this program's alone while it runs.
-        unsafe {
-            core::ptr::write_volatile(slot, [self.enforced_deny, self.deny, self.allow]);
-            [self.enforced_deny, self.deny, self.allow] = core::ptr::read_volatile(slot);
-        }
+#[inline(always)]
+fn keep_lowest(slot: &mut u64, candidate: u64) {
+    if candidate < *slot {
+        *slot = candidate;
     }
+}
 
-    #[inline(always)]
-    fn add(&mut self, rules: &RuleList, dst: &Destination, global_mode: u8) {
-        let len = rules.len as usize;
-        for i in 0..MAX_PORT_RULES {
-            if i >= len {
-                break;
-            }
-            let rule = &rules.rules[i];
-            let matches = rule.port_lo <= dst.port
-                && dst.port <= rule.port_hi
-                && (rule.protocol == 0 || rule.protocol == dst.protocol);
-            if !matches {
-                continue;
-            }
-            let candidate =
-                (rule.order as u64) << 40 | (rule.mode as u64) << 32 | rule.rule_id as u64;
-            if rule.action == action::DENY {
-                if effective_mode(rule.mode, global_mode) == Mode::Enforce {
-                    self.enforced_deny = self.enforced_deny.min(candidate);
-                }
-                self.deny = self.deny.min(candidate);
-            } else {
-                // Everything after an allow in a list comes later.
-                self.allow = self.allow.min(candidate);
-                break;
-            }
-        }
-    }
-
-    /// An enforced deny decides. A deny that only observes decides as
-    /// `audit` unless nothing allows the connection and the default is an
-    /// enforced deny: an observing policy never weakens another policy's
-    /// enforced default.
-    #[inline(always)]
-    fn decide(self, default: Decision, global_mode: u8) -> Decision {
-        let (action, deciding) = if self.enforced_deny != NONE {
-            (action::DENY, self.enforced_deny)
-        } else if self.deny != NONE {
-            let default_enforces_deny = default.action == action::DENY
-                && effective_mode(default.mode, global_mode) == Mode::Enforce;
-            if self.allow == NONE && default_enforces_deny {
-                return default;
-            }
-            (action::DENY, self.deny)
-        } else if self.allow != NONE {
-            (action::ALLOW, self.allow)
-        } else {
-            return default;
-        };
-        Decision {
-            action,
-            mode: (deciding >> 32) as u8,
-            rule_id: deciding as u32,
-            ..default
-        }
-    }
+/// An enforced deny decides. A deny that only observes decides as `audit`
+/// unless nothing allows the connection and the default is an enforced
+/// deny: an observing policy never weakens another policy's enforced
+/// default. Writes the decision's action, mode and rule to `s`.
+#[inline(always)]
+fn decide(s: &mut DecideScratch, default_action: u8, default_mode: u8) {
+    let [enforced_deny, deny, allow] = s.candidates;
+    let default_enforces_deny = default_action == action::DENY
+        && effective_mode(default_mode, s.global_mode) == Mode::Enforce;
+    let (decided_action, deciding) = if enforced_deny != NONE {
+        (action::DENY, enforced_deny)
+    } else if deny != NONE && !(allow == NONE && default_enforces_deny) {
+        (action::DENY, deny)
+    } else if deny == NONE && allow != NONE {
+        (action::ALLOW, allow)
+    } else {
+        s.action = default_action;
+        s.mode = default_mode;
+        s.rule_id = RULE_ID_DEFAULT;
+        return;
+    };
+    s.action = decided_action;
+    s.mode = (deciding >> 32) as u8;
+    s.rule_id = deciding as u32;
 }
 
 #[inline(always)]

@@ -81,11 +81,13 @@ fn inspect(ctx: &SkBuffContext) {
         }
         return;
     }
-    let Some(scratch) = TG_DNS_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch_ptr) = TG_DNS_SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: the per-CPU value is this program's alone while it runs.
-    let scratch = unsafe { &mut *scratch };
+    // SAFETY: the per-CPU value is this program's alone while it runs. The
+    // learning steps reach it through lookups of their own, so no reference
+    // to it is held across their calls (`learn` takes the pointer).
+    let scratch = unsafe { &mut *scratch_ptr };
     let skb = ctx.as_ptr() as *mut aya_ebpf::bindings::__sk_buff;
     let event = &mut scratch.event;
     event.kind = event_kind::DNS;
@@ -142,9 +144,10 @@ fn inspect(ctx: &SkBuffContext) {
         count(counter::DNS_TO_USERSPACE);
         scratch.event.flags = dns_flags::CLIPPED | dns_flags::TO_USERSPACE;
     } else {
-        learn(scratch);
+        learn(scratch_ptr);
     }
-    output(scratch, len);
+    // SAFETY: as above; the learning steps have returned.
+    output(unsafe { &*scratch_ptr }, len);
 }
 
 /// Copies `len` (1..=MESSAGE_MAX) payload bytes into the scratch payload.
@@ -261,49 +264,43 @@ fn segment(ctx: &SkBuffContext) -> Option<Segment> {
     })
 }
 
+/// What a learning step tells its caller.
+const STOP: u32 = 0;
+const GO_ON: u32 = 1;
+
+/// The scratch value, for the global functions below, which older kernels
+/// (before 5.12) let take scalars only.
+#[inline(always)]
+fn scratch() -> Option<&'static mut DnsScratch> {
+    // SAFETY: the per-CPU value is this program's alone while it runs.
+    TG_DNS_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
 /// Parses the answer in the scratch payload and installs its addresses for
 /// the receiving endpoint, for every FQDN pattern its question matches.
 ///
-/// Values that would otherwise reach a phase in many verifier states (the
-/// payload length, the parsed question, the matched patterns) are stored in
-/// the scratch value and read back with volatile loads: the verifier then
-/// knows only their types, and checks each phase once instead of once per
-/// way through the phases before it.
+/// Each step is a global function (`no_mangle`, `extern "C"`): the
+/// verifier checks it once, on its own, knowing nothing of its arguments,
+/// and the caller goes on from one state whatever happened inside. The
+/// work is then the sum of the steps instead of their product, which the
+/// older verifiers of 5.10 to 6.8 need, and each step's stack frame is its
+/// own (kernels before 6.9 round every frame of a call chain up to 32
+/// bytes and refuse a chain over 512).
 #[inline(always)]
-fn learn(scratch: &mut DnsScratch) {
-    // SAFETY: a plain field of the scratch value.
-    let len = unsafe { core::ptr::read_volatile(&scratch.event.payload_len) } as usize;
-    // Key reads past the name must find zeros (see dns::NAME_BUF). Volatile
-    // word stores: a byte-wise memset would cost the verifier 8 times more.
-    let words = scratch.name.as_mut_ptr() as *mut u64;
-    for i in 0..dns::NAME_BUF / 8 {
-        // SAFETY: within the name buffer; BPF stores to map values need no
-        // alignment.
-        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+fn learn(scratch: *mut DnsScratch) {
+    if tg_dns_question() == STOP || tg_dns_question_end() == STOP {
+        return;
     }
-    let (header, question) = match dns::question(&scratch.payload, len, &mut scratch.name) {
-        Ok(parsed) => parsed,
-        Err(e) => return flag_error(scratch, e),
-    };
-    // The parse leaves the verifier with one state per way through the
-    // name; stored and read back, every way continues as one.
-    // SAFETY: plain fields of the scratch value.
-    let (header, question) = unsafe {
-        core::ptr::write_volatile(&mut scratch.header, header);
-        core::ptr::write_volatile(&mut scratch.question, question);
-        (
-            core::ptr::read_volatile(&scratch.header),
-            core::ptr::read_volatile(&scratch.question),
-        )
-    };
-
     let Some(config) = TG_CONFIG.get_ptr(0) else {
         return;
     };
+    // SAFETY (every access to `scratch` here): plain places of the scratch
+    // value, reached through the raw pointer, so the compiler assumes the
+    // steps' calls may change them, as they do.
     // SAFETY: plain read of the config value.
     let generation = unsafe { (*config).generation };
     let endpoint = EndpointKey {
-        cgroup_id: scratch.event.cgroup_id,
+        cgroup_id: unsafe { (*scratch).event.cgroup_id },
         half: generation & 1,
         _pad: 0,
     };
@@ -314,47 +311,110 @@ fn learn(scratch: &mut DnsScratch) {
     if unsafe { (*endpoint).flags } & endpoint_flags::FQDN_RULES == 0 {
         return;
     }
-    scratch.event.flags |= dns_flags::ENDPOINT_FQDN;
-    if header.rcode != dns::RCODE_NOERROR {
+    unsafe { (*scratch).event.flags |= dns_flags::ENDPOINT_FQDN };
+    if unsafe { (*scratch).header.rcode } != dns::RCODE_NOERROR {
         return;
     }
-    match dns::answer_addresses(
-        &scratch.payload,
-        len,
-        &header,
-        &question,
-        &mut scratch.found,
-    ) {
-        Ok(0) => return,
-        Ok(_) => {}
-        Err(e) => return flag_error(scratch, e),
-    }
-    let matched = matching_patterns(&scratch.name, &question);
-    if matched.len == 0 {
+    if answers(scratch) == STOP {
         return;
     }
-    // SAFETY: plain fields of the scratch value.
-    unsafe {
-        core::ptr::write_volatile(&mut scratch.patterns, matched.ids);
-        core::ptr::write_volatile(&mut scratch.pattern_count, matched.len as u32);
-        core::ptr::write_volatile(&mut scratch.event.learned, 0);
-    }
-    // Each round reads what it needs from the scratch value and the config,
-    // so every round starts from the same verifier state.
-    for i in 0..MAX_ANSWERS {
-        // SAFETY: a plain field of the scratch value.
-        let found = unsafe { core::ptr::read_volatile(&scratch.found.count) } as usize;
-        if i >= found {
+    unsafe { (*scratch).pattern_count = 0 };
+    for label in 0..MAX_LABELS as u32 {
+        if tg_dns_match_label(label) == STOP {
             break;
         }
-        install(scratch, i);
     }
-    // SAFETY: as above.
-    let learned = unsafe { core::ptr::read_volatile(&scratch.event.learned) };
+    if unsafe { (*scratch).pattern_count } == 0 {
+        return;
+    }
+    unsafe { (*scratch).event.learned = 0 };
+    for index in 0..MAX_ANSWERS as u32 {
+        if tg_dns_install(index) == STOP {
+            break;
+        }
+    }
+    let learned = unsafe { (*scratch).event.learned };
     add(counter::DNS_ADDRESSES_LEARNED, learned as u64);
     if learned != 0 {
-        scratch.event.flags |= dns_flags::LEARNED;
+        unsafe { (*scratch).event.flags |= dns_flags::LEARNED };
     }
+}
+
+/// Runs a parsing step on the scratch value and its payload's length:
+/// GO_ON if it succeeds, STOP with the error flagged if it fails.
+#[inline(always)]
+fn parse_step(step: impl FnOnce(&mut DnsScratch, usize) -> Result<(), dns::Error>) -> u32 {
+    let Some(s) = scratch() else {
+        return STOP;
+    };
+    let len = s.event.payload_len as usize;
+    match step(s, len) {
+        Ok(()) => GO_ON,
+        Err(e) => {
+            flag_error(s, e);
+            STOP
+        }
+    }
+}
+
+/// Reads the header and question name of the answer in the scratch
+/// payload into the scratch value, the name lowercased as a lookup key.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_dns_question() -> u32 {
+    parse_step(|s, len| {
+        // Key reads past the name must find zeros (see dns::NAME_BUF).
+        // Word stores: a byte-wise memset would cost the verifier 8 times
+        // more.
+        let words = s.name.as_mut_ptr() as *mut u64;
+        for i in 0..dns::NAME_BUF / 8 {
+            // SAFETY: within the name buffer; BPF stores to map values need
+            // no alignment.
+            unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        }
+        s.question = dns::Question::default();
+        s.header = dns::question_name(&s.payload, len, &mut s.name, &mut s.question)?;
+        Ok(())
+    })
+}
+
+/// Completes the question in the scratch value: zeros after the name, its
+/// type and class (`dns::finish_question`).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_dns_question_end() -> u32 {
+    parse_step(|s, len| dns::finish_question(&s.payload, len, &mut s.name, &mut s.question))
+}
+
+/// Reads the addresses of the answer section into the scratch value, one
+/// record per step; STOP if there are none or the answer cannot be learned
+/// from.
+#[inline(always)]
+fn answers(scratch: *mut DnsScratch) -> u32 {
+    // SAFETY: plain places of the scratch value, through the raw pointer:
+    // the steps change it.
+    unsafe { dns::start_answers(&(*scratch).question, &mut (*scratch).found) };
+    for i in 0..MAX_ANSWERS as u32 {
+        if i >= unsafe { (*scratch).header.answer_count } as u32 {
+            break;
+        }
+        if tg_dns_answer_record() == STOP {
+            return STOP;
+        }
+    }
+    if unsafe { (*scratch).found.count } == 0 {
+        STOP
+    } else {
+        GO_ON
+    }
+}
+
+/// Reads the answer record at the scratch value's cursor
+/// (`dns::answer_record`); STOP if the answer cannot be learned from.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_dns_answer_record() -> u32 {
+    parse_step(|s, len| dns::answer_record(&s.payload, len, &mut s.found))
 }
 
 #[inline(always)]
@@ -372,87 +432,83 @@ fn flag_error(scratch: &mut DnsScratch, error: dns::Error) {
     }
 }
 
-/// Distinct pattern ids, at most a learned entry's worth.
-struct Patterns {
-    ids: [u32; LEARNED_SLOTS],
-    len: usize,
-}
-
-impl Patterns {
-    #[inline(always)]
-    fn push(&mut self, id: u32) {
-        if id == 0 {
-            return;
-        }
-        for i in 0..LEARNED_SLOTS {
-            if i < self.len && self.ids[i] == id {
-                return;
-            }
-        }
-        if self.len >= LEARNED_SLOTS {
-            count(counter::FQDN_SLOTS_FULL);
-            return;
-        }
-        self.ids[self.len] = id;
-        self.len += 1;
-    }
-}
-
-/// The patterns the question name matches: the whole name for exact
-/// patterns, the name less its first label for `*.` and `**.`, and the name
-/// less two or more labels for `**.`. Each lookup compares a whole name.
-#[inline(always)]
-fn matching_patterns(name: &[u8; dns::NAME_BUF], question: &dns::Question) -> Patterns {
-    let mut patterns = Patterns {
-        ids: [0; LEARNED_SLOTS],
-        len: 0,
+/// Adds the patterns that the question name matches from its label `label`
+/// on: the whole name (label 0) for exact patterns, the name less its first
+/// label for `*.` and `**.`, and less two or more labels for `**.`. Each
+/// lookup compares a whole name. STOP past the last label.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_dns_match_label(label: u32) -> u32 {
+    let Some(s) = scratch() else {
+        return STOP;
     };
-    for label in 0..MAX_LABELS {
-        if label >= question.label_count as usize {
-            break;
+    if label >= s.question.label_count as u32 {
+        return STOP;
+    }
+    let offset = s.question.label_offsets[label as usize & (MAX_LABELS - 1)] as usize & 0xff;
+    // SAFETY: offset <= 255 and the buffer holds NAME_BUF = 512 bytes, so
+    // the NAME_KEY = 256 byte key is within it.
+    let key = unsafe { &*(s.name.as_ptr().add(offset) as *const FqdnName) };
+    // SAFETY: plain lookup; the value is copied out at once.
+    let Some(ids) = (unsafe { TG_FQDN_NAMES.get(key) }).copied() else {
+        return GO_ON;
+    };
+    if label == 0 {
+        push_pattern(s, ids.exact);
+    } else {
+        if label == 1 {
+            push_pattern(s, ids.one_label);
         }
-        let offset = question.label_offsets[label] as usize & 0xff;
-        // SAFETY: offset <= 255 and the buffer holds NAME_BUF = 512 bytes,
-        // so the NAME_KEY = 256 byte key is within it.
-        let key = unsafe { &*(name.as_ptr().add(offset) as *const FqdnName) };
-        // SAFETY: plain lookup; the value is copied out at once.
-        let Some(ids) = (unsafe { TG_FQDN_NAMES.get(key) }) else {
-            continue;
-        };
-        if label == 0 {
-            patterns.push(ids.exact);
-        } else {
-            if label == 1 {
-                patterns.push(ids.one_label);
-            }
-            patterns.push(ids.any_labels);
+        push_pattern(s, ids.any_labels);
+    }
+    GO_ON
+}
+
+/// Adds a pattern id to the scratch value's distinct patterns, at most a
+/// learned entry's worth.
+#[inline(always)]
+fn push_pattern(s: &mut DnsScratch, id: u32) {
+    if id == 0 {
+        return;
+    }
+    let len = s.pattern_count as usize;
+    for i in 0..LEARNED_SLOTS {
+        if i < len && s.patterns[i] == id {
+            return;
         }
     }
-    patterns
+    if len >= LEARNED_SLOTS {
+        count(counter::FQDN_SLOTS_FULL);
+        return;
+    }
+    s.patterns[len] = id;
+    s.pattern_count += 1;
 }
 
 /// Installs or refreshes answer address `index` for the receiving endpoint
-/// under every matched pattern, counting it in `event.learned`.
-#[inline(always)]
-fn install(scratch: &mut DnsScratch, index: usize) {
+/// under every matched pattern, counting it in `event.learned`. STOP past
+/// the last address.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_dns_install(index: u32) -> u32 {
+    let Some(s) = scratch() else {
+        return STOP;
+    };
+    if index >= s.found.count {
+        return STOP;
+    }
     let Some(config) = TG_CONFIG.get_ptr(0) else {
-        return;
+        return STOP;
     };
-    // SAFETY: plain reads of the config value and of scratch fields.
-    let (ttl_min, ttl_max, now, pattern_count, patterns) = unsafe {
-        (
-            (*config).fqdn_ttl_min_s,
-            (*config).fqdn_ttl_max_s,
-            core::ptr::read_volatile(&scratch.event.ts_ns),
-            core::ptr::read_volatile(&scratch.pattern_count) as usize,
-            core::ptr::read_volatile(&scratch.patterns),
-        )
-    };
-    let address = &scratch.found.addresses[index & (MAX_ANSWERS - 1)];
+    // SAFETY: plain reads of the config value.
+    let (ttl_min, ttl_max) = unsafe { ((*config).fqdn_ttl_min_s, (*config).fqdn_ttl_max_s) };
+    let now = s.event.ts_ns;
+    let pattern_count = s.pattern_count as usize;
+    let address = &s.found.addresses[index as usize & (MAX_ANSWERS - 1)];
     let ttl = dns::learned_ttl(address.ttl, ttl_min, ttl_max);
     let expires_ns = now + ttl as u64 * 1_000_000_000;
     let key = LearnedKey {
-        cgroup_id: scratch.event.cgroup_id,
+        cgroup_id: s.event.cgroup_id,
         addr: address.addr,
         family: address.family,
         _pad: [0; 7],
@@ -461,7 +517,7 @@ fn install(scratch: &mut DnsScratch, index: usize) {
         for p in 0..LEARNED_SLOTS {
             if p < pattern_count {
                 // SAFETY: value pointer of a successful lookup.
-                unsafe { refresh(&mut (*value).slots, patterns[p], now, expires_ns) };
+                unsafe { refresh(&mut (*value).slots, s.patterns[p], now, expires_ns) };
             }
         }
     } else {
@@ -469,7 +525,7 @@ fn install(scratch: &mut DnsScratch, index: usize) {
         for p in 0..LEARNED_SLOTS {
             if p < pattern_count {
                 value.slots[p] = LearnedSlot {
-                    pattern_id: patterns[p],
+                    pattern_id: s.patterns[p],
                     _pad: 0,
                     expires_ns,
                 };
@@ -480,14 +536,11 @@ fn install(scratch: &mut DnsScratch, index: usize) {
             .is_err()
         {
             count(counter::FQDN_LEARN_FAILED);
-            return;
+            return GO_ON;
         }
     }
-    // SAFETY: a plain field of the scratch value.
-    unsafe {
-        let learned = core::ptr::read_volatile(&scratch.event.learned);
-        core::ptr::write_volatile(&mut scratch.event.learned, learned + 1);
-    }
+    s.event.learned += 1;
+    GO_ON
 }
 
 /// Extends the pattern's slot, or takes a free or expired one. A reused

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use tollgate_common::{
-    Config, DnsScratch, EndpointKey, EndpointValue, FlowDedupKey, FqdnName, FqdnNameIds,
-    FqdnRuleKey, LearnedKey, LearnedValue, ResolverKey, RuleKeyV4, RuleKeyV6, RuleList, capacity,
-    counter,
+    Config, DecideScratch, DnsScratch, EndpointKey, EndpointValue, FlowDedupKey, FqdnName,
+    FqdnNameIds, FqdnRuleKey, LearnedKey, LearnedValue, ResolverKey, RuleKeyV4, RuleKeyV6,
+    RuleList, capacity, counter,
 };
 
 #[map]
@@ -64,6 +64,7 @@ pub static TG_DNS_TRUSTED: HashMap<ResolverKey, u8> = HashMap::pinned(capacity::
 #[map]
 pub static TG_DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::pinned(1, 0);
 
-/// Where a decision parks its candidates between rule lists (decide.rs).
+/// A decision's destination, candidates and result, shared by its global
+/// functions (decide.rs).
 #[map]
-pub static TG_DECIDE_SCRATCH: PerCpuArray<[u64; 3]> = PerCpuArray::pinned(1, 0);
+pub static TG_DECIDE_SCRATCH: PerCpuArray<DecideScratch> = PerCpuArray::pinned(1, 0);

@@ -135,7 +135,7 @@ fn u32_at(msg: &[u8; MESSAGE_MAX], len: usize, at: usize) -> Result<u32, Error> 
 
 /// Reads the header and the question of the `len` bytes in `msg`, writing
 /// the question name lowercased in wire form to the start of `name`, and
-/// zeros after it up to [`NAME_MAX`] (the rest of `name` is left as it is:
+/// zeros after it up to [`NAME_KEY`] (the rest of `name` is left as it is:
 /// the kernel zeroes it first).
 #[inline(always)]
 pub fn question(
@@ -143,6 +143,24 @@ pub fn question(
     len: usize,
     name: &mut [u8; NAME_BUF],
 ) -> Result<(Header, Question), Error> {
+    let mut question = Question::default();
+    let header = question_name(msg, len, name, &mut question)?;
+    finish_question(msg, len, name, &mut question)?;
+    Ok((header, question))
+}
+
+/// The first half of [`question`]: the header, and the name copied and
+/// walked into `question` (which must start zeroed). The kernel runs the
+/// halves as separate steps: the name's length is known exactly at each
+/// of the walk's exits, and a verifier that followed it into the second
+/// half would check that half once per exit.
+#[inline(always)]
+pub fn question_name(
+    msg: &[u8; MESSAGE_MAX],
+    len: usize,
+    name: &mut [u8; NAME_BUF],
+    question: &mut Question,
+) -> Result<Header, Error> {
     if len > MESSAGE_MAX {
         return Err(Error::Unsupported(Unsupported::TooLarge));
     }
@@ -170,10 +188,14 @@ pub fn question(
     // lowercasing everything changes only label bytes. Two flat loops keep
     // the verifier's work linear; bytes past the message end are copied
     // but never used: every byte the walk uses is checked against `len`.
-    for at in 0..NAME_MAX {
-        name[at] = msg[(HEADER_LEN + at) & MESSAGE_MASK].to_ascii_lowercase();
+    for word in 0..NAME_KEY / 8 {
+        let mut bytes = [0u8; 8];
+        for (k, b) in bytes.iter_mut().enumerate() {
+            *b = msg[(HEADER_LEN + word * 8 + k) & MESSAGE_MASK];
+        }
+        let lower = ascii_lowercase_word(u64::from_le_bytes(bytes)).to_le_bytes();
+        name[word * 8..word * 8 + 8].copy_from_slice(&lower);
     }
-    let mut question = Question::default();
     let mut at = 0usize;
     let mut ended = false;
     for label in 0..=MAX_LABELS {
@@ -206,18 +228,53 @@ pub fn question(
         return Err(Error::Malformed);
     }
     question.name_len = at as u16 + 1;
-    // Zero what follows the name. Branch-free: a branch on the name's
-    // length at every byte would split the verifier's state 255 times.
-    let name_len = at as isize + 1;
-    for i in 0..NAME_MAX {
-        let keep = ((i as isize - name_len) >> (isize::BITS - 1)) as u8; // 0xff before the end
-        name[i] &= keep;
+    Ok(header)
+}
+
+/// The eight bytes of `word` with `A`..=`Z` lowercased, without a branch
+/// (a branch per byte would split the verifier's state at every byte).
+#[inline(always)]
+fn ascii_lowercase_word(word: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let low7 = word & LOW7;
+    // Each byte's top bit: set from 'A' (0x41) on, and from past 'Z' (0x5b) on.
+    let from_a = low7 + 0x3f3f_3f3f_3f3f_3f3f;
+    let past_z = low7 + 0x2525_2525_2525_2525;
+    // Upper case: from 'A', not past 'Z', and an ASCII byte.
+    let upper = (from_a ^ past_z) & !word & HIGH;
+    word | (upper >> 2)
+}
+
+/// The second half of [`question`]: zeros after the name in `name`, and
+/// the question's type, class and end, for a `question` that
+/// [`question_name`] read from the same message.
+#[inline(always)]
+pub fn finish_question(
+    msg: &[u8; MESSAGE_MAX],
+    len: usize,
+    name: &mut [u8; NAME_BUF],
+    question: &mut Question,
+) -> Result<(), Error> {
+    // Zero what follows the name. The length is read afresh for every
+    // byte (in the kernel, from map memory, whose contents the verifier
+    // does not track): what a byte's branch teaches the verifier about it
+    // then dies with the byte, and the states of every byte merge.
+    // SAFETY (both volatile reads): a plain field of `question`.
+    for i in 0..NAME_KEY {
+        if i >= unsafe { core::ptr::read_volatile(&question.name_len) } as usize {
+            name[i] = 0;
+        }
     }
-    let at = HEADER_LEN + question.name_len as usize;
+    let name_len = unsafe { core::ptr::read_volatile(&question.name_len) } as usize;
+    if name_len > NAME_MAX {
+        return Err(Error::Malformed);
+    }
+    let at = HEADER_LEN + name_len;
     question.qtype = u16_at(msg, len, at)?;
     question.qclass = u16_at(msg, len, at + 2)?;
     question.end = (at + 4) as u16;
-    Ok((header, question))
+    Ok(())
 }
 
 /// The addresses of an answer, and the parser's place while it reads them.
@@ -250,66 +307,87 @@ pub fn answer_addresses(
     question: &Question,
     found: &mut FoundAddresses,
 ) -> Result<usize, Error> {
-    // SAFETY (all volatile accesses): plain fields of `found`.
-    unsafe {
-        core::ptr::write_volatile(&mut found.cursor, question.end as u32);
-        core::ptr::write_volatile(&mut found.count, 0);
-    }
+    start_answers(question, found);
     for i in 0..MAX_ANSWERS {
         if i >= header.answer_count as usize {
             break;
         }
-        // Never more than `len` (checked below), so the mask changes nothing;
-        // it only tells the verifier so. Masking with MESSAGE_MASK would wrap
-        // a cursor at the end of a full-size message back to its start.
-        let at =
-            unsafe { core::ptr::read_volatile(&found.cursor) } as usize & (2 * MESSAGE_MAX - 1);
-        let owner = byte(msg, len, at)?;
-        let at = match owner {
-            0 => at + 1,
-            b if b & 0xc0 == 0xc0 => {
-                byte(msg, len, at + 1)?;
-                at + 2
-            }
-            b if b & 0xc0 == 0 => {
-                return Err(Error::Unsupported(Unsupported::UncompressedOwner));
-            }
-            _ => return Err(Error::Malformed),
-        };
-        let rtype = u16_at(msg, len, at)?;
-        let class = u16_at(msg, len, at + 2)?;
-        let ttl = u32_at(msg, len, at + 4)?;
-        let rdlen = u16_at(msg, len, at + 8)? as usize;
-        let rdata = at + 10;
-        if rdata + rdlen > len {
-            return Err(Error::Malformed);
-        }
-        unsafe { core::ptr::write_volatile(&mut found.cursor, (rdata + rdlen) as u32) };
-        let (family, size) = match rtype {
-            rtype::A => (crate::family::INET, 4),
-            rtype::AAAA => (crate::family::INET6, 16),
-            _ => continue,
-        };
-        if class != CLASS_IN {
-            continue;
-        }
-        if rdlen != size {
-            return Err(Error::Malformed);
-        }
-        let count = unsafe { core::ptr::read_volatile(&found.count) } as usize;
-        let slot = &mut found.addresses[count & (MAX_ANSWERS - 1)];
-        slot.addr = [0; 16];
-        for k in 0..16 {
-            if k < size {
-                slot.addr[k] = msg[(rdata + k) & MESSAGE_MASK];
-            }
-        }
-        slot.ttl = ttl;
-        slot.family = family;
-        slot._pad = [0; 3];
-        unsafe { core::ptr::write_volatile(&mut found.count, count as u32 + 1) };
+        answer_record(msg, len, found)?;
     }
+    // SAFETY: a plain field of `found`.
     Ok(unsafe { core::ptr::read_volatile(&found.count) } as usize)
+}
+
+/// Places the [`answer_record`] cursor at the first record after
+/// `question`, with no address found yet.
+#[inline(always)]
+pub fn start_answers(question: &Question, found: &mut FoundAddresses) {
+    // SAFETY: plain fields of `found`.
+    unsafe {
+        core::ptr::write_volatile(&mut found.cursor, question.end as u32);
+        core::ptr::write_volatile(&mut found.count, 0);
+    }
+}
+
+/// Reads the answer record at `found.cursor`, moves the cursor past it, and
+/// adds its address to `found` if it is an A or AAAA record of class IN.
+/// The kernel calls it once per record, as a step of its own.
+#[inline(always)]
+pub fn answer_record(
+    msg: &[u8; MESSAGE_MAX],
+    len: usize,
+    found: &mut FoundAddresses,
+) -> Result<(), Error> {
+    // Never more than `len` (checked below), so the mask changes nothing;
+    // it only tells the verifier so. Masking with MESSAGE_MASK would wrap a
+    // cursor at the end of a full-size message back to its start.
+    // SAFETY (all volatile accesses): plain fields of `found`.
+    let at = unsafe { core::ptr::read_volatile(&found.cursor) } as usize & (2 * MESSAGE_MAX - 1);
+    let owner = byte(msg, len, at)?;
+    let at = match owner {
+        0 => at + 1,
+        b if b & 0xc0 == 0xc0 => {
+            byte(msg, len, at + 1)?;
+            at + 2
+        }
+        b if b & 0xc0 == 0 => {
+            return Err(Error::Unsupported(Unsupported::UncompressedOwner));
+        }
+        _ => return Err(Error::Malformed),
+    };
+    let rtype = u16_at(msg, len, at)?;
+    let class = u16_at(msg, len, at + 2)?;
+    let ttl = u32_at(msg, len, at + 4)?;
+    let rdlen = u16_at(msg, len, at + 8)? as usize;
+    let rdata = at + 10;
+    if rdata + rdlen > len {
+        return Err(Error::Malformed);
+    }
+    unsafe { core::ptr::write_volatile(&mut found.cursor, (rdata + rdlen) as u32) };
+    let (family, size) = match rtype {
+        rtype::A => (crate::family::INET, 4),
+        rtype::AAAA => (crate::family::INET6, 16),
+        _ => return Ok(()),
+    };
+    if class != CLASS_IN {
+        return Ok(());
+    }
+    if rdlen != size {
+        return Err(Error::Malformed);
+    }
+    let count = unsafe { core::ptr::read_volatile(&found.count) } as usize;
+    let slot = &mut found.addresses[count & (MAX_ANSWERS - 1)];
+    slot.addr = [0; 16];
+    for k in 0..16 {
+        if k < size {
+            slot.addr[k] = msg[(rdata + k) & MESSAGE_MASK];
+        }
+    }
+    slot.ttl = ttl;
+    slot.family = family;
+    slot._pad = [0; 3];
+    unsafe { core::ptr::write_volatile(&mut found.count, count as u32 + 1) };
+    Ok(())
 }
 
 /// The lifetime of an address learned from a record with `ttl`: TTLs with

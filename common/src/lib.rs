@@ -13,7 +13,7 @@
 pub mod dns;
 
 /// Version of the pinned map layout; part of the bpffs pin directory name.
-pub const PIN_LAYOUT_VERSION: u32 = 3;
+pub const PIN_LAYOUT_VERSION: u32 = 4;
 
 /// Map names (at most 15 bytes: the kernel truncates longer object names).
 pub mod map_names {
@@ -462,6 +462,34 @@ pub struct DnsScratch {
     pub pattern_count: u32,
 }
 
+/// Per-CPU working memory of one decision (`agent-ebpf/src/decide.rs`).
+/// The destination goes in and the decision comes out through it: the
+/// decision's steps are global functions, which the verifier checks once
+/// each, on their own, and which older kernels (before 5.12) let take
+/// nothing but scalars.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct DecideScratch {
+    /// The lowest candidate of each kind so far (enforced deny, deny,
+    /// allow), `order << 40 | mode << 32 | rule_id`, `u64::MAX` for none.
+    pub candidates: [u64; 3],
+    /// Destination, network-order words; IPv4 in the first.
+    pub addr: [u32; 4],
+    /// Host order.
+    pub port: u16,
+    pub protocol: u8,
+    /// The family the destination is judged as.
+    pub family: u8,
+    pub global_mode: u8,
+    /// The decision: [`action`], [`policy_mode`] of the deciding rule or
+    /// default, whether the endpoint is known.
+    pub action: u8,
+    pub mode: u8,
+    pub endpoint_known: u8,
+    pub rule_id: u32,
+    pub set_id: u32,
+}
+
 impl Config {
     /// The (generation, global mode) word as the programs read it
     /// (little-endian: generation in the low half, mode in the next byte).
@@ -525,6 +553,7 @@ mod pod {
     unsafe impl aya::Pod for ResolverKey {}
     unsafe impl aya::Pod for DnsEvent {}
     unsafe impl aya::Pod for DnsScratch {}
+    unsafe impl aya::Pod for DecideScratch {}
 }
 
 // The layouts are part of the pinned ABI: fail the build if one drifts.
@@ -548,6 +577,7 @@ const _: () = {
     assert!(core::mem::size_of::<LearnedValue>() == 16 * LEARNED_SLOTS);
     assert!(core::mem::size_of::<ResolverKey>() == 20);
     assert!(core::mem::size_of::<DnsEvent>() == 64);
+    assert!(core::mem::size_of::<DecideScratch>() == 56);
     assert!(core::mem::offset_of!(DnsScratch, payload) == 64);
     assert!(core::mem::offset_of!(DnsScratch, name) == 64 + dns::MESSAGE_MAX);
 };
