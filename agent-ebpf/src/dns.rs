@@ -5,8 +5,10 @@
 //! the packet is queued to the socket, so before the application can read
 //! it. Every answer is also reported to the agent, which learns what the
 //! parser leaves to it (TCP, too large, too odd) and names flows.
+//! `tollgate_dns_forward` is the same program without the parser, for a
+//! kernel that refuses the parser: the agent then learns from every answer.
 //!
-//! The program never drops a packet: DNS works whatever happens here.
+//! The programs never drop a packet: DNS works whatever happens here.
 
 use aya_ebpf::{
     EbpfContext,
@@ -18,6 +20,7 @@ use aya_ebpf::{
         },
     },
     macros::cgroup_skb,
+    maps::PerCpuArray,
     programs::SkBuffContext,
 };
 use tollgate_common::{
@@ -29,8 +32,8 @@ use tollgate_common::{
 
 use crate::{
     maps::{
-        TG_CONFIG, TG_DNS_SCRATCH, TG_DNS_TRUSTED, TG_ENDPOINTS, TG_EVENTS, TG_FQDN_LEARNED,
-        TG_FQDN_NAMES,
+        TG_CONFIG, TG_DNS_FORWARD, TG_DNS_SCRATCH, TG_DNS_TRUSTED, TG_ENDPOINTS, TG_EVENTS,
+        TG_FQDN_LEARNED, TG_FQDN_NAMES,
     },
     report::{add, batched_wakeup, count},
 };
@@ -46,8 +49,25 @@ const EVENT_HEADER: u64 = core::mem::size_of::<tollgate_common::DnsEvent>() as u
 
 #[cgroup_skb(ingress)]
 pub fn tollgate_dns_ingress(ctx: SkBuffContext) -> i32 {
-    inspect(&ctx);
+    inspect(&ctx, &TG_DNS_SCRATCH, Learner::Kernel);
     1
+}
+
+/// The agent's fallback where a kernel refuses `tollgate_dns_ingress`:
+/// hands every answer from a trusted resolver to the agent unparsed, and
+/// the agent learns from it. It has a scratch value of its own, so that it
+/// shares no map with the program it stands in for but the ring buffer.
+#[cgroup_skb(ingress)]
+pub fn tollgate_dns_forward(ctx: SkBuffContext) -> i32 {
+    inspect(&ctx, &TG_DNS_FORWARD, Learner::Agent);
+    1
+}
+
+/// Who parses UDP answers and installs their addresses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Learner {
+    Kernel,
+    Agent,
 }
 
 /// Where a packet came from and where its payload is.
@@ -65,7 +85,7 @@ struct Segment {
 }
 
 #[inline(always)]
-fn inspect(ctx: &SkBuffContext) {
+fn inspect(ctx: &SkBuffContext, scratch_map: &PerCpuArray<DnsScratch>, learner: Learner) {
     let Some(segment) = segment(ctx) else {
         return;
     };
@@ -81,7 +101,7 @@ fn inspect(ctx: &SkBuffContext) {
         }
         return;
     }
-    let Some(scratch_ptr) = TG_DNS_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch_ptr) = scratch_map.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: the per-CPU value is this program's alone while it runs. The
@@ -143,6 +163,9 @@ fn inspect(ctx: &SkBuffContext) {
     if segment.payload_len > MESSAGE_MAX as u32 {
         count(counter::DNS_TO_USERSPACE);
         scratch.event.flags = dns_flags::CLIPPED | dns_flags::TO_USERSPACE;
+    } else if learner == Learner::Agent {
+        count(counter::DNS_TO_USERSPACE);
+        scratch.event.flags = dns_flags::TO_USERSPACE;
     } else {
         learn(scratch_ptr);
     }

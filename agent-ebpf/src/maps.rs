@@ -64,6 +64,10 @@ pub static TG_DNS_TRUSTED: HashMap<ResolverKey, u8> = HashMap::pinned(capacity::
 #[map]
 pub static TG_DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::pinned(1, 0);
 
+/// The scratch value of the fallback DNS program (`tollgate_dns_forward`).
+#[map]
+pub static TG_DNS_FORWARD: PerCpuArray<DnsScratch> = PerCpuArray::pinned(1, 0);
+
 /// A decision's destination, candidates and result, shared by its global
 /// functions (decide.rs).
 #[map]

@@ -33,6 +33,18 @@ pub enum Command {
         #[arg(long, env = "TOLLGATE_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
         bpffs_root: PathBuf,
     },
+    /// Load every program into this kernel's verifier without attaching
+    /// anything, and report how each fared (exit status 1 if a program
+    /// that the agent cannot run without is refused).
+    Verify {
+        /// Where the maps of the check are pinned for the moment (removed
+        /// after).
+        #[arg(long, env = "TOLLGATE_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
+        bpffs_root: PathBuf,
+        /// One JSON object per program instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]

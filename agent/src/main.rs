@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         .expect("no other TLS crypto provider is installed before main");
     match cli.command {
         Some(Command::Cleanup { bpffs_root }) => cleanup(&bpffs_root),
+        Some(Command::Verify { bpffs_root, json }) => verify(&bpffs_root, json),
         None => {
             let config = run_config(args, log_level)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -217,6 +218,37 @@ fn cleanup(bpffs_root: &Path) -> anyhow::Result<()> {
         tracing::info!(path = %path.display(), "removed");
     }
     tracing::info!(pins = removed.len(), "cleanup done");
+    Ok(())
+}
+
+fn verify(bpffs_root: &Path, json: bool) -> anyhow::Result<()> {
+    let checks = datapath::Datapath::verify(bpffs_root)?;
+    for check in &checks {
+        if json {
+            println!("{}", serde_json::to_string(check)?);
+        } else {
+            println!(
+                "{:<22} {:<8} {:>10} {:>10.1} ms {}",
+                check.program,
+                if check.loaded { "loaded" } else { "REFUSED" },
+                check
+                    .verified_insns
+                    .map_or("-".to_owned(), |n| format!("{n} insns")),
+                check.load_ms,
+                check.error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    let refused: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.loaded && datapath::PROGRAMS[..4].contains(&c.program))
+        .map(|c| c.program)
+        .collect();
+    anyhow::ensure!(
+        refused.is_empty(),
+        "the agent cannot enforce on this kernel: it refuses {}",
+        refused.join(", ")
+    );
     Ok(())
 }
 

@@ -155,6 +155,16 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     for (program, attachment) in datapath.attachments() {
         info!(program, ?attachment, "attached");
     }
+    for degraded in datapath.degraded() {
+        tracing::error!(
+            feature = degraded.feature,
+            program = degraded.program,
+            reason = %degraded.reason,
+            "DEGRADED: this kernel refused a program; enforcing without it: {}",
+            degraded.consequence
+        );
+    }
+    telemetry.set_degraded(datapath.degraded());
     // Watching starts before the first walk of the tree, so a cgroup made
     // at any moment after it is reported (queued until the loop runs).
     let mut cgroups = CgroupWatcher::new(&config.cgroup2_mount).map_err(RunError::Watch)?;

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     control::controller::Command,
-    datapath::PROGRAMS,
+    datapath::{Degraded, PROGRAMS},
     export::delivery::{SinkStats, StatsBySink},
 };
 
@@ -70,6 +70,12 @@ struct VerdictLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FeatureLabels {
+    feature: String,
+    program: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
 }
@@ -99,6 +105,8 @@ pub struct Telemetry {
     /// The sinks' counters, once the exporter has started.
     sinks: Arc<OnceLock<StatsBySink>>,
     ready: Arc<AtomicBool>,
+    /// What the kernel refused, as readiness names it.
+    degraded: Arc<OnceLock<Vec<String>>>,
     commands: mpsc::Sender<Command>,
     links_dir: PathBuf,
 }
@@ -113,6 +121,7 @@ impl Telemetry {
             grpc_calls: GrpcCalls::default(),
             sinks: Arc::default(),
             ready: Arc::default(),
+            degraded: Arc::default(),
             commands,
             links_dir,
         }
@@ -125,6 +134,28 @@ impl Telemetry {
     /// Programs attached and the saved policy set in force.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// The features the kernel refused the programs of: the agent is ready
+    /// without them, and its readiness says what it lacks.
+    pub fn set_degraded(&self, degraded: &[Degraded]) {
+        let _ = self.degraded.set(
+            degraded
+                .iter()
+                .map(|d| format!("{} ({} refused)", d.feature, d.program))
+                .collect(),
+        );
+    }
+
+    /// The answer of a ready agent: degraded features are named, since a
+    /// node that enforces without them is still ready.
+    fn ready_text(&self) -> String {
+        match self.degraded.get() {
+            Some(features) if !features.is_empty() => {
+                format!("ready, degraded: {}\n", features.join(", "))
+            }
+            _ => "ready\n".to_owned(),
+        }
     }
 
     /// Why the agent is not ready, if it is not: before it got ready, or
@@ -223,6 +254,20 @@ impl Telemetry {
         ] {
             registry.register(name, help, counter(value));
         }
+        let degraded = Family::<FeatureLabels, Gauge>::default();
+        for feature in &status.degraded {
+            degraded
+                .get_or_create(&FeatureLabels {
+                    feature: feature.feature.clone(),
+                    program: feature.program.clone(),
+                })
+                .set(1);
+        }
+        registry.register(
+            "degraded",
+            "1 for each feature whose program this kernel refused (the agent enforces without it)",
+            degraded,
+        );
         registry.register(
             "fqdn_learned_addresses",
             "Addresses endpoints learned from DNS answers that are alive, as of the last sweep",
@@ -368,7 +413,7 @@ fn router(telemetry: Telemetry) -> Router {
             "/readyz",
             get(|State(t): State<Telemetry>| async move {
                 match t.not_ready() {
-                    None => (StatusCode::OK, "ready\n".to_owned()),
+                    None => (StatusCode::OK, t.ready_text()),
                     Some(why) => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("not ready: {why}\n"),

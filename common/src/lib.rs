@@ -29,6 +29,8 @@ pub mod map_names {
     pub const FQDN_LEARNED: &str = "TG_FQDN_LEARNED";
     pub const DNS_TRUSTED: &str = "TG_DNS_TRUSTED";
     pub const DNS_SCRATCH: &str = "TG_DNS_SCRATCH";
+    pub const DNS_FORWARD: &str = "TG_DNS_FORWARD";
+    pub const DECIDE_SCRATCH: &str = "TG_DECIDE_SCRATCH";
 }
 
 /// Default capacities; the agent may override them at load time.

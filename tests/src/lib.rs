@@ -461,6 +461,39 @@ impl TestEnv {
         }
     }
 
+    /// Pins, where the agent will look for its map `name`, a per-CPU array
+    /// whose values are 8 bytes: far too small for what the programs that
+    /// use it read and write, so the kernel's verifier refuses exactly those
+    /// programs, as a kernel that lacks what they need would. (The agent
+    /// reuses pinned maps by name, as it must across restarts.)
+    pub fn pin_undersized_map(&self, name: &str) {
+        let maps = self
+            .bpffs
+            .root()
+            .join(format!("v{}", tollgate_common::PIN_LAYOUT_VERSION))
+            .join("maps");
+        std::fs::create_dir_all(&maps).unwrap();
+        let path = maps.join(name);
+        sh(
+            "bpftool",
+            &[
+                "map",
+                "create",
+                path.to_str().unwrap(),
+                "type",
+                "percpu_array",
+                "key",
+                "4",
+                "value",
+                "8",
+                "entries",
+                "1",
+                "name",
+                name,
+            ],
+        );
+    }
+
     /// The agent's control socket, as tollgatectl's --agent.
     pub fn agent_address(&self) -> String {
         format!("unix:{}", self.state.path.join("agent.sock").display())

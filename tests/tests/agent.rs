@@ -9,7 +9,7 @@ use tollgate_agent::datapath::{
     Action, DatapathError, DatapathOptions, PROGRAMS, PolicyMode, PortRange, PortRuleSpec,
     Protocol, RuleSet, SetRules, raw_bpf,
 };
-use tollgate_common::PIN_LAYOUT_VERSION;
+use tollgate_common::{PIN_LAYOUT_VERSION, map_names};
 use tollgate_tests::{
     AgentProcess, TempFile, TestEnv, allow_all_connect4, connect4_programs_attached, host_policy,
 };
@@ -539,4 +539,65 @@ fn an_upgrade_replaces_changed_programs_in_place_and_takes_over_older_layouts() 
         1,
         "one connect4 program, this version's"
     );
+}
+
+/// A kernel that refuses both DNS programs: FQDN learning is gone, but
+/// every deciding hook is attached and enforces.
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn without_any_dns_program_the_agent_still_enforces() {
+    let mut env = TestEnv::new("no-dns");
+    let host = env.add_host(79, &[8080]).v4;
+    env.pin_undersized_map(map_names::DNS_SCRATCH);
+    env.pin_undersized_map(map_names::DNS_FORWARD);
+    let agent = AgentProcess::start(
+        &env,
+        &["--mode", "enforce", "--allowed-report-interval", "0"],
+    );
+    assert_eq!(
+        agent.startup_lines_with("DEGRADED"),
+        2,
+        "{:#?}",
+        agent.startup_log
+    );
+    assert_eq!(agent.startup_lines_with("New"), PROGRAMS.len() - 1);
+    deny_port(&env, host, 8080);
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:8080")])
+            .result(),
+        Err(EPERM)
+    );
+    let status = env.ctl(&["status"]).ok();
+    assert!(status.contains("DEGRADED dns-learning: "), "{status}");
+    drop(agent);
+    env.cleanup_pins();
+}
+
+/// A kernel that refuses the deciding programs: the agent does not start,
+/// and it attached and pinned nothing on the way, so whatever was in force
+/// before stays as it was.
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn a_refused_deciding_program_changes_nothing_in_force() {
+    let env = TestEnv::new("refused");
+    env.pin_undersized_map(map_names::DECIDE_SCRATCH);
+    let log = match AgentProcess::try_start(&env, &["--mode", "enforce"]) {
+        Ok(agent) => panic!("the agent started: {:#?}", agent.startup_log),
+        Err(log) => log,
+    };
+    assert!(
+        log.iter().any(|line| line.contains("tollgate_connect4")),
+        "{log:#?}"
+    );
+    assert_eq!(connect4_programs_attached(&env.cgroup.path), 0);
+    let links = env
+        .bpffs
+        .root()
+        .join(format!("v{PIN_LAYOUT_VERSION}"))
+        .join("links");
+    let pinned: Vec<_> = std::fs::read_dir(&links)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(pinned.is_empty(), "{pinned:?}");
+    env.cleanup_pins();
 }

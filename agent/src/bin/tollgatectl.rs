@@ -396,6 +396,12 @@ fn status_text(status: &api::StatusResponse) -> String {
             program.name, program.attachment
         ));
     }
+    for degraded in &status.degraded {
+        out.push_str(&format!(
+            "DEGRADED {}: the kernel refused {} ({}); {}\n",
+            degraded.feature, degraded.program, degraded.reason, degraded.consequence
+        ));
+    }
     out.push_str(&format!(
         "decisions: {} allowed ({} not reported again), {} denied, {} audit; {} events lost (ring buffer full)\n",
         counters.allowed, counters.allowed_deduplicated, counters.denied, counters.audit, counters.ringbuf_reserve_failed

@@ -291,6 +291,16 @@ impl Controller {
             global_mode: mode_name(datapath.global_mode()).into(),
             policies: self.store.len() as u32,
             endpoints: self.enforcer.endpoint_count() as u32,
+            degraded: datapath
+                .degraded()
+                .iter()
+                .map(|d| api::DegradedFeature {
+                    feature: d.feature.into(),
+                    program: d.program.into(),
+                    reason: d.reason.clone(),
+                    consequence: d.consequence.into(),
+                })
+                .collect(),
         })
     }
 

@@ -53,8 +53,9 @@ use crate::{cgroups, mounts};
 /// The BPF object built by `cargo xtask build` (empty in host-only builds).
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate.bpf.o"));
 
-/// The programs, by name: four `cgroup/sock_addr` hooks that decide, and
-/// the `cgroup_skb` ingress program that learns from DNS answers.
+/// The hooks, by the name of their pinned link (that of the program that
+/// serves them best): four `cgroup/sock_addr` hooks that decide, and the
+/// `cgroup_skb` ingress hook that learns from DNS answers.
 pub const PROGRAMS: [&str; 5] = [
     "tollgate_connect4",
     "tollgate_connect6",
@@ -63,7 +64,95 @@ pub const PROGRAMS: [&str; 5] = [
     DNS_PROGRAM,
 ];
 
+/// Every program of the object, fallbacks included.
+pub const ALL_PROGRAMS: [&str; 6] = [
+    PROGRAMS[0],
+    PROGRAMS[1],
+    PROGRAMS[2],
+    PROGRAMS[3],
+    DNS_PROGRAM,
+    DNS_FORWARD_PROGRAM,
+];
+
 const DNS_PROGRAM: &str = "tollgate_dns_ingress";
+/// Hands DNS answers to the agent unparsed: the DNS hook's fallback.
+const DNS_FORWARD_PROGRAM: &str = "tollgate_dns_forward";
+
+/// The programs that can serve the hook of `link`, best first. Without one
+/// of the deciding hooks nothing is enforced, so the agent does not start;
+/// the DNS hook is optional: without it, FQDN rules learn nothing.
+fn candidates(link: &'static str) -> &'static [&'static str] {
+    match link {
+        DNS_PROGRAM => &[DNS_PROGRAM, DNS_FORWARD_PROGRAM],
+        "tollgate_connect4" => &["tollgate_connect4"],
+        "tollgate_connect6" => &["tollgate_connect6"],
+        "tollgate_sendmsg4" => &["tollgate_sendmsg4"],
+        _ => &["tollgate_sendmsg6"],
+    }
+}
+
+/// A feature the node runs without, because the kernel refused the program
+/// that provides it. The agent starts all the same, and says so.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Degraded {
+    /// What is missing, as the metric and readiness name it.
+    pub feature: &'static str,
+    /// The program the kernel refused.
+    pub program: &'static str,
+    /// The kernel's answer: the load error and the verifier's last lines.
+    pub reason: String,
+    /// What the node does instead.
+    pub consequence: &'static str,
+}
+
+impl Degraded {
+    fn refused(program: &'static str, error: &ProgramError) -> Self {
+        let (feature, consequence) = match program {
+            DNS_PROGRAM => (
+                "dns-learning-in-kernel",
+                "the agent learns FQDN rules' addresses from every DNS answer it is sent: \
+                 a first connection can race the learning, and nothing is learned while \
+                 the agent is down",
+            ),
+            _ => (
+                "dns-learning",
+                "FQDN rules learn no addresses, so they allow nothing; \
+                 CIDR rules are enforced as usual",
+            ),
+        };
+        Self {
+            feature,
+            program,
+            reason: refusal_summary(error),
+            consequence,
+        }
+    }
+}
+
+/// The first line of a load error and the last lines of the verifier's
+/// log, which say why; the whole log can run to megabytes.
+fn refusal_summary(error: &ProgramError) -> String {
+    const LAST_LINES: usize = 4;
+    let text = error.to_string();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() <= LAST_LINES + 1 {
+        return lines.join(" / ");
+    }
+    let mut kept = vec![lines[0], "..."];
+    kept.extend(&lines[lines.len() - LAST_LINES..]);
+    kept.join(" / ")
+}
+
+/// How one program fared with this kernel's verifier (`tollgate-agent verify`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProgramCheck {
+    pub program: &'static str,
+    pub loaded: bool,
+    /// What the kernel reports (5.16 and later).
+    pub verified_insns: Option<u32>,
+    pub load_ms: f64,
+    pub error: Option<String>,
+}
 
 /// Default parent of the versioned pin directory.
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/tollgate";
@@ -233,6 +322,7 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     attachments: Vec<(&'static str, Attachment)>,
+    degraded: Vec<Degraded>,
     pending: Vec<PendingTakeover>,
     bpffs_root: PathBuf,
     /// What this agent last wrote to `TG_CONFIG`.
@@ -261,6 +351,9 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .load(BPF_OBJECT)?;
+        // Verified before anything in force changes: a program the kernel
+        // refuses leaves the node as it was, or, if optional, degraded.
+        let (loaded, degraded) = load_programs(&mut ebpf)?;
         let config: Array<MapData, Config> = take_map(&mut ebpf, map_names::CONFIG)?;
         let requested_id =
             cgroups::cgroup_id(&options.cgroup).map_err(DatapathError::io(&options.cgroup))?;
@@ -307,6 +400,7 @@ impl Datapath {
             counters,
             events: Some(events),
             attachments: Vec::new(),
+            degraded,
             pending: Vec::new(),
             bpffs_root: options.bpffs_root.clone(),
             state,
@@ -320,9 +414,33 @@ impl Datapath {
             .into_iter()
             .map(|dir| dir.join("links"))
             .collect::<Vec<_>>();
-        (datapath.attachments, datapath.pending) =
-            attach_or_adopt(&mut ebpf, &options.cgroup, &links_dir, &older_links)?;
+        (datapath.attachments, datapath.pending) = attach_or_adopt(
+            &mut ebpf,
+            &loaded,
+            &options.cgroup,
+            &links_dir,
+            &older_links,
+        )?;
         Ok(datapath)
+    }
+
+    /// Loads every program of the object, fallbacks included, into maps
+    /// pinned in a directory of their own under `bpffs_root` (removed
+    /// after), attaches nothing, and reports how each fared.
+    pub fn verify(bpffs_root: &Path) -> Result<Vec<ProgramCheck>, DatapathError> {
+        if BPF_OBJECT.is_empty() {
+            return Err(DatapathError::NoBpfObject);
+        }
+        ensure_bpffs(bpffs_root)?;
+        let scratch_dir = bpffs_root.join(format!("verify-{}", std::process::id()));
+        fs::create_dir_all(&scratch_dir).map_err(DatapathError::io(&scratch_dir))?;
+        let checks = verify_in(&scratch_dir);
+        remove_layout(&scratch_dir)?;
+        remove_dir_if_present(&scratch_dir)?;
+        if fs::read_dir(bpffs_root).is_ok_and(|mut d| d.next().is_none()) {
+            remove_dir_if_present(bpffs_root)?;
+        }
+        checks
     }
 
     /// Completes an upgrade across layout versions, once this datapath's
@@ -361,6 +479,11 @@ impl Datapath {
 
     pub fn attachments(&self) -> &[(&'static str, Attachment)] {
         &self.attachments
+    }
+
+    /// The features this kernel refused the programs of.
+    pub fn degraded(&self) -> &[Degraded] {
+        &self.degraded
     }
 
     pub fn generation(&self) -> u32 {
@@ -552,33 +675,87 @@ fn ensure_bpffs(bpffs_root: &Path) -> Result<(), DatapathError> {
     })
 }
 
+/// The program loaded for each hook, by link name.
+type Loaded = Vec<(&'static str, &'static str)>;
+
+/// Loads the best program the kernel accepts for every hook. A refused
+/// program of an optional hook is [`Degraded`]; of a deciding hook, an
+/// error.
+fn load_programs(ebpf: &mut Ebpf) -> Result<(Loaded, Vec<Degraded>), DatapathError> {
+    let mut loaded = Vec::with_capacity(PROGRAMS.len());
+    let mut degraded = Vec::new();
+    for link in PROGRAMS {
+        for &name in candidates(link) {
+            match CgroupProgram::get(ebpf, name)?.load() {
+                Ok(()) => {
+                    loaded.push((link, name));
+                    break;
+                }
+                Err(source) if link == DNS_PROGRAM => {
+                    degraded.push(Degraded::refused(name, &source));
+                }
+                Err(source) => return Err(DatapathError::Program { name, source }),
+            }
+        }
+    }
+    Ok((loaded, degraded))
+}
+
+fn verify_in(pin_dir: &Path) -> Result<Vec<ProgramCheck>, DatapathError> {
+    let maps_dir = pin_dir.join("maps");
+    fs::create_dir_all(&maps_dir).map_err(DatapathError::io(&maps_dir))?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&maps_dir)
+        .load(BPF_OBJECT)?;
+    let mut checks = Vec::with_capacity(ALL_PROGRAMS.len());
+    for name in ALL_PROGRAMS {
+        let mut program = CgroupProgram::get(&mut ebpf, name)?;
+        let started = std::time::Instant::now();
+        let result = program.load();
+        let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+        checks.push(ProgramCheck {
+            program: name,
+            loaded: result.is_ok(),
+            verified_insns: program
+                .info()
+                .ok()
+                .and_then(|info| info.verified_instruction_count()),
+            load_ms,
+            error: result.err().map(|e| refusal_summary(&e)),
+        });
+    }
+    Ok(checks)
+}
+
 type Attached = (Vec<(&'static str, Attachment)>, Vec<PendingTakeover>);
 
+/// Attaches each loaded program to its hook, or adopts the hook's pinned
+/// link (swapping the program in if it differs).
 fn attach_or_adopt(
     ebpf: &mut Ebpf,
+    loaded: &Loaded,
     cgroup: &Path,
     links_dir: &Path,
     older_links_dirs: &[PathBuf],
 ) -> Result<Attached, DatapathError> {
     let cgroup_fd = fs::File::open(cgroup).map_err(DatapathError::io(cgroup))?;
-    let mut attachments = Vec::with_capacity(PROGRAMS.len());
+    let mut attachments = Vec::with_capacity(loaded.len());
     let mut pending = Vec::new();
-    for name in PROGRAMS {
+    for &(link, name) in loaded {
         let program_error = |source| DatapathError::Program { name, source };
         let mut program = CgroupProgram::get(ebpf, name)?;
-        program.load().map_err(program_error)?;
-        let link_path = links_dir.join(name);
+        let link_path = links_dir.join(link);
         if link_path.exists() {
             attachments.push((name, adopt(&program, &link_path)?));
             continue;
         }
         if let Some(older_link) = older_links_dirs
             .iter()
-            .map(|dir| dir.join(name))
+            .map(|dir| dir.join(link))
             .find(|path| path.exists())
         {
             pending.push(PendingTakeover {
-                name,
+                name: link,
                 program: program
                     .fd()
                     .and_then(|fd| fd.try_clone().map_err(Into::into))
@@ -588,8 +765,9 @@ fn attach_or_adopt(
             attachments.push((name, Attachment::Pending));
             continue;
         }
-        let link = program.attach(&cgroup_fd).map_err(program_error)?;
-        link.pin(&link_path)
+        let attached = program.attach(&cgroup_fd).map_err(program_error)?;
+        attached
+            .pin(&link_path)
             .map_err(|source| DatapathError::PinLink {
                 path: link_path.clone(),
                 source,
@@ -602,7 +780,7 @@ fn attach_or_adopt(
 /// One of the programs, whatever its kind.
 enum CgroupProgram<'a> {
     SockAddr(&'a mut CgroupSockAddr),
-    /// The DNS ingress program.
+    /// The DNS ingress programs.
     Skb(&'a mut CgroupSkb),
 }
 
@@ -612,7 +790,7 @@ impl<'a> CgroupProgram<'a> {
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram(name))?;
         let kind_error = |source| DatapathError::Program { name, source };
-        Ok(if name == DNS_PROGRAM {
+        Ok(if name == DNS_PROGRAM || name == DNS_FORWARD_PROGRAM {
             Self::Skb(program.try_into().map_err(kind_error)?)
         } else {
             Self::SockAddr(program.try_into().map_err(kind_error)?)
