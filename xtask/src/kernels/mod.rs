@@ -145,7 +145,13 @@ pub fn kernels(root: &Path, names: &[String], filters: &[String]) -> anyhow::Res
 
     let mut reports = Vec::new();
     for kernel in selected {
+        let started = std::time::Instant::now();
         let image = image::prepare(root, kernel)?;
+        eprintln!(
+            "[kernels] {} ready in {:.1} s; booting",
+            image.release,
+            started.elapsed().as_secs_f64()
+        );
         let dir = root.join("target/kernels").join(kernel.name);
         let plan: Vec<PlannedTest> = tests
             .iter()
@@ -168,7 +174,6 @@ pub fn kernels(root: &Path, names: &[String], filters: &[String]) -> anyhow::Res
                     out
                 });
         std::fs::write(&plan_file, lines)?;
-        eprintln!("[kernels] booting {} ({})", kernel.name, image.release);
         let console = guest::boot(
             &image,
             &dir,
