@@ -629,32 +629,32 @@ fn an_endpoint_over_a_limit_forgets_addresses_and_the_record_says_so() {
 }
 
 /// The verifier's work on every program stays well inside its budget of
-/// 1,000,000 instructions: a change that makes it grow shows here first,
-/// not as a program that fails to load on a customer's kernel.
+/// 1,000,000 instructions, under 100,000, also on the older verifiers that
+/// `cargo xtask kernels` runs this in (they prune less): a change that
+/// makes it grow shows here first, not as a program that fails to load, or
+/// takes seconds to, on a customer's kernel.
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
 fn every_program_verifies_well_inside_the_budget() {
     let env = TestEnv::new("fqdn-verifier");
-    let datapath = env.open_datapath();
-    let mut seen = Vec::new();
-    for info in aya::programs::loaded_programs().filter_map(Result::ok) {
-        let name = info.name_as_str().unwrap_or_default().to_owned();
-        if !name.starts_with("tollgate_") {
-            continue;
-        }
-        if let Some(count) = info.verified_instruction_count() {
-            seen.push((name, count));
-        }
-    }
-    drop(datapath);
-    env.cleanup_pins();
-    eprintln!("verified instructions: {seen:?}");
-    assert!(
-        seen.len() >= tollgate_agent::datapath::PROGRAMS.len(),
-        "{seen:?}"
+    let checks = tollgate_agent::datapath::Datapath::verify(&env.bpffs.root()).unwrap();
+    eprintln!("{checks:#?}");
+    assert_eq!(
+        checks.len(),
+        tollgate_agent::datapath::ALL_PROGRAMS.len(),
+        "{checks:?}"
     );
-    for (name, count) in &seen {
-        assert!(*count < 250_000, "{name}: {count} instructions verified");
+    for check in &checks {
+        assert!(check.loaded, "{check:?}");
+        // Kernels before 5.16 do not report the count
+        // (bpf_prog_info.verified_insns); there, loading is what is checked.
+        if let Some(count) = check.verified_insns {
+            assert!(
+                count < 100_000,
+                "{}: {count} instructions verified",
+                check.program
+            );
+        }
     }
 }
 
