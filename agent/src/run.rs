@@ -164,7 +164,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             degraded.consequence
         );
     }
-    telemetry.set_degraded(datapath.degraded());
+    telemetry.set_programs(datapath.hook_links(), datapath.degraded());
     // Watching starts before the first walk of the tree, so a cgroup made
     // at any moment after it is reported (queued until the loop runs).
     let mut cgroups = CgroupWatcher::new(&config.cgroup2_mount).map_err(RunError::Watch)?;

@@ -69,6 +69,12 @@ struct VerdictLabels {
     verdict: &'static str,
 }
 
+/// What the datapath attached and what the kernel refused.
+struct Programs {
+    links: Vec<&'static str>,
+    degraded: Vec<String>,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FeatureLabels {
     feature: String,
@@ -105,8 +111,9 @@ pub struct Telemetry {
     /// The sinks' counters, once the exporter has started.
     sinks: Arc<OnceLock<StatsBySink>>,
     ready: Arc<AtomicBool>,
-    /// What the kernel refused, as readiness names it.
-    degraded: Arc<OnceLock<Vec<String>>>,
+    /// The hooks attached (by link name), and what the kernel refused, as
+    /// readiness names it.
+    programs: Arc<OnceLock<Programs>>,
     commands: mpsc::Sender<Command>,
     links_dir: PathBuf,
 }
@@ -121,7 +128,7 @@ impl Telemetry {
             grpc_calls: GrpcCalls::default(),
             sinks: Arc::default(),
             ready: Arc::default(),
-            degraded: Arc::default(),
+            programs: Arc::default(),
             commands,
             links_dir,
         }
@@ -136,23 +143,25 @@ impl Telemetry {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
-    /// The features the kernel refused the programs of: the agent is ready
-    /// without them, and its readiness says what it lacks.
-    pub fn set_degraded(&self, degraded: &[Degraded]) {
-        let _ = self.degraded.set(
-            degraded
+    /// The hooks the datapath attached, by link name, and the features the
+    /// kernel refused the programs of: the agent is ready without them, and
+    /// its readiness says what it lacks.
+    pub fn set_programs(&self, links: Vec<&'static str>, degraded: &[Degraded]) {
+        let _ = self.programs.set(Programs {
+            links,
+            degraded: degraded
                 .iter()
                 .map(|d| format!("{} ({} refused)", d.feature, d.program))
                 .collect(),
-        );
+        });
     }
 
     /// The answer of a ready agent: degraded features are named, since a
     /// node that enforces without them is still ready.
     fn ready_text(&self) -> String {
-        match self.degraded.get() {
-            Some(features) if !features.is_empty() => {
-                format!("ready, degraded: {}\n", features.join(", "))
+        match self.programs.get() {
+            Some(programs) if !programs.degraded.is_empty() => {
+                format!("ready, degraded: {}\n", programs.degraded.join(", "))
             }
             _ => "ready\n".to_owned(),
         }
@@ -164,7 +173,11 @@ impl Telemetry {
         if !self.ready.load(Ordering::SeqCst) {
             return Some("starting or stopping".into());
         }
-        let missing: Vec<&str> = PROGRAMS
+        let missing: Vec<&str> = self
+            .programs
+            .get()
+            .map(|p| p.links.as_slice())
+            .unwrap_or(&PROGRAMS)
             .iter()
             .copied()
             .filter(|p| !self.links_dir.join(p).exists())

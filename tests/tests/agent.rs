@@ -11,7 +11,8 @@ use tollgate_agent::datapath::{
 };
 use tollgate_common::{PIN_LAYOUT_VERSION, map_names};
 use tollgate_tests::{
-    AgentProcess, TempFile, TestEnv, allow_all_connect4, connect4_programs_attached, host_policy,
+    AgentProcess, TempFile, TestEnv, allow_all_connect4, connect4_programs_attached, free_port,
+    host_policy, http_get,
 };
 
 const EPERM: i32 = libc::EPERM;
@@ -550,15 +551,31 @@ fn without_any_dns_program_the_agent_still_enforces() {
     let host = env.add_host(79, &[8080]).v4;
     env.pin_undersized_map(map_names::DNS_SCRATCH);
     env.pin_undersized_map(map_names::DNS_FORWARD);
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
     let agent = AgentProcess::start(
         &env,
-        &["--mode", "enforce", "--allowed-report-interval", "0"],
+        &[
+            "--mode",
+            "enforce",
+            "--allowed-report-interval",
+            "0",
+            "--metrics-listen",
+            &metrics,
+        ],
     );
     assert_eq!(
         agent.startup_lines_with("DEGRADED"),
         2,
         "{:#?}",
         agent.startup_log
+    );
+    // Ready: the node enforces, without the hook it has no program for.
+    let (code, body) = http_get(port, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("dns-learning (tollgate_dns_forward refused)"),
+        "{body}"
     );
     assert_eq!(agent.startup_lines_with("New"), PROGRAMS.len() - 1);
     deny_port(&env, host, 8080);

@@ -322,6 +322,8 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     attachments: Vec<(&'static str, Attachment)>,
+    /// The program serving each attached hook, by link name.
+    hooks: Loaded,
     degraded: Vec<Degraded>,
     pending: Vec<PendingTakeover>,
     bpffs_root: PathBuf,
@@ -400,6 +402,7 @@ impl Datapath {
             counters,
             events: Some(events),
             attachments: Vec::new(),
+            hooks: Vec::new(),
             degraded,
             pending: Vec::new(),
             bpffs_root: options.bpffs_root.clone(),
@@ -421,6 +424,7 @@ impl Datapath {
             &links_dir,
             &older_links,
         )?;
+        datapath.hooks = loaded;
         Ok(datapath)
     }
 
@@ -479,6 +483,12 @@ impl Datapath {
 
     pub fn attachments(&self) -> &[(&'static str, Attachment)] {
         &self.attachments
+    }
+
+    /// The hooks a program of this agent serves, by link name: all of
+    /// [`PROGRAMS`] unless the kernel refused every program of one.
+    pub fn hook_links(&self) -> Vec<&'static str> {
+        self.hooks.iter().map(|(link, _)| *link).collect()
     }
 
     /// The features this kernel refused the programs of.
