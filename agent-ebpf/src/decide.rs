@@ -22,8 +22,8 @@ use aya_ebpf::{
 };
 use tollgate_common::{
     DecideScratch, EndpointKey, FqdnRuleKey, LEARNED_SLOTS, LearnedKey, MAX_PORT_RULES, Mode,
-    RULE_ID_DEFAULT, RuleKeyV4, RuleKeyV6, RuleList, Verdict, action, counter, endpoint_flags,
-    family, flow_flags, policy_mode,
+    RULE_ID_DEFAULT, RuleKeyV4, RuleKeyV6, RuleList, Verdict, action, capacity, counter,
+    endpoint_flags, family, flow_flags, policy_mode,
 };
 
 use crate::{
@@ -53,26 +53,23 @@ pub struct Destination {
     pub flags: u8,
 }
 
+/// What one generation of the rules says about a connection.
+struct Decision {
+    action: u8,
+    /// [`policy_mode`] of the deciding rule or default.
+    mode: u8,
+    rule_id: u32,
+    set_id: u32,
+    /// [`flow_flags`] the decision adds.
+    flags: u8,
+}
+
 /// Decides, reports and returns the hook's return value.
 #[inline(always)]
 pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination) -> i32 {
     let Some(config) = TG_CONFIG.get_ptr(0) else {
         return 1; // unreachable for an array map with one entry
     };
-    let Some(scratch) = TG_DECIDE_SCRATCH.get_ptr_mut(0) else {
-        return 1; // as above
-    };
-    // SAFETY (every access to `scratch` here): the per-CPU value is this
-    // program's alone while it runs (the program does not migrate). The
-    // global functions reach it through lookups of their own, so it is
-    // used through the raw pointer only, never a reference held across
-    // their calls.
-    unsafe {
-        (*scratch).addr = dst.addr;
-        (*scratch).port = dst.port;
-        (*scratch).protocol = dst.protocol;
-        (*scratch).family = dst.family;
-    }
     // SAFETY: the value pointer is valid for the whole program; its first
     // 8 bytes are (generation, global_mode), read as one word.
     let state_word = config as *const u64;
@@ -80,37 +77,59 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
     // SAFETY: helper without preconditions.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 
-    let mut attempt = 1;
-    loop {
-        compiler_fence(Ordering::SeqCst);
-        tg_evaluate(cgroup_id, word);
-        compiler_fence(Ordering::SeqCst);
-        // SAFETY: as above.
-        let again = unsafe { core::ptr::read_volatile(state_word) };
-        if again == word {
-            break;
+    let decision = match claim_slot() {
+        Some((slot, scratch)) => {
+            // SAFETY (every access to `scratch` here): the claimed slot is
+            // this decision's alone until released. The global functions
+            // reach it through lookups of their own, so it is used through
+            // the raw pointer only, never a reference held across their
+            // calls.
+            unsafe {
+                (*scratch).addr = dst.addr;
+                (*scratch).port = dst.port;
+                (*scratch).protocol = dst.protocol;
+                (*scratch).family = dst.family;
+            }
+            let mut attempt = 1;
+            loop {
+                compiler_fence(Ordering::SeqCst);
+                tg_evaluate(cgroup_id, word, slot);
+                compiler_fence(Ordering::SeqCst);
+                // SAFETY: as above.
+                let again = unsafe { core::ptr::read_volatile(state_word) };
+                if again == word {
+                    break;
+                }
+                if attempt == GENERATION_ATTEMPTS {
+                    report::count(counter::GENERATION_UNSTABLE);
+                    break;
+                }
+                report::count(counter::GENERATION_RETRIES);
+                word = again;
+                attempt += 1;
+            }
+            // The decision, as tg_evaluate wrote it.
+            let decision = unsafe {
+                Decision {
+                    action: (*scratch).action,
+                    mode: (*scratch).mode,
+                    rule_id: (*scratch).rule_id,
+                    set_id: (*scratch).set_id,
+                    flags: if (*scratch).endpoint_known != 0 {
+                        flow_flags::ENDPOINT_KNOWN
+                    } else {
+                        0
+                    },
+                }
+            };
+            release_slot(scratch);
+            decision
         }
-        if attempt == GENERATION_ATTEMPTS {
-            report::count(counter::GENERATION_UNSTABLE);
-            break;
-        }
-        report::count(counter::GENERATION_RETRIES);
-        word = again;
-        attempt += 1;
-    }
-
-    // The decision, as tg_evaluate wrote it.
-    let (decided_action, decided_mode, rule_id, set_id, endpoint_known) = unsafe {
-        (
-            (*scratch).action,
-            (*scratch).mode,
-            (*scratch).rule_id,
-            (*scratch).set_id,
-            (*scratch).endpoint_known,
-        )
+        None => unjudged(cgroup_id, word),
     };
-    let mode = effective_mode(decided_mode, (word >> 32) as u8);
-    let verdict = if decided_action == action::DENY {
+
+    let mode = effective_mode(decision.mode, (word >> 32) as u8);
+    let verdict = if decision.action == action::DENY {
         match mode {
             Mode::Enforce => Verdict::Denied,
             Mode::Observe => Verdict::Audit,
@@ -118,11 +137,6 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
     } else {
         Verdict::Allowed
     };
-
-    let mut flags = dst.flags;
-    if endpoint_known != 0 {
-        flags |= flow_flags::ENDPOINT_KNOWN;
-    }
     // SAFETY: plain read of the config value.
     let interval = unsafe { (*config).allowed_report_interval_ns };
     report::decision(
@@ -131,9 +145,9 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
             hook,
             verdict,
             mode,
-            flags,
-            rule_id,
-            set_id,
+            flags: dst.flags | decision.flags,
+            rule_id: decision.rule_id,
+            set_id: decision.set_id,
             generation: word as u32,
             cgroup_id,
             allowed_report_interval_ns: interval,
@@ -142,6 +156,84 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
     );
 
     if verdict == Verdict::Denied { 0 } else { 1 }
+}
+
+/// Claims one of this CPU's decision slots. cgroup programs run with
+/// migration disabled but not preemption: on a fully preemptible kernel a
+/// task can be preempted in the middle of a decision, and a task that then
+/// decides on the same CPU must not write the slot the first one holds.
+///
+/// A slot's holder count is raised atomically, then read: the slot is this
+/// decision's if the count is 1, since any task that raises it later reads
+/// 2 or more and moves on, and a holder lowers it only when it is done.
+#[inline(always)]
+fn claim_slot() -> Option<(u32, *mut DecideScratch)> {
+    for slot in 0..capacity::DECIDE_SLOTS {
+        let Some(s) = TG_DECIDE_SCRATCH.get_ptr_mut(slot) else {
+            continue;
+        };
+        // SAFETY: the count is a u64 of the map value, only ever changed
+        // atomically.
+        let busy = unsafe { core::ptr::addr_of_mut!((*s).busy) };
+        add_atomic(busy, 1);
+        // SAFETY: as above.
+        if unsafe { core::ptr::read_volatile(busy) } == 1 {
+            return Some((slot, s));
+        }
+        add_atomic(busy, u64::MAX); // - 1
+    }
+    None
+}
+
+#[inline(always)]
+fn release_slot(s: *mut DecideScratch) {
+    // SAFETY: as in claim_slot.
+    add_atomic(unsafe { core::ptr::addr_of_mut!((*s).busy) }, u64::MAX); // - 1
+}
+
+/// An atomic add whose result is not used: the BPF_XADD instruction, which
+/// every kernel has (the forms that return the old value came in 5.12).
+#[inline(always)]
+fn add_atomic(target: *mut u64, value: u64) {
+    // SAFETY: `target` points into a map value, aligned for a u64.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            target, value,
+        );
+    }
+}
+
+/// Every decision slot of this CPU is held by a preempted decision: an
+/// endpoint that policies select is denied by its default's mode without
+/// evaluating its rules (fail closed), and the record says so
+/// (`flow_flags::UNJUDGED`); an endpoint no policy selects is not
+/// restricted, as always.
+#[inline(always)]
+fn unjudged(cgroup_id: u64, word: u64) -> Decision {
+    let key = EndpointKey {
+        cgroup_id,
+        half: (word as u32) & 1,
+        _pad: 0,
+    };
+    match TG_ENDPOINTS.get_ptr(key) {
+        // SAFETY: a value pointer from a successful lookup.
+        Some(endpoint) => unsafe {
+            Decision {
+                action: action::DENY,
+                mode: (*endpoint).default_mode,
+                rule_id: RULE_ID_DEFAULT,
+                set_id: (*endpoint).set_id,
+                flags: flow_flags::ENDPOINT_KNOWN | flow_flags::UNJUDGED,
+            }
+        },
+        None => Decision {
+            action: action::ALLOW,
+            mode: policy_mode::INHERIT,
+            rule_id: RULE_ID_DEFAULT,
+            set_id: 0,
+            flags: flow_flags::UNJUDGED,
+        },
+    }
 }
 
 /// A policy's mode overrides the global one; an unset global mode observes.
@@ -159,12 +251,14 @@ fn effective_mode(rule_mode: u8, global_mode: u8) -> Mode {
     }
 }
 
-/// The decision's working memory.
+/// The decision's working memory: the slot it claimed.
 #[inline(always)]
-fn scratch() -> Option<&'static mut DecideScratch> {
-    // SAFETY: per-CPU, this program's alone while it runs; callers hold
-    // the reference only where they call no other global function.
-    TG_DECIDE_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+fn scratch(slot: u32) -> Option<&'static mut DecideScratch> {
+    // SAFETY: the claimed slot is this decision's alone; callers hold the
+    // reference only where they call no other global function.
+    TG_DECIDE_SCRATCH
+        .get_ptr_mut(slot)
+        .map(|p| unsafe { &mut *p })
 }
 
 /// Decides the destination in the scratch value for `cgroup_id` by the
@@ -178,8 +272,8 @@ fn scratch() -> Option<&'static mut DecideScratch> {
 /// take scalars only, hence the scratch value.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn tg_evaluate(cgroup_id: u64, word: u64) -> u32 {
-    let Some(s) = TG_DECIDE_SCRATCH.get_ptr_mut(0) else {
+pub extern "C" fn tg_evaluate(cgroup_id: u64, word: u64, slot: u32) -> u32 {
+    let Some(s) = TG_DECIDE_SCRATCH.get_ptr_mut(slot) else {
         return 0;
     };
     let generation = word as u32;
@@ -216,10 +310,10 @@ pub extern "C" fn tg_evaluate(cgroup_id: u64, word: u64) -> u32 {
             (*endpoint).flags,
         )
     };
-    tg_scan_prefix(set_id);
+    tg_scan_prefix(set_id, slot);
     if flags & endpoint_flags::FQDN_RULES != 0 {
         let (family, addr) = unsafe { ((*s).family, (*s).addr) };
-        scan_learned(cgroup_id, set_id, family, &addr);
+        scan_learned(cgroup_id, set_id, family, &addr, slot);
     }
     // SAFETY: no call while the reference lives.
     let s = unsafe { &mut *s };
@@ -233,8 +327,8 @@ pub extern "C" fn tg_evaluate(cgroup_id: u64, word: u64) -> u32 {
 /// destination.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn tg_scan_prefix(set_id: u32) -> u32 {
-    let Some(s) = scratch() else {
+pub extern "C" fn tg_scan_prefix(set_id: u32, slot: u32) -> u32 {
+    let Some(s) = scratch(slot) else {
         return 0;
     };
     let rules = if s.family == family::INET {
@@ -266,8 +360,8 @@ pub extern "C" fn tg_scan_prefix(set_id: u32) -> u32 {
 /// pattern `pattern_id`.
 #[unsafe(no_mangle)]
 #[inline(never)]
-pub extern "C" fn tg_scan_fqdn(set_id: u32, pattern_id: u32) -> u32 {
-    let Some(s) = scratch() else {
+pub extern "C" fn tg_scan_fqdn(set_id: u32, pattern_id: u32, slot: u32) -> u32 {
+    let Some(s) = scratch(slot) else {
         return 0;
     };
     let key = FqdnRuleKey { set_id, pattern_id };
@@ -281,7 +375,7 @@ pub extern "C" fn tg_scan_fqdn(set_id: u32, pattern_id: u32) -> u32 {
 /// Adds the FQDN rule lists of every pattern the endpoint learned the
 /// destination for, while the learned entry lives.
 #[inline(always)]
-fn scan_learned(cgroup_id: u64, set_id: u32, dst_family: u8, addr: &[u32; 4]) {
+fn scan_learned(cgroup_id: u64, set_id: u32, dst_family: u8, addr: &[u32; 4], decision_slot: u32) {
     let key = LearnedKey {
         cgroup_id,
         addr: if dst_family == family::INET {
@@ -309,7 +403,7 @@ fn scan_learned(cgroup_id: u64, set_id: u32, dst_family: u8, addr: &[u32; 4]) {
             )
         };
         if pattern_id != 0 && expires_ns > now {
-            tg_scan_fqdn(set_id, pattern_id);
+            tg_scan_fqdn(set_id, pattern_id, decision_slot);
         }
     }
 }

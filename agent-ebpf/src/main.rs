@@ -8,6 +8,9 @@
 //! DNS answers.
 #![no_std]
 #![no_main]
+// Atomic adds without a CAS: the BPF target has no atomic RMW types.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod decide;
 mod dns;

@@ -68,7 +68,10 @@ pub static TG_DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::pinned(1, 0);
 #[map]
 pub static TG_DNS_FORWARD: PerCpuArray<DnsScratch> = PerCpuArray::pinned(1, 0);
 
-/// A decision's destination, candidates and result, shared by its global
-/// functions (decide.rs).
+/// Decision slots (destination, candidates and result, shared by a
+/// decision's global functions; decide.rs). Not pinned: they hold nothing
+/// across runs, so their layout may change with the programs, and a
+/// program swapped in by an upgrade never shares one with its predecessor.
 #[map]
-pub static TG_DECIDE_SCRATCH: PerCpuArray<DecideScratch> = PerCpuArray::pinned(1, 0);
+pub static TG_DECIDE_SCRATCH: PerCpuArray<DecideScratch> =
+    PerCpuArray::with_max_entries(capacity::DECIDE_SLOTS, 0);

@@ -556,6 +556,14 @@ impl Printer {
             cgroup.and_then(|c| c.pod.as_ref()),
         );
         let pod_meta = pod.and_then(|p| enforcer.pods().pod(&p.pod_uid));
+        if event.flags & flow_flags::UNJUDGED != 0 {
+            warn!(
+                cgroup_id = event.cgroup_id,
+                "a connection was decided without its rules: every decision slot of its CPU \
+                 was held by a preempted decision (a fully preemptible kernel); it was denied \
+                 if a policy selects its endpoint"
+            );
+        }
         let attribution = (event.flags & flow_flags::ENDPOINT_KNOWN != 0)
             .then(|| enforcer.attribute(event.generation, event.set_id, event.rule_id))
             .flatten();

@@ -474,6 +474,22 @@ mod tests {
         }
     }
 
+    /// Every pair of neighbouring byte values, in every lane: no carry or
+    /// borrow crosses from one byte into the next.
+    #[test]
+    fn a_word_lowercases_as_its_bytes_do() {
+        for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                let bytes = [a, b, a, b, a, b, a, b];
+                let shifted = [b, a, b, a, b, a, b, a];
+                for word in [bytes, shifted] {
+                    let lowered = ascii_lowercase_word(u64::from_le_bytes(word)).to_le_bytes();
+                    assert_eq!(lowered, word.map(|x| x.to_ascii_lowercase()), "{word:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn ttls() {
         assert_eq!(learned_ttl(5, 30, 3600), 30);

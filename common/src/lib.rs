@@ -13,7 +13,7 @@
 pub mod dns;
 
 /// Version of the pinned map layout; part of the bpffs pin directory name.
-pub const PIN_LAYOUT_VERSION: u32 = 4;
+pub const PIN_LAYOUT_VERSION: u32 = 3;
 
 /// Map names (at most 15 bytes: the kernel truncates longer object names).
 pub mod map_names {
@@ -30,7 +30,6 @@ pub mod map_names {
     pub const DNS_TRUSTED: &str = "TG_DNS_TRUSTED";
     pub const DNS_SCRATCH: &str = "TG_DNS_SCRATCH";
     pub const DNS_FORWARD: &str = "TG_DNS_FORWARD";
-    pub const DECIDE_SCRATCH: &str = "TG_DECIDE_SCRATCH";
 }
 
 /// Default capacities; the agent may override them at load time.
@@ -47,6 +46,9 @@ pub mod capacity {
     pub const FQDN_LEARNED: u32 = 131_072;
     /// Trusted resolver (address, port) pairs.
     pub const DNS_TRUSTED: u32 = 64;
+    /// Decision slots per CPU: one for a decision, one more for a decision
+    /// made while it is preempted (agent-ebpf/src/decide.rs).
+    pub const DECIDE_SLOTS: u32 = 2;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 4 << 20;
 }
@@ -124,6 +126,9 @@ pub mod flow_flags {
     pub const ENDPOINT_KNOWN: u8 = 1 << 0;
     /// The destination was an IPv4-mapped IPv6 address, judged as IPv4.
     pub const V4_MAPPED: u8 = 1 << 1;
+    /// Every decision slot of the CPU was held by a preempted decision: a
+    /// selected endpoint was denied without its rules being evaluated.
+    pub const UNJUDGED: u8 = 1 << 2;
 }
 
 /// Indexes of the per-CPU counters in `TG_COUNTERS`.
@@ -472,6 +477,8 @@ pub struct DnsScratch {
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct DecideScratch {
+    /// Decisions holding or trying to claim this slot (decide.rs).
+    pub busy: u64,
     /// The lowest candidate of each kind so far (enforced deny, deny,
     /// allow), `order << 40 | mode << 32 | rule_id`, `u64::MAX` for none.
     pub candidates: [u64; 3],
@@ -579,7 +586,7 @@ const _: () = {
     assert!(core::mem::size_of::<LearnedValue>() == 16 * LEARNED_SLOTS);
     assert!(core::mem::size_of::<ResolverKey>() == 20);
     assert!(core::mem::size_of::<DnsEvent>() == 64);
-    assert!(core::mem::size_of::<DecideScratch>() == 56);
+    assert!(core::mem::size_of::<DecideScratch>() == 64);
     assert!(core::mem::offset_of!(DnsScratch, payload) == 64);
     assert!(core::mem::offset_of!(DnsScratch, name) == 64 + dns::MESSAGE_MAX);
 };

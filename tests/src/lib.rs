@@ -462,10 +462,12 @@ impl TestEnv {
     }
 
     /// Pins, where the agent will look for its map `name`, a per-CPU array
-    /// whose values are 8 bytes: far too small for what the programs that
-    /// use it read and write, so the kernel's verifier refuses exactly those
+    /// whose values are one byte: too small for what the programs that use
+    /// it read and write, so the kernel's verifier refuses exactly those
     /// programs, as a kernel that lacks what they need would. (The agent
-    /// reuses pinned maps by name, as it must across restarts.)
+    /// reuses pinned maps by name, as it must across restarts.) A pin of
+    /// that name already there is replaced; programs attached keep the map
+    /// they were loaded with.
     pub fn pin_undersized_map(&self, name: &str) {
         let maps = self
             .bpffs
@@ -474,6 +476,7 @@ impl TestEnv {
             .join("maps");
         std::fs::create_dir_all(&maps).unwrap();
         let path = maps.join(name);
+        let _ = std::fs::remove_file(&path);
         sh(
             "bpftool",
             &[
@@ -485,7 +488,7 @@ impl TestEnv {
                 "key",
                 "4",
                 "value",
-                "8",
+                "1",
                 "entries",
                 "1",
                 "name",

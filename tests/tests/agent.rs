@@ -591,13 +591,23 @@ fn without_any_dns_program_the_agent_still_enforces() {
 }
 
 /// A kernel that refuses the deciding programs: the agent does not start,
-/// and it attached and pinned nothing on the way, so whatever was in force
-/// before stays as it was.
+/// and what was in force stays as it was: the same programs behind the same
+/// links, still enforcing.
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
 fn a_refused_deciding_program_changes_nothing_in_force() {
-    let env = TestEnv::new("refused");
-    env.pin_undersized_map(map_names::DECIDE_SCRATCH);
+    let mut env = TestEnv::new("refused");
+    let host = env.add_host(80, &[8080]).v4;
+    let connect = || env.probe(&["connect", "tcp", &format!("{host}:8080")]);
+    let mut agent = AgentProcess::start(&env, &["--mode", "enforce"]);
+    deny_port(&env, host, 8080);
+    assert_eq!(connect().result(), Err(EPERM));
+    let before = linked_program_ids(&env);
+    assert_eq!(before.len(), PROGRAMS.len(), "{before:?}");
+    agent.kill();
+
+    // Only the deciding programs use the flow dedup map.
+    env.pin_undersized_map(map_names::FLOW_DEDUP);
     let log = match AgentProcess::try_start(&env, &["--mode", "enforce"]) {
         Ok(agent) => panic!("the agent started: {:#?}", agent.startup_log),
         Err(log) => log,
@@ -606,15 +616,28 @@ fn a_refused_deciding_program_changes_nothing_in_force() {
         log.iter().any(|line| line.contains("tollgate_connect4")),
         "{log:#?}"
     );
-    assert_eq!(connect4_programs_attached(&env.cgroup.path), 0);
+    assert_eq!(linked_program_ids(&env), before);
+    assert_eq!(connect().result(), Err(EPERM));
+    env.cleanup_pins();
+}
+
+/// The id of the program behind each pinned link, by link name.
+fn linked_program_ids(env: &TestEnv) -> BTreeMap<String, u32> {
     let links = env
         .bpffs
         .root()
         .join(format!("v{PIN_LAYOUT_VERSION}"))
         .join("links");
-    let pinned: Vec<_> = std::fs::read_dir(&links)
-        .map(|entries| entries.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(pinned.is_empty(), "{pinned:?}");
-    env.cleanup_pins();
+    std::fs::read_dir(&links)
+        .unwrap()
+        .flatten()
+        .map(|entry| {
+            let pinned = aya::programs::links::PinnedLink::from_pin(entry.path()).unwrap();
+            let link = aya::programs::links::FdLink::from(pinned);
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                link.info().unwrap().program_id(),
+            )
+        })
+        .collect()
 }

@@ -282,6 +282,9 @@ pub enum Attachment {
 
 /// A hook still enforced by an older layout's link.
 struct PendingTakeover {
+    /// The hook's link name.
+    link: &'static str,
+    /// The program that takes it over.
     name: &'static str,
     program: ProgramFd,
     older_link: PathBuf,
@@ -437,14 +440,36 @@ impl Datapath {
         }
         ensure_bpffs(bpffs_root)?;
         let scratch_dir = bpffs_root.join(format!("verify-{}", std::process::id()));
-        fs::create_dir_all(&scratch_dir).map_err(DatapathError::io(&scratch_dir))?;
-        let checks = verify_in(&scratch_dir);
+        let maps_dir = scratch_dir.join("maps");
+        fs::create_dir_all(&maps_dir).map_err(DatapathError::io(&maps_dir))?;
+        let loaded = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(BPF_OBJECT);
+        // The maps live as long as `ebpf` holds them: their pins go at once,
+        // so that a check killed half way leaves nothing pinned.
         remove_layout(&scratch_dir)?;
-        remove_dir_if_present(&scratch_dir)?;
         if fs::read_dir(bpffs_root).is_ok_and(|mut d| d.next().is_none()) {
             remove_dir_if_present(bpffs_root)?;
         }
-        checks
+        let mut ebpf = loaded?;
+        let mut checks = Vec::with_capacity(ALL_PROGRAMS.len());
+        for name in ALL_PROGRAMS {
+            let mut program = CgroupProgram::get(&mut ebpf, name)?;
+            let started = std::time::Instant::now();
+            let result = program.load();
+            let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+            checks.push(ProgramCheck {
+                program: name,
+                loaded: result.is_ok(),
+                verified_insns: program
+                    .info()
+                    .ok()
+                    .and_then(|info| info.verified_instruction_count()),
+                load_ms,
+                error: result.err().map(|e| refusal_summary(&e)),
+            });
+        }
+        Ok(checks)
     }
 
     /// Completes an upgrade across layout versions, once this datapath's
@@ -461,7 +486,7 @@ impl Datapath {
             };
             let link = raw_bpf::open_pinned(&pending.older_link).map_err(replace)?;
             raw_bpf::replace_program(link.as_fd(), pending.program.as_fd()).map_err(replace)?;
-            let here = links_dir.join(pending.name);
+            let here = links_dir.join(pending.link);
             raw_bpf::pin(link.as_fd(), &here).map_err(DatapathError::io(&here))?;
             if let Some((_, attachment)) = self
                 .attachments
@@ -701,7 +726,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(Loaded, Vec<Degraded>), DatapathErr
                     loaded.push((link, name));
                     break;
                 }
-                Err(source) if link == DNS_PROGRAM => {
+                Err(source) if link == DNS_PROGRAM && is_refusal(&source) => {
                     degraded.push(Degraded::refused(name, &source));
                 }
                 Err(source) => return Err(DatapathError::Program { name, source }),
@@ -711,30 +736,20 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(Loaded, Vec<Degraded>), DatapathErr
     Ok((loaded, degraded))
 }
 
-fn verify_in(pin_dir: &Path) -> Result<Vec<ProgramCheck>, DatapathError> {
-    let maps_dir = pin_dir.join("maps");
-    fs::create_dir_all(&maps_dir).map_err(DatapathError::io(&maps_dir))?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&maps_dir)
-        .load(BPF_OBJECT)?;
-    let mut checks = Vec::with_capacity(ALL_PROGRAMS.len());
-    for name in ALL_PROGRAMS {
-        let mut program = CgroupProgram::get(&mut ebpf, name)?;
-        let started = std::time::Instant::now();
-        let result = program.load();
-        let load_ms = started.elapsed().as_secs_f64() * 1000.0;
-        checks.push(ProgramCheck {
-            program: name,
-            loaded: result.is_ok(),
-            verified_insns: program
-                .info()
-                .ok()
-                .and_then(|info| info.verified_instruction_count()),
-            load_ms,
-            error: result.err().map(|e| refusal_summary(&e)),
-        });
+/// Whether a load failed because the kernel refuses the program (its
+/// verifier, or a feature it lacks), not for want of memory, privileges or
+/// time: only that is a reason to run without it rather than not start.
+fn is_refusal(error: &ProgramError) -> bool {
+    // The kernel's own "not supported" (not in libc): what BPF_PROG_LOAD
+    // answers for a helper or feature a kernel's program type lacks.
+    const ENOTSUPP: i32 = 524;
+    match error {
+        ProgramError::LoadError { io_error, .. } => matches!(
+            io_error.raw_os_error(),
+            Some(libc::EACCES | libc::EINVAL | libc::E2BIG | ENOTSUPP | libc::EOPNOTSUPP)
+        ),
+        _ => false,
     }
-    Ok(checks)
 }
 
 type Attached = (Vec<(&'static str, Attachment)>, Vec<PendingTakeover>);
@@ -765,7 +780,8 @@ fn attach_or_adopt(
             .find(|path| path.exists())
         {
             pending.push(PendingTakeover {
-                name: link,
+                link,
+                name,
                 program: program
                     .fd()
                     .and_then(|fd| fd.try_clone().map_err(Into::into))
