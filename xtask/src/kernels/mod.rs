@@ -180,6 +180,7 @@ pub fn kernels(root: &Path, names: &[String], filters: &[String]) -> anyhow::Res
             &image,
             &dir,
             &[
+                ("TGK_ROOT", root),
                 ("TGK_GUEST", &root.join("scripts/kernels-guest.sh")),
                 ("TGK_PLAN", &plan_file),
                 ("TGK_AGENT", &agent),
