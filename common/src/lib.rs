@@ -562,7 +562,6 @@ mod pod {
     unsafe impl aya::Pod for ResolverKey {}
     unsafe impl aya::Pod for DnsEvent {}
     unsafe impl aya::Pod for DnsScratch {}
-    unsafe impl aya::Pod for DecideScratch {}
 }
 
 // The layouts are part of the pinned ABI: fail the build if one drifts.
