@@ -5,7 +5,7 @@
 //! These tests need root and the BPF object: `cargo xtask test` runs them.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -108,6 +108,26 @@ fn resolve_connect(
         Err(errno) if errno == EPERM => "EPERM".into(),
         Err(errno) => format!("errno {errno}"),
     }
+}
+
+/// Resolves `myreg.azurecr.io` (served at `resolver`'s own address) over
+/// `transport` and checks that the agent learned it and that the address
+/// then opens. The agent installs addresses after the client read the
+/// answer, so the first connect may come too early (docs/policies.md).
+fn the_agent_learns(env: &TestEnv, agent: &AgentProcess, transport: &str, resolver: Ipv4Addr) {
+    let _ = resolve_connect(
+        env,
+        transport,
+        IpAddr::V4(resolver),
+        "myreg.azurecr.io",
+        "A",
+    );
+    let records = records_until(agent, WAIT, |r| r["type"] == "dns");
+    let dns = records.last().unwrap();
+    assert_eq!(dns["query"], "myreg.azurecr.io");
+    assert_eq!(dns["learned"], true, "{dns}");
+    let then = env.probe(&["connect", "tcp", &format!("{resolver}:{HTTPS}")]);
+    assert_eq!(then.result(), Ok(()));
 }
 
 /// The records the agent printed within `timeout` that satisfy `keep`.
@@ -519,15 +539,7 @@ fn answers_over_tcp_are_learned_by_the_agent() {
     let resolver = env.add_host(69, &[HTTPS]).v4;
     env.hosts[0].serve_dns(&one_name("myreg.azurecr.io", resolver, 60));
     let (agent, _policy) = start_agent(&env, resolver, "", &[]);
-    // The agent installs a TCP answer's addresses after the client read it:
-    // the first connect may come too early (docs/policies.md says so).
-    let _ = resolve_connect(&env, "tcp", IpAddr::V4(resolver), "myreg.azurecr.io", "A");
-    let records = records_until(&agent, WAIT, |r| r["type"] == "dns");
-    let dns = records.last().unwrap();
-    assert_eq!(dns["query"], "myreg.azurecr.io");
-    assert_eq!(dns["learned"], true, "{dns}");
-    let then = env.probe(&["connect", "tcp", &format!("{resolver}:{HTTPS}")]);
-    assert_eq!(then.result(), Ok(()));
+    the_agent_learns(&env, &agent, "tcp", resolver);
     drop(agent);
     env.cleanup_pins();
 }
@@ -681,15 +693,7 @@ fn a_refused_dns_parser_degrades_to_learning_in_the_agent_and_says_so() {
         agent.startup_log
     );
 
-    // Learned by the agent: the first connect may come too early, as for
-    // answers over TCP.
-    let _ = resolve_connect(&env, "udp", IpAddr::V4(resolver), "myreg.azurecr.io", "A");
-    let records = records_until(&agent, WAIT, |r| r["type"] == "dns");
-    let dns = records.last().unwrap();
-    assert_eq!(dns["query"], "myreg.azurecr.io");
-    assert_eq!(dns["learned"], true, "{dns}");
-    let then = env.probe(&["connect", "tcp", &format!("{resolver}:{HTTPS}")]);
-    assert_eq!(then.result(), Ok(()));
+    the_agent_learns(&env, &agent, "udp", resolver);
     let denied = env.probe(&["connect", "tcp", &format!("{other}:{HTTPS}")]);
     assert_eq!(denied.result(), Err(EPERM));
 
