@@ -318,7 +318,7 @@ impl FileConfig {
         }
         serde_path_to_error::deserialize(value).map_err(|e| {
             invalid(
-                crate::policy::document::field_path(e.path()),
+                tollgate_policy::document::field_path(e.path()),
                 e.into_inner().to_string(),
             )
         })

@@ -10,6 +10,12 @@ use std::{
 
 use tollgate_common::Mode;
 
+use tollgate_policy::{
+    compile::{CompileError, Compiler, Names},
+    model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, Selector},
+    select::{Endpoint, Identity, select_endpoints},
+};
+
 use crate::{
     cgroups,
     datapath::{Datapath, DatapathError},
@@ -17,11 +23,6 @@ use crate::{
         UnknownPodAction,
         directory::{IdentityUpdate, PodDirectory},
         kubelet,
-    },
-    policy::{
-        compile::{CompileError, Compiler, Names},
-        model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, Selector},
-        select::{Endpoint, Identity, select_endpoints},
     },
 };
 
@@ -346,7 +347,7 @@ fn adopt_kernel_fqdn_ids(compiler: &mut Compiler, datapath: &Datapath) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::compile::RuleRef;
+    use tollgate_policy::compile::RuleRef;
 
     fn names(rules: &[(u32, &str, &str)]) -> Names {
         Names {

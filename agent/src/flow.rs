@@ -13,10 +13,10 @@ use crate::pods::{
     directory::{PodMeta, Workload},
     kubelet::PodCgroup,
 };
-use crate::policy::select::Labels;
 use tollgate_common::{
     FlowEvent, Hook, Mode, RULE_ID_DEFAULT, Verdict, event_kind, family, protocol,
 };
+use tollgate_policy::select::Labels;
 
 /// Decodes one ring buffer record; `None` for anything that is not a
 /// complete flow event.

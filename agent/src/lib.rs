@@ -14,7 +14,6 @@ pub mod log_level;
 pub mod mounts;
 pub mod names;
 pub mod pods;
-pub mod policy;
 pub mod policy_files;
 pub mod run;
 pub mod state_file;

@@ -15,7 +15,9 @@ use foldhash::{HashMap, HashMapExt};
 use tollgate_common::{dns::learned_ttl, dns_flags};
 use tollgate_dns::tcp::Streams;
 
-use crate::datapath::{FqdnPattern, events::DnsMessage};
+use tollgate_policy::model::FqdnPattern;
+
+use crate::datapath::events::DnsMessage;
 
 /// Names remembered at most; beyond, expired ones are dropped first, then
 /// new answers are not remembered until room is made.
@@ -215,7 +217,7 @@ pub fn expiry_ns(ts_ns: u64, ttl: u32, (min, max): (u32, u32)) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::fqdn::parse_pattern;
+    use tollgate_policy::fqdn::parse_pattern;
 
     #[test]
     fn names_live_while_their_answer_does() {

@@ -6,7 +6,7 @@ use std::{io::Read, path::PathBuf};
 
 use tollgate_proto::v1 as api;
 
-use crate::policy::{
+use tollgate_policy::{
     document::{FieldError, describe, parse_documents},
     validate::validate_all,
 };

@@ -5,11 +5,12 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use tollgate_agent::datapath::{
-    Action, DatapathError, DatapathOptions, PROGRAMS, PolicyMode, PortRange, PortRuleSpec,
-    Protocol, RuleSet, SetRules, raw_bpf,
-};
+use tollgate_agent::datapath::{DatapathError, DatapathOptions, PROGRAMS, raw_bpf};
 use tollgate_common::{PIN_LAYOUT_VERSION, map_names};
+use tollgate_policy::{
+    compiled::{PortRuleSpec, RuleSet, SetRules},
+    model::{Action, PolicyMode, PortRange, Protocol},
+};
 use tollgate_tests::{
     AgentProcess, TempFile, TestEnv, allow_all_connect4, connect4_programs_attached, free_port,
     host_policy, http_get,

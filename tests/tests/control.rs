@@ -128,7 +128,7 @@ fn invalid_requests_are_refused_with_field_paths_and_change_nothing() {
         let channel = connect(&env.agent_address(), &ClientTls::default())
             .await
             .unwrap();
-        let mut policy = tollgate_agent::policy::document::parse_documents(
+        let mut policy = tollgate_policy::document::parse_documents(
             "t",
             &host_policy("web-only", &env.cgroup.relative, "", host),
         )
@@ -452,7 +452,7 @@ fn thousands_of_applies_never_leave_a_decision_outside_both_sets() {
         )
     };
     let parse = |text: String| {
-        tollgate_agent::policy::document::parse_documents("t", &text)
+        tollgate_policy::document::parse_documents("t", &text)
             .unwrap()
             .remove(0)
             .policy

@@ -11,11 +11,13 @@ use std::{
     time::Duration,
 };
 
-use tollgate_agent::datapath::{
-    Action, Datapath, EventReader, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet, SetRules,
-};
+use tollgate_agent::datapath::{Datapath, EventReader};
 use tollgate_common::{
     FlowEvent, Hook, Mode, RULE_ID_DEFAULT, Verdict, family, flow_flags, protocol,
+};
+use tollgate_policy::{
+    compiled::{PortRuleSpec, RuleSet, SetRules},
+    model::{Action, PolicyMode, PortRange, Protocol},
 };
 use tollgate_tests::{TestEnv, collect_events, no_more_events};
 

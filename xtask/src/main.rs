@@ -269,6 +269,7 @@ fn lint(root: &Path) -> anyhow::Result<()> {
             "daemonset.yaml",
         ]))?;
     run(Command::new("hadolint").arg(deploy.join("Dockerfile")))?;
+    check_policy_core_is_pure(root)?;
     run(Command::new("cargo")
         .current_dir(root)
         .args(["fmt", "--all", "--", "--check"]))?;
@@ -284,6 +285,41 @@ fn lint(root: &Path) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))
+}
+
+/// The policy core stays free of BPF, the async runtime and the gRPC
+/// transport: a dependency that brings one in fails the lint, not a review.
+fn check_policy_core_is_pure(root: &Path) -> anyhow::Result<()> {
+    const FORBIDDEN: [&str; 6] = ["aya", "tokio", "tonic", "mio", "hyper", "libc"];
+    let output = Command::new("cargo")
+        .current_dir(root)
+        .args([
+            "tree",
+            "-p",
+            "tollgate-policy",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .output()
+        .context("running cargo tree")?;
+    if !output.status.success() {
+        bail!(
+            "cargo tree -p tollgate-policy failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let tree = String::from_utf8(output.stdout)?;
+    let found: Vec<&str> = tree
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| FORBIDDEN.contains(name))
+        .collect();
+    if !found.is_empty() {
+        bail!("tollgate-policy must stay pure, but depends on {found:?}");
+    }
+    Ok(())
 }
 
 /// The effective uid, from /proc so xtask needs no libc binding.

@@ -319,7 +319,7 @@ mod tests {
             kind: "Deployment".into(),
             name: "payments".into(),
         };
-        let labels = crate::policy::select::Labels::from([("app".into(), "payments".into())]);
+        let labels = tollgate_policy::select::Labels::from([("app".into(), "payments".into())]);
         let record = FlowRecord {
             kind: FlowRecord::KIND,
             time: "2026-11-24T08:00:00.000000001Z".into(),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tollgate_common::Mode;
 use tollgate_proto::v1::{self as api, PolicyChange};
 
-use crate::policy::{
+use tollgate_policy::{
     document::{DocumentRef, FieldError, SourcedPolicy, describe},
     model::{Policy, PolicyKey, PolicyMode},
     validate::validate_all,
@@ -349,7 +349,7 @@ fn policy_mode(mode: Mode) -> PolicyMode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::document::parse_documents;
+    use tollgate_policy::document::parse_documents;
 
     fn docs(names: &[&str]) -> Vec<api::EgressPolicy> {
         let yaml: String = names

@@ -38,10 +38,7 @@ use aya::{
     },
 };
 pub use events::{Event, EventReader};
-pub use rules::{
-    Action, FqdnPattern, ListName, PolicyMode, PortRange, PortRuleSpec, Protocol, RuleSet,
-    RuleSetError, SetRules, wire_name,
-};
+pub use rules::{ListName, RuleSetError, wire_name};
 use tollgate_common::{
     Config, EndpointKey, EndpointValue, FqdnName, FqdnNameIds, FqdnRuleKey, LearnedKey,
     LearnedValue, Mode, PIN_LAYOUT_VERSION, ResolverKey, RuleKeyV4, RuleKeyV6, RuleList, counter,

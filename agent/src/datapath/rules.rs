@@ -1,6 +1,6 @@
 //! Typed rule sets and the generation switch that puts one in force.
 //!
-//! A [`RuleSet`] is what the policy compiler produces: rule sets (one per
+//! A [`RuleSet`] is what the policy compiler (tollgate-policy) produces: rule sets (one per
 //! distinct combination of policies) with their prefixes and port rules, and
 //! the endpoints (cgroups) that use each set. [`Datapath::switch_rules`]
 //! writes the sets that are new under fresh set ids, the endpoints into the
@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{IterableMap, lpm_trie::Key};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use tollgate_common::{
     Config, EndpointKey, EndpointValue, FqdnName, FqdnNameIds, FqdnRuleKey, MAX_PORT_RULES,
     MAX_RULE_ORDER, Mode, PortRule, RuleKeyV4, RuleKeyV6, RuleList, action,
@@ -22,236 +22,12 @@ use tollgate_common::{
     endpoint_flags, map_names, policy_mode, protocol,
 };
 
+use tollgate_policy::{
+    compiled::{PortRuleSpec, RuleSet, SetRules},
+    model::{Action, FqdnPattern, PolicyMode, PortRange, Protocol},
+};
+
 use super::{Datapath, DatapathError, map_err};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-/// A policy's mode: the global one, or an override.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum PolicyMode {
-    #[default]
-    Inherit,
-    Observe,
-    Enforce,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum Protocol {
-    #[default]
-    Any,
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    /// Whether a socket's IP protocol number is covered.
-    pub fn matches(self, protocol: u8) -> bool {
-        match self {
-            Protocol::Any => true,
-            Protocol::Tcp => protocol == protocol::TCP,
-            Protocol::Udp => protocol == protocol::UDP,
-        }
-    }
-}
-
-/// An inclusive port range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-impl PortRange {
-    pub const ANY: Self = Self {
-        first: 0,
-        last: u16::MAX,
-    };
-
-    pub const fn single(port: u16) -> Self {
-        Self {
-            first: port,
-            last: port,
-        }
-    }
-}
-
-/// One port rule of a prefix, in the order the kernel tries them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct PortRuleSpec {
-    pub ports: PortRange,
-    pub protocol: Protocol,
-    pub action: Action,
-    pub mode: PolicyMode,
-    /// Reported with every decision this rule makes; never 0 (that is "default").
-    pub rule_id: u32,
-    /// Precedence within the set, lower first: denies (strongest mode
-    /// first), then allows. Every list holds its rules in this order.
-    pub order: u32,
-}
-
-/// A DNS name rule, lowercased, without a trailing dot.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum FqdnPattern {
-    /// `api.example.com`
-    Exact(String),
-    /// `*.example.com`: exactly one more label; holds `example.com`.
-    OneLabel(String),
-    /// `**.example.com`: one or more labels; holds `example.com`.
-    AnyLabels(String),
-}
-
-impl FqdnPattern {
-    /// The name the pattern is built on.
-    pub fn name(&self) -> &str {
-        match self {
-            Self::Exact(name) | Self::OneLabel(name) | Self::AnyLabels(name) => name,
-        }
-    }
-
-    /// Whether `name` (lowercase, dotted, no trailing dot) matches.
-    pub fn matches(&self, name: &str) -> bool {
-        match self {
-            Self::Exact(exact) => name == exact,
-            Self::OneLabel(suffix) => name
-                .strip_suffix(suffix.as_str())
-                .and_then(|head| head.strip_suffix('.'))
-                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
-            Self::AnyLabels(suffix) => name
-                .strip_suffix(suffix.as_str())
-                .and_then(|head| head.strip_suffix('.'))
-                .is_some_and(|labels| !labels.is_empty() && !labels.split('.').any(str::is_empty)),
-        }
-    }
-}
-
-impl std::fmt::Display for FqdnPattern {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Exact(name) => f.write_str(name),
-            Self::OneLabel(name) => write!(f, "*.{name}"),
-            Self::AnyLabels(name) => write!(f, "**.{name}"),
-        }
-    }
-}
-
-/// The datapath entries of one rule set.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct SetRules {
-    pub default_action: Action,
-    pub default_mode: PolicyMode,
-    /// Each prefix lists every rule that applies to it: the lookup of the
-    /// longest matching prefix alone must decide.
-    pub v4: Vec<(Ipv4Net, Vec<PortRuleSpec>)>,
-    pub v6: Vec<(Ipv6Net, Vec<PortRuleSpec>)>,
-    /// FQDN pattern id -> the rules for addresses an endpoint of the set
-    /// learned for that pattern.
-    pub fqdn: Vec<(u32, Vec<PortRuleSpec>)>,
-}
-
-/// Everything one generation holds.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RuleSet {
-    /// Shared with the compiler's cache, and with the datapath, which
-    /// recognises an unchanged set by its contents.
-    pub sets: Vec<Arc<SetRules>>,
-    /// cgroup id -> index into `sets`.
-    pub endpoints: BTreeMap<u64, u32>,
-    /// Every FQDN pattern the sets use, by id. Ids are the agent's, stable
-    /// while a pattern is in use, and never 0.
-    pub fqdn_patterns: BTreeMap<u32, FqdnPattern>,
-}
-
-impl SetRules {
-    /// What the kernel decides for this set (agent-ebpf `decide.rs`, in
-    /// plain Rust) under the global mode `global` (observe or enforce),
-    /// for an endpoint that learned the destination for the FQDN patterns
-    /// `learned`: the port rules of the longest prefix containing the
-    /// destination and of those patterns, taken by precedence, else the
-    /// default. Returns the action, the mode of what decided and its rule
-    /// id (0 for the default).
-    pub fn decide(
-        &self,
-        ip: std::net::IpAddr,
-        port: u16,
-        protocol: u8,
-        global: PolicyMode,
-        learned: &[u32],
-    ) -> (Action, PolicyMode, u32) {
-        let longest = match ip {
-            std::net::IpAddr::V4(ip) => self
-                .v4
-                .iter()
-                .filter(|(net, _)| net.contains(&ip))
-                .max_by_key(|(net, _)| net.prefix_len())
-                .map(|(_, l)| l),
-            std::net::IpAddr::V6(ip) => self
-                .v6
-                .iter()
-                .filter(|(net, _)| net.contains(&ip))
-                .max_by_key(|(net, _)| net.prefix_len())
-                .map(|(_, l)| l),
-        };
-        let by_name = self
-            .fqdn
-            .iter()
-            .filter(|(id, _)| learned.contains(id))
-            .map(|(_, l)| l);
-        let enforced = |mode: PolicyMode| {
-            mode == PolicyMode::Enforce
-                || (mode == PolicyMode::Inherit && global == PolicyMode::Enforce)
-        };
-        // Within a list, everything after its first matching allow comes later.
-        let matching: Vec<&PortRuleSpec> = longest
-            .into_iter()
-            .chain(by_name)
-            .flat_map(|list| {
-                let mut matching = list.iter().filter(|rule| {
-                    rule.ports.first <= port
-                        && port <= rule.ports.last
-                        && rule.protocol.matches(protocol)
-                });
-                let mut taken = Vec::new();
-                for rule in matching.by_ref() {
-                    taken.push(rule);
-                    if rule.action == Action::Allow {
-                        break;
-                    }
-                }
-                taken
-            })
-            .collect();
-        let first = |keep: &dyn Fn(&PortRuleSpec) -> bool| {
-            matching
-                .iter()
-                .filter(|r| keep(r))
-                .min_by_key(|r| r.order)
-                .map(|r| (r.mode, r.rule_id))
-        };
-        let enforced_deny = first(&|r| r.action == Action::Deny && enforced(r.mode));
-        let deny = first(&|r| r.action == Action::Deny);
-        let allow = first(&|r| r.action == Action::Allow);
-        let default = (
-            self.default_action,
-            self.default_mode,
-            tollgate_common::RULE_ID_DEFAULT,
-        );
-        match (enforced_deny, deny, allow) {
-            (Some((mode, id)), _, _) => (Action::Deny, mode, id),
-            (None, Some(_), None)
-                if self.default_action == Action::Deny && enforced(self.default_mode) =>
-            {
-                default
-            }
-            (None, Some((mode, id)), _) => (Action::Deny, mode, id),
-            (None, None, Some((mode, id))) => (Action::Allow, mode, id),
-            (None, None, None) => default,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuleSetError {
@@ -1021,6 +797,8 @@ fn delete_each<K>(
 
 #[cfg(test)]
 mod tests {
+    use ipnet::Ipv4Net;
+
     use super::*;
 
     fn rule(ports: PortRange, action: Action, rule_id: u32) -> PortRuleSpec {

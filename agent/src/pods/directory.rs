@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use k8s_openapi::api::core::v1::{ContainerStatus, Namespace, Pod};
 use serde::{Deserialize, Serialize};
 
-use crate::policy::select::{Identity, Labels};
+use tollgate_policy::select::{Identity, Labels};
 
 /// One pod, reduced to what selection and flow records need.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

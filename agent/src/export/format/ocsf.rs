@@ -15,8 +15,8 @@ use crate::{
     export::record::{DnsAnswer, DnsRecord, LossRecord, Record},
     flow::{FlowRecord, Source},
     pods::directory::Workload,
-    policy::select::Labels,
 };
+use tollgate_policy::select::Labels;
 
 const OCSF_VERSION: &str = "1.3.0";
 

@@ -5,7 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use tollgate_agent::{client, policy::document::parse_documents};
+use tollgate_agent::client;
+use tollgate_policy::document::parse_documents;
 use tollgate_proto::v1::{self as api, policy_service_client::PolicyServiceClient};
 use tollgate_tests::{AgentProcess, TestEnv};
 

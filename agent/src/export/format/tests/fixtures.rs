@@ -7,8 +7,8 @@ use crate::{
     export::record::{DnsAnswer, DnsRecord, DnsResolver, LossReason, LossRecord, Record, Summary},
     flow::{Container, Destination, FlowRecord, Source},
     pods::directory::Workload,
-    policy::select::Labels,
 };
+use tollgate_policy::select::Labels;
 
 const NODE: &str = "aks-nodepool1-0";
 const POD_UID: &str = "0f5b6e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5b";

@@ -130,7 +130,7 @@ impl LabelRequirement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::model::*;
+    use crate::model::*;
 
     fn policy(namespace: Option<&str>, name: &str, selector: Selector) -> Policy {
         Policy {

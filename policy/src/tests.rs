@@ -717,23 +717,23 @@ fn the_shipped_examples_are_valid() {
     let examples = [
         (
             "host-allow-list.yaml",
-            include_str!("../../../examples/policies/host-allow-list.yaml"),
+            include_str!("../../examples/policies/host-allow-list.yaml"),
         ),
         (
             "observe-first.yaml",
-            include_str!("../../../examples/policies/observe-first.yaml"),
+            include_str!("../../examples/policies/observe-first.yaml"),
         ),
         (
             "deny-instance-metadata.yaml",
-            include_str!("../../../examples/policies/deny-instance-metadata.yaml"),
+            include_str!("../../examples/policies/deny-instance-metadata.yaml"),
         ),
         (
             "aks-allow-list.yaml",
-            include_str!("../../../examples/policies/aks-allow-list.yaml"),
+            include_str!("../../examples/policies/aks-allow-list.yaml"),
         ),
         (
             "aks-minimal-egress.yaml",
-            include_str!("../../../examples/policies/aks-minimal-egress.yaml"),
+            include_str!("../../examples/policies/aks-minimal-egress.yaml"),
         ),
     ];
     for (name, text) in examples {
@@ -752,7 +752,7 @@ fn the_shipped_examples_are_valid() {
 #[test]
 fn the_aks_minimal_egress_example_selects_application_namespaces_only() {
     use super::select::{Endpoint, Identity, Labels, select_endpoints};
-    let text = include_str!("../../../examples/policies/aks-minimal-egress.yaml");
+    let text = include_str!("../../examples/policies/aks-minimal-egress.yaml");
     let documents = super::document::parse_documents("aks", text).unwrap();
     let policies = super::validate::validate_all(&documents).unwrap();
     let namespaces: Vec<(&str, Labels)> = ["default", "shop", "kube-system", "tollgate-system"]

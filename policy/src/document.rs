@@ -95,7 +95,7 @@ pub fn parse_documents(source: &str, text: &str) -> Result<Vec<SourcedPolicy>, V
 }
 
 /// `spec.egress[2].to` rather than serde_path_to_error's `spec.egress.2.to`.
-pub(crate) fn field_path(path: &serde_path_to_error::Path) -> String {
+pub fn field_path(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
     let mut out = String::new();
     for segment in path.iter() {

@@ -437,7 +437,7 @@ fn is_dns_subdomain(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::document::parse_documents;
+    use crate::document::parse_documents;
 
     fn errors_of(yaml: &str) -> Vec<String> {
         let docs = parse_documents("t.yaml", yaml).expect("parses");

@@ -22,7 +22,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tollgate_common::MAX_PORT_RULES;
 
 use super::model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, PortSpec, Rule};
-use crate::datapath::{PortRuleSpec, RuleSet, SetRules};
+use crate::compiled::{PortRuleSpec, RuleSet, SetRules};
 
 /// What a rule id stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use ipnet::IpNet;
 
-pub use crate::datapath::{Action, FqdnPattern, PolicyMode, PortRange, Protocol};
+use tollgate_common::protocol;
 
 /// `namespace/name`, or `name` for a policy without a namespace.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -112,6 +112,106 @@ impl Peer {
                 net.contains(&ip) && !except.iter().any(|e| e.contains(&ip))
             }
             Peer::Fqdn(pattern) => learned.contains(&pattern),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// A policy's mode: the global one, or an override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum PolicyMode {
+    #[default]
+    Inherit,
+    Observe,
+    Enforce,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    #[default]
+    Any,
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// Whether a socket's IP protocol number is covered.
+    pub fn matches(self, protocol: u8) -> bool {
+        match self {
+            Protocol::Any => true,
+            Protocol::Tcp => protocol == protocol::TCP,
+            Protocol::Udp => protocol == protocol::UDP,
+        }
+    }
+}
+
+/// An inclusive port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub const ANY: Self = Self {
+        first: 0,
+        last: u16::MAX,
+    };
+
+    pub const fn single(port: u16) -> Self {
+        Self {
+            first: port,
+            last: port,
+        }
+    }
+}
+
+/// A DNS name rule, lowercased, without a trailing dot.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FqdnPattern {
+    /// `api.example.com`
+    Exact(String),
+    /// `*.example.com`: exactly one more label; holds `example.com`.
+    OneLabel(String),
+    /// `**.example.com`: one or more labels; holds `example.com`.
+    AnyLabels(String),
+}
+
+impl FqdnPattern {
+    /// The name the pattern is built on.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Exact(name) | Self::OneLabel(name) | Self::AnyLabels(name) => name,
+        }
+    }
+
+    /// Whether `name` (lowercase, dotted, no trailing dot) matches.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Exact(exact) => name == exact,
+            Self::OneLabel(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+            Self::AnyLabels(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|labels| !labels.is_empty() && !labels.split('.').any(str::is_empty)),
+        }
+    }
+}
+
+impl std::fmt::Display for FqdnPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exact(name) => f.write_str(name),
+            Self::OneLabel(name) => write!(f, "*.{name}"),
+            Self::AnyLabels(name) => write!(f, "**.{name}"),
         }
     }
 }
