@@ -122,6 +122,16 @@ pub struct RunArgs {
     /// known: allow (not restricted) or deny (strict clusters).
     #[arg(long, env = "TOLLGATE_UNKNOWN_POD_ACTION", value_enum, default_value_t = UnknownPodAction::Allow)]
     pub unknown_pod_action: UnknownPodAction,
+    /// With the Kubernetes API: watch the EgressPolicy and
+    /// ClusterEgressPolicy resources and enforce them beside the local
+    /// policies, and remove the node's tollgate.dev/agent-not-ready taint
+    /// once they are in force.
+    #[arg(long, env = "TOLLGATE_CLUSTER_POLICIES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub cluster_policies: bool,
+    /// The agents' namespace (the pod's own, from the downward API): where
+    /// the agents' pods are found and the policy status lease is held.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tollgate-system")]
+    pub agent_namespace: String,
     /// A sink for flow records, as YAML (`{type: syslog, address:
     /// "tls://siem:6514", caFile: /etc/ca.pem}`); repeatable; replaces the
     /// configuration file's sinks. None anywhere: JSON lines on stdout.
@@ -247,6 +257,8 @@ pub struct FileConfig {
     kubernetes: Option<KubernetesArg>,
     kubeconfig: Option<PathBuf>,
     unknown_pod_action: Option<crate::pods::UnknownPodAction>,
+    cluster_policies: Option<bool>,
+    agent_namespace: Option<String>,
     pod_label_keys: Option<Vec<String>>,
     #[serde(default, deserialize_with = "resolvers")]
     dns_resolvers: Option<Vec<SocketAddr>>,
@@ -363,6 +375,8 @@ impl RunArgs {
             kubernetes,
             kubeconfig,
             unknown_pod_action,
+            cluster_policies,
+            agent_namespace,
             pod_label_keys,
             dns_resolvers,
             dns_min_ttl,

@@ -4,12 +4,14 @@
 pub mod cgroup_watch;
 pub mod cgroups;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod enforce;
 pub mod export;
 pub mod flow;
+pub mod kubernetes;
 pub mod log_level;
 pub mod mounts;
 pub mod names;

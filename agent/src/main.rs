@@ -11,9 +11,10 @@ use tollgate_agent::{
         self,
         config::{ExportSpec, SinkSpec, SinkType},
     },
+    kubernetes::ApiSource,
     log_level::LogLevel,
     mounts,
-    pods::{UnknownPodAction, watch::ApiSource},
+    pods::UnknownPodAction,
     policy_files,
     run::{self, RunConfig},
 };
@@ -118,6 +119,8 @@ fn run_config(args: RunArgs, log_level: LogLevel) -> anyhow::Result<RunConfig> {
         metrics_listen: args.metrics_listen,
         kubernetes,
         unknown_pod_action: args.unknown_pod_action,
+        cluster_policies: args.cluster_policies,
+        agent_namespace: args.agent_namespace,
         pod_label_keys: args.pod_label_keys,
         sinks: sinks(&args.sinks, args.file_export)?,
         dns_resolvers: if args.dns_resolvers.is_empty() {

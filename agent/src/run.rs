@@ -21,6 +21,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use crate::{
     cgroup_watch::CgroupWatcher,
     cgroups::CgroupPaths,
+    cluster::{watch::ClusterWatch, writer::StatusWriter},
     config::AllowedFlows,
     control::{
         controller::{ControlError, Controller},
@@ -38,13 +39,10 @@ use crate::{
         sinks::{RecordMeta, Severity},
     },
     flow::{Enrichment, FlowRecord, Source, WallClock, monotonic_ns, rfc3339_nanos},
+    kubernetes::{self, ApiSource, WatchError},
     log_level::LogLevel,
     names::{LearnedAddresses, Limits, Messages, NameCache, expiry_ns, matching_patterns},
-    pods::{
-        UnknownPodAction,
-        directory::PodDirectory,
-        watch::{self, ApiSource, WatchError},
-    },
+    pods::{UnknownPodAction, directory::PodDirectory, watch},
     telemetry::{self, LimitLabels, RecordLabels, Telemetry},
 };
 
@@ -67,6 +65,11 @@ pub struct RunConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Where pod metadata comes from; None: endpoints are cgroups only.
     pub kubernetes: Option<ApiSource>,
+    /// Whether to watch and enforce the cluster's policy resources (with
+    /// `kubernetes` only).
+    pub cluster_policies: bool,
+    /// Where the agents' pods and the status lease are.
+    pub agent_namespace: String,
     pub unknown_pod_action: UnknownPodAction,
     /// Pod label keys that flow records carry.
     pub pod_label_keys: Vec<String>,
@@ -122,6 +125,11 @@ const CGROUP_RESCAN: Duration = Duration::from_secs(30);
 
 const BATCH: usize = 512;
 
+/// The agents' pods, as deploy/daemonset.yaml labels them, and the name of
+/// their port that serves metrics and the node's report.
+const AGENT_SELECTOR: &str = "app.kubernetes.io/name=tollgate-agent";
+const REPORT_PORT: &str = "metrics";
+
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let (commands_tx, mut commands) = mpsc::channel(64);
     // Health answers from the start; readiness once everything is in force.
@@ -171,11 +179,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     info!(cgroups = cgroups.watched(), "watching cgroups");
     // Pod metadata arrives when the API server answers; nothing waits for it.
     let (pod_updates_tx, mut pod_updates) = mpsc::channel(256);
-    if let Some(source) = &config.kubernetes {
-        let client = watch::client(source).await?;
-        info!(?source, node = %config.node, "watching pods and namespaces");
+    let kubernetes_client = match &config.kubernetes {
+        Some(source) => Some(kubernetes::client(source).await?),
+        None => None,
+    };
+    if let Some(client) = &kubernetes_client {
+        info!(source = ?config.kubernetes, node = %config.node, "watching pods and namespaces");
         tokio::spawn(watch::watch(
-            client,
+            client.clone(),
             config.node.clone(),
             config.pod_label_keys.clone(),
             pod_updates_tx.clone(),
@@ -215,6 +226,32 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         generation = datapath.generation(),
         "policies in force"
     );
+
+    // The cluster's policies arrive through the same controller; until the
+    // API server answers, the saved set stays in force.
+    if let Some(client) = kubernetes_client.filter(|_| config.cluster_policies) {
+        info!("watching EgressPolicy and ClusterEgressPolicy resources");
+        let (report, reports) = tokio::sync::watch::channel(Default::default());
+        telemetry.set_cluster_reports(reports);
+        let cluster_client = client.clone();
+        let cluster = ClusterWatch {
+            client,
+            node: config.node.clone(),
+            commands: commands_tx.clone(),
+            in_force: controller.cluster_documents(),
+            remove_taint: true,
+            report,
+        };
+        tokio::spawn(cluster.run(shutdown.clone()));
+        let writer = StatusWriter {
+            client: cluster_client,
+            node: config.node.clone(),
+            namespace: config.agent_namespace.clone(),
+            agent_selector: AGENT_SELECTOR.into(),
+            report_port: REPORT_PORT.into(),
+        };
+        tokio::spawn(writer.run(shutdown.clone()));
+    }
 
     let (exporter, sink_tasks, sink_stats) =
         Exporter::start(config.sinks.clone(), &config.state_dir, &config.node)?;

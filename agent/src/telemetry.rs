@@ -22,10 +22,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    cluster::report::{self, Reports},
     control::controller::Command,
     datapath::{Degraded, PROGRAMS},
     export::delivery::{SinkStats, StatsBySink},
 };
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
@@ -116,6 +122,8 @@ pub struct Telemetry {
     programs: Arc<OnceLock<Programs>>,
     commands: mpsc::Sender<Command>,
     links_dir: PathBuf,
+    /// This node's report on the cluster's policies, once they are watched.
+    cluster_reports: Arc<OnceLock<Reports>>,
 }
 
 impl Telemetry {
@@ -131,7 +139,12 @@ impl Telemetry {
             programs: Arc::default(),
             commands,
             links_dir,
+            cluster_reports: Arc::default(),
         }
+    }
+
+    pub fn set_cluster_reports(&self, reports: Reports) {
+        let _ = self.cluster_reports.set(reports);
     }
 
     pub fn set_sinks(&self, sinks: StatsBySink) {
@@ -327,10 +340,22 @@ impl Telemetry {
             gauge.set(value);
             gauge
         };
+        let policies = Family::<SourceLabels, Gauge>::default();
+        let cluster = i64::from(status.cluster_policies);
+        for (source, count) in [
+            ("local", i64::from(status.policies) - cluster),
+            ("cluster", cluster),
+        ] {
+            policies
+                .get_or_create(&SourceLabels {
+                    source: source.into(),
+                })
+                .set(count);
+        }
         registry.register(
             "policies",
-            "Policies in the applied set",
-            gauge(i64::from(status.policies)),
+            "Policies in the applied set, by source: cluster (EgressPolicy and ClusterEgressPolicy resources) or local",
+            policies,
         );
         registry.register(
             "endpoints",
@@ -447,6 +472,18 @@ fn router(telemetry: Telemetry) -> Router {
                     )
                         .into_response(),
                     Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+                }
+            }),
+        )
+        .route(
+            report::PATH,
+            get(|State(t): State<Telemetry>| async move {
+                match t.cluster_reports.get() {
+                    Some(reports) => {
+                        axum::Json(report::NodeReport::clone(&reports.borrow())).into_response()
+                    }
+                    None => (StatusCode::NOT_FOUND, "cluster policies are not watched\n")
+                        .into_response(),
                 }
             }),
         )

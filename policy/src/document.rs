@@ -94,6 +94,22 @@ pub fn parse_documents(source: &str, text: &str) -> Result<Vec<SourcedPolicy>, V
     }
 }
 
+/// Reads one policy given as a JSON value (a Kubernetes resource as the API
+/// server serves it), with the same field errors as a policy file.
+pub fn from_json(
+    document: DocumentRef,
+    value: serde_json::Value,
+) -> Result<SourcedPolicy, FieldError> {
+    match serde_path_to_error::deserialize::<_, EgressPolicy>(value) {
+        Ok(policy) => Ok(SourcedPolicy { document, policy }),
+        Err(e) => Err(FieldError {
+            document,
+            path: field_path(e.path()),
+            message: e.into_inner().to_string(),
+        }),
+    }
+}
+
 /// `spec.egress[2].to` rather than serde_path_to_error's `spec.egress.2.to`.
 pub fn field_path(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;

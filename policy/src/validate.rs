@@ -12,7 +12,11 @@ use super::{
 };
 
 pub const API_VERSION: &str = "policy.tollgate.dev/v1alpha1";
+/// A policy of one namespace's pods; without a namespace (in files and
+/// over gRPC only), a host policy.
 pub const KIND: &str = "EgressPolicy";
+/// A cluster-wide policy: pods of any namespace, and host cgroups.
+pub const CLUSTER_KIND: &str = "ClusterEgressPolicy";
 
 /// Validates a whole policy set: each policy, and that no two share a name.
 pub fn validate_all(sourced: &[SourcedPolicy]) -> Result<Vec<Policy>, Vec<FieldError>> {
@@ -65,10 +69,13 @@ fn validate(policy: &api::EgressPolicy, problems: &mut Problems) -> Option<Polic
             ),
         );
     }
-    if policy.kind != KIND {
+    if policy.kind != KIND && policy.kind != CLUSTER_KIND {
         problems.push(
             "kind",
-            format!("{:?} is not supported; use {KIND:?}", policy.kind),
+            format!(
+                "{:?} is not supported; use {KIND:?} or {CLUSTER_KIND:?}",
+                policy.kind
+            ),
         );
     }
     let key = validate_metadata(policy.metadata.as_ref(), problems);
@@ -76,6 +83,7 @@ fn validate(policy: &api::EgressPolicy, problems: &mut Problems) -> Option<Polic
         problems.push("spec", "is required");
         return None;
     };
+    check_scope(policy, spec, problems);
 
     let mode = match spec.mode.as_str() {
         "" => PolicyMode::Inherit,
@@ -153,6 +161,33 @@ fn validate_metadata(
         namespace: (!metadata.namespace.is_empty()).then(|| metadata.namespace.clone()),
         name: metadata.name.clone(),
     })
+}
+
+/// A namespace's policy may select pods of that namespace only: a namespace
+/// owner must not restrict (or open) the egress of other namespaces or of
+/// the host. A cluster-wide policy belongs to no namespace.
+fn check_scope(policy: &api::EgressPolicy, spec: &api::EgressPolicySpec, problems: &mut Problems) {
+    let namespace = policy
+        .metadata
+        .as_ref()
+        .map_or("", |metadata| metadata.namespace.as_str());
+    if policy.kind == CLUSTER_KIND && !namespace.is_empty() {
+        problems.push(
+            "metadata.namespace",
+            format!("{namespace:?}: a {CLUSTER_KIND} belongs to no namespace"),
+        );
+    }
+    if policy.kind == KIND && !namespace.is_empty() {
+        let use_cluster = format!(
+            "an {KIND} selects pods of its own namespace ({namespace}) only; use a {CLUSTER_KIND}"
+        );
+        if spec.namespace_selector.is_some() {
+            problems.push("spec.namespaceSelector", use_cluster.clone());
+        }
+        if spec.cgroup_selector.is_some() {
+            problems.push("spec.cgroupSelector", use_cluster);
+        }
+    }
 }
 
 fn validate_selector(spec: &api::EgressPolicySpec, problems: &mut Problems) -> Selector {
@@ -341,6 +376,12 @@ fn validate_peer(peer: &api::EgressPeer, path: &str, problems: &mut Problems) ->
                 .collect();
             Some(Peer::Cidr { net, except })
         }
+        // An except would be silently meaningless on a name: refused, as
+        // the CRD's CEL rule refuses it at admission.
+        (true, false) if !peer.except.is_empty() => {
+            problems.push(format!("{path}.except"), "applies to a cidr peer only");
+            None
+        }
         (true, false) => match super::fqdn::parse_pattern(&peer.fqdn) {
             Ok(pattern) => Some(Peer::Fqdn(pattern)),
             Err(why) => {
@@ -494,7 +535,7 @@ mod tests {
     #[test]
     fn every_error_is_reported_with_its_path_and_value() {
         let yaml = format!(
-            "{HEAD}metadata: {{name: Bad_Name}}\nspec:\n  cgroupSelector: {{paths: [relative]}}\n  mode: block\n  egress:\n  - action: permit\n    to: [{{cidr: 10.0.0.0/33}}, {{cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}, {{}}, {{cidr: '::ffff:10.0.0.0/104'}}]\n    ports: [{{port: 70000}}, {{port: 90, endPort: 80}}, {{endPort: 5}}, {{port: 1, protocol: SCTP}}]\n"
+            "{HEAD}metadata: {{name: Bad_Name}}\nspec:\n  cgroupSelector: {{paths: [relative]}}\n  mode: block\n  egress:\n  - action: permit\n    to: [{{cidr: 10.0.0.0/33}}, {{cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}, {{}}, {{cidr: '::ffff:10.0.0.0/104'}}, {{fqdn: a.example, except: [10.0.0.0/8]}}]\n    ports: [{{port: 70000}}, {{port: 90, endPort: 80}}, {{endPort: 5}}, {{port: 1, protocol: SCTP}}]\n"
         );
         let errors = errors_of(&yaml);
         let expected = [
@@ -506,6 +547,7 @@ mod tests {
             "spec.egress[0].to[1].except[0]: \"192.168.0.0/16\" is not a prefix strictly inside 10.0.0.0/8",
             "spec.egress[0].to[2]: needs cidr or fqdn",
             "spec.egress[0].to[3].cidr: \"::ffff:10.0.0.0/104\" is IPv4-mapped; such destinations are judged as IPv4, so write the IPv4 prefix",
+            "spec.egress[0].to[4].except: applies to a cidr peer only",
             "spec.egress[0].ports[0].port: 70000 is not a port (1-65535)",
             "spec.egress[0].ports[1].endPort: 80 is below port 90",
             "spec.egress[0].ports[2].endPort: needs port",
@@ -521,7 +563,7 @@ mod tests {
             errors,
             [
                 "apiVersion: \"\" is not supported; use \"policy.tollgate.dev/v1alpha1\"",
-                "kind: \"\" is not supported; use \"EgressPolicy\"",
+                "kind: \"\" is not supported; use \"EgressPolicy\" or \"ClusterEgressPolicy\"",
                 "spec: one of podSelector, namespaceSelector or cgroupSelector is required",
             ]
         );
@@ -547,5 +589,27 @@ mod tests {
                 "spec.podSelector.matchExpressions[2].operator: \"Near\" is not one of \"In\", \"NotIn\", \"Exists\", \"DoesNotExist\"",
             ]
         );
+    }
+
+    #[test]
+    fn a_namespace_policy_selects_its_own_pods_and_a_cluster_policy_has_no_namespace() {
+        let namespaced = format!(
+            "{HEAD}metadata: {{name: a, namespace: team}}\nspec:\n  namespaceSelector: {{}}\n  cgroupSelector: {{paths: [/x]}}\n"
+        );
+        assert_eq!(
+            errors_of(&namespaced),
+            [
+                "spec.namespaceSelector: an EgressPolicy selects pods of its own namespace (team) only; use a ClusterEgressPolicy",
+                "spec.cgroupSelector: an EgressPolicy selects pods of its own namespace (team) only; use a ClusterEgressPolicy",
+            ]
+        );
+        let cluster = "apiVersion: policy.tollgate.dev/v1alpha1\nkind: ClusterEgressPolicy\nmetadata: {name: a, namespace: team}\nspec: {podSelector: {}}\n";
+        assert_eq!(
+            errors_of(cluster),
+            ["metadata.namespace: \"team\": a ClusterEgressPolicy belongs to no namespace"]
+        );
+        let cluster_wide = "apiVersion: policy.tollgate.dev/v1alpha1\nkind: ClusterEgressPolicy\nmetadata: {name: a}\nspec:\n  namespaceSelector: {}\n  cgroupSelector: {paths: [/x]}\n";
+        let docs = parse_documents("t.yaml", cluster_wide).expect("parses");
+        assert_eq!(validate_all(&docs).map(|p| p.len()), Ok(1));
     }
 }

@@ -7,6 +7,7 @@
 //! it, also when the test panics.
 
 pub mod kube;
+pub mod node;
 pub mod receiver;
 pub mod rsyslog;
 
@@ -741,6 +742,9 @@ impl AgentProcess {
         if !extra_args.contains(&"--listen") {
             command.arg("--listen").arg(env.agent_address());
         }
+        if !extra_args.contains(&"--node") {
+            command.args(["--node", node::NODE]);
+        }
         let mut child = command
             .arg("--cgroup")
             .arg(&env.cgroup.path)
@@ -748,7 +752,6 @@ impl AgentProcess {
             .arg(env.bpffs.root())
             .arg("--state-dir")
             .arg(&env.state.path)
-            .args(["--node", "test-node"])
             .args(extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -809,6 +812,28 @@ impl AgentProcess {
                     }
                 }
                 Err(_) => panic!("the agent did not log {needle:?} in time; it logged: {seen:#?}"),
+            }
+        }
+    }
+
+    /// Waits until every one of `needles` is in some log line, from the
+    /// start (each line counts for every needle it contains).
+    pub fn wait_until_logged(&self, needles: &[&str], timeout: Duration) {
+        let mut missing: Vec<&str> = needles
+            .iter()
+            .copied()
+            .filter(|needle| self.startup_lines_with(needle) == 0)
+            .collect();
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while !missing.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    missing.retain(|needle| !line.contains(needle));
+                    seen.push(line);
+                }
+                Err(_) => panic!("the agent did not log {missing:?} in time; it logged: {seen:#?}"),
             }
         }
     }

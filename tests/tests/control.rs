@@ -610,7 +610,8 @@ fn metrics_count_exactly_the_decisions_made_and_readiness_follows_the_programs()
         7,
         "{after}"
     );
-    assert_eq!(sample(&after, "tollgate_policies"), 1);
+    assert_eq!(sample(&after, "tollgate_policies{source=\"local\"}"), 1);
+    assert_eq!(sample(&after, "tollgate_policies{source=\"cluster\"}"), 0);
 
     // Control API calls are counted by method and code.
     env.ctl(&["status"]).ok();

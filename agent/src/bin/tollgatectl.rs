@@ -111,6 +111,13 @@ enum Command {
         /// RUST_LOG syntax: `debug`, `info,tollgate_agent::pods=debug`, ...
         filter: Option<String>,
     },
+    /// Print the CustomResourceDefinitions of EgressPolicy and
+    /// ClusterEgressPolicy (multi-document YAML); needs no agent.
+    Crds {
+        /// Write DIR/egresspolicies.yaml and DIR/clusteregresspolicies.yaml instead.
+        #[arg(long, value_name = "DIR")]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -139,6 +146,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cert: cli.cert,
         key: cli.key,
     };
+    if let Command::Crds { output } = &cli.command {
+        return crds(output.as_deref());
+    }
     // Local input is read once and checked before the agent is contacted.
     let documents = match &cli.command {
         Command::Apply { files, .. } => policy_files::load(files)?,
@@ -298,6 +308,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{}", level.map_err(failed)?.into_inner().filter);
         }
+        Command::Crds { .. } => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+/// `tollgatectl crds`: the CRDs on stdout, or one file each in `dir`.
+fn crds(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tollgate_agent::cluster::crd;
+
+    let definitions = crd::custom_resource_definitions();
+    let Some(dir) = dir else {
+        let documents: Vec<String> = definitions.iter().map(crd::to_yaml).collect();
+        print!("{}", documents.join("---\n"));
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for definition in &definitions {
+        let (_, file) = crd::FILES
+            .iter()
+            .find(|(kind, _)| *kind == definition.spec.names.kind)
+            .expect("a file for each kind");
+        let path = dir.join(file);
+        std::fs::write(&path, crd::to_yaml(definition))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }
@@ -315,13 +351,20 @@ fn print_changes(changes: &api::PolicyChanges) {
 }
 
 /// MODE is the policy's effective mode: an override set with `mode
-/// --policy` wins over spec.mode, which wins over the global mode.
+/// --policy` wins over spec.mode, which wins over the global mode. SOURCE
+/// is `local` or `cluster (generation N)`, the resource's generation in force.
 fn policy_table(list: &api::ListPoliciesResponse, modes: &api::ModeSettings) -> String {
     let mut out = format!(
-        "{:<32} {:<18} {:<8} {:<6} {}\n",
-        "NAME", "MODE", "DEFAULT", "RULES", "SELECTS"
+        "{:<32} {:<18} {:<8} {:<6} {:<24} {}\n",
+        "NAME", "MODE", "DEFAULT", "RULES", "SOURCE", "SELECTS"
     );
-    for policy in &list.policies {
+    for (i, policy) in list.policies.iter().enumerate() {
+        let source = match list.sources.get(i) {
+            Some(source) if source.source == "cluster" => {
+                format!("cluster (generation {})", source.generation)
+            }
+            _ => "local".to_owned(),
+        };
         let meta = policy.metadata.clone().unwrap_or_default();
         let spec = policy.spec.clone().unwrap_or_default();
         let name = if meta.namespace.is_empty() {
@@ -353,7 +396,7 @@ fn policy_table(list: &api::ListPoliciesResponse, modes: &api::ModeSettings) -> 
             &spec.default_action
         };
         out.push_str(&format!(
-            "{name:<32} {mode:<18} {default:<8} {:<6} {selects}\n",
+            "{name:<32} {mode:<18} {default:<8} {:<6} {source:<24} {selects}\n",
             spec.egress.len()
         ));
     }
@@ -380,12 +423,13 @@ fn flow_row(flow: &api::Flow) -> String {
 fn status_text(status: &api::StatusResponse) -> String {
     let counters = status.counters.unwrap_or_default();
     let mut out = format!(
-        "version: {}\nkernel: {}\nattached to: {}\nglobal mode: {}\npolicies: {} (generation {})\nendpoints: {}\ndatapath generation: {}\n",
+        "version: {}\nkernel: {}\nattached to: {}\nglobal mode: {}\npolicies: {} ({} from the cluster; generation {})\nendpoints: {}\ndatapath generation: {}\n",
         status.version,
         status.kernel,
         status.attach_cgroup,
         status.global_mode,
         status.policies,
+        status.cluster_policies,
         status.policy_generation,
         status.endpoints,
         status.datapath_generation

@@ -9,7 +9,9 @@ use tokio::sync::oneshot;
 use tollgate_common::Mode;
 use tollgate_proto::v1 as api;
 
-use super::store::{ModePlan, PersistedState, PolicyStore, StoreError, mode_name};
+use super::store::{
+    ClusterDocument, Conflict, ModePlan, PersistedState, PolicyStore, StoreError, mode_name,
+};
 use crate::{
     datapath::{Attachment, Datapath, DatapathError},
     enforce::{EnforceError, Enforcer},
@@ -32,6 +34,20 @@ pub enum Command {
         oneshot::Sender<Result<api::ModeSettings, ControlError>>,
     ),
     Status(oneshot::Sender<Result<api::StatusResponse, ControlError>>),
+    /// The cluster's policies (each valid on its own), to be the cluster
+    /// part of the set.
+    Cluster(
+        Vec<ClusterDocument>,
+        oneshot::Sender<Result<ClusterApplied, ControlError>>,
+    ),
+}
+
+/// The cluster's policies are in force, but for the conflicts.
+#[derive(Debug)]
+pub struct ClusterApplied {
+    pub generation: u64,
+    pub changes: Vec<api::PolicyChange>,
+    pub conflicts: Vec<Conflict>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +152,11 @@ impl Controller {
         self.store.len()
     }
 
+    /// The cluster resources' policies in force.
+    pub fn cluster_documents(&self) -> Vec<ClusterDocument> {
+        self.store.cluster_documents()
+    }
+
     pub fn handle(&mut self, command: Command, datapath: &mut Datapath) {
         // A requester that went away does not care about the answer.
         match command {
@@ -151,6 +172,7 @@ impl Controller {
                 let _ = reply.send(api::ListPoliciesResponse {
                     generation: self.store.generation(),
                     policies: self.store.documents(),
+                    sources: self.store.sources(),
                 });
             }
             Command::GetMode(reply) => {
@@ -163,7 +185,25 @@ impl Controller {
             Command::Status(reply) => {
                 let _ = reply.send(self.status(datapath));
             }
+            Command::Cluster(desired, reply) => {
+                let _ = reply.send(self.apply_cluster(desired, datapath));
+                release_freed_memory();
+            }
         }
+    }
+
+    fn apply_cluster(
+        &mut self,
+        desired: Vec<ClusterDocument>,
+        datapath: &mut Datapath,
+    ) -> Result<ClusterApplied, ControlError> {
+        let (plan, conflicts) = self.store.plan_cluster(desired)?;
+        let changes = self.put_plan_in_force(plan, false, datapath)?;
+        Ok(ClusterApplied {
+            generation: changes.generation,
+            changes: changes.changes,
+            conflicts,
+        })
     }
 
     fn apply(
@@ -290,6 +330,7 @@ impl Controller {
                 .collect(),
             global_mode: mode_name(datapath.global_mode()).into(),
             policies: self.store.len() as u32,
+            cluster_policies: self.store.counts_by_source().1 as u32,
             endpoints: self.enforcer.endpoint_count() as u32,
             degraded: datapath
                 .degraded()

@@ -1,6 +1,12 @@
 //! The policy set of the node: named policies, its generation, the global
 //! mode and per-policy mode overrides. Pure: it plans changes, and the caller
 //! commits a plan only once it is in force in the kernel.
+//!
+//! A policy is local (gRPC, tollgatectl, --policy) or a cluster resource
+//! (watched from the Kubernetes API). Each source changes only its own
+//! policies: a local apply or delete of a cluster policy's name is refused,
+//! and a cluster policy whose name a local one holds is not put in force
+//! but reported as a conflict.
 
 use std::collections::BTreeMap;
 
@@ -25,6 +31,14 @@ pub enum StoreError {
     UnknownPolicy(String),
     #[error("{0:?} is not a mode: use \"observe\" or \"enforce\" (or \"inherit\" for a policy)")]
     InvalidMode(String),
+    #[error(
+        "{policy} is the cluster's {kind} (uid {uid}); change or delete it through the Kubernetes API, or give the local policy another name"
+    )]
+    ClusterOwned {
+        policy: String,
+        kind: String,
+        uid: String,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -42,6 +56,33 @@ pub struct PolicyStore {
 struct Stored {
     document: prost::bytes::Bytes,
     policy: Policy,
+    /// None: a local policy.
+    origin: Option<ClusterOrigin>,
+}
+
+/// Which version of which cluster resource a policy is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterOrigin {
+    /// `EgressPolicy` or `ClusterEgressPolicy`.
+    pub kind: String,
+    pub uid: String,
+    /// The resource's `metadata.generation`.
+    pub generation: i64,
+}
+
+/// A cluster resource's policy, valid on its own, for [`PolicyStore::plan_cluster`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterDocument {
+    pub document: api::EgressPolicy,
+    pub origin: ClusterOrigin,
+}
+
+/// A cluster policy that a local policy of the same name keeps out of force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub policy: PolicyKey,
+    pub origin: ClusterOrigin,
 }
 
 impl Stored {
@@ -74,6 +115,10 @@ pub struct PersistedState<Documents = Vec<api::EgressPolicy>> {
     pub policy_modes: BTreeMap<String, String>,
     #[serde(default)]
     pub policies: Documents,
+    /// The cluster resources among `policies`, by policy name; the others
+    /// are local.
+    #[serde(default)]
+    pub cluster: BTreeMap<String, ClusterOrigin>,
 }
 
 /// The store's documents, serialized as a list without a decoded copy of
@@ -108,6 +153,50 @@ impl PolicyStore {
         self.policies.values().map(Stored::document).collect()
     }
 
+    /// Where each policy came from, in the order of [`Self::documents`].
+    pub fn sources(&self) -> Vec<api::PolicySource> {
+        self.policies
+            .values()
+            .map(|stored| match &stored.origin {
+                None => api::PolicySource {
+                    source: "local".into(),
+                    ..Default::default()
+                },
+                Some(origin) => api::PolicySource {
+                    source: "cluster".into(),
+                    uid: origin.uid.clone(),
+                    generation: origin.generation,
+                },
+            })
+            .collect()
+    }
+
+    /// The cluster resources in the set, with the version of each.
+    pub fn cluster_origins(&self) -> impl Iterator<Item = (&PolicyKey, &ClusterOrigin)> {
+        self.policies
+            .iter()
+            .filter_map(|(key, stored)| Some((key, stored.origin.as_ref()?)))
+    }
+
+    /// The cluster resources' policies in the set, as they were put in force.
+    pub fn cluster_documents(&self) -> Vec<ClusterDocument> {
+        self.policies
+            .values()
+            .filter_map(|stored| {
+                Some(ClusterDocument {
+                    document: stored.document(),
+                    origin: stored.origin.clone()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The local and cluster policy counts.
+    pub fn counts_by_source(&self) -> (usize, usize) {
+        let cluster = self.cluster_origins().count();
+        (self.policies.len() - cluster, cluster)
+    }
+
     /// Validates `documents` (all of them; every error) and works out what
     /// applying them would change.
     pub fn plan_apply(
@@ -128,6 +217,9 @@ impl PolicyStore {
             })
             .collect();
         let validated = validate_all(&sourced).map_err(StoreError::Invalid)?;
+        for policy in &validated {
+            self.check_local(&policy.key)?;
+        }
         let mut next = self.policies.clone();
         let mut changes = Vec::new();
         for (item, policy) in sourced.into_iter().zip(validated) {
@@ -147,10 +239,86 @@ impl PolicyStore {
                 Stored {
                     document: item.policy.encode_to_vec().into(),
                     policy,
+                    origin: None,
                 },
             );
         }
         Ok(Plan { changes, next })
+    }
+
+    /// Works out making `desired` the cluster's policies in the set: the
+    /// local ones stay, cluster ones not in `desired` go. A desired policy
+    /// whose name a local policy holds is left out and returned as a
+    /// conflict. Documents of an unchanged version are not validated again.
+    pub fn plan_cluster(
+        &self,
+        desired: Vec<ClusterDocument>,
+    ) -> Result<(Plan, Vec<Conflict>), StoreError> {
+        let mut next: BTreeMap<PolicyKey, Stored> = self
+            .policies
+            .iter()
+            .filter(|(_, stored)| stored.origin.is_none())
+            .map(|(key, stored)| (key.clone(), stored.clone()))
+            .collect();
+        let mut conflicts = Vec::new();
+        let mut changed = Vec::new();
+        for item in desired {
+            let key = key_of(&item.document);
+            if next.contains_key(&key) {
+                conflicts.push(Conflict {
+                    policy: key,
+                    origin: item.origin,
+                });
+                continue;
+            }
+            match self.policies.get(&key) {
+                Some(old) if old.origin.as_ref() == Some(&item.origin) => {
+                    next.insert(key, old.clone());
+                }
+                _ => changed.push(item),
+            }
+        }
+        let sourced: Vec<SourcedPolicy> = changed
+            .iter()
+            .enumerate()
+            .map(|(i, item)| SourcedPolicy {
+                document: DocumentRef {
+                    source: format!("{} {}", item.origin.kind, key_of(&item.document)),
+                    index: i + 1,
+                },
+                policy: item.document.clone(),
+            })
+            .collect();
+        let validated = validate_all(&sourced).map_err(StoreError::Invalid)?;
+        for (item, policy) in changed.into_iter().zip(validated) {
+            next.insert(
+                policy.key.clone(),
+                Stored {
+                    document: item.document.encode_to_vec().into(),
+                    policy,
+                    origin: Some(item.origin),
+                },
+            );
+        }
+        let mut changes = Vec::new();
+        for (key, old) in self.policies.iter().filter(|(_, s)| s.origin.is_some()) {
+            let change = match next.get(key) {
+                None => "deleted",
+                Some(new) if new.origin == old.origin => "unchanged",
+                Some(_) => "configured",
+            };
+            changes.push(PolicyChange {
+                policy: key.to_string(),
+                change: change.into(),
+            });
+        }
+        for key in next.keys().filter(|key| !self.policies.contains_key(*key)) {
+            changes.push(PolicyChange {
+                policy: key.to_string(),
+                change: "created".into(),
+            });
+        }
+        Ok((Plan { changes, next }, conflicts))
     }
 
     /// Works out deleting the named policies; every name must exist.
@@ -167,6 +335,7 @@ impl PolicyStore {
             {
                 continue;
             }
+            self.check_local(&key)?;
             if next.remove(&key).is_none() {
                 return Err(StoreError::UnknownPolicy(name.clone()));
             }
@@ -264,6 +433,18 @@ impl PolicyStore {
         }
     }
 
+    /// A local change may not touch a cluster resource's policy.
+    fn check_local(&self, key: &PolicyKey) -> Result<(), StoreError> {
+        match self.policies.get(key).and_then(|s| s.origin.as_ref()) {
+            Some(origin) => Err(StoreError::ClusterOwned {
+                policy: key.to_string(),
+                kind: origin.kind.clone(),
+                uid: origin.uid.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn check_generation(&self, expected: Option<u64>) -> Result<(), StoreError> {
         match expected {
             Some(expected) if expected != self.generation => Err(StoreError::GenerationMismatch {
@@ -284,6 +465,10 @@ impl PolicyStore {
                 .map(|(k, m)| (k.to_string(), mode_name(*m).into()))
                 .collect(),
             policies: StoredDocuments(&self.policies),
+            cluster: self
+                .cluster_origins()
+                .map(|(key, origin)| (key.to_string(), origin.clone()))
+                .collect(),
         }
     }
 
@@ -293,6 +478,13 @@ impl PolicyStore {
         let mut store = Self::default();
         let plan = store.plan_apply(state.policies, None)?;
         store.policies = plan.next;
+        for (name, origin) in state.cluster {
+            let stored = store
+                .policies
+                .get_mut(&parse_key(&name))
+                .ok_or(StoreError::UnknownPolicy(name))?;
+            stored.origin = Some(origin);
+        }
         store.generation = state.generation;
         store.global_mode = match state.global_mode.as_deref() {
             None => None,
@@ -316,6 +508,14 @@ pub enum ModePlan {
         policies: Vec<Policy>,
         overrides: BTreeMap<PolicyKey, Mode>,
     },
+}
+
+fn key_of(document: &api::EgressPolicy) -> PolicyKey {
+    let metadata = document.metadata.clone().unwrap_or_default();
+    PolicyKey {
+        namespace: (!metadata.namespace.is_empty()).then_some(metadata.namespace),
+        name: metadata.name,
+    }
 }
 
 /// "namespace/name" or "name".
