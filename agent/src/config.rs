@@ -45,6 +45,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the status of the cluster's policies: while this process holds
+    /// the Lease `tollgate-policy-status`, read every agent's report and
+    /// patch each policy's status when it changed. Runs as a Deployment of
+    /// its own (deploy/status-writer.yaml), not in the agents.
+    StatusWriter {
+        /// kubeconfig file (outside a cluster); in a pod, its service
+        /// account is used.
+        #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
+        /// The agents' namespace: where their pods and the lease are.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "tollgate-system")]
+        namespace: String,
+        /// This writer's name as the lease's holder (the pod's name; the
+        /// host name when unset).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -128,10 +145,6 @@ pub struct RunArgs {
     /// once they are in force.
     #[arg(long, env = "TOLLGATE_CLUSTER_POLICIES", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub cluster_policies: bool,
-    /// The agents' namespace (the pod's own, from the downward API): where
-    /// the agents' pods are found and the policy status lease is held.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "tollgate-system")]
-    pub agent_namespace: String,
     /// A sink for flow records, as YAML (`{type: syslog, address:
     /// "tls://siem:6514", caFile: /etc/ca.pem}`); repeatable; replaces the
     /// configuration file's sinks. None anywhere: JSON lines on stdout.
@@ -258,7 +271,6 @@ pub struct FileConfig {
     kubeconfig: Option<PathBuf>,
     unknown_pod_action: Option<crate::pods::UnknownPodAction>,
     cluster_policies: Option<bool>,
-    agent_namespace: Option<String>,
     pod_label_keys: Option<Vec<String>>,
     #[serde(default, deserialize_with = "resolvers")]
     dns_resolvers: Option<Vec<SocketAddr>>,
@@ -376,7 +388,6 @@ impl RunArgs {
             kubeconfig,
             unknown_pod_action,
             cluster_policies,
-            agent_namespace,
             pod_label_keys,
             dns_resolvers,
             dns_min_ttl,

@@ -3,7 +3,8 @@
 //! remembers for each recent generation how its rules are named.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -19,6 +20,7 @@ use tollgate_policy::{
 use crate::{
     cgroups,
     datapath::{Datapath, DatapathError},
+    flow::{Attribution, PolicySource},
     pods::{
         UnknownPodAction,
         directory::{IdentityUpdate, PodDirectory},
@@ -67,43 +69,82 @@ pub struct Enforcer {
     fqdn_ids_adopted: bool,
     /// The FQDN patterns in force, by id.
     fqdn_patterns: BTreeMap<u32, FqdnPattern>,
+    /// The policies in force that are cluster resources; the others are
+    /// local.
+    cluster_policies: BTreeSet<PolicyKey>,
     names: VecDeque<GenerationNames>,
+}
+
+/// A deciding policy as records name it: its name and where it came from,
+/// shared by all its rules.
+#[derive(Debug, PartialEq, Eq)]
+struct PolicyName {
+    name: Box<str>,
+    source: PolicySource,
+}
+
+/// A rule as records name it: one lookup by rule id gives everything.
+#[derive(Clone, Debug, PartialEq)]
+struct RuleNames {
+    policy: Arc<PolicyName>,
+    rule: Arc<str>,
+}
+
+/// A set's default as records name it.
+struct DefaultNames {
+    /// The policies owning it, comma-separated.
+    owners: String,
+    /// Their sources: one value when they agree, else one per owner.
+    sources: Cow<'static, str>,
 }
 
 /// The names of one generation's rules, rendered once for every record.
 struct GenerationNames {
     generation: u32,
-    /// rule id -> (policy, rule); the strings are shared with the
-    /// generation before wherever they did not change.
-    rules: foldhash::HashMap<u32, (Arc<str>, Arc<str>)>,
-    /// set id -> the policies owning its default, comma-separated
-    defaults: foldhash::HashMap<u32, String>,
+    /// rule id -> (policy, rule); the names are shared with the generation
+    /// before wherever they did not change.
+    rules: foldhash::HashMap<u32, RuleNames>,
+    /// set id -> the policies owning its default
+    defaults: foldhash::HashMap<u32, DefaultNames>,
 }
 
 impl GenerationNames {
-    /// `set_ids`: the kernel's id of each set, by set index.
+    /// `set_ids`: the kernel's id of each set, by set index. `cluster`: the
+    /// policies that are cluster resources.
     fn new(
         generation: u32,
         names: Names,
         set_ids: &[u32],
+        cluster: &BTreeSet<PolicyKey>,
         previous: Option<&GenerationNames>,
     ) -> Self {
-        let mut policies: HashMap<PolicyKey, Arc<str>> = HashMap::new();
+        let source_of = |key: &PolicyKey| {
+            if cluster.contains(key) {
+                PolicySource::Cluster
+            } else {
+                PolicySource::Local
+            }
+        };
+        let mut policies: HashMap<PolicyKey, Arc<PolicyName>> = HashMap::new();
         let rules = names
             .rules
             .into_iter()
             .map(|(id, r)| {
                 let kept = previous
                     .and_then(|p| p.rules.get(&id))
-                    .filter(|(_, rule)| **rule == *r.rule);
-                let policy = policies
-                    .entry(r.policy)
-                    .or_insert_with_key(|key| key.to_string().into());
+                    .filter(|kept| *kept.rule == *r.rule);
+                let policy = policies.entry(r.policy).or_insert_with_key(|key| {
+                    Arc::new(PolicyName {
+                        name: key.to_string().into(),
+                        source: source_of(key),
+                    })
+                });
                 let names = match kept {
-                    Some((kept_policy, rule)) if *kept_policy == *policy => {
-                        (kept_policy.clone(), rule.clone())
-                    }
-                    _ => (policy.clone(), r.rule.into()),
+                    Some(kept) if *kept.policy == **policy => kept.clone(),
+                    _ => RuleNames {
+                        policy: policy.clone(),
+                        rule: r.rule.into(),
+                    },
                 };
                 (id, names)
             })
@@ -115,11 +156,35 @@ impl GenerationNames {
                 .iter()
                 .zip(&names.set_defaults)
                 .map(|(&id, owners)| {
-                    let owners: Vec<String> = owners.iter().map(ToString::to_string).collect();
-                    (id, owners.join(","))
+                    let names = DefaultNames {
+                        owners: owners
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        sources: owner_sources(owners.iter().map(source_of)),
+                    };
+                    (id, names)
                 })
                 .collect(),
         }
+    }
+}
+
+/// The sources of a default's owners: one value when they agree (always,
+/// for a single owner), else one per owner, comma-separated in their order.
+fn owner_sources(sources: impl Iterator<Item = PolicySource> + Clone) -> Cow<'static, str> {
+    let mut all = sources.clone();
+    match all.next() {
+        Some(first) if all.all(|s| s == first) => Cow::Borrowed(first.as_str()),
+        // No owner (every set has one): as empty as the owners.
+        None => Cow::Borrowed(""),
+        Some(_) => Cow::Owned(
+            sources
+                .map(PolicySource::as_str)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
     }
 }
 
@@ -135,6 +200,7 @@ impl Enforcer {
             compiler: Compiler::default(),
             fqdn_ids_adopted: false,
             fqdn_patterns: BTreeMap::new(),
+            cluster_policies: BTreeSet::new(),
             names: VecDeque::new(),
         }
     }
@@ -155,19 +221,22 @@ impl Enforcer {
     }
 
     /// Compiles `policies` for the endpoints they select and switches the
-    /// datapath to them, and to `mode` in the same write. On error nothing
-    /// changes.
+    /// datapath to them, and to `mode` in the same write. `cluster`: which
+    /// of them are cluster resources (records name the others `local`). On
+    /// error nothing changes.
     pub fn put_in_force(
         &mut self,
         policies: Vec<Policy>,
+        cluster: BTreeSet<PolicyKey>,
         mode: Mode,
         datapath: &mut Datapath,
     ) -> Result<u32, EnforceError> {
         let policies = self.with_unknown_pod_policy(policies);
         let endpoints = self.select(&policies);
-        let generation = self.switch(&policies, &endpoints, mode, datapath)?;
+        let generation = self.switch(&policies, &endpoints, &cluster, mode, datapath)?;
         self.policies = Some(policies);
         self.endpoints = Some(endpoints);
+        self.cluster_policies = cluster;
         Ok(generation)
     }
 
@@ -182,7 +251,14 @@ impl Enforcer {
             return Ok(None);
         }
         let policies = policies.clone();
-        let generation = self.switch(&policies, &endpoints, datapath.global_mode(), datapath)?;
+        let cluster = self.cluster_policies.clone();
+        let generation = self.switch(
+            &policies,
+            &endpoints,
+            &cluster,
+            datapath.global_mode(),
+            datapath,
+        )?;
         self.endpoints = Some(endpoints);
         Ok(Some(generation))
     }
@@ -246,6 +322,7 @@ impl Enforcer {
         &mut self,
         policies: &[Policy],
         endpoints: &BTreeMap<u64, Vec<usize>>,
+        cluster: &BTreeSet<PolicyKey>,
         mode: Mode,
         datapath: &mut Datapath,
     ) -> Result<u32, EnforceError> {
@@ -273,6 +350,7 @@ impl Enforcer {
             generation,
             compiled.names,
             datapath.set_ids(),
+            cluster,
             self.names.back(),
         );
         self.names.push_back(names);
@@ -314,21 +392,25 @@ impl Enforcer {
         self.endpoints.as_ref().map_or(0, BTreeMap::len)
     }
 
-    /// The deciding policy and rule (None for a default decision) of an
-    /// event; `None` when its generation is not one this agent wrote.
-    pub fn attribute(
-        &self,
-        generation: u32,
-        set_id: u32,
-        rule_id: u32,
-    ) -> Option<(&str, Option<&str>)> {
+    /// The deciding policy, its source, and rule (None for a default
+    /// decision) of an event; `None` when its generation is not one this
+    /// agent wrote. One lookup by rule (or set) id.
+    pub fn attribute(&self, generation: u32, set_id: u32, rule_id: u32) -> Option<Attribution<'_>> {
         let names = self.names.iter().find(|n| n.generation == generation)?;
         if rule_id == tollgate_common::RULE_ID_DEFAULT {
-            let owners = names.defaults.get(&set_id)?;
-            return Some((owners.as_str(), None));
+            let default = names.defaults.get(&set_id)?;
+            return Some(Attribution {
+                policy: &default.owners,
+                rule: None,
+                source: &default.sources,
+            });
         }
-        let (policy, rule) = names.rules.get(&rule_id)?;
-        Some((policy, Some(rule)))
+        let names = names.rules.get(&rule_id)?;
+        Some(Attribution {
+            policy: &names.policy.name,
+            rule: Some(&names.rule),
+            source: names.policy.source.as_str(),
+        })
     }
 }
 
@@ -349,44 +431,173 @@ mod tests {
     use super::*;
     use tollgate_policy::compile::RuleRef;
 
-    fn names(rules: &[(u32, &str, &str)]) -> Names {
+    fn key(name: &str) -> PolicyKey {
+        crate::control::store::parse_key(name)
+    }
+
+    fn names(rules: &[(u32, &str, &str)], set_defaults: &[&[&str]]) -> Names {
         Names {
             rules: rules
                 .iter()
                 .map(|&(id, policy, rule)| {
-                    let policy = PolicyKey {
-                        namespace: None,
-                        name: policy.into(),
-                    };
+                    let policy = key(policy);
                     let rule = rule.into();
                     (id, RuleRef { policy, rule })
                 })
                 .collect(),
-            set_defaults: vec![],
+            set_defaults: set_defaults
+                .iter()
+                .map(|owners| owners.iter().map(|o| key(o)).collect())
+                .collect(),
         }
+    }
+
+    fn cluster(keys: &[&str]) -> BTreeSet<PolicyKey> {
+        keys.iter().map(|k| key(k)).collect()
+    }
+
+    fn rule(names: &GenerationNames, id: u32) -> (&str, &str, PolicySource) {
+        let r = &names.rules[&id];
+        (&r.policy.name, &r.rule, r.policy.source)
     }
 
     #[test]
     fn generations_share_the_names_that_did_not_change() {
-        let first = GenerationNames::new(1, names(&[(1, "a", "web"), (2, "b", "db")]), &[], None);
+        let none = BTreeSet::new();
+        let first = GenerationNames::new(
+            1,
+            names(&[(1, "a", "web"), (2, "b", "db")], &[]),
+            &[],
+            &none,
+            None,
+        );
         let second = GenerationNames::new(
             2,
-            names(&[(1, "a", "web"), (2, "b", "cache"), (3, "c", "dns")]),
+            names(&[(1, "a", "web"), (2, "b", "cache"), (3, "c", "dns")], &[]),
             &[],
+            &none,
             Some(&first),
         );
         let shared = |id: u32| {
-            let (p1, r1) = &first.rules[&id];
-            let (p2, r2) = &second.rules[&id];
-            Arc::ptr_eq(p1, p2) && Arc::ptr_eq(r1, r2)
+            let (r1, r2) = (&first.rules[&id], &second.rules[&id]);
+            Arc::ptr_eq(&r1.policy, &r2.policy) && Arc::ptr_eq(&r1.rule, &r2.rule)
         };
         assert!(shared(1), "unchanged rule");
         assert!(!shared(2), "renamed rule");
         assert_eq!(
-            second.rules[&2],
-            (Arc::from("b"), Arc::from("cache")),
+            rule(&second, 2),
+            ("b", "cache", PolicySource::Local),
             "renamed rule"
         );
-        assert_eq!(second.rules[&3], (Arc::from("c"), Arc::from("dns")));
+        assert_eq!(rule(&second, 3), ("c", "dns", PolicySource::Local));
+    }
+
+    #[test]
+    fn rules_carry_the_source_of_their_policy() {
+        let first = GenerationNames::new(
+            1,
+            names(&[(1, "prod/web", "https"), (2, "baseline", "dns")], &[]),
+            &[],
+            &cluster(&["prod/web"]),
+            None,
+        );
+        assert_eq!(
+            rule(&first, 1),
+            ("prod/web", "https", PolicySource::Cluster)
+        );
+        assert_eq!(rule(&first, 2), ("baseline", "dns", PolicySource::Local));
+        // The local `baseline` gone, a cluster resource of that name in its
+        // place: same names, new source, nothing shared.
+        let second = GenerationNames::new(
+            2,
+            names(&[(1, "prod/web", "https"), (2, "baseline", "dns")], &[]),
+            &[],
+            &cluster(&["prod/web", "baseline"]),
+            Some(&first),
+        );
+        assert!(Arc::ptr_eq(
+            &first.rules[&1].policy,
+            &second.rules[&1].policy
+        ));
+        assert!(!Arc::ptr_eq(
+            &first.rules[&2].policy,
+            &second.rules[&2].policy
+        ));
+        assert_eq!(rule(&second, 2), ("baseline", "dns", PolicySource::Cluster));
+    }
+
+    #[test]
+    fn defaults_name_their_owners_and_sources() {
+        let generation = GenerationNames::new(
+            1,
+            names(
+                &[],
+                &[
+                    &["prod/web"],
+                    &["baseline"],
+                    &["prod/web", "prod/db"],
+                    &["baseline", "prod/web", "node"],
+                ],
+            ),
+            &[10, 11, 12, 13],
+            &cluster(&["prod/web", "prod/db"]),
+            None,
+        );
+        let default = |set: u32| {
+            let d = &generation.defaults[&set];
+            (d.owners.as_str(), d.sources.as_ref())
+        };
+        assert_eq!(default(10), ("prod/web", "cluster"));
+        assert_eq!(default(11), ("baseline", "local"));
+        assert_eq!(default(12), ("prod/web,prod/db", "cluster"));
+        assert_eq!(
+            default(13),
+            ("baseline,prod/web,node", "local,cluster,local")
+        );
+    }
+
+    #[test]
+    fn attribution_gives_policy_rule_and_source_in_one_lookup() {
+        let mut enforcer = Enforcer::new(
+            Path::new("/nonexistent"),
+            EndpointOptions::default(),
+            PodDirectory::default(),
+        );
+        enforcer.names.push_back(GenerationNames::new(
+            7,
+            names(
+                &[(1, "prod/web", "https"), (2, "baseline", "dns")],
+                &[&["baseline"]],
+            ),
+            &[3],
+            &cluster(&["prod/web"]),
+            None,
+        ));
+        let attribution = |set, rule| enforcer.attribute(7, set, rule);
+        assert_eq!(
+            attribution(3, 1),
+            Some(Attribution {
+                policy: "prod/web",
+                rule: Some("https"),
+                source: "cluster",
+            })
+        );
+        assert_eq!(
+            attribution(3, 2),
+            Some(Attribution {
+                policy: "baseline",
+                rule: Some("dns"),
+                source: "local",
+            })
+        );
+        assert_eq!(
+            attribution(3, tollgate_common::RULE_ID_DEFAULT),
+            Some(Attribution {
+                policy: "baseline",
+                rule: None,
+                source: "local",
+            })
+        );
+        assert_eq!(enforcer.attribute(8, 3, 1), None, "an unknown generation");
     }
 }

@@ -48,6 +48,12 @@ pub struct FlowRecord<'a> {
     /// The policy that decided (for a default decision, every policy that
     /// owns it, comma-separated), or null when no policy selects the source.
     pub policy: Option<&'a str>,
+    /// Where `policy` came from: `cluster` (an EgressPolicy or
+    /// ClusterEgressPolicy resource) or `local` (the control API or
+    /// --policy); null exactly when `policy` is. For a default owned by
+    /// policies of both sources, one per policy, comma-separated in the
+    /// order of `policy`.
+    pub policy_source: Option<&'a str>,
     /// The rule that decided: its name, `rule-<id>` when its name is not
     /// known to this agent, or `default` when no rule matched.
     pub rule: Cow<'a, str>,
@@ -105,6 +111,39 @@ pub struct Destination<'a> {
     pub fqdn: Option<&'a str>,
 }
 
+/// Where a policy in the agent's set came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicySource {
+    /// Applied over the control API (tollgatectl) or with --policy; also
+    /// the agent's own unknown-pod policy.
+    Local,
+    /// An EgressPolicy or ClusterEgressPolicy resource the agent watches.
+    Cluster,
+}
+
+impl PolicySource {
+    /// As records spell it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Cluster => "cluster",
+        }
+    }
+}
+
+/// The policy and rule that made a decision, as the enforcer names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attribution<'a> {
+    /// The deciding policy; for a default decision, every policy that owns
+    /// it, comma-separated.
+    pub policy: &'a str,
+    /// The rule's name; None when the default decided.
+    pub rule: Option<&'a str>,
+    /// [`PolicySource`] of `policy`: one value when its policies agree,
+    /// else one per policy, comma-separated in the same order.
+    pub source: &'a str,
+}
+
 /// What the agent adds to an event.
 pub struct Enrichment<'a> {
     pub seq: u64,
@@ -114,8 +153,10 @@ pub struct Enrichment<'a> {
     /// What the Kubernetes API says about that pod, if anything yet.
     pub pod_meta: Option<&'a PodMeta>,
     pub clock: WallClock,
-    /// The deciding policy, and rule name (None: the default decided).
-    pub attribution: Option<(&'a str, Option<&'a str>)>,
+    /// The deciding policy, its source and rule; None when the decision is
+    /// not attributed to any (no policy selects the source, or its
+    /// generation's names are not known).
+    pub attribution: Option<Attribution<'a>>,
     /// The name the source resolved the destination from (lowercase, no
     /// trailing dot), if its DNS answers are known.
     pub dst_fqdn: Option<&'a str>,
@@ -134,10 +175,8 @@ impl<'a> FlowRecord<'a> {
             .iter()
             .position(|&b| b == 0)
             .unwrap_or(event.comm.len());
-        let (policy, rule_name) = match enrichment.attribution {
-            Some((policy, rule_name)) => (Some(policy), rule_name),
-            None => (None, None),
-        };
+        let attribution = enrichment.attribution;
+        let rule_name = attribution.and_then(|a| a.rule);
         let rule = match rule_name {
             _ if event.rule_id == RULE_ID_DEFAULT => Cow::Borrowed("default"),
             Some(name) => Cow::Borrowed(name),
@@ -168,7 +207,8 @@ impl<'a> FlowRecord<'a> {
                 port: event.dst_port,
                 fqdn: enrichment.dst_fqdn,
             },
-            policy,
+            policy: attribution.map(|a| a.policy),
+            policy_source: attribution.map(|a| a.source),
             rule,
             rule_id: event.rule_id,
             generation: event.generation,
@@ -379,6 +419,7 @@ mod tests {
                     "container": null, "workload": null, "labels": null},
                 "dst": {"ip": "10.0.0.1", "port": 443, "fqdn": null},
                 "policy": null,
+                "policy_source": null,
                 "rule": "rule-7",
                 "rule_id": 7,
                 "generation": 3,
@@ -480,13 +521,18 @@ mod tests {
                 pod: None,
                 pod_meta: None,
                 clock: WallClock::with_offset(0),
-                attribution: Some(("prod/p", None)),
+                attribution: Some(Attribution {
+                    policy: "prod/p",
+                    rule: None,
+                    source: "local",
+                }),
                 dst_fqdn: None,
             },
         );
         assert_eq!(record.dst.ip, "fd00::1".parse::<IpAddr>().unwrap());
         assert_eq!(record.rule, "default");
         assert_eq!(record.policy, Some("prod/p"));
+        assert_eq!(record.policy_source, Some("local"));
         assert_eq!(record.verdict, "audit");
         assert_eq!(record.protocol, "ip-1");
     }
@@ -501,13 +547,22 @@ mod tests {
             pod: None,
             pod_meta: None,
             clock: WallClock::with_offset(0),
-            attribution: Some(("prod/payments", Some("dns"))),
+            attribution: Some(Attribution {
+                policy: "prod/payments",
+                rule: Some("dns"),
+                source: "cluster",
+            }),
             dst_fqdn: None,
         };
         let record = FlowRecord::new(&e, enrichment);
         assert_eq!(
-            (record.policy, record.rule.as_ref()),
-            (Some("prod/payments"), "dns")
+            (record.policy, record.rule.as_ref(), record.policy_source),
+            (Some("prod/payments"), "dns", Some("cluster"))
+        );
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(
+            (&json["policy"], &json["policy_source"]),
+            (&"prod/payments".into(), &"cluster".into())
         );
     }
 

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
 use tollgate_agent::{
+    cluster::writer::{AGENT_SELECTOR, REPORT_PORT, StatusWriter},
     config::{Cli, Command, FileConfig, KubernetesArg, RunArgs},
     control::server::{self, Listen, TlsFiles},
     datapath::{self, DatapathOptions},
@@ -45,23 +46,38 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Cleanup { bpffs_root }) => cleanup(&bpffs_root),
         Some(Command::Verify { bpffs_root, json }) => verify(&bpffs_root, json),
+        Some(Command::StatusWriter {
+            kubeconfig,
+            namespace,
+            identity,
+        }) => status_writer(kubeconfig, namespace, identity),
         None => {
             let config = run_config(args, log_level)?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                // Installed before the agent can report ready: a SIGTERM
-                // right after must drain, not kill.
-                let signals = Signals::install().context("installing signal handlers")?;
-                tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
+            until_signalled(|shutdown| async move {
                 run::run(config, shutdown).await?;
-                anyhow::Ok(())
-            })?;
-            Ok(())
+                Ok(())
+            })
         }
     }
+}
+
+/// Runs `job` on a runtime of its own until it ends; SIGTERM and SIGINT
+/// cancel its token. The handlers are installed before the job starts (so
+/// before the agent can report ready): a signal right after must drain,
+/// not kill.
+fn until_signalled<F>(job: impl FnOnce(CancellationToken) -> F) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = Signals::install().context("installing signal handlers")?;
+        tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
+        job(shutdown).await
+    })
 }
 
 fn run_config(args: RunArgs, log_level: LogLevel) -> anyhow::Result<RunConfig> {
@@ -120,7 +136,6 @@ fn run_config(args: RunArgs, log_level: LogLevel) -> anyhow::Result<RunConfig> {
         kubernetes,
         unknown_pod_action: args.unknown_pod_action,
         cluster_policies: args.cluster_policies,
-        agent_namespace: args.agent_namespace,
         pod_label_keys: args.pod_label_keys,
         sinks: sinks(&args.sinks, args.file_export)?,
         dns_resolvers: if args.dns_resolvers.is_empty() {
@@ -213,6 +228,34 @@ fn kubernetes_source(
         (KubernetesArg::Auto, None) => None,
     };
     Ok(source)
+}
+
+fn status_writer(
+    kubeconfig: Option<std::path::PathBuf>,
+    namespace: String,
+    identity: Option<String>,
+) -> anyhow::Result<()> {
+    let source = match kubeconfig {
+        Some(path) => ApiSource::Kubeconfig(path),
+        None => ApiSource::InCluster,
+    };
+    let identity = match identity {
+        Some(identity) => identity,
+        None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+    };
+    until_signalled(|shutdown| async move {
+        let client = tollgate_agent::kubernetes::client(&source).await?;
+        tracing::info!(%identity, %namespace, "status writer starting");
+        let writer = StatusWriter {
+            client,
+            identity,
+            namespace,
+            agent_selector: AGENT_SELECTOR.into(),
+            report_port: REPORT_PORT.into(),
+        };
+        writer.run(shutdown).await;
+        Ok(())
+    })
 }
 
 fn cleanup(bpffs_root: &Path) -> anyhow::Result<()> {

@@ -21,7 +21,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use crate::{
     cgroup_watch::CgroupWatcher,
     cgroups::CgroupPaths,
-    cluster::{watch::ClusterWatch, writer::StatusWriter},
+    cluster::watch::ClusterWatch,
     config::AllowedFlows,
     control::{
         controller::{ControlError, Controller},
@@ -68,8 +68,6 @@ pub struct RunConfig {
     /// Whether to watch and enforce the cluster's policy resources (with
     /// `kubernetes` only).
     pub cluster_policies: bool,
-    /// Where the agents' pods and the status lease are.
-    pub agent_namespace: String,
     pub unknown_pod_action: UnknownPodAction,
     /// Pod label keys that flow records carry.
     pub pod_label_keys: Vec<String>,
@@ -124,11 +122,6 @@ const LEARNED_SWEEP: Duration = Duration::from_secs(10);
 const CGROUP_RESCAN: Duration = Duration::from_secs(30);
 
 const BATCH: usize = 512;
-
-/// The agents' pods, as deploy/daemonset.yaml labels them, and the name of
-/// their port that serves metrics and the node's report.
-const AGENT_SELECTOR: &str = "app.kubernetes.io/name=tollgate-agent";
-const REPORT_PORT: &str = "metrics";
 
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let (commands_tx, mut commands) = mpsc::channel(64);
@@ -233,7 +226,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         info!("watching EgressPolicy and ClusterEgressPolicy resources");
         let (report, reports) = tokio::sync::watch::channel(Default::default());
         telemetry.set_cluster_reports(reports);
-        let cluster_client = client.clone();
         let cluster = ClusterWatch {
             client,
             node: config.node.clone(),
@@ -243,14 +235,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             report,
         };
         tokio::spawn(cluster.run(shutdown.clone()));
-        let writer = StatusWriter {
-            client: cluster_client,
-            node: config.node.clone(),
-            namespace: config.agent_namespace.clone(),
-            agent_selector: AGENT_SELECTOR.into(),
-            report_port: REPORT_PORT.into(),
-        };
-        tokio::spawn(writer.run(shutdown.clone()));
     }
 
     let (exporter, sink_tasks, sink_stats) =

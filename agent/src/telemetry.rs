@@ -478,13 +478,7 @@ fn router(telemetry: Telemetry) -> Router {
         .route(
             report::PATH,
             get(|State(t): State<Telemetry>| async move {
-                match t.cluster_reports.get() {
-                    Some(reports) => {
-                        axum::Json(report::NodeReport::clone(&reports.borrow())).into_response()
-                    }
-                    None => (StatusCode::NOT_FOUND, "cluster policies are not watched\n")
-                        .into_response(),
-                }
+                report::respond(t.cluster_reports.get())
             }),
         )
         .with_state(telemetry)

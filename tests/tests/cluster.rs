@@ -14,7 +14,7 @@ use std::{
 
 use serde_json::{Value, json};
 use tollgate_tests::{
-    AgentProcess, TempFile, TestEnv, free_port,
+    AgentProcess, TempFile, TestEnv, agent_binary, free_port,
     kube::{FakeApiServer, agent_pod, egress_policy, namespace, node},
     node::{Layout, NODE, SimPod, until},
 };
@@ -46,6 +46,32 @@ fn start_agent(env: &TestEnv, kubeconfig: &TempFile, extra: &[&str]) -> (AgentPr
         WAIT,
     );
     (agent, metrics_port)
+}
+
+/// `tollgate-agent status-writer` for `api`'s cluster, as its Deployment
+/// runs it; killed on drop.
+struct StatusWriter(std::process::Child);
+
+impl StatusWriter {
+    fn start(kubeconfig: &TempFile) -> Self {
+        let child = std::process::Command::new(agent_binary())
+            .args(["status-writer", "--kubeconfig"])
+            .arg(&kubeconfig.path)
+            .args(["--namespace", "tollgate-system", "--identity", "writer-0"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the status writer");
+        Self(child)
+    }
+}
+
+impl Drop for StatusWriter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A web pod in prod on the simulated node, its cgroup made.
@@ -130,12 +156,21 @@ fn a_cluster_policy_from_the_api_blocks_a_pod_until_it_is_deleted() {
     let api = FakeApiServer::start();
     let web = web_pod(&env, &api);
     let kubeconfig = TempFile::new("cluster-enforce.kubeconfig", &api.kubeconfig());
-    let (_agent, _) = start_agent(&env, &kubeconfig, &[]);
+    let (agent, _) = start_agent(&env, &kubeconfig, &[]);
     until(Ok(()), WAIT, || web.connect(&env, host, 8080));
 
     let lockdown = prod_lockdown();
     api.put(lockdown.clone());
     until(Err(EPERM), WAIT, || web.connect(&env, host, 8080));
+    // Records say where the deciding policy came from.
+    let deadline = Instant::now() + WAIT;
+    let denied = loop {
+        let record = agent.next_record(deadline.saturating_duration_since(Instant::now()));
+        if record["verdict"] == "denied" && record["policy"] == "prod-lockdown" {
+            break record;
+        }
+    };
+    assert_eq!(denied["policy_source"], "cluster", "{denied}");
     let table = env.ctl(&["get", "policies"]).ok();
     let line = table
         .lines()
@@ -172,6 +207,7 @@ fn a_bad_edit_keeps_the_last_valid_version_in_force_and_the_status_says_why() {
     let kubeconfig = TempFile::new("cluster-bad-edit.kubeconfig", &api.kubeconfig());
     let (agent, metrics_port) = start_agent(&env, &kubeconfig, &[]);
     api.put(agent_pod(NODE, metrics_port));
+    let _writer = StatusWriter::start(&kubeconfig);
 
     api.put(web_egress(host, "/32", 8080));
     until(Err(EPERM), WAIT, || web.connect(&env, host, 8081));
@@ -242,6 +278,11 @@ fn a_bad_edit_keeps_the_last_valid_version_in_force_and_the_status_says_why() {
                 && condition(s, "Enforced")["status"] == "True"
         },
     );
+
+    // Deleted: the pod is selected by nothing and may go anywhere.
+    api.delete(&api.get("egresspolicies", "prod/web-egress").unwrap());
+    until(Ok(()), WAIT, || web.connect(&env, host, 8080));
+    assert_eq!(web.connect(&env, host, 8081), Ok(()));
 }
 
 #[test]
@@ -317,6 +358,7 @@ fn two_nodes_converge_and_a_new_node_enforces_before_its_taint_goes() {
 
     let (_agent_a, port_a) = start_agent(&envs[0], &kubeconfig, &["--node", "node-a"]);
     api.put(agent_pod("node-a", port_a));
+    let _writer = StatusWriter::start(&kubeconfig);
     until(Err(EPERM), WAIT, || connect(&envs[0], host));
     assert_eq!(connect(&envs[1], host_b), Ok(()), "no agent on node b yet");
 
@@ -366,6 +408,13 @@ fn two_nodes_converge_and_a_new_node_enforces_before_its_taint_goes() {
         condition(&status, "Enforced")["status"],
         "True",
         "{status:#}"
+    );
+    let lease = api
+        .get("leases", "tollgate-system/tollgate-policy-status")
+        .unwrap();
+    assert_eq!(
+        lease["spec"]["holderIdentity"], "writer-0",
+        "the agents write no status"
     );
     envs[1].ctl(&["status"]).ok();
 }

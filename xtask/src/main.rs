@@ -270,6 +270,7 @@ fn lint(root: &Path) -> anyhow::Result<()> {
             "rbac.yaml",
             "configmap.yaml",
             "daemonset.yaml",
+            "status-writer.yaml",
             "crds/egresspolicies.yaml",
             "crds/clusteregresspolicies.yaml",
         ]))?;

@@ -6,6 +6,10 @@
 
 use std::sync::Arc;
 
+use axum::{
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -52,3 +56,12 @@ impl NodeReport {
 /// The report's latest version, shared between the watch that makes it and
 /// the HTTP server that serves it.
 pub type Reports = watch::Receiver<Arc<NodeReport>>;
+
+/// The answer to `GET /cluster-policies`: the latest report, or 404 where
+/// cluster policies are not watched.
+pub fn respond(reports: Option<&Reports>) -> Response {
+    match reports {
+        Some(reports) => axum::Json(NodeReport::clone(&reports.borrow())).into_response(),
+        None => (StatusCode::NOT_FOUND, "cluster policies are not watched\n").into_response(),
+    }
+}

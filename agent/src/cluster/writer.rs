@@ -1,5 +1,6 @@
-//! The status writer: while this agent holds the lease, it reads every
-//! agent's report and writes one status per policy, only when it changed.
+//! The status writer (`tollgate-agent status-writer`, a Deployment of its
+//! own): while it holds the lease, it reads every agent's report and writes
+//! one status per policy, only when it changed. The agents write nothing.
 //! API writes per policy change are one per policy, whatever the number of
 //! nodes; the reads of the reports go to the agents, not the API server.
 
@@ -44,10 +45,15 @@ const REREAD_ROLLING_OUT: Duration = Duration::from_secs(1);
 const CONCURRENT_READS: usize = 64;
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The agents' pods, as deploy/daemonset.yaml labels them, and the name of
+/// their port that serves metrics and the node's report.
+pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=tollgate-agent";
+pub const REPORT_PORT: &str = "metrics";
+
 pub struct StatusWriter {
     pub client: Client,
-    /// This agent's node: its identity as the lease holder.
-    pub node: String,
+    /// Its name as the lease holder (its pod's).
+    pub identity: String,
     /// The agents' namespace and the label selector of their pods.
     pub namespace: String,
     pub agent_selector: String,
@@ -70,7 +76,7 @@ impl StatusWriter {
             self.client.clone(),
             &self.namespace,
             LEASE,
-            &self.node,
+            &self.identity,
             LEASE_DURATION,
         );
         loop {

@@ -129,6 +129,7 @@ impl Controller {
         if manage {
             controller.enforcer.put_in_force(
                 controller.store.effective_policies(),
+                controller.store.cluster_policies(),
                 mode,
                 datapath,
             )?;
@@ -252,8 +253,12 @@ impl Controller {
                 dry_run: false,
             });
         }
-        self.enforcer
-            .put_in_force(policies, datapath.global_mode(), datapath)?;
+        self.enforcer.put_in_force(
+            policies,
+            plan.cluster_policies(),
+            datapath.global_mode(),
+            datapath,
+        )?;
         self.store.commit(plan);
         self.persist()?;
         Ok(api::PolicyChanges {
@@ -272,8 +277,12 @@ impl Controller {
         match &plan {
             ModePlan::Global(mode) => datapath.set_global_mode(*mode)?,
             ModePlan::Policy { policies, .. } => {
-                self.enforcer
-                    .put_in_force(policies.clone(), datapath.global_mode(), datapath)?;
+                self.enforcer.put_in_force(
+                    policies.clone(),
+                    self.store.cluster_policies(),
+                    datapath.global_mode(),
+                    datapath,
+                )?;
             }
         }
         self.store.commit_mode(plan);

@@ -83,9 +83,9 @@ fn status(error: ControlError) -> Status {
         ControlError::Store(StoreError::Invalid(_) | StoreError::InvalidMode(_)) => {
             Status::invalid_argument(message)
         }
-        ControlError::Store(StoreError::GenerationMismatch { .. }) => {
-            Status::failed_precondition(message)
-        }
+        ControlError::Store(
+            StoreError::GenerationMismatch { .. } | StoreError::ClusterOwned { .. },
+        ) => Status::failed_precondition(message),
         ControlError::Store(StoreError::UnknownPolicy(_)) => Status::not_found(message),
         ControlError::Enforce(EnforceError::Compile(_))
         | ControlError::Enforce(EnforceError::Datapath(DatapathError::Rules(

@@ -8,7 +8,7 @@
 //! and a cluster policy whose name a local one holds is not put in force
 //! but reported as a conflict.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -102,6 +102,19 @@ impl Plan {
     pub fn changes_anything(&self) -> bool {
         self.changes.iter().any(|c| c.change != "unchanged")
     }
+
+    /// The plan's policies that are cluster resources.
+    pub fn cluster_policies(&self) -> BTreeSet<PolicyKey> {
+        cluster_keys(&self.next)
+    }
+}
+
+fn cluster_keys(policies: &BTreeMap<PolicyKey, Stored>) -> BTreeSet<PolicyKey> {
+    policies
+        .iter()
+        .filter(|(_, stored)| stored.origin.is_some())
+        .map(|(key, _)| key.clone())
+        .collect()
 }
 
 /// The saved policy set. `Documents` is what is read back; saving writes
@@ -169,6 +182,11 @@ impl PolicyStore {
                 },
             })
             .collect()
+    }
+
+    /// The set's policies that are cluster resources.
+    pub fn cluster_policies(&self) -> BTreeSet<PolicyKey> {
+        cluster_keys(&self.policies)
     }
 
     /// The cluster resources in the set, with the version of each.

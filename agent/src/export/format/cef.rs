@@ -10,10 +10,12 @@ use std::{
     net::IpAddr,
 };
 
-use super::{LossMessage, Severity, Verdict, event_name, loss_reason, unix_millis};
+use super::{
+    LossMessage, Severity, Verdict, event_name, loss_reason, policies_with_sources, unix_millis,
+};
 use crate::{
     export::record::{DnsAnswer, DnsRecord, LossRecord, Record},
-    flow::{FlowRecord, Source},
+    flow::{FlowRecord, PolicySource, Source},
 };
 
 const VENDOR: &str = "Tollgate";
@@ -195,6 +197,15 @@ fn write_flow(flow: &FlowRecord, extension: &mut Extension) {
     extension.custom("cs1", "Policy", flow.policy);
     extension.custom("cs2", "Rule", Some(&flow.rule));
     extension.custom("cn1", "Rule ID", Some(flow.rule_id));
+    // Every custom string key has a use already: the source as how many of
+    // the policies in cs1 are cluster resources (0: local; one policy
+    // unless a default decided).
+    let cluster_policies = flow.policy.zip(flow.policy_source).map(|(policy, source)| {
+        policies_with_sources(policy, Some(source))
+            .filter(|(_, source)| *source == Some(PolicySource::Cluster.as_str()))
+            .count()
+    });
+    extension.custom("cn3", "Cluster Policies", cluster_policies);
     extension.custom("flexString1", "Mode", Some(flow.mode));
     if let Some(summary) = &flow.summary {
         extension.pair("cnt", summary.count);

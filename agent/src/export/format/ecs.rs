@@ -312,6 +312,9 @@ struct FlowFields<'a> {
     verdict: &'static str,
     mode: &'static str,
     hook: &'static str,
+    /// Where `rule.ruleset` came from: ECS's rule fields have no place.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy_source: Option<&'a str>,
     #[serde(flatten)]
     source: TollgateSource<'a>,
     generation: u32,
@@ -344,6 +347,7 @@ fn flow_document<'a>(flow: &'a FlowRecord<'a>, base: Base) -> Document<'a, FlowF
         verdict: flow.verdict,
         mode: flow.mode,
         hook: flow.hook,
+        policy_source: flow.policy_source,
         source: tollgate_source(&flow.src),
         generation: flow.generation,
         socket_cookie: flow.socket_cookie,

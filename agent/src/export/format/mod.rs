@@ -184,6 +184,24 @@ fn transport_name(protocol: &str) -> Option<&str> {
     matches!(protocol, "tcp" | "udp").then_some(protocol)
 }
 
+/// A flow's deciding policies (`policy`, comma-separated), each with its
+/// source from `policy_source`: that holds one value for all of them, or
+/// one per policy in the same order.
+fn policies_with_sources<'a>(
+    policy: &'a str,
+    source: Option<&'a str>,
+) -> impl Iterator<Item = (&'a str, Option<&'a str>)> + 'a {
+    let mut sources = source.map(|s| s.split(','));
+    let mut current = None;
+    policy.split(',').map(move |name| {
+        // A single value stays in force for every policy after it.
+        if let Some(next) = sources.as_mut().and_then(Iterator::next) {
+            current = Some(next);
+        }
+        (name, current)
+    })
+}
+
 /// `LossReason` as the JSON record spells it.
 fn loss_reason(reason: LossReason) -> &'static str {
     match reason {

@@ -8,8 +8,8 @@ use std::{net::IpAddr, slice};
 use serde::Serialize;
 
 use super::{
-    ArrayOf, AsString, LossMessage, Severity, Verdict, loss_reason, protocol_number, put_json,
-    transport_name, unix_millis,
+    ArrayOf, AsString, LossMessage, Severity, Verdict, loss_reason, policies_with_sources,
+    protocol_number, put_json, transport_name, unix_millis,
 };
 use crate::{
     export::record::{DnsAnswer, DnsRecord, LossRecord, Record},
@@ -371,6 +371,8 @@ struct FirewallRule<'a> {
 /// here and `Allowed` as its action.
 struct Authorizations<'a> {
     policies: &'a str,
+    /// The record's `policy_source`.
+    sources: Option<&'a str>,
     decision: &'static str,
 }
 
@@ -383,13 +385,26 @@ struct Authorization<'a> {
 #[derive(Serialize)]
 struct Policy<'a> {
     name: &'a str,
+    /// The policy's source (`cluster` or `local`) as its group: OCSF 1.3's
+    /// policy object has no source or type of its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<Group<'a>>,
+}
+
+#[derive(Serialize)]
+struct Group<'a> {
+    name: &'a str,
 }
 
 impl Serialize for Authorizations<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.policies.split(',').map(|name| Authorization {
+        let policies = policies_with_sources(self.policies, self.sources);
+        serializer.collect_seq(policies.map(|(name, source)| Authorization {
             decision: self.decision,
-            policy: Policy { name },
+            policy: Policy {
+                name,
+                group: source.map(|name| Group { name }),
+            },
         }))
     }
 }
@@ -505,6 +520,7 @@ fn network_activity<'a>(flow: &'a FlowRecord<'a>, severity: Severity) -> Network
         },
         authorizations: flow.policy.map(|policies| Authorizations {
             policies,
+            sources: flow.policy_source,
             decision: control.decision,
         }),
         unmapped: FlowUnmapped {

@@ -6,6 +6,7 @@
 //! `tg-bench run [--smoke] --out DIR` writes DIR/BENCHMARKS.md and
 //! DIR/bench.json; `tg-bench load ...` is the load worker it spawns.
 
+mod cluster;
 mod control;
 mod learned;
 mod load;
@@ -38,6 +39,15 @@ fn main() {
             learned::drain(cgroup, addr, seconds.parse().expect("seconds"))
         }
         ["dns-serve", addr] => learned::serve(addr),
+        // The cluster benchmark alone, at one size: its figures as JSON.
+        ["cluster", nodes, changes] => println!(
+            "{}",
+            serde_json::to_string_pretty(&cluster::measure_at(
+                nodes.parse().expect("nodes"),
+                changes.parse().expect("changes"),
+            ))
+            .unwrap()
+        ),
         ["dns-rtt", cgroup, resolver, rounds] => {
             learned::rtt(cgroup, resolver, rounds.parse().expect("rounds"))
         }
@@ -78,6 +88,9 @@ pub struct Plan {
     pub endpoints: usize,
     pub control_rules: usize,
     pub memory_rules: usize,
+    /// Simulated cluster sizes, and policy changes measured at each.
+    pub cluster_nodes: Vec<usize>,
+    pub cluster_changes: usize,
 }
 
 impl Plan {
@@ -92,6 +105,8 @@ impl Plan {
                 endpoints: 20,
                 control_rules: 200,
                 memory_rules: 1_000,
+                cluster_nodes: vec![10, 20],
+                cluster_changes: 1,
             }
         } else {
             Self {
@@ -103,6 +118,8 @@ impl Plan {
                 endpoints: 1_000,
                 control_rules: 10_000,
                 memory_rules: 100_000,
+                cluster_nodes: vec![100, 1_000],
+                cluster_changes: 5,
             }
         }
     }
@@ -115,6 +132,7 @@ fn run(plan: &Plan, out: &Path) {
     learned::learning_rate(plan, &mut report);
     pipeline::measure(plan, &mut report);
     control::measure(plan, &mut report);
+    cluster::measure(plan, &mut report);
     report.write(out);
     eprintln!("tg-bench: wrote {}", out.join("BENCHMARKS.md").display());
 }

@@ -117,6 +117,39 @@ pub struct ControlFigures {
     pub learned_addresses: u32,
 }
 
+/// Cluster policies on simulated nodes, at one cluster size.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterRun {
+    pub nodes: usize,
+    pub changes: usize,
+    /// From the resource write to a node's controller having it in force,
+    /// over every node and change.
+    #[serde(with = "millis")]
+    pub in_force_p50: Duration,
+    #[serde(with = "millis")]
+    pub in_force_p99: Duration,
+    #[serde(with = "millis")]
+    pub in_force_max: Duration,
+    /// From the write to the status counting every node.
+    #[serde(with = "millis")]
+    pub status_p50: Duration,
+    #[serde(with = "millis")]
+    pub status_max: Duration,
+    /// Writes to the policy resource (its status) per change.
+    pub policy_writes_per_change: f64,
+    /// Lease renewals that fell into the measured windows, per change.
+    pub lease_writes_per_change: f64,
+    /// Any other write, per change (none expected).
+    pub other_writes_per_change: f64,
+    /// Every API request per change (reads, watches and writes).
+    pub requests_per_change: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterFigures {
+    pub runs: Vec<ClusterRun>,
+}
+
 mod millis {
     pub fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,
@@ -223,6 +256,7 @@ pub struct Report {
     pub dns_learning: Option<DnsLearning>,
     pub pipeline: Vec<PipelineRun>,
     pub control: Option<ControlFigures>,
+    pub cluster: Option<ClusterFigures>,
     pub targets: Vec<Target>,
 }
 
@@ -235,6 +269,7 @@ impl Report {
             dns_learning: None,
             pipeline: Vec::new(),
             control: None,
+            cluster: None,
             targets: Vec::new(),
         }
     }
@@ -264,6 +299,10 @@ impl Report {
 
     pub fn control(&mut self, figures: ControlFigures) {
         self.control = Some(figures);
+    }
+
+    pub fn cluster(&mut self, figures: ClusterFigures) {
+        self.cluster = Some(figures);
     }
 
     fn row(&self, workload: Workload, subject: &str, rules: usize) -> Option<&Comparison> {
@@ -474,6 +513,46 @@ impl Report {
                 },
             });
         }
+        if let Some(cluster) = &self.cluster
+            && let (Some(small), Some(large)) = (cluster.runs.first(), cluster.runs.last())
+        {
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            targets.push(Target {
+                target: format!(
+                    "cluster policy: in force on all {} nodes within 2 s at p99",
+                    large.nodes
+                ),
+                measured: format!(
+                    "p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                    ms(large.in_force_p50),
+                    ms(large.in_force_p99),
+                    ms(large.in_force_max)
+                ),
+                met: Some(large.in_force_p99 <= Duration::from_secs(2)),
+                note: String::new(),
+            });
+            let writes =
+                |run: &ClusterRun| run.policy_writes_per_change + run.other_writes_per_change;
+            let met = writes(large) <= writes(small);
+            targets.push(Target {
+                target: "API writes per policy change do not grow with the node count".into(),
+                measured: format!(
+                    "{:.1} at {} nodes, {:.1} at {} nodes (status writes; plus lease renewals, {:.1} and {:.1})",
+                    writes(small),
+                    small.nodes,
+                    writes(large),
+                    large.nodes,
+                    small.lease_writes_per_change,
+                    large.lease_writes_per_change
+                ),
+                met: Some(met),
+                note: missed_because(
+                    !met,
+                    "a status write per change is one per rollout step the writer sees; more \
+                     nodes make more steps visible between its reads",
+                ),
+            });
+        }
         self.targets = targets;
     }
 
@@ -624,6 +703,35 @@ impl Report {
                 c.agent_rss_kib as f64 / 1024.0,
                 c.map_memlock_bytes as f64 / 1024.0 / 1024.0,
             );
+        }
+        if let Some(cluster) = &self.cluster {
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            let _ = writeln!(
+                md,
+                "\n## Cluster policies\n\nSimulated nodes, each running the agent's policy watch and \
+                 node report with its controller replaced by the policy store (no kernel), against the \
+                 test API server; one status writer reads every node's report. Each change is an update \
+                 of one ClusterEgressPolicy; the next starts once the status counts every node.\n\n\
+                 | nodes | changes | in force p50 / p99 / max | status counts all, p50 / max | status writes per change | lease writes per change | other writes | API requests per change |\n\
+                 |---|---|---|---|---|---|---|---|"
+            );
+            for r in &cluster.runs {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.0} / {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.1} | {:.1} | {:.1} | {:.0} |",
+                    r.nodes,
+                    r.changes,
+                    ms(r.in_force_p50),
+                    ms(r.in_force_p99),
+                    ms(r.in_force_max),
+                    ms(r.status_p50),
+                    ms(r.status_max),
+                    r.policy_writes_per_change,
+                    r.lease_writes_per_change,
+                    r.other_writes_per_change,
+                    r.requests_per_change,
+                );
+            }
         }
         md
     }

@@ -209,3 +209,28 @@ fn severity_orders_denied_over_audit_over_allowed() {
     assert!(severity("denied") > severity("audit"));
     assert!(severity("audit") > severity("allowed"));
 }
+
+#[test]
+fn cn3_counts_the_cluster_policies_among_cs1() {
+    let extension = |fixture: &fixtures::Fixture| parse(&render(Format::Cef, fixture)).extension;
+    for (flow, policy, count) in [
+        (fixtures::denied_pod_flow(), "prod/payments-egress", "1"),
+        (fixtures::local_policy_flow(), "prod/payments-local", "0"),
+    ] {
+        let ext = extension(&fixtures::Fixture::Flow(flow));
+        assert_eq!(ext["cs1"], policy);
+        assert_eq!(ext["cn3Label"], "Cluster Policies");
+        assert_eq!(ext["cn3"], count, "{policy}");
+    }
+    let golden = fixtures::golden();
+    let mixed = extension(&golden[1].1);
+    assert_eq!(
+        (mixed["cs1"].as_str(), mixed["cn3"].as_str()),
+        ("host-allow-list,node-baseline", "1"),
+        "a default of a local and a cluster policy"
+    );
+    let unattributed = extension(&golden[2].1);
+    assert!(!unattributed.contains_key("cs1"));
+    assert!(!unattributed.contains_key("cn3"));
+    assert!(!unattributed.contains_key("cn3Label"));
+}

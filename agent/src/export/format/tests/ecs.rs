@@ -96,6 +96,7 @@ const CUSTOM_FIELDS: &[(&str, Type)] = &[
     ("tollgate.loss.reason", Keyword),
     ("tollgate.loss.sink", Keyword),
     ("tollgate.mode", Keyword),
+    ("tollgate.policy_source", Keyword),
     ("tollgate.socket_cookie", Long),
     ("tollgate.summary.count", Long),
     ("tollgate.verdict", Keyword),
@@ -260,4 +261,36 @@ fn pod_labels_are_key_value_strings() {
         serde_json::json!(["app:payments", "app.kubernetes.io/name:payments"])
     );
     assert!(document.get("labels").is_none());
+}
+
+#[test]
+fn the_policy_source_is_a_tollgate_field_beside_the_ruleset() {
+    let document = |fixture: &fixtures::Fixture| -> Value {
+        serde_json::from_str(&render(Format::Ecs, fixture)).unwrap()
+    };
+    for (flow, ruleset, source) in [
+        (
+            fixtures::denied_pod_flow(),
+            "prod/payments-egress",
+            "cluster",
+        ),
+        (
+            fixtures::local_policy_flow(),
+            "prod/payments-local",
+            "local",
+        ),
+    ] {
+        let document = document(&fixtures::Fixture::Flow(flow));
+        check_document(&document, source);
+        assert_eq!(document["rule"]["ruleset"], ruleset);
+        assert_eq!(document["tollgate"]["policy_source"], source);
+    }
+    let golden = fixtures::golden();
+    assert_eq!(
+        document(&golden[1].1)["tollgate"]["policy_source"],
+        "local,cluster"
+    );
+    let unattributed = document(&golden[2].1);
+    assert!(unattributed["rule"].get("ruleset").is_none());
+    assert!(unattributed["tollgate"].get("policy_source").is_none());
 }

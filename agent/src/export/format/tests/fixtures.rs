@@ -133,7 +133,9 @@ pub fn denied_pod_flow() -> FlowRecord<'static> {
             // Reached by address: no name.
             fqdn: None,
         },
+        // An EgressPolicy resource of namespace prod.
         policy: Some("prod/payments-egress"),
+        policy_source: Some("cluster"),
         rule: Cow::Borrowed("deny-imds"),
         rule_id: 12,
         generation: 3,
@@ -166,8 +168,10 @@ pub fn golden() -> Vec<(&'static str, Fixture)> {
                     port: 123,
                     fqdn: None,
                 },
-                // A default decision: every policy that owns it.
+                // A default decision: every policy that owns it, one from
+                // --policy, one a ClusterEgressPolicy.
                 policy: Some("host-allow-list,node-baseline"),
+                policy_source: Some("local,cluster"),
                 rule: Cow::Borrowed("default"),
                 rule_id: 0,
                 generation: 3,
@@ -196,6 +200,7 @@ pub fn golden() -> Vec<(&'static str, Fixture)> {
                     fqdn: Some("myregistry.azurecr.io"),
                 },
                 policy: None,
+                policy_source: None,
                 rule: Cow::Borrowed("default"),
                 rule_id: 0,
                 generation: 3,
@@ -271,6 +276,7 @@ pub fn odd() -> Vec<(&'static str, Fixture)> {
     unknown.hook = "unknown";
     unknown.protocol = Cow::Owned("ip-1".into());
     unknown.policy = None;
+    unknown.policy_source = None;
     let mut nxdomain = DnsRecord {
         rcode: Cow::Borrowed("NXDOMAIN"),
         answers: Vec::new(),
@@ -311,6 +317,15 @@ pub fn odd() -> Vec<(&'static str, Fixture)> {
             }),
         ),
     ]
+}
+
+/// The denied pod flow, decided by a rule of a local policy.
+pub fn local_policy_flow() -> FlowRecord<'static> {
+    FlowRecord {
+        policy: Some("prod/payments-local"),
+        policy_source: Some("local"),
+        ..denied_pod_flow()
+    }
 }
 
 /// Golden and odd records together.

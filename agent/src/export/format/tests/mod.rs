@@ -14,7 +14,7 @@ mod ocsf;
 
 use std::{env, fs, path::Path};
 
-use super::{Format, protocol_number, unix_millis, write};
+use super::{Format, policies_with_sources, protocol_number, unix_millis, write};
 use crate::export::record::LossReason;
 
 const GOLDEN: &[(Format, &str, &str)] = &[
@@ -142,6 +142,58 @@ fn destination_names_map_in_every_format_and_are_left_out_when_null() {
             None => assert!(!cef.contains("dhost="), "cef: {cef}"),
         }
     }
+}
+
+#[test]
+fn json_gives_the_policy_source_beside_the_policy() {
+    use serde_json::{Value, json};
+    let golden = fixtures::golden();
+    let cases = [
+        (fixtures::denied_pod_flow(), json!("cluster")),
+        (fixtures::local_policy_flow(), json!("local")),
+    ];
+    for (flow, want) in cases {
+        let fixture = fixtures::Fixture::Flow(flow);
+        let json: Value = serde_json::from_str(&render(Format::Json, &fixture)).unwrap();
+        assert_eq!(json["policy_source"], want);
+    }
+    // A default of a local and a cluster policy; no policy at all.
+    for (index, policy, want) in [
+        (
+            1,
+            json!("host-allow-list,node-baseline"),
+            json!("local,cluster"),
+        ),
+        (2, Value::Null, Value::Null),
+    ] {
+        let json: Value = serde_json::from_str(&render(Format::Json, &golden[index].1)).unwrap();
+        assert_eq!((&json["policy"], &json["policy_source"]), (&policy, &want));
+        let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
+        assert!(
+            keys.contains(&&"policy_source".to_string()),
+            "always present"
+        );
+    }
+}
+
+#[test]
+fn policy_sources_pair_with_policies() {
+    let pairs = |policy, source| policies_with_sources(policy, source).collect::<Vec<_>>();
+    assert_eq!(pairs("a", Some("cluster")), [("a", Some("cluster"))]);
+    assert_eq!(
+        pairs("a,b", Some("local")),
+        [("a", Some("local")), ("b", Some("local"))],
+        "one value for all"
+    );
+    assert_eq!(
+        pairs("a,b,c", Some("local,cluster,local")),
+        [
+            ("a", Some("local")),
+            ("b", Some("cluster")),
+            ("c", Some("local"))
+        ]
+    );
+    assert_eq!(pairs("a,b", None), [("a", None), ("b", None)]);
 }
 
 #[test]

@@ -269,7 +269,26 @@ const OBJECTS: &[Def] = &[
     },
     Def {
         name: "policy",
-        attrs: &[&[("name", Str, None), ("uid", Str, None)]],
+        attrs: &[&[
+            ("desc", Str, None),
+            ("group", Obj("group"), None),
+            ("name", Str, None),
+            ("uid", Str, None),
+            ("version", Str, None),
+        ]],
+        required: &[],
+        profile_required: &[],
+    },
+    Def {
+        name: "group",
+        attrs: &[&[
+            ("desc", Str, None),
+            ("domain", Str, None),
+            ("name", Str, None),
+            ("privileges", Array(&Str), None),
+            ("type", Str, None),
+            ("uid", Str, None),
+        ]],
         required: &[],
         profile_required: &[],
     },
@@ -625,5 +644,46 @@ fn verdicts_map_to_action_and_disposition() {
             event["authorizations"][0]["decision"], decision,
             "{verdict}"
         );
+    }
+}
+
+#[test]
+fn each_policy_has_its_source_as_its_group() {
+    use serde_json::json;
+    let event = |fixture: &fixtures::Fixture| -> Value {
+        serde_json::from_str(&render(Format::Ocsf, fixture)).unwrap()
+    };
+    let policies = |event: &Value| -> Vec<(Value, Value)> {
+        event["authorizations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| (a["policy"]["name"].clone(), a["policy"]["group"].clone()))
+            .collect()
+    };
+    let cluster = event(&fixtures::Fixture::Flow(fixtures::denied_pod_flow()));
+    assert_eq!(
+        policies(&cluster),
+        [(json!("prod/payments-egress"), json!({"name": "cluster"}))]
+    );
+    let local = event(&fixtures::Fixture::Flow(fixtures::local_policy_flow()));
+    assert_eq!(
+        policies(&local),
+        [(json!("prod/payments-local"), json!({"name": "local"}))]
+    );
+    let golden = fixtures::golden();
+    assert_eq!(
+        policies(&event(&golden[1].1)),
+        [
+            (json!("host-allow-list"), json!({"name": "local"})),
+            (json!("node-baseline"), json!({"name": "cluster"})),
+        ],
+        "a default of a local and a cluster policy"
+    );
+    let unattributed = event(&golden[2].1);
+    assert!(unattributed.get("authorizations").is_none());
+    for event in [cluster, local] {
+        check_event(&event, "policy source");
+        assert!(event["unmapped"].get("policy_source").is_none(), "mapped");
     }
 }
