@@ -42,7 +42,11 @@ use crate::{
     kubernetes::{self, ApiSource, WatchError},
     log_level::LogLevel,
     names::{LearnedAddresses, Limits, Messages, NameCache, expiry_ns, matching_patterns},
-    pods::{UnknownPodAction, directory::PodDirectory, watch},
+    pods::{
+        UnknownPodAction,
+        directory::{IdentityUpdate, PodDirectory},
+        watch,
+    },
     telemetry::{self, LimitLabels, RecordLabels, Telemetry},
 };
 
@@ -170,8 +174,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     // at any moment after it is reported (queued until the loop runs).
     let mut cgroups = CgroupWatcher::new(&config.cgroup2_mount).map_err(RunError::Watch)?;
     info!(cgroups = cgroups.watched(), "watching cgroups");
-    // Pod metadata arrives when the API server answers; nothing waits for it.
+    // Pod metadata arrives when the API server answers; nothing waits for it
+    // but the node's taint (cluster::taint).
     let (pod_updates_tx, mut pod_updates) = mpsc::channel(256);
+    let (identities_listed, identities_known) = tokio::sync::watch::channel(false);
+    let mut lists = IdentityLists::default();
     let kubernetes_client = match &config.kubernetes {
         Some(source) => Some(kubernetes::client(source).await?),
         None => None,
@@ -232,6 +239,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             commands: commands_tx.clone(),
             in_force: controller.cluster_documents(),
             remove_taint: true,
+            identities_known,
             report,
         };
         tokio::spawn(cluster.run(shutdown.clone()));
@@ -326,15 +334,18 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
             Some(update) = pod_updates.recv() => {
                 // A burst (a relist, a rollout) is put in force once.
-                let mut changed = controller.enforcer_mut().update_pods(update);
-                while let Ok(update) = pod_updates.try_recv() {
-                    changed |= controller.enforcer_mut().update_pods(update);
+                let mut update = Some(update);
+                let mut changed = false;
+                while let Some(next) = update.take().or_else(|| pod_updates.try_recv().ok()) {
+                    lists.saw(&next);
+                    changed |= controller.enforcer_mut().update_pods(next);
                 }
                 if changed {
                     printer.print_available(&mut reader, &mut events, controller.enforcer(), &mut datapath);
                     refresh(&mut controller, &mut datapath);
                     save_pods(&pods_file, controller.enforcer().pods());
                 }
+                lists.report(&identities_listed);
             }
             changed = cgroups.changed() => {
                 changed.map_err(RunError::Watch)?;
@@ -401,6 +412,30 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         Err(e) => warn!(error = %e, "stopping; cannot read counters"),
     }
     Ok(())
+}
+
+/// Whether pods and namespaces have been listed once and put in force:
+/// until then a new pod on the node would be an unknown one.
+#[derive(Default)]
+struct IdentityLists {
+    pods: bool,
+    namespaces: bool,
+}
+
+impl IdentityLists {
+    fn saw(&mut self, update: &IdentityUpdate) {
+        match update {
+            IdentityUpdate::Pods(_) => self.pods = true,
+            IdentityUpdate::Namespaces(_) => self.namespaces = true,
+            _ => {}
+        }
+    }
+
+    fn report(&self, listed: &tokio::sync::watch::Sender<bool>) {
+        if self.pods && self.namespaces {
+            listed.send_if_modified(|known| !std::mem::replace(known, true));
+        }
+    }
 }
 
 /// The destination of a flow event.

@@ -83,7 +83,15 @@ fn validate(policy: &api::EgressPolicy, problems: &mut Problems) -> Option<Polic
         problems.push("spec", "is required");
         return None;
     };
-    check_scope(policy, spec, problems);
+    if policy.kind == CLUSTER_KIND && !namespace_of(policy).is_empty() {
+        problems.push(
+            "metadata.namespace",
+            format!(
+                "{:?}: a {CLUSTER_KIND} belongs to no namespace",
+                namespace_of(policy)
+            ),
+        );
+    }
 
     let mode = match spec.mode.as_str() {
         "" => PolicyMode::Inherit,
@@ -163,29 +171,47 @@ fn validate_metadata(
     })
 }
 
-/// A namespace's policy may select pods of that namespace only: a namespace
-/// owner must not restrict (or open) the egress of other namespaces or of
-/// the host. A cluster-wide policy belongs to no namespace.
-fn check_scope(policy: &api::EgressPolicy, spec: &api::EgressPolicySpec, problems: &mut Problems) {
-    let namespace = policy
+fn namespace_of(policy: &api::EgressPolicy) -> &str {
+    policy
         .metadata
         .as_ref()
-        .map_or("", |metadata| metadata.namespace.as_str());
-    if policy.kind == CLUSTER_KIND && !namespace.is_empty() {
-        problems.push(
-            "metadata.namespace",
-            format!("{namespace:?}: a {CLUSTER_KIND} belongs to no namespace"),
-        );
-    }
+        .map_or("", |metadata| metadata.namespace.as_str())
+}
+
+/// Validates a policy resource of the cluster API: as [`validate_all`], and
+/// a namespace's `EgressPolicy` may select pods of that namespace only, so
+/// that whoever may write policies in one namespace cannot restrict the
+/// egress of other namespaces or of the host. Local policies (files, the
+/// gRPC API: root on the node) keep selecting more.
+pub fn validate_resource(sourced: &SourcedPolicy) -> Result<Policy, Vec<FieldError>> {
+    let validated = validate_all(std::slice::from_ref(sourced));
+    let mut errors = Vec::new();
+    let policy = &sourced.policy;
+    let namespace = namespace_of(policy);
     if policy.kind == KIND && !namespace.is_empty() {
+        let spec = policy.spec.clone().unwrap_or_default();
         let use_cluster = format!(
             "an {KIND} selects pods of its own namespace ({namespace}) only; use a {CLUSTER_KIND}"
         );
-        if spec.namespace_selector.is_some() {
-            problems.push("spec.namespaceSelector", use_cluster.clone());
+        for (path, set) in [
+            ("spec.namespaceSelector", spec.namespace_selector.is_some()),
+            ("spec.cgroupSelector", spec.cgroup_selector.is_some()),
+        ] {
+            if set {
+                errors.push(FieldError {
+                    document: sourced.document.clone(),
+                    path: path.into(),
+                    message: use_cluster.clone(),
+                });
+            }
         }
-        if spec.cgroup_selector.is_some() {
-            problems.push("spec.cgroupSelector", use_cluster);
+    }
+    match validated {
+        Ok(mut policies) if errors.is_empty() => Ok(policies.remove(0)),
+        Ok(_) => Err(errors),
+        Err(mut problems) => {
+            problems.extend(errors);
+            Err(problems)
         }
     }
 }
@@ -596,8 +622,16 @@ mod tests {
         let namespaced = format!(
             "{HEAD}metadata: {{name: a, namespace: team}}\nspec:\n  namespaceSelector: {{}}\n  cgroupSelector: {{paths: [/x]}}\n"
         );
+        let docs = parse_documents("t.yaml", &namespaced).expect("parses");
+        // As a local policy (root on the node) it may; as a resource, not.
+        assert!(validate_all(&docs).is_ok());
+        let errors: Vec<String> = validate_resource(&docs[0])
+            .expect_err("a resource may not")
+            .iter()
+            .map(|e| format!("{}: {}", e.path, e.message))
+            .collect();
         assert_eq!(
-            errors_of(&namespaced),
+            errors,
             [
                 "spec.namespaceSelector: an EgressPolicy selects pods of its own namespace (team) only; use a ClusterEgressPolicy",
                 "spec.cgroupSelector: an EgressPolicy selects pods of its own namespace (team) only; use a ClusterEgressPolicy",

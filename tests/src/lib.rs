@@ -709,6 +709,8 @@ pub struct AgentProcess {
     /// Log lines after startup; collected all along, so the agent never
     /// writes into a closed pipe.
     stderr: std::sync::mpsc::Receiver<String>,
+    /// The lines of `stderr` the waits have read so far.
+    read: std::sync::Mutex<Vec<String>>,
 }
 
 impl AgentProcess {
@@ -781,6 +783,7 @@ impl AgentProcess {
             child,
             stdout,
             stderr,
+            read: Default::default(),
         })
     }
 
@@ -805,6 +808,7 @@ impl AgentProcess {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stderr.recv_timeout(left) {
                 Ok(line) => {
+                    self.read.lock().unwrap().push(line.clone());
                     let found = line.contains(needle);
                     seen.push(line);
                     if found {
@@ -830,12 +834,23 @@ impl AgentProcess {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stderr.recv_timeout(left) {
                 Ok(line) => {
+                    self.read.lock().unwrap().push(line.clone());
                     missing.retain(|needle| !line.contains(needle));
                     seen.push(line);
                 }
                 Err(_) => panic!("the agent did not log {missing:?} in time; it logged: {seen:#?}"),
             }
         }
+    }
+
+    /// Every log line so far that startup or a wait read, in order.
+    pub fn log_read(&self) -> Vec<String> {
+        let read = self.read.lock().unwrap();
+        self.startup_log
+            .iter()
+            .chain(read.iter())
+            .cloned()
+            .collect()
     }
 
     /// The log lines written since last read, without waiting: for a

@@ -14,7 +14,7 @@ use std::{
 
 use serde_json::{Value, json};
 use tollgate_tests::{
-    AgentProcess, TempFile, TestEnv, agent_binary, free_port,
+    AgentProcess, TempFile, TestEnv, agent_binary, free_port, http_get,
     kube::{FakeApiServer, agent_pod, egress_policy, namespace, node},
     node::{Layout, NODE, SimPod, until},
 };
@@ -90,6 +90,43 @@ fn web_pod(env: &TestEnv, api: &FakeApiServer) -> SimPod {
     web
 }
 
+/// A simulated node whose agent watches the cluster, with a web pod in prod
+/// that reached `host` until the cluster locked prod down. Fields drop in
+/// order: the agent before the cgroups and hosts it uses.
+struct LockedDown {
+    agent: AgentProcess,
+    metrics_port: u16,
+    web: SimPod,
+    host: Ipv4Addr,
+    lockdown: Value,
+    _kubeconfig: TempFile,
+    api: FakeApiServer,
+    env: TestEnv,
+}
+
+fn locked_down(name: &str, host_index: u8, ports: &[u16]) -> LockedDown {
+    let mut env = TestEnv::new(name);
+    let host = env.add_host(host_index, ports).v4;
+    let api = FakeApiServer::start();
+    let web = web_pod(&env, &api);
+    let kubeconfig = TempFile::new(&format!("{name}.kubeconfig"), &api.kubeconfig());
+    let (agent, metrics_port) = start_agent(&env, &kubeconfig, &[]);
+    until(Ok(()), WAIT, || web.connect(&env, host, ports[0]));
+    let lockdown = prod_lockdown();
+    api.put(lockdown.clone());
+    until(Err(EPERM), WAIT, || web.connect(&env, host, ports[0]));
+    LockedDown {
+        agent,
+        metrics_port,
+        web,
+        host,
+        lockdown,
+        _kubeconfig: kubeconfig,
+        api,
+        env,
+    }
+}
+
 /// Denies every egress of prod's pods.
 fn prod_lockdown() -> Value {
     egress_policy(
@@ -151,17 +188,16 @@ fn condition<'a>(status: &'a Value, kind: &str) -> &'a Value {
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
 fn a_cluster_policy_from_the_api_blocks_a_pod_until_it_is_deleted() {
-    let mut env = TestEnv::new("cluster-enforce");
-    let host = env.add_host(41, &[8080]).v4;
-    let api = FakeApiServer::start();
-    let web = web_pod(&env, &api);
-    let kubeconfig = TempFile::new("cluster-enforce.kubeconfig", &api.kubeconfig());
-    let (agent, _) = start_agent(&env, &kubeconfig, &[]);
-    until(Ok(()), WAIT, || web.connect(&env, host, 8080));
-
-    let lockdown = prod_lockdown();
-    api.put(lockdown.clone());
-    until(Err(EPERM), WAIT, || web.connect(&env, host, 8080));
+    // Bound in this order, they drop in the reverse: the agent first.
+    let LockedDown {
+        env,
+        api,
+        lockdown,
+        host,
+        web,
+        agent,
+        ..
+    } = locked_down("cluster-enforce", 41, &[8080]);
     // Records say where the deciding policy came from.
     let deadline = Instant::now() + WAIT;
     let denied = loop {
@@ -195,6 +231,17 @@ fn a_cluster_policy_from_the_api_blocks_a_pod_until_it_is_deleted() {
     api.delete(&lockdown);
     until(Ok(()), WAIT, || web.connect(&env, host, 8080));
     assert!(!env.ctl(&["get", "policies"]).ok().contains("prod-lockdown"));
+
+    // The other way round: a local policy holds the name first. The
+    // cluster's waits, and takes over once the local one is deleted.
+    env.ctl(&["apply", "-f", local.path.to_str().unwrap()]).ok();
+    api.put(lockdown.clone());
+    agent.wait_for_log("a local policy of this name is in force", WAIT);
+    assert_eq!(web.connect(&env, host, 8080), Ok(()));
+    env.ctl(&["delete", "prod-lockdown"]).ok();
+    until(Err(EPERM), Duration::from_secs(15), || {
+        web.connect(&env, host, 8080)
+    });
 }
 
 #[test]
@@ -251,7 +298,7 @@ fn a_bad_edit_keeps_the_last_valid_version_in_force_and_the_status_says_why() {
     api.put(egress_policy(
         Some("prod"),
         "reach-out",
-        json!({"podSelector": {}, "namespaceSelector": {}, "defaultAction": "allow"}),
+        json!({"podSelector": {}, "namespaceSelector": {}, "egress": [{}]}),
     ));
     let status = status_until(
         &api,
@@ -287,16 +334,65 @@ fn a_bad_edit_keeps_the_last_valid_version_in_force_and_the_status_says_why() {
 
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
+fn a_policy_that_cannot_be_put_in_force_holds_no_other_back() {
+    let LockedDown {
+        env,
+        api,
+        lockdown,
+        host,
+        web,
+        metrics_port,
+        agent,
+        ..
+    } = locked_down("cluster-compile", 46, &[8080]);
+
+    // Valid, but 18 port rules on one prefix: more than a prefix holds.
+    let ports = |from: u16| -> Vec<Value> {
+        (from..from + 9)
+            .map(|port| json!({"port": port, "protocol": "TCP"}))
+            .collect()
+    };
+    let to = json!([{"cidr": format!("{host}/32")}]);
+    api.put(egress_policy(
+        Some("prod"),
+        "too-many-ports",
+        json!({"podSelector": {}, "egress": [
+            {"to": to, "ports": ports(9000)},
+            {"to": to, "ports": ports(9100)},
+        ]}),
+    ));
+    agent.wait_for_log("one by one", WAIT);
+    // The rest goes on: the lockdown's delete reaches the kernel.
+    api.delete(&lockdown);
+    until(Ok(()), WAIT, || web.connect(&env, host, 8080));
+    let (_, body) = http_get(metrics_port, "/cluster-policies");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    let refused = report["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "too-many-ports")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(refused["inForce"], Value::Null, "{report:#}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("port rules"),
+        "{report:#}"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
 fn watches_survive_disconnects_410_and_an_api_server_that_is_away() {
-    let mut env = TestEnv::new("cluster-outage");
-    let host = env.add_host(43, &[8080]).v4;
-    let api = FakeApiServer::start();
-    let web = web_pod(&env, &api);
-    let kubeconfig = TempFile::new("cluster-outage.kubeconfig", &api.kubeconfig());
-    let (agent, _) = start_agent(&env, &kubeconfig, &[]);
-    let lockdown = prod_lockdown();
-    api.put(lockdown.clone());
-    until(Err(EPERM), WAIT, || web.connect(&env, host, 8080));
+    let LockedDown {
+        env,
+        _kubeconfig: kubeconfig,
+        api,
+        lockdown,
+        host,
+        web,
+        agent,
+        ..
+    } = locked_down("cluster-outage", 43, &[8080]);
 
     // A dropped watch resumes and sees the delete.
     api.disconnect_watches();
@@ -307,6 +403,7 @@ fn watches_survive_disconnects_410_and_an_api_server_that_is_away() {
     api.compact();
     api.disconnect_watches();
     api.put(lockdown.clone());
+    agent.wait_for_log("listed kind=\"clusteregresspolicies\"", WAIT);
     until(Err(EPERM), WAIT, || web.connect(&env, host, 8080));
     drop(agent);
 
@@ -324,7 +421,8 @@ fn watches_survive_disconnects_410_and_an_api_server_that_is_away() {
         "nothing changes while the API is away"
     );
     api.set_down(false);
-    until(Ok(()), Duration::from_secs(30), || {
+    // The watches retry with backoff (up to 30 s apart) while it is away.
+    until(Ok(()), Duration::from_secs(60), || {
         web.connect(&env, host, 8080)
     });
     drop(agent);
@@ -386,10 +484,14 @@ fn two_nodes_converge_and_a_new_node_enforces_before_its_taint_goes() {
         Err(EPERM),
         "the taint went before the policy was in force"
     );
-    let log = agent_b.wait_for_log("taint removed", WAIT);
+    agent_b.wait_for_log("removed the node's taint", WAIT);
+    let log = agent_b.log_read();
+    let line = |what: &dyn Fn(&String) -> bool| log.iter().position(what);
+    let in_force = line(&|l| l.contains("cluster policies in force") && l.contains("hosts-locked"));
+    let untainted = line(&|l| l.contains("removed the node's taint"));
     assert!(
-        log.iter().any(|l| l.contains("cluster policies in force")),
-        "{log:#?}"
+        in_force.is_some() && in_force < untainted,
+        "the taint went before the policy was in force: {log:#?}"
     );
     // Node a had no taint and keeps none.
     assert_eq!(

@@ -508,16 +508,23 @@ async fn every_decision_during_rule_switches_belongs_to_one_generation() {
 
     // The prober runs small batches, pausing between them, for as long as
     // the switches go on; the switches go on until at least three batches
-    // ran meanwhile. So the two overlap by construction, and the ring buffer
-    // (read only afterwards) is never flooded.
+    // ran meanwhile and the probes met both rule sets (on a loaded machine
+    // a switch can outlast a batch). So the two overlap by construction,
+    // and the ring buffer (read only afterwards) is never flooded.
     const SWITCHES: u32 = 2000;
     let switching = AtomicBool::new(true);
     let batches = AtomicUsize::new(0);
+    let (met_allow, met_deny) = (AtomicBool::new(false), AtomicBool::new(false));
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
     let runs = std::thread::scope(|scope| {
         let dp = &mut dp;
         scope.spawn(|| {
             let mut n = 0;
-            while n < SWITCHES || batches.load(SeqCst) < 3 {
+            while n < SWITCHES
+                || batches.load(SeqCst) < 3
+                || (!(met_allow.load(SeqCst) && met_deny.load(SeqCst))
+                    && std::time::Instant::now() < give_up)
+            {
                 let next = if (dp.generation() + 1) % 2 == 1 {
                     &deny_rules
                 } else {
@@ -530,7 +537,10 @@ async fn every_decision_during_rule_switches_belongs_to_one_generation() {
         });
         let mut runs = Vec::new();
         while switching.load(SeqCst) {
-            runs.push(env.probe(&["--count", "100", "connect", "tcp", &format!("{host}:8080")]));
+            let run = env.probe(&["--count", "100", "connect", "tcp", &format!("{host}:8080")]);
+            met_allow.fetch_or(run.results.contains(&Ok(())), SeqCst);
+            met_deny.fetch_or(run.results.contains(&Err(EPERM)), SeqCst);
+            runs.push(run);
             batches.fetch_add(1, SeqCst);
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -11,8 +11,7 @@
 //! where they belong in the generated tree: what the agent's validator
 //! checks and a schema cannot say, so that the API server refuses a bad
 //! policy when it is applied instead of every agent refusing it later.
-//! No rule refuses a policy that the agent accepts, but one: `except` on an
-//! fqdn peer, where it can mean nothing and the agent ignores it. The tests
+//! No rule refuses a policy that the agent accepts as a resource; the tests
 //! hold each rule, and the examples, to both.
 //!
 //! The committed manifests in deploy/crds are this module's output
@@ -266,12 +265,21 @@ fn schema<K: PolicyKind + Scope>(description: &str) -> Value {
 ///   not even be one of its values.
 /// - No `nullable`: a null field is then pruned by the API server, so that
 ///   CEL's `has()` agrees with the agent, which reads null as unset.
+/// - Unknown fields kept (`x-kubernetes-preserve-unknown-fields` on every
+///   object with properties): a structural schema would otherwise drop a
+///   misspelt field without a word whenever the client does not ask for
+///   strict validation (server-side apply, most tools), and `acton: deny`
+///   would become an allow. Kept, it reaches the agents, which refuse the
+///   version with the field's path, and the last valid one stays in force.
 fn for_spec(schema: &mut Value) {
     let Some(object) = schema.as_object_mut() else {
         return;
     };
     object.remove("default");
     object.remove("nullable");
+    if object.contains_key("properties") {
+        object.insert("x-kubernetes-preserve-unknown-fields".into(), true.into());
+    }
     for_subschemas(object, for_spec);
 }
 
@@ -412,7 +420,10 @@ mod tests {
 
     use kube_core::cel::Validator;
     use serde_json::json;
-    use tollgate_policy::{document::parse_documents, validate::validate_all};
+    use tollgate_policy::{
+        document::parse_documents,
+        validate::{validate_all, validate_resource},
+    };
 
     use super::*;
 
@@ -452,7 +463,7 @@ mod tests {
     /// What the agent's own validator says of `object`.
     fn agent_errors(object: &Value) -> Vec<String> {
         let documents = parse_documents("object", &object.to_string()).expect("a policy");
-        match validate_all(&documents) {
+        match validate_resource(&documents[0]) {
             Ok(_) => Vec::new(),
             Err(errors) => errors.iter().map(ToString::to_string).collect(),
         }
@@ -584,6 +595,13 @@ mod tests {
             }
             if !object.contains_key("type") {
                 problems.push(format!("{path}: has no type"));
+            }
+            // Below spec, an object's unknown fields reach the agents.
+            if path.contains(".spec")
+                && object.contains_key("properties")
+                && object.get("x-kubernetes-preserve-unknown-fields") != Some(&Value::Bool(true))
+            {
+                problems.push(format!("{path}: unknown fields would be pruned"));
             }
             if let Some(Value::Object(properties)) = object.get("properties") {
                 for (name, property) in properties {
@@ -876,11 +894,9 @@ mod tests {
             assert!(errors.is_empty(), "{name}: {errors:#?}");
             assert_eq!(cel_errors(&object), Vec::<String>::new(), "{name}");
             let documents = parse_documents(name, &text).unwrap();
-            assert!(
-                validate_all(&documents).is_ok(),
-                "{name}: {:?}",
-                validate_all(&documents).err()
-            );
+            // Valid as a resource, and as a local policy file.
+            assert_eq!(validate_resource(&documents[0]).err(), None, "{name}");
+            assert_eq!(validate_all(&documents).err(), None, "{name}");
 
             let spec = &object["spec"];
             let cluster_wide =

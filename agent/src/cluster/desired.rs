@@ -12,7 +12,7 @@ use serde_json::json;
 use tollgate_policy::{
     document::{DocumentRef, FieldError, from_json},
     model::PolicyKey,
-    validate::{API_VERSION, validate_all},
+    validate::{API_VERSION, validate_resource},
 };
 
 use super::{
@@ -20,7 +20,7 @@ use super::{
     resources::{PolicyKind, PolicyResource, PolicyStatus},
     status::Acceptance,
 };
-use crate::control::store::{ClusterDocument, ClusterOrigin};
+use crate::control::store::{self, ClusterDocument, ClusterOrigin};
 
 /// A policy resource as read from the API: which version of what it is, and
 /// its document.
@@ -222,11 +222,12 @@ impl ClusterPolicies {
 }
 
 impl ClusterPolicies {
-    /// What validation says of the resource `key` at `generation`.
-    pub fn acceptance(&self, key: &PolicyKey, generation: i64) -> Acceptance {
-        let entry = self.entries.get(key);
+    /// What validation says of the resource `key` (`uid`) at `generation`.
+    pub fn acceptance(&self, key: &PolicyKey, uid: &str, generation: i64) -> Acceptance {
+        let entry = self.entries.get(key).filter(|e| e.uid == uid);
         let valid = entry.and_then(|e| e.valid.as_ref());
         Acceptance {
+            uid: uid.into(),
             generation,
             valid_generation: valid.map(|v| v.origin.generation),
             rules: valid.map(|v| {
@@ -278,11 +279,7 @@ impl ClusterPolicies {
 
 /// The policy key of a resource's document.
 pub fn key_of(document: &ClusterDocument) -> PolicyKey {
-    let metadata = document.document.metadata.clone().unwrap_or_default();
-    PolicyKey {
-        namespace: (!metadata.namespace.is_empty()).then_some(metadata.namespace),
-        name: metadata.name,
-    }
+    store::key_of(&document.document)
 }
 
 /// Reads and validates one resource on its own.
@@ -292,7 +289,7 @@ fn read(resource: &Resource) -> Result<tollgate_proto::v1::EgressPolicy, Vec<Fie
         index: 1,
     };
     let sourced = from_json(document, resource.document.clone()).map_err(|e| vec![e])?;
-    validate_all(std::slice::from_ref(&sourced))?;
+    validate_resource(&sourced)?;
     Ok(sourced.policy)
 }
 

@@ -151,7 +151,9 @@ pub struct NodeCounts {
     /// Nodes whose kernel has `observedGeneration` in force.
     pub enforced: u32,
     /// Nodes that failed to put it in force, and why (at most 20 listed).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Always written, empty too: a merge patch can only clear a list by
+    /// sending it.
+    #[serde(default)]
     pub failed: Vec<NodeFailure>,
 }
 

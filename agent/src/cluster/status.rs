@@ -19,6 +19,9 @@ pub enum NodeOutcome {
 /// What the agents' validation says of a resource's newest generation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Acceptance {
+    /// The resource's uid: a node's report counts for this resource only,
+    /// not for one deleted before it with the same name.
+    pub uid: String,
     /// The resource's `metadata.generation`.
     pub generation: i64,
     /// The generation that should be in force (the newest valid one).
@@ -49,7 +52,9 @@ pub fn policy_status(
                 reason: format!("agent unreachable: {why}"),
             }),
             NodeOutcome::Report(report) => {
-                let policy = report.policy(kind, namespace, name);
+                let policy = report
+                    .policy(kind, namespace, name)
+                    .filter(|p| p.uid == acceptance.uid);
                 if target.is_some() && policy.and_then(|p| p.in_force) == target {
                     enforced += 1;
                 } else if let Some(error) = policy.and_then(|p| p.error.clone())
@@ -199,12 +204,25 @@ mod tests {
             .collect()
     }
 
-    const VALID: Acceptance = Acceptance {
-        generation: 3,
-        valid_generation: Some(3),
-        rules: Some(2),
-        refused: None,
-    };
+    fn valid() -> Acceptance {
+        Acceptance {
+            uid: "u1".into(),
+            generation: 3,
+            valid_generation: Some(3),
+            rules: Some(2),
+            refused: None,
+        }
+    }
+
+    #[test]
+    fn a_report_of_a_deleted_namesake_does_not_count() {
+        let made_again = Acceptance {
+            uid: "u2".into(),
+            ..valid()
+        };
+        let status = status(&made_again, &[report("n1", Some(3), None)], None);
+        assert_eq!(status.nodes.unwrap().enforced, 0);
+    }
 
     #[test]
     fn counts_the_nodes_that_enforce_the_accepted_generation() {
@@ -221,7 +239,7 @@ mod tests {
                 Some("map TG_RULES_V4 holds at most 8 entries"),
             ),
         ];
-        let status = status(&VALID, &nodes, None);
+        let status = status(&valid(), &nodes, None);
         let counts = status.nodes.clone().unwrap();
         assert_eq!((counts.desired, counts.enforced), (4, 1));
         assert_eq!(
@@ -251,6 +269,7 @@ mod tests {
     #[test]
     fn a_refused_generation_says_why_and_what_stays_in_force() {
         let refused = Acceptance {
+            uid: "u1".into(),
             generation: 4,
             valid_generation: Some(3),
             rules: Some(2),
@@ -281,7 +300,7 @@ mod tests {
     #[test]
     fn transition_times_move_only_when_a_condition_changes() {
         let rolling = status(
-            &VALID,
+            &valid(),
             &[report("n1", Some(3), None), report("n2", None, None)],
             None,
         );
@@ -290,7 +309,7 @@ mod tests {
             "EgressPolicy",
             Some("team"),
             "a",
-            &VALID,
+            &valid(),
             &[report("n1", Some(3), None), report("n2", Some(3), None)],
             Some(&rolling),
             "2026-12-03T10:05:00Z",
@@ -311,7 +330,7 @@ mod tests {
         let nodes: Vec<_> = (0..50)
             .map(|i| report(&format!("n{i:02}"), None, Some("compile failed")))
             .collect();
-        let status = status(&VALID, &nodes, None);
+        let status = status(&valid(), &nodes, None);
         assert_eq!(
             status.nodes.as_ref().unwrap().failed.len(),
             MAX_FAILED_LISTED

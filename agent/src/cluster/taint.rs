@@ -24,7 +24,7 @@ pub async fn remove_until_done(client: Client, node: String, shutdown: Cancellat
     loop {
         match remove(&nodes, &node).await {
             Ok(true) => {
-                info!(%node, taint = NOT_READY_TAINT, "cluster policies in force; taint removed");
+                info!(%node, taint = NOT_READY_TAINT, "removed the node's taint");
                 return;
             }
             Ok(false) => return,

@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
+    time::Duration,
 };
 
 use futures_util::{FutureExt, StreamExt};
@@ -46,6 +47,10 @@ pub struct ClusterWatch {
     pub in_force: Vec<ClusterDocument>,
     /// Whether to remove the node's not-ready taint once in force.
     pub remove_taint: bool,
+    /// Becomes true once the node's pods and namespaces are listed and in
+    /// force: the taint stays until then too, or a pod scheduled at once
+    /// would be an unknown one.
+    pub identities_known: watch::Receiver<bool>,
     /// Where the node's report goes (served at /cluster-policies).
     pub report: watch::Sender<Arc<NodeReport>>,
 }
@@ -54,9 +59,31 @@ pub struct ClusterWatch {
 /// where it does not.
 #[derive(Default)]
 struct NodeState {
+    /// The cluster's policies in the kernel, as last put in force.
+    documents: Vec<ClusterDocument>,
     in_force: BTreeMap<PolicyKey, i64>,
     errors: BTreeMap<PolicyKey, String>,
+    /// Cluster policies that local ones of the same name keep out.
+    conflicts: usize,
 }
+
+impl NodeState {
+    fn in_force(&mut self, documents: Vec<ClusterDocument>, conflicts: Vec<Conflict>) {
+        self.in_force = generations(&documents);
+        self.documents = documents;
+        self.conflicts = conflicts.len();
+        for conflict in conflicts {
+            self.in_force.remove(&conflict.policy);
+            self.errors.insert(
+                conflict.policy,
+                "a local policy of the same name is in force on this node".into(),
+            );
+        }
+    }
+}
+
+/// After a set could not be put in force, how long until the next try.
+const RETRY: Duration = Duration::from_secs(10);
 
 impl ClusterWatch {
     /// Runs until `shutdown`, or until the controller is gone.
@@ -65,70 +92,133 @@ impl ClusterWatch {
             changes::<Namespaced>(Api::all(self.client.clone())),
             changes::<ClusterScoped>(Api::all(self.client.clone())),
         ));
+        let restored = std::mem::take(&mut self.in_force);
         let mut node = NodeState {
-            in_force: generations(&self.in_force),
+            in_force: generations(&restored),
+            documents: restored.clone(),
             errors: BTreeMap::new(),
+            conflicts: 0,
         };
-        let mut policies = ClusterPolicies::restored(std::mem::take(&mut self.in_force));
+        let mut policies = ClusterPolicies::restored(restored);
         let mut listed = BTreeSet::new();
         let mut logged = BTreeSet::new();
         let mut taint_pending = self.remove_taint;
         let mut synced = false;
+        let mut failing = false;
+        let mut retry = tokio::time::interval(RETRY);
         self.publish(&policies, synced, &node);
         loop {
-            let change = tokio::select! {
+            let changed = tokio::select! {
                 () = shutdown.cancelled() => return,
-                change = changes.next() => match change {
-                    Some(change) => change,
-                    None => return,
-                },
+                _ = retry.tick(), if failing => true,
+                change = changes.next() => {
+                    let Some(change) = change else { return };
+                    // A burst (a relist, a kubectl apply of many) is put in
+                    // force once.
+                    let mut changed = take(&mut policies, &mut listed, change);
+                    while let Some(Some(change)) = changes.next().now_or_never() {
+                        changed |= take(&mut policies, &mut listed, change);
+                    }
+                    changed
+                }
             };
-            // A burst (a relist, a kubectl apply of many) is put in force once.
-            let mut changed = take(&mut policies, &mut listed, change);
-            while let Some(Some(change)) = changes.next().now_or_never() {
-                changed |= take(&mut policies, &mut listed, change);
-            }
             log_rejections(&policies, &mut logged);
             let all_listed = listed.len() == 2;
             if !changed && (synced || !all_listed) {
                 self.publish(&policies, synced, &node);
                 continue;
             }
-            let desired = policies.desired();
-            let in_force = match put_in_force(&self.commands, desired.clone()).await {
-                Some(Ok(conflicts)) => {
-                    node.in_force = generations(&desired);
-                    node.errors.clear();
-                    for conflict in conflicts {
-                        node.in_force.remove(&conflict.policy);
-                        node.errors.insert(
-                            conflict.policy,
-                            "a local policy of the same name is in force on this node".into(),
-                        );
-                    }
-                    true
-                }
-                Some(Err(why)) => {
-                    node.errors = desired
-                        .iter()
-                        .filter(|d| node.in_force.get(&key_of(d)) != Some(&d.origin.generation))
-                        .map(|d| (key_of(d), why.clone()))
-                        .collect();
-                    false
-                }
-                None => return,
+            let Some(complete) = self.put_in_force(policies.desired(), &mut node).await else {
+                return;
             };
-            synced |= in_force && all_listed;
+            // Tried again until all is in force: a local policy that keeps a
+            // cluster one out may be deleted at any time (tollgatectl).
+            let was_failing = failing;
+            failing = !complete || node.conflicts > 0;
+            if failing && !was_failing {
+                retry.reset();
+            }
+            synced |= complete && all_listed;
             self.publish(&policies, synced, &node);
-            if in_force && all_listed && taint_pending {
+            if complete && all_listed && taint_pending {
                 taint_pending = false;
-                tokio::spawn(taint::remove_until_done(
-                    self.client.clone(),
-                    self.node.clone(),
-                    shutdown.clone(),
-                ));
+                let (client, node, shutdown) =
+                    (self.client.clone(), self.node.clone(), shutdown.clone());
+                let mut identities_known = self.identities_known.clone();
+                tokio::spawn(async move {
+                    let known = tokio::select! {
+                        () = shutdown.cancelled() => false,
+                        known = identities_known.wait_for(|known| *known) => known.is_ok(),
+                    };
+                    if known {
+                        taint::remove_until_done(client, node, shutdown).await;
+                    }
+                });
             }
         }
+    }
+
+    /// Puts `desired` in force. If the whole set cannot be (a policy that
+    /// validates but does not compile with the others, a full map), the
+    /// policies in force stay, and each changed one is added on its own:
+    /// one policy that cannot be put in force holds no other back, and
+    /// keeps its version in force. Returns whether all of `desired` is in
+    /// force, or None when the controller is gone (the agent stops).
+    async fn put_in_force(
+        &self,
+        desired: Vec<ClusterDocument>,
+        node: &mut NodeState,
+    ) -> Option<bool> {
+        node.errors.clear();
+        match put_in_force(&self.commands, desired.clone()).await? {
+            Ok(conflicts) => {
+                node.in_force(desired, conflicts);
+                return Some(true);
+            }
+            Err(why) => warn!(error = %why, "putting the cluster's policies in force one by one"),
+        }
+        let wanted: BTreeSet<PolicyKey> = desired.iter().map(key_of).collect();
+        let mut set: Vec<ClusterDocument> = node
+            .documents
+            .iter()
+            .filter(|d| wanted.contains(&key_of(d)))
+            .cloned()
+            .collect();
+        let changed: Vec<ClusterDocument> = desired
+            .into_iter()
+            .filter(|d| !node.documents.contains(d))
+            .collect();
+        let mut conflicts = match put_in_force(&self.commands, set.clone()).await? {
+            Ok(conflicts) => conflicts,
+            Err(why) => {
+                // Not even what is in force, less the deleted: keep all.
+                for document in &changed {
+                    node.errors.insert(key_of(document), why.clone());
+                }
+                return Some(false);
+            }
+        };
+        let mut complete = true;
+        for document in changed {
+            let key = key_of(&document);
+            let mut trial: Vec<ClusterDocument> =
+                set.iter().filter(|d| key_of(d) != key).cloned().collect();
+            trial.push(document);
+            match put_in_force(&self.commands, trial.clone()).await? {
+                Ok(now) => {
+                    set = trial;
+                    conflicts = now;
+                }
+                Err(why) => {
+                    complete = false;
+                    node.errors.insert(key, why);
+                }
+            }
+        }
+        let errors = std::mem::take(&mut node.errors);
+        node.in_force(set, conflicts);
+        node.errors.extend(errors);
+        Some(complete)
     }
 }
 

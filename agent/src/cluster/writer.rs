@@ -5,9 +5,9 @@
 //! nodes; the reads of the reports go to the agents, not the API server.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures_util::{StreamExt, stream};
@@ -115,6 +115,7 @@ impl StatusWriter {
             .build()
             .expect("an HTTP client without TLS settings");
         let mut state = WriterState::default();
+        let mut renewed = Instant::now();
         let mut renew = tokio::time::interval(RENEW);
         renew.tick().await;
         let mut reread = tokio::time::interval(REREAD_ROLLING_OUT);
@@ -122,14 +123,11 @@ impl StatusWriter {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = renew.tick() => match lease.acquire_or_renew().await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => {
-                        warn!(error = %e, "cannot renew the status lease; stopping status writes");
+                _ = renew.tick() => {
+                    if !renew_lease(lease, &mut renewed).await {
                         return;
                     }
-                },
+                }
                 Some(change) = changes.next() => {
                     state.take(change);
                     state.dirty = true;
@@ -140,25 +138,42 @@ impl StatusWriter {
                 }
                 _ = reread.tick() => {
                     since_read += REREAD_ROLLING_OUT;
-                    if !(state.dirty || state.rolling_out || since_read >= REREAD) {
+                    // Nothing is judged on half a picture: both kinds and
+                    // the agent pods listed first (else every policy would
+                    // read "no agents" at each takeover).
+                    if state.listed.len() < 3
+                        || !(state.dirty || state.rolling_out || since_read >= REREAD)
+                    {
                         continue;
                     }
                     since_read = Duration::ZERO;
                     state.dirty = false;
                     let nodes = read_reports(&http, &state.agents).await;
-                    state.rolling_out = self.write(&mut state, &nodes).await;
+                    match self.write(&mut state, &nodes, lease, &mut renewed).await {
+                        Some(rolling_out) => state.rolling_out = rolling_out,
+                        None => return,
+                    }
                 }
             }
         }
     }
 
-    /// Writes each status that changed; returns whether some policy is not
-    /// yet in force everywhere.
-    async fn write(&self, state: &mut WriterState, nodes: &[NodeOutcome]) -> bool {
+    /// Writes each status that changed; returns whether a rollout is still
+    /// going on, or None when the lease was lost (a read of many reports
+    /// may outlast a renewal: it is renewed before a write when due).
+    async fn write(
+        &self,
+        state: &mut WriterState,
+        nodes: &[NodeOutcome],
+        lease: &Lease,
+        renewed: &mut Instant,
+    ) -> Option<bool> {
         let now = Timestamp::now().to_string();
         let mut rolling_out = false;
         for ((kind, key), resource) in &mut state.resources {
-            let acceptance = state.policies.acceptance(key, resource.generation);
+            let acceptance = state
+                .policies
+                .acceptance(key, &resource.uid, resource.generation);
             let status = policy_status(
                 kind,
                 key.namespace.as_deref(),
@@ -168,19 +183,38 @@ impl StatusWriter {
                 resource.status.as_ref(),
                 &now,
             );
+            // Failures and refusals are not a rollout: read at the slow pace.
             rolling_out |= status
                 .conditions
                 .iter()
-                .any(|c| c.type_ == "Enforced" && c.status != "True");
+                .any(|c| c.type_ == "Enforced" && c.reason == "RollingOut");
             if resource.status.as_ref() == Some(&status) {
                 continue;
+            }
+            if renewed.elapsed() >= RENEW && !renew_lease(lease, renewed).await {
+                return None;
             }
             match patch_status(&self.client, kind, key, &status).await {
                 Ok(()) => resource.status = Some(status),
                 Err(e) => warn!(policy = %key, error = %e, "cannot write the policy's status"),
             }
         }
-        rolling_out
+        Some(rolling_out)
+    }
+}
+
+/// Renews the lease; whether it is still held.
+async fn renew_lease(lease: &Lease, renewed: &mut Instant) -> bool {
+    match lease.acquire_or_renew().await {
+        Ok(true) => {
+            *renewed = Instant::now();
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            warn!(error = %e, "cannot renew the status lease; stopping status writes");
+            false
+        }
     }
 }
 
@@ -191,6 +225,8 @@ struct WriterState {
     resources: BTreeMap<(&'static str, PolicyKey), Resource>,
     /// By pod name.
     agents: BTreeMap<String, Agent>,
+    /// The kinds listed so far, and "agent pods".
+    listed: BTreeSet<&'static str>,
     dirty: bool,
     rolling_out: bool,
 }
@@ -199,6 +235,7 @@ impl WriterState {
     fn take(&mut self, change: Change) {
         match &change {
             Change::Listed(kind, listed) => {
+                self.listed.insert(kind);
                 self.resources.retain(|(k, _), _| k != kind);
                 for resource in listed {
                     self.resources
@@ -218,7 +255,10 @@ impl WriterState {
 
     fn take_agents(&mut self, change: AgentChange) {
         match change {
-            AgentChange::Listed(agents) => self.agents = agents.into_iter().collect(),
+            AgentChange::Listed(agents) => {
+                self.listed.insert("agent pods");
+                self.agents = agents.into_iter().collect();
+            }
             AgentChange::Applied((pod, agent)) => {
                 self.agents.insert(pod, agent);
             }
@@ -250,9 +290,15 @@ fn agent_changes(
     )
 }
 
-/// An agent pod's node and report address (none until it has an IP).
+/// An agent pod's node and report address (none until it runs with an
+/// IP). A pod that has ended is no agent: its IP may be another pod's now.
 fn agent_of(pod: &Pod, port_name: &str) -> Option<(String, Agent)> {
     let name = pod.metadata.name.clone()?;
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let running = phase == Some("Running");
     let spec = pod.spec.as_ref()?;
     let node = spec.node_name.clone()?;
     let port = spec
@@ -266,7 +312,10 @@ fn agent_of(pod: &Pod, port_name: &str) -> Option<(String, Agent)> {
         .as_ref()
         .and_then(|s| s.pod_ip.as_deref())
         .and_then(|ip| ip.parse().ok());
-    let address = ip.zip(port).map(|(ip, port)| SocketAddr::new(ip, port));
+    let address = ip
+        .zip(port)
+        .filter(|_| running)
+        .map(|(ip, port)| SocketAddr::new(ip, port));
     Some((name, Agent { node, address }))
 }
 
@@ -293,7 +342,13 @@ pub async fn read_reports(
                     .await
             };
             match read.await {
-                Ok(report) => NodeOutcome::Report(report),
+                // The pod's node is the one that counts, not what the
+                // answer claims.
+                Ok(report) if report.node == agent.node => NodeOutcome::Report(report),
+                Ok(report) => NodeOutcome::Unreachable {
+                    why: format!("{address} answered as node {:?}", report.node),
+                    node: agent.node,
+                },
                 Err(e) => NodeOutcome::Unreachable {
                     node: agent.node,
                     why: e.to_string(),

@@ -10,7 +10,7 @@ use tollgate_common::Mode;
 use tollgate_proto::v1 as api;
 
 use super::store::{
-    ClusterDocument, Conflict, ModePlan, PersistedState, PolicyStore, StoreError, mode_name,
+    ClusterDocument, Conflict, ModePlan, PersistedState, PolicyStore, StoreError, key_of, mode_name,
 };
 use crate::{
     datapath::{Attachment, Datapath, DatapathError},
@@ -106,6 +106,17 @@ impl Controller {
                 });
             }
         };
+        // A file must not stop the agent from starting because the cluster
+        // has taken over a policy of the same name since: the cluster's wins.
+        let (documents, shadowed): (Vec<_>, Vec<_>) = documents
+            .into_iter()
+            .partition(|document| !store.is_cluster_owned(&key_of(document)));
+        for document in shadowed {
+            tracing::warn!(
+                policy = %key_of(&document),
+                "--policy names a cluster resource's policy; the file's is not applied (rename it, or delete the resource)"
+            );
+        }
         let manage = !store.is_empty() || !documents.is_empty();
         if !documents.is_empty() {
             let plan = store.plan_apply(documents, None)?;
@@ -199,10 +210,19 @@ impl Controller {
         datapath: &mut Datapath,
     ) -> Result<ClusterApplied, ControlError> {
         let (plan, conflicts) = self.store.plan_cluster(desired)?;
-        let changes = self.put_plan_in_force(plan, false, datapath)?;
+        let changes = plan.changes.clone();
+        match self.put_plan_in_force(plan, false, datapath) {
+            Ok(_) => {}
+            // In force and committed; only the save failed, and the API
+            // server has the cluster's policies for the next start.
+            Err(e @ ControlError::Persist { .. }) => {
+                tracing::error!(error = %e, "the cluster's policies are in force but not saved");
+            }
+            Err(e) => return Err(e),
+        }
         Ok(ClusterApplied {
-            generation: changes.generation,
-            changes: changes.changes,
+            generation: self.store.generation(),
+            changes,
             conflicts,
         })
     }

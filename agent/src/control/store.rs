@@ -451,6 +451,11 @@ impl PolicyStore {
         }
     }
 
+    /// Whether `key` is a cluster resource's policy.
+    pub fn is_cluster_owned(&self, key: &PolicyKey) -> bool {
+        self.policies.get(key).is_some_and(|s| s.origin.is_some())
+    }
+
     /// A local change may not touch a cluster resource's policy.
     fn check_local(&self, key: &PolicyKey) -> Result<(), StoreError> {
         match self.policies.get(key).and_then(|s| s.origin.as_ref()) {
@@ -528,7 +533,9 @@ pub enum ModePlan {
     },
 }
 
-fn key_of(document: &api::EgressPolicy) -> PolicyKey {
+/// A document's policy key, as validation derives it: `metadata.namespace`
+/// (none when empty) and `metadata.name`.
+pub fn key_of(document: &api::EgressPolicy) -> PolicyKey {
     let metadata = document.metadata.clone().unwrap_or_default();
     PolicyKey {
         namespace: (!metadata.namespace.is_empty()).then_some(metadata.namespace),

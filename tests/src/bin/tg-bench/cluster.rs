@@ -179,6 +179,7 @@ async fn start_node(
         commands,
         in_force: Vec::new(),
         remove_taint: false,
+        identities_known: watch::channel(true).1,
         report,
     };
     tokio::spawn(cluster.run(shutdown.clone()));
