@@ -414,7 +414,6 @@ fn watches_survive_disconnects_410_and_an_api_server_that_is_away() {
     assert_eq!(web.connect(&env, host, 8080), Err(EPERM));
     // Deleted while the agent could not see it: gone once the API is back.
     api.delete(&lockdown);
-    std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         web.connect(&env, host, 8080),
         Err(EPERM),
@@ -422,9 +421,15 @@ fn watches_survive_disconnects_410_and_an_api_server_that_is_away() {
     );
     api.set_down(false);
     // The watches retry with backoff (up to 30 s apart) while it is away.
-    until(Ok(()), Duration::from_secs(60), || {
-        web.connect(&env, host, 8080)
-    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while web.connect(&env, host, 8080) != Ok(()) {
+        assert!(
+            Instant::now() < deadline,
+            "still blocked a minute after the API came back; the agent logged: {:#?}",
+            agent.log_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     drop(agent);
 }
 
