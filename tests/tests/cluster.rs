@@ -420,7 +420,8 @@ fn watches_survive_disconnects_410_and_an_api_server_that_is_away() {
         "nothing changes while the API is away"
     );
     api.set_down(false);
-    // The watches retry with backoff (up to 30 s apart) while it is away.
+    // The watches retry with a jittered backoff (0.8 s doubling, capped at
+    // 30 s, plus up to as much again) while it is away.
     let deadline = Instant::now() + Duration::from_secs(60);
     while web.connect(&env, host, 8080) != Ok(()) {
         assert!(
