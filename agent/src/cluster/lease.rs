@@ -1,6 +1,7 @@
-//! One status writer for the cluster: the agent that holds a
-//! `coordination.k8s.io` Lease. Taking or renewing it is a replace at the
-//! read resource version, so two agents can never both succeed.
+//! One status writer for the cluster: the replica of `tollgate-agent
+//! status-writer` that holds a `coordination.k8s.io` Lease. Taking or
+//! renewing it is a replace at the read resource version, so two replicas
+//! can never both succeed.
 
 use std::time::Duration;
 

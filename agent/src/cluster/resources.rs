@@ -99,8 +99,8 @@ impl<K: PolicyKind> kube::Resource for PolicyResource<K> {
 }
 
 /// What `kubectl get egresspolicies` shows of a policy across the cluster.
-/// One writer, the agent that holds the status lease, writes it
-/// (docs/aks.md, "Status").
+/// The status writer writes it, from every agent's report (docs/aks.md,
+/// "Status").
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyStatus {
