@@ -235,7 +235,6 @@ impl WriterState {
     fn take(&mut self, change: Change) {
         match &change {
             Change::Listed(kind, listed) => {
-                self.listed.insert(kind);
                 self.resources.retain(|(k, _), _| k != kind);
                 for resource in listed {
                     self.resources
@@ -250,7 +249,8 @@ impl WriterState {
                 self.resources.remove(&(*kind, key.clone()));
             }
         }
-        take(&mut self.policies, &mut Default::default(), change);
+        // The same bookkeeping as the agents' watch: it notes the kinds listed.
+        take(&mut self.policies, &mut self.listed, change);
     }
 
     fn take_agents(&mut self, change: AgentChange) {
