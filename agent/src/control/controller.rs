@@ -69,6 +69,12 @@ pub enum ControlError {
 
 pub struct Controller {
     store: PolicyStore,
+    /// False while the kernel holds rules the store may not know: a start
+    /// with nothing saved leaves the pinned rules as they are, and an agent
+    /// killed between a switch and its save left a set the store never
+    /// committed. The next change then puts the store's set in force even
+    /// if it changes nothing in the store.
+    kernel_matches_store: bool,
     enforcer: Enforcer,
     state_file: PathBuf,
     attach_cgroup: PathBuf,
@@ -131,6 +137,7 @@ impl Controller {
         let mode = store.global_mode().unwrap_or(Mode::Observe);
         let mut controller = Self {
             store,
+            kernel_matches_store: manage,
             enforcer,
             state_file,
             attach_cgroup: attach_cgroup.to_owned(),
@@ -266,7 +273,7 @@ impl Controller {
             });
         }
         // Nothing to switch, save or move the generation for.
-        if !plan.changes_anything() {
+        if !plan.changes_anything() && self.kernel_matches_store {
             return Ok(api::PolicyChanges {
                 generation: self.store.generation(),
                 changes,
@@ -279,6 +286,7 @@ impl Controller {
             datapath.global_mode(),
             datapath,
         )?;
+        self.kernel_matches_store = true;
         self.store.commit(plan);
         self.persist()?;
         Ok(api::PolicyChanges {
