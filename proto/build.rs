@@ -69,7 +69,7 @@ const SCHEMA_FIELDS: [(&str, &str); 13] = [
     ("EgressPort.end_port", "range(min = 1, max = 65535)"),
     (
         "EgressPort.protocol",
-        r#"extend("enum" = ["TCP", "UDP", "ANY"])"#,
+        r#"extend("enum" = ["TCP", "UDP", "SCTP", "ICMP", "ICMPv6", "ANY"])"#,
     ),
 ];
 

@@ -15,11 +15,7 @@
 
 use core::sync::atomic::{Ordering, compiler_fence};
 
-use aya_ebpf::{
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
-    maps::lpm_trie::Key,
-    programs::SockAddrContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use tollgate_common::{
     DecideScratch, EndpointKey, FqdnRuleKey, LEARNED_SLOTS, LearnedKey, MAX_PORT_RULES, Mode,
     RULE_ID_DEFAULT, RuleKeyV4, RuleKeyV6, RuleList, Verdict, action, capacity, counter,
@@ -64,18 +60,41 @@ struct Decision {
     flags: u8,
 }
 
-/// Decides, reports and returns the hook's return value.
+/// A decision as the hooks report and enforce it.
+pub struct Judgement {
+    pub verdict: Verdict,
+    pub mode: Mode,
+    /// [`flow_flags`]: the destination's and the decision's.
+    pub flags: u8,
+    pub rule_id: u32,
+    pub set_id: u32,
+    pub generation: u32,
+    /// The config's report intervals (0: report every decision).
+    pub allowed_report_interval_ns: u64,
+    pub packet_report_interval_ns: u64,
+}
+
+/// Decides a connection or packet of cgroup `cgroup_id` to `dst` by the
+/// generation in force.
 #[inline(always)]
-pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination) -> i32 {
+pub fn judge(cgroup_id: u64, dst: &Destination) -> Judgement {
     let Some(config) = TG_CONFIG.get_ptr(0) else {
-        return 1; // unreachable for an array map with one entry
+        // Unreachable for an array map with one entry.
+        return Judgement {
+            verdict: Verdict::Allowed,
+            mode: Mode::Observe,
+            flags: dst.flags,
+            rule_id: RULE_ID_DEFAULT,
+            set_id: 0,
+            generation: 0,
+            allowed_report_interval_ns: 0,
+            packet_report_interval_ns: 0,
+        };
     };
     // SAFETY: the value pointer is valid for the whole program; its first
     // 8 bytes are (generation, global_mode), read as one word.
     let state_word = config as *const u64;
     let mut word = unsafe { core::ptr::read_volatile(state_word) };
-    // SAFETY: helper without preconditions.
-    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
 
     let decision = match claim_slot() {
         Some((slot, scratch)) => {
@@ -137,25 +156,17 @@ pub fn run(ctx: &SockAddrContext, hook: tollgate_common::Hook, dst: Destination)
     } else {
         Verdict::Allowed
     };
-    // SAFETY: plain read of the config value.
-    let interval = unsafe { (*config).allowed_report_interval_ns };
-    report::decision(
-        ctx,
-        &report::Report {
-            hook,
-            verdict,
-            mode,
-            flags: dst.flags | decision.flags,
-            rule_id: decision.rule_id,
-            set_id: decision.set_id,
-            generation: word as u32,
-            cgroup_id,
-            allowed_report_interval_ns: interval,
-        },
-        &dst,
-    );
-
-    if verdict == Verdict::Denied { 0 } else { 1 }
+    Judgement {
+        verdict,
+        mode,
+        flags: dst.flags | decision.flags,
+        rule_id: decision.rule_id,
+        set_id: decision.set_id,
+        generation: word as u32,
+        // SAFETY: plain reads of the config value.
+        allowed_report_interval_ns: unsafe { (*config).allowed_report_interval_ns },
+        packet_report_interval_ns: unsafe { (*config).packet_report_interval_ns },
+    }
 }
 
 /// Claims one of this CPU's decision slots. cgroup programs run with

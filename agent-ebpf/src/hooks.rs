@@ -1,30 +1,62 @@
-//! The four entry points. Each reads the destination from its context and
-//! hands it to [`decide::run`]; a sock_addr program returns 1 to let the call
-//! proceed and 0 to fail it with EPERM.
+//! The four sock_addr entry points. Each reads the destination from its
+//! context, has it judged ([`decide::judge`]) and reported; a sock_addr
+//! program returns 1 to let the call proceed and 0 to fail it with EPERM.
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use tollgate_common::{Hook, family, flow_flags};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_cgroup_id, generated::bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use tollgate_common::{Hook, Verdict, family, flow_flags};
 
-use crate::decide::{self, Destination};
+use crate::{
+    decide::{self, Destination},
+    report::{self, Origin, Sender},
+};
 
 #[cgroup_sock_addr(connect4)]
 pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
-    decide::run(&ctx, Hook::Connect4, destination_v4(&ctx))
+    run(&ctx, Hook::Connect4, destination_v4(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
-    decide::run(&ctx, Hook::Connect6, destination_v6(&ctx))
+    run(&ctx, Hook::Connect6, destination_v6(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
-    decide::run(&ctx, Hook::Sendmsg4, destination_v4(&ctx))
+    run(&ctx, Hook::Sendmsg4, destination_v4(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
-    decide::run(&ctx, Hook::Sendmsg6, destination_v6(&ctx))
+    run(&ctx, Hook::Sendmsg6, destination_v6(&ctx))
+}
+
+#[inline(always)]
+fn run(ctx: &SockAddrContext, hook: Hook, dst: Destination) -> i32 {
+    // SAFETY: helpers without preconditions beyond a valid context.
+    let (cgroup_id, socket_cookie) = unsafe {
+        (
+            bpf_get_current_cgroup_id(),
+            bpf_get_socket_cookie(ctx.as_ptr()),
+        )
+    };
+    let judgement = decide::judge(cgroup_id, &dst);
+    let origin = Origin {
+        hook,
+        cgroup_id,
+        socket_cookie,
+        sender: Sender::CurrentTask,
+    };
+    report::decision(&origin, &judgement, &dst);
+    if judgement.verdict == Verdict::Denied {
+        0
+    } else {
+        1
+    }
 }
 
 // Fields are read one at a time: the verifier rejects copying the context.

@@ -1,11 +1,13 @@
 //! Tollgate's kernel programs.
 //!
-//! Four `cgroup/sock_addr` hooks decide every egress connection (TCP connect,
-//! connected and unconnected UDP) by destination, using maps the agent
-//! writes. The decision logic lives in [`decide`], the reporting (counters,
-//! dedup, ring buffer) in [`report`]; each hook only reads its context. A
-//! `cgroup_skb` ingress program ([`dns`]) learns FQDN rules' addresses from
-//! DNS answers.
+//! Four `cgroup/sock_addr` hooks ([`hooks`]) decide every egress connection
+//! of TCP and UDP sockets (TCP connect, connected and unconnected UDP) by
+//! destination, using maps the agent writes; a `cgroup_skb` egress program
+//! ([`packet`]) decides each packet of every other inet socket (raw, ICMP
+//! echo, SCTP) by the same rules. The decision logic lives in [`decide`],
+//! the reporting (counters, dedup, ring buffer) in [`report`]; each hook
+//! only reads its context. A `cgroup_skb` ingress program ([`dns`]) learns
+//! FQDN rules' addresses from DNS answers.
 #![no_std]
 #![no_main]
 // Atomic adds without a CAS: the BPF target has no atomic RMW types.
@@ -16,6 +18,7 @@ mod decide;
 mod dns;
 mod hooks;
 mod maps;
+mod packet;
 mod report;
 
 #[cfg(not(test))]

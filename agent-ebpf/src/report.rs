@@ -1,21 +1,21 @@
-//! Counting and reporting decisions. Denied and audit decisions are always
-//! reported; allowed ones at most once per interval per source cgroup,
-//! destination, port, protocol and rule. Every event the ring buffer cannot
+//! Counting and reporting decisions. At the sock_addr hooks, denied and
+//! audit decisions are always reported, allowed ones at most once per
+//! interval per source cgroup, destination, port, protocol and rule. At the
+//! packet hooks, where a flood is one decision per packet, every verdict is
+//! reported once per flow and interval. Every event the ring buffer cannot
 //! take is counted.
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        generated::{bpf_get_current_comm, bpf_get_socket_cookie},
+        generated::bpf_get_current_comm,
     },
-    programs::SockAddrContext,
 };
-use tollgate_common::{FlowDedupKey, FlowEvent, Hook, Mode, Verdict, counter, event_kind};
+use tollgate_common::{FlowDedupKey, FlowEvent, Hook, Verdict, counter, event_kind};
 
 use crate::{
-    decide::Destination,
+    decide::{Destination, Judgement},
     maps::{TG_COUNTERS, TG_EVENTS, TG_FLOW_DEDUP},
 };
 
@@ -24,16 +24,27 @@ use crate::{
 /// a busy node pays for one wakeup per batch, not one per connection.
 const WAKEUP_THRESHOLD: u64 = 64 << 10;
 
-pub struct Report {
+/// Where a decision came from.
+pub struct Origin {
     pub hook: Hook,
-    pub verdict: Verdict,
-    pub mode: Mode,
-    pub flags: u8,
-    pub rule_id: u32,
-    pub set_id: u32,
-    pub generation: u32,
     pub cgroup_id: u64,
-    pub allowed_report_interval_ns: u64,
+    pub socket_cookie: u64,
+    pub sender: Sender,
+}
+
+/// Who sent, as far as the hook can know.
+pub enum Sender {
+    /// The sock_addr hooks run in the calling task: its ids and name.
+    CurrentTask,
+    /// A packet hook can run in any context (a retransmission from a
+    /// timer, say), so it names no task: the socket owner's uid only.
+    SocketOwner { uid: u32 },
+}
+
+impl Origin {
+    fn is_packet_hook(&self) -> bool {
+        matches!(self.hook, Hook::Packet4 | Hook::Packet6)
+    }
 }
 
 #[inline(always)]
@@ -50,8 +61,8 @@ pub fn add(index: u32, n: u64) {
 }
 
 #[inline(always)]
-pub fn decision(ctx: &SockAddrContext, report: &Report, dst: &Destination) {
-    count(match report.verdict {
+pub fn decision(origin: &Origin, judgement: &Judgement, dst: &Destination) {
+    count(match judgement.verdict {
         Verdict::Allowed => counter::ALLOWED,
         Verdict::Denied => counter::DENIED,
         Verdict::Audit => counter::AUDIT,
@@ -59,11 +70,19 @@ pub fn decision(ctx: &SockAddrContext, report: &Report, dst: &Destination) {
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
 
-    if report.verdict == Verdict::Allowed
-        && report.allowed_report_interval_ns != 0
-        && recently_reported(report, dst, now)
-    {
-        count(counter::ALLOWED_DEDUPLICATED);
+    let interval_ns = if origin.is_packet_hook() {
+        judgement.packet_report_interval_ns
+    } else if judgement.verdict == Verdict::Allowed {
+        judgement.allowed_report_interval_ns
+    } else {
+        0
+    };
+    if interval_ns != 0 && recently_reported(origin, judgement, dst, now, interval_ns) {
+        count(if judgement.verdict == Verdict::Allowed {
+            counter::ALLOWED_DEDUPLICATED
+        } else {
+            counter::PACKETS_DEDUPLICATED
+        });
         return;
     }
 
@@ -76,29 +95,38 @@ pub fn decision(ctx: &SockAddrContext, report: &Report, dst: &Destination) {
     // size; every field is written before submit, so no stale bytes leak.
     unsafe {
         (*event).kind = event_kind::FLOW;
-        (*event).hook = report.hook as u8;
-        (*event).verdict = report.verdict as u8;
-        (*event).mode = report.mode as u8;
+        (*event).hook = origin.hook as u8;
+        (*event).verdict = judgement.verdict as u8;
+        (*event).mode = judgement.mode as u8;
         (*event).family = dst.family;
         (*event).protocol = dst.protocol;
-        (*event).flags = report.flags;
+        (*event).flags = judgement.flags;
         (*event).dst_port = dst.port;
-        (*event).rule_id = report.rule_id;
-        (*event).set_id = report.set_id;
-        (*event).generation = report.generation;
+        (*event).rule_id = judgement.rule_id;
+        (*event).set_id = judgement.set_id;
+        (*event).generation = judgement.generation;
         (*event).ts_ns = now;
-        (*event).cgroup_id = report.cgroup_id;
-        (*event).pid_tgid = bpf_get_current_pid_tgid();
-        (*event).uid_gid = bpf_get_current_uid_gid();
-        (*event).socket_cookie = bpf_get_socket_cookie(ctx.as_ptr());
+        (*event).cgroup_id = origin.cgroup_id;
+        (*event).socket_cookie = origin.socket_cookie;
         let addr = core::ptr::addr_of_mut!((*event).dst_addr) as *mut u32;
         addr.write_unaligned(dst.addr[0]);
         addr.add(1).write_unaligned(dst.addr[1]);
         addr.add(2).write_unaligned(dst.addr[2]);
         addr.add(3).write_unaligned(dst.addr[3]);
         let comm = core::ptr::addr_of_mut!((*event).comm) as *mut core::ffi::c_void;
-        if bpf_get_current_comm(comm, 16) != 0 {
-            core::ptr::write_bytes(comm as *mut u8, 0, 16);
+        match origin.sender {
+            Sender::CurrentTask => {
+                (*event).pid_tgid = bpf_get_current_pid_tgid();
+                (*event).uid_gid = bpf_get_current_uid_gid();
+                if bpf_get_current_comm(comm, 16) != 0 {
+                    core::ptr::write_bytes(comm as *mut u8, 0, 16);
+                }
+            }
+            Sender::SocketOwner { uid } => {
+                (*event).pid_tgid = 0;
+                (*event).uid_gid = uid as u64;
+                core::ptr::write_bytes(comm as *mut u8, 0, 16);
+            }
         }
     }
     entry.submit(batched_wakeup());
@@ -116,10 +144,16 @@ pub fn batched_wakeup() -> u64 {
     wakeup.into()
 }
 
-/// True if the same allowed flow was reported less than an interval ago;
+/// True if the same flow was reported less than an interval ago;
 /// otherwise records `now` as its last report.
 #[inline(always)]
-fn recently_reported(report: &Report, dst: &Destination, now: u64) -> bool {
+fn recently_reported(
+    origin: &Origin,
+    judgement: &Judgement,
+    dst: &Destination,
+    now: u64,
+    interval_ns: u64,
+) -> bool {
     let mut dst_addr = [0u8; 16];
     let [a, b, c, d] = dst.addr;
     dst_addr[0..4].copy_from_slice(&a.to_ne_bytes());
@@ -127,18 +161,21 @@ fn recently_reported(report: &Report, dst: &Destination, now: u64) -> bool {
     dst_addr[8..12].copy_from_slice(&c.to_ne_bytes());
     dst_addr[12..16].copy_from_slice(&d.to_ne_bytes());
     let key = FlowDedupKey {
-        cgroup_id: report.cgroup_id,
+        cgroup_id: origin.cgroup_id,
         dst_addr,
         dst_port: dst.port,
         protocol: dst.protocol,
         family: dst.family,
-        rule_id: report.rule_id,
+        rule_id: judgement.rule_id,
+        hook: origin.hook as u8,
+        verdict: judgement.verdict as u8,
+        _pad: [0; 6],
     };
     if let Some(last) = TG_FLOW_DEDUP.get_ptr_mut(key) {
         // SAFETY: value pointer from a successful lookup; a racing update
         // only makes a report more or less likely, never unsafe.
         unsafe {
-            if now.wrapping_sub(*last) < report.allowed_report_interval_ns {
+            if now.wrapping_sub(*last) < interval_ns {
                 return true;
             }
             *last = now;

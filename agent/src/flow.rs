@@ -270,6 +270,8 @@ fn hook_name(hook: u8) -> &'static str {
         Some(Hook::Connect6) => "connect6",
         Some(Hook::Sendmsg4) => "sendmsg4",
         Some(Hook::Sendmsg6) => "sendmsg6",
+        Some(Hook::Packet4) => "packet4",
+        Some(Hook::Packet6) => "packet6",
         None => "unknown",
     }
 }
@@ -278,6 +280,9 @@ fn protocol_name(number: u8) -> Cow<'static, str> {
     match number {
         protocol::TCP => Cow::Borrowed("tcp"),
         protocol::UDP => Cow::Borrowed("udp"),
+        protocol::ICMP => Cow::Borrowed("icmp"),
+        protocol::ICMPV6 => Cow::Borrowed("icmpv6"),
+        protocol::SCTP => Cow::Borrowed("sctp"),
         other => Cow::Owned(format!("ip-{other}")),
     }
 }
@@ -534,7 +539,7 @@ mod tests {
         assert_eq!(record.policy, Some("prod/p"));
         assert_eq!(record.policy_source, Some("local"));
         assert_eq!(record.verdict, "audit");
-        assert_eq!(record.protocol, "ip-1");
+        assert_eq!(record.protocol, "icmp");
     }
 
     #[test]

@@ -287,7 +287,7 @@ fn verify(bpffs_root: &Path, json: bool) -> anyhow::Result<()> {
     }
     let refused: Vec<&str> = checks
         .iter()
-        .filter(|c| !c.loaded && datapath::PROGRAMS[..4].contains(&c.program))
+        .filter(|c| !c.loaded && datapath::decides(c.program))
         .map(|c| c.program)
         .collect();
     anyhow::ensure!(

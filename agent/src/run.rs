@@ -153,6 +153,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     } else {
         config.allowed_report_interval
     })?;
+    // The packet hooks judge every packet: whatever the flow mode, the
+    // kernel reports each of their flows once per interval, so that a
+    // flood of packets does not flood the ring buffer.
+    datapath.set_packet_report_interval(config.allowed_report_interval)?;
     let mut reader = datapath
         .take_event_reader()
         .map_err(RunError::Events)?

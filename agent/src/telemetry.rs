@@ -237,6 +237,11 @@ impl Telemetry {
             counter(counters.allowed_deduplicated),
         );
         registry.register(
+            "denied_packets_not_reported",
+            "Denied or audit packets (packet hooks) not reported because the same flow was reported within the interval",
+            counter(counters.packets_deduplicated),
+        );
+        registry.register(
             "ringbuf_reserve_failures",
             "Events lost because the ring buffer was full",
             counter(counters.ringbuf_reserve_failed),

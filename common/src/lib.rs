@@ -13,7 +13,7 @@
 pub mod dns;
 
 /// Version of the pinned map layout; part of the bpffs pin directory name.
-pub const PIN_LAYOUT_VERSION: u32 = 3;
+pub const PIN_LAYOUT_VERSION: u32 = 4;
 
 /// Map names (at most 15 bytes: the kernel truncates longer object names).
 pub mod map_names {
@@ -105,13 +105,30 @@ pub enum Hook {
     Connect6 = 2,
     Sendmsg4 = 3,
     Sendmsg6 = 4,
+    /// The `cgroup_skb` egress hook, which judges each packet of the
+    /// sockets the four above do not see (raw, ICMP echo, SCTP, ...).
+    Packet4 = 5,
+    Packet6 = 6,
 }
 
 /// IP protocol numbers used in rules; 0 matches any protocol.
 pub mod protocol {
     pub const ANY: u8 = 0;
+    pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const DCCP: u8 = 33;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+    pub const UDPLITE: u8 = 136;
+
+    /// Whether the protocol's header starts with a source and a
+    /// destination port (16 bits each): the ports that port rules match.
+    /// Other protocols are judged with port 0, which only port-less rules
+    /// match.
+    pub const fn has_ports(protocol: u8) -> bool {
+        matches!(protocol, TCP | UDP | DCCP | SCTP | UDPLITE)
+    }
 }
 
 /// Address families as the kernel numbers them.
@@ -160,7 +177,11 @@ pub mod counter {
     pub const FQDN_SLOTS_FULL: u32 = 12;
     /// A learned address could not be written to its map.
     pub const FQDN_LEARN_FAILED: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// Denied or audit packets not reported because the same flow was
+    /// reported within the interval (the packet hooks report every
+    /// verdict once per flow and interval, so a flood is one record).
+    pub const PACKETS_DEDUPLICATED: u32 = 14;
+    pub const COUNT: u32 = 15;
 }
 
 /// Singleton in `TG_CONFIG[0]`.
@@ -187,6 +208,11 @@ pub struct Config {
     /// address's lifetime (see [`dns::learned_ttl`]).
     pub fqdn_ttl_min_s: u32,
     pub fqdn_ttl_max_s: u32,
+    /// Decisions of the packet hooks with the same source cgroup,
+    /// destination, port, protocol, rule and verdict are reported at most
+    /// once per this interval, whatever the verdict (a flood is one
+    /// decision per packet). 0: report all.
+    pub packet_report_interval_ns: u64,
 }
 
 /// Key of `TG_ENDPOINTS`: a cgroup in one generation half.
@@ -294,11 +320,13 @@ pub struct FlowEvent {
     pub mode: u8,
     /// [`family`] of the destination as judged (IPv4 for mapped addresses).
     pub family: u8,
-    /// IPPROTO_TCP or IPPROTO_UDP.
+    /// The IP protocol: the socket's at the sock_addr hooks, the packet's
+    /// (after IPv6 extension headers) at the packet hooks.
     pub protocol: u8,
     /// [`flow_flags`].
     pub flags: u8,
-    /// Host order.
+    /// Host order; 0 for a protocol without ports and for a fragment
+    /// other than the first.
     pub dst_port: u16,
     pub rule_id: u32,
     /// Set id of the endpoint's rules (meaningful with `ENDPOINT_KNOWN`).
@@ -315,7 +343,8 @@ pub struct FlowEvent {
     pub comm: [u8; 16],
 }
 
-/// Key of `TG_FLOW_DEDUP` (LRU): what makes two allowed decisions the same.
+/// Key of `TG_FLOW_DEDUP` (LRU): what makes two reported decisions the
+/// same flow within an interval.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowDedupKey {
@@ -325,6 +354,12 @@ pub struct FlowDedupKey {
     pub protocol: u8,
     pub family: u8,
     pub rule_id: u32,
+    /// [`Hook`]: a raw socket's UDP and a UDP socket's are different flows.
+    pub hook: u8,
+    /// [`Verdict`]: a flow that turns from audit to denied is reported at
+    /// once.
+    pub verdict: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Key of `TG_FQDN_NAMES`: a DNS name in wire form (length-prefixed
@@ -525,6 +560,8 @@ impl Hook {
             2 => Some(Self::Connect6),
             3 => Some(Self::Sendmsg4),
             4 => Some(Self::Sendmsg6),
+            5 => Some(Self::Packet4),
+            6 => Some(Self::Packet6),
             _ => None,
         }
     }
@@ -566,7 +603,7 @@ mod pod {
 
 // The layouts are part of the pinned ABI: fail the build if one drifts.
 const _: () = {
-    assert!(core::mem::size_of::<Config>() == 32);
+    assert!(core::mem::size_of::<Config>() == 40);
     assert!(core::mem::size_of::<EndpointKey>() == 16);
     assert!(core::mem::size_of::<EndpointValue>() == 8);
     assert!(core::mem::size_of::<RuleKeyV4>() == 8);
@@ -578,7 +615,7 @@ const _: () = {
     assert!(core::mem::offset_of!(FlowEvent, ts_ns) == 24);
     assert!(core::mem::offset_of!(FlowEvent, comm) == 80);
     assert!(core::mem::offset_of!(Config, allowed_report_interval_ns) == 8);
-    assert!(core::mem::size_of::<FlowDedupKey>() == 32);
+    assert!(core::mem::size_of::<FlowDedupKey>() == 40);
     assert!(core::mem::size_of::<FqdnNameIds>() == 16);
     assert!(core::mem::size_of::<FqdnRuleKey>() == 8);
     assert!(core::mem::size_of::<LearnedKey>() == 32);

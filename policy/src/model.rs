@@ -131,22 +131,42 @@ pub enum PolicyMode {
     Enforce,
 }
 
+/// The IP protocol a port rule applies to. `Any` with no port matches
+/// every protocol; with a port, it matches the protocols that have ports
+/// (TCP, UDP, SCTP, UDP-Lite, DCCP), since every other protocol is judged
+/// with port 0, which no port range holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Protocol {
     #[default]
     Any,
     Tcp,
     Udp,
+    Sctp,
+    Icmp,
+    Icmpv6,
 }
 
 impl Protocol {
-    /// Whether a socket's IP protocol number is covered.
+    /// Whether an IP protocol number is covered.
     pub fn matches(self, protocol: u8) -> bool {
+        self.number().is_none_or(|number| number == protocol)
+    }
+
+    /// The IP protocol number, None for any.
+    pub fn number(self) -> Option<u8> {
         match self {
-            Protocol::Any => true,
-            Protocol::Tcp => protocol == protocol::TCP,
-            Protocol::Udp => protocol == protocol::UDP,
+            Protocol::Any => None,
+            Protocol::Tcp => Some(protocol::TCP),
+            Protocol::Udp => Some(protocol::UDP),
+            Protocol::Sctp => Some(protocol::SCTP),
+            Protocol::Icmp => Some(protocol::ICMP),
+            Protocol::Icmpv6 => Some(protocol::ICMPV6),
         }
+    }
+
+    /// Whether packets of the protocol have ports for rules to match.
+    pub fn has_ports(self) -> bool {
+        self.number().is_none_or(protocol::has_ports)
     }
 }
 

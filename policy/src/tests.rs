@@ -16,8 +16,7 @@ use super::{
     model::*,
 };
 
-const TCP: u8 = 6;
-const UDP: u8 = 17;
+use tollgate_common::protocol::{ICMP, ICMPV6, SCTP, TCP, UDP, has_ports};
 
 fn cidr(text: &str) -> Peer {
     Peer::Cidr {
@@ -852,12 +851,24 @@ fn port_spec() -> impl Strategy<Value = PortSpec> {
     (
         1u16..=12,
         0u16..=3,
-        prop::sample::select(vec![Protocol::Any, Protocol::Tcp, Protocol::Udp]),
+        prop::sample::select(vec![
+            Protocol::Any,
+            Protocol::Tcp,
+            Protocol::Udp,
+            Protocol::Sctp,
+            Protocol::Icmp,
+            Protocol::Icmpv6,
+        ]),
+        any::<bool>(),
     )
-        .prop_map(|(first, width, protocol)| PortSpec {
-            ports: PortRange {
-                first,
-                last: first + width,
+        .prop_map(|(first, width, protocol, any_port)| PortSpec {
+            ports: if any_port || !protocol.has_ports() {
+                PortRange::ANY
+            } else {
+                PortRange {
+                    first,
+                    last: first + width,
+                }
             },
             protocol,
         })
@@ -931,7 +942,10 @@ fn destinations(policies: &[Policy], seeds: &[(u128, u16, u8, bool)]) -> Vec<(Ip
                     (seed >> 24) as u8,
                 ))
             };
-            (ip, port, [TCP, UDP, 1][protocol as usize % 3])
+            let protocol = [TCP, UDP, ICMP, SCTP, ICMPV6][protocol as usize % 5];
+            // The datapath judges a protocol without ports with port 0.
+            let port = if has_ports(protocol) { port } else { 0 };
+            (ip, port, protocol)
         })
         .collect()
 }

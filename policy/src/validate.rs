@@ -440,17 +440,27 @@ fn validate_port(port: &api::EgressPort, path: &str, problems: &mut Problems) ->
         "" | "ANY" => Protocol::Any,
         "TCP" => Protocol::Tcp,
         "UDP" => Protocol::Udp,
+        "SCTP" => Protocol::Sctp,
+        "ICMP" => Protocol::Icmp,
+        "ICMPV6" => Protocol::Icmpv6,
         _ => {
             problems.push(
                 format!("{path}.protocol"),
                 format!(
-                    "{:?} is not one of \"TCP\", \"UDP\", \"ANY\"",
+                    "{:?} is not one of \"TCP\", \"UDP\", \"SCTP\", \"ICMP\", \"ICMPv6\", \"ANY\"",
                     port.protocol
                 ),
             );
             return None;
         }
     };
+    if !protocol.has_ports() && (port.port.is_some() || port.end_port.is_some()) {
+        problems.push(
+            format!("{path}.port"),
+            format!("{} has no ports; leave port and endPort out", port.protocol),
+        );
+        return None;
+    }
     let check = |value: u32, field: &str, problems: &mut Problems| -> Option<u16> {
         match u16::try_from(value) {
             Ok(v) if v != 0 => Some(v),
@@ -561,7 +571,7 @@ mod tests {
     #[test]
     fn every_error_is_reported_with_its_path_and_value() {
         let yaml = format!(
-            "{HEAD}metadata: {{name: Bad_Name}}\nspec:\n  cgroupSelector: {{paths: [relative]}}\n  mode: block\n  egress:\n  - action: permit\n    to: [{{cidr: 10.0.0.0/33}}, {{cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}, {{}}, {{cidr: '::ffff:10.0.0.0/104'}}, {{fqdn: a.example, except: [10.0.0.0/8]}}]\n    ports: [{{port: 70000}}, {{port: 90, endPort: 80}}, {{endPort: 5}}, {{port: 1, protocol: SCTP}}]\n"
+            "{HEAD}metadata: {{name: Bad_Name}}\nspec:\n  cgroupSelector: {{paths: [relative]}}\n  mode: block\n  egress:\n  - action: permit\n    to: [{{cidr: 10.0.0.0/33}}, {{cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}, {{}}, {{cidr: '::ffff:10.0.0.0/104'}}, {{fqdn: a.example, except: [10.0.0.0/8]}}]\n    ports: [{{port: 70000}}, {{port: 90, endPort: 80}}, {{endPort: 5}}, {{port: 1, protocol: GRE}}, {{port: 8, protocol: ICMP}}]\n"
         );
         let errors = errors_of(&yaml);
         let expected = [
@@ -577,7 +587,8 @@ mod tests {
             "spec.egress[0].ports[0].port: 70000 is not a port (1-65535)",
             "spec.egress[0].ports[1].endPort: 80 is below port 90",
             "spec.egress[0].ports[2].endPort: needs port",
-            "spec.egress[0].ports[3].protocol: \"SCTP\" is not one of \"TCP\", \"UDP\", \"ANY\"",
+            "spec.egress[0].ports[3].protocol: \"GRE\" is not one of \"TCP\", \"UDP\", \"SCTP\", \"ICMP\", \"ICMPv6\", \"ANY\"",
+            "spec.egress[0].ports[4].port: ICMP has no ports; leave port and endPort out",
         ];
         assert_eq!(errors, expected);
     }

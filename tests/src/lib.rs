@@ -312,6 +312,103 @@ impl TestHost {
 }
 
 impl TestHost {
+    /// Starts `tg-probe catch MARKER` inside the host's namespace; returns
+    /// once it listens. It reports every IP packet that arrives in the
+    /// namespace (on any of its interfaces) carrying `marker`.
+    pub fn catch(&self, marker: &str) -> Catcher {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(probe_binary())
+            .args(["catch", marker])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting tg-probe catch");
+        let lines = lines_of(child.stdout.take().unwrap());
+        // From here on, Drop kills it.
+        let catcher = Catcher { child, lines };
+        match catcher.lines.recv_timeout(Duration::from_secs(5)) {
+            Ok(line) if line == "listening" => catcher,
+            other => panic!("tg-probe catch did not start: {other:?}"),
+        }
+    }
+}
+
+/// A running `tg-probe catch` (see [`TestHost::catch`]), killed on drop.
+pub struct Catcher {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Catcher {
+    /// The `caught <ip-protocol> <dst-port-or-0>` lines seen within `wait`
+    /// (waits the whole `wait`), with any not yet returned by an earlier
+    /// call.
+    pub fn caught(&self, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut caught = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with("caught ") => caught.push(line),
+                Ok(_) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return caught,
+                // Seeing nothing because the catcher died proves nothing.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!("tg-probe catch exited; it had caught {caught:?}")
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Catcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// While held, every group may open ICMP echo sockets in the machine's
+/// network namespace (`net.ipv4.ping_group_range`, which also governs
+/// ICMPv6 echo sockets), as containerd sets it in pods. Shared by the tests
+/// of one binary: the first holder widens the range, the last one restores
+/// what was there.
+pub struct PingSockets;
+
+static PING_HOLDERS: std::sync::Mutex<(usize, String)> = std::sync::Mutex::new((0, String::new()));
+const PING_GROUP_RANGE: &str = "/proc/sys/net/ipv4/ping_group_range";
+
+impl PingSockets {
+    pub fn allow() -> Self {
+        let mut holders = PING_HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
+        if holders.0 == 0 {
+            holders.1 = std::fs::read_to_string(PING_GROUP_RANGE).unwrap();
+            std::fs::write(PING_GROUP_RANGE, "0 2147483647").unwrap();
+        }
+        holders.0 += 1;
+        Self
+    }
+}
+
+impl Drop for PingSockets {
+    fn drop(&mut self) {
+        let mut holders = PING_HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
+        holders.0 -= 1;
+        if holders.0 == 0 {
+            let _ = std::fs::write(PING_GROUP_RANGE, holders.1.trim());
+        }
+    }
+}
+
+/// A marker unique to this call, for `tg-probe` to send and a [`Catcher`]
+/// to look for: `TGMARK-<test>-<pid>-<counter>`.
+pub fn marker(test: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("TGMARK-{test}-{}-{n}", std::process::id())
+}
+
+impl TestHost {
     /// Starts dnsmasq on this host's IPv4 address, port 53, answering
     /// `zone` and refusing everything else (it never forwards).
     pub fn serve_dns(&mut self, zone: &Zone) {

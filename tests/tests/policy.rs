@@ -171,3 +171,86 @@ fn invalid_policy_files_are_refused_with_every_error_and_nothing_changes() {
         Err(EPERM)
     );
 }
+
+/// The protocols the packet hook judges, written in a policy file: ICMP
+/// allowed to one host, and what `ANY` with a port does not open.
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn icmp_rules_in_a_policy_file_and_the_records_of_the_packet_hook() {
+    let _ping = tollgate_tests::PingSockets::allow();
+    let mut env = TestEnv::new("policmp");
+    let host = env.add_host(106, &[]).v4;
+    let file = TempFile::new(
+        "policmp.yaml",
+        &format!(
+            "apiVersion: policy.tollgate.dev/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: ping-only
+spec:
+  cgroupSelector:
+    paths: [\"{}\"]
+  mode: enforce
+  egress:
+  - name: ping
+    to: [{{cidr: {host}/32}}]
+    ports: [{{protocol: icmp}}]
+  - name: any-on-a-port
+    to: [{{cidr: {host}/32}}]
+    ports: [{{port: 9}}]
+",
+            env.cgroup.relative
+        ),
+    );
+    let agent = AgentProcess::start(
+        &env,
+        &[
+            "--policy",
+            file.path.to_str().unwrap(),
+            "--allowed-report-interval",
+            "0",
+        ],
+    );
+    let mark = tollgate_tests::marker("policmp");
+    let catcher = env.hosts[0].catch(&mark);
+
+    assert_eq!(
+        env.probe(&["ping", &host.to_string(), &mark]).result(),
+        Ok(())
+    );
+    // A port rule with protocol ANY opens the protocols with ports only.
+    assert_eq!(
+        env.probe(&["raw", "udp", &format!("{host}:9"), &mark])
+            .result(),
+        Ok(())
+    );
+    assert_eq!(
+        env.probe(&["raw", "gre", &host.to_string(), &mark])
+            .result(),
+        Err(EPERM)
+    );
+    assert_eq!(catcher.caught(WAIT / 10), ["caught 1 0", "caught 17 9"]);
+
+    let records: Vec<_> = (0..3).map(|_| agent.next_record(WAIT)).collect();
+    let summary: Vec<_> = records
+        .iter()
+        .map(|r| {
+            (
+                r["hook"].as_str().unwrap(),
+                r["protocol"].as_str().unwrap(),
+                r["verdict"].as_str().unwrap(),
+                r["rule"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("packet4", "icmp", "allowed", "ping"),
+            ("packet4", "udp", "allowed", "any-on-a-port"),
+            ("packet4", "ip-47", "denied", "default"),
+        ]
+    );
+    assert_eq!(records[2]["src"]["pid"], 0);
+    assert_eq!(records[2]["policy"], "ping-only");
+}

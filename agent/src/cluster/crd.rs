@@ -216,6 +216,13 @@ fn port_rules() -> Vec<Rule> {
         Rule::new("!has(self.endPort) || !has(self.port) || self.endPort >= self.port")
             .message("endPort must not be below port")
             .field_path(".endPort"),
+        Rule::new(
+            "!has(self.protocol) || !(self.protocol in ['ICMP', 'ICMPv6']) || \
+             (!has(self.port) && !has(self.endPort))",
+        )
+        .message("ICMP and ICMPv6 have no ports; leave port and endPort out")
+        .field_path(".port")
+        .reason(Reason::FieldValueForbidden),
     ]
 }
 
@@ -660,7 +667,7 @@ mod tests {
             );
             assert_eq!(
                 egress["items"]["properties"]["ports"]["items"]["properties"]["protocol"]["enum"],
-                json!(["TCP", "UDP", "ANY"])
+                json!(["TCP", "UDP", "SCTP", "ICMP", "ICMPv6", "ANY"])
             );
         }
     }
@@ -674,7 +681,9 @@ mod tests {
                        {"cidr": "fd00::/8", "except": ["fd00:1::/32"]},
                        {"fqdn": "**.example.com"}, {"fqdn": "api.example.com", "cidr": ""}]),
                 json!([{"port": 443, "protocol": "TCP"}, {"port": 8000, "endPort": 8000},
-                       {"port": 1, "endPort": 65535, "protocol": "UDP"}, {"protocol": "ANY"}]),
+                       {"port": 1, "endPort": 65535, "protocol": "UDP"}, {"protocol": "ANY"},
+                       {"port": 9899, "protocol": "SCTP"}, {"protocol": "ICMP"},
+                       {"protocol": "ICMPv6"}]),
             ),
             // Host bits set: read as the network, by CEL's cidr() too.
             rule(
@@ -761,6 +770,10 @@ mod tests {
             ),
             (port(json!({"endPort": 80})), ".endPort: endPort needs port"),
             (
+                port(json!({"protocol": "ICMP", "port": 8})),
+                ".port: ICMP and ICMPv6 have no ports; leave port and endPort out",
+            ),
+            (
                 port(json!({"port": 90, "endPort": 80})),
                 ".endPort: endPort must not be below port",
             ),
@@ -821,7 +834,7 @@ mod tests {
         let mut rules = Vec::new();
         messages(&schema_of(Namespaced::KIND), &mut rules);
         messages(&schema_of(ClusterScoped::KIND), &mut rules);
-        assert_eq!(rules.len(), 3 + 1 + 2 * (1 + 4 + 3));
+        assert_eq!(rules.len(), 3 + 1 + 2 * (1 + 4 + 4));
         for message in &rules {
             assert!(
                 cases
@@ -920,7 +933,7 @@ mod tests {
         let validator = jsonschema::draft4::new(&schema).unwrap();
         let bad = [
             rule(json!([{"cidr": "10.0.0.0/8", "acton": "deny"}]), json!([])),
-            rule(json!([]), json!([{"port": 443, "protocol": "SCTP"}])),
+            rule(json!([]), json!([{"port": 443, "protocol": "GRE"}])),
             rule(json!([]), json!([{"port": 65536}])),
             rule(json!([{"fqdn": "a".repeat(258)}]), json!([])),
             resource(

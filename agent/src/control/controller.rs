@@ -345,6 +345,7 @@ impl Controller {
                 denied: counters.denied,
                 audit: counters.audit,
                 allowed_deduplicated: counters.allowed_deduplicated,
+                packets_deduplicated: counters.packets_deduplicated,
                 ringbuf_reserve_failed: counters.ringbuf_reserve_failed,
                 generation_retries: counters.generation_retries,
                 dns_answers: counters.dns_answers,

@@ -50,26 +50,43 @@ use crate::{cgroups, mounts};
 /// The BPF object built by `cargo xtask build` (empty in host-only builds).
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tollgate.bpf.o"));
 
+/// The BPF object, for benchmarks that attach one of its programs alone.
+pub fn bpf_object() -> &'static [u8] {
+    BPF_OBJECT
+}
+
 /// The hooks, by the name of their pinned link (that of the program that
-/// serves them best): four `cgroup/sock_addr` hooks that decide, and the
-/// `cgroup_skb` ingress hook that learns from DNS answers.
-pub const PROGRAMS: [&str; 5] = [
+/// serves them best): four `cgroup/sock_addr` hooks and the `cgroup_skb`
+/// egress hook that decide, and the `cgroup_skb` ingress hook that learns
+/// from DNS answers.
+pub const PROGRAMS: [&str; 6] = [
     "tollgate_connect4",
     "tollgate_connect6",
     "tollgate_sendmsg4",
     "tollgate_sendmsg6",
+    PACKET_PROGRAM,
     DNS_PROGRAM,
 ];
 
 /// Every program of the object, fallbacks included.
-pub const ALL_PROGRAMS: [&str; 6] = [
+pub const ALL_PROGRAMS: [&str; 7] = [
     PROGRAMS[0],
     PROGRAMS[1],
     PROGRAMS[2],
     PROGRAMS[3],
+    PACKET_PROGRAM,
     DNS_PROGRAM,
     DNS_FORWARD_PROGRAM,
 ];
+
+/// Whether `program` serves a hook that decides: without it the agent
+/// cannot enforce, so it does not start.
+pub fn decides(program: &str) -> bool {
+    program != DNS_PROGRAM && program != DNS_FORWARD_PROGRAM
+}
+
+/// Judges each packet of the sockets the sock_addr hooks do not see.
+pub const PACKET_PROGRAM: &str = "tollgate_packet";
 
 const DNS_PROGRAM: &str = "tollgate_dns_ingress";
 /// Hands DNS answers to the agent unparsed: the DNS hook's fallback.
@@ -84,6 +101,7 @@ fn candidates(link: &'static str) -> &'static [&'static str] {
         "tollgate_connect4" => &["tollgate_connect4"],
         "tollgate_connect6" => &["tollgate_connect6"],
         "tollgate_sendmsg4" => &["tollgate_sendmsg4"],
+        PACKET_PROGRAM => &[PACKET_PROGRAM],
         _ => &["tollgate_sendmsg6"],
     }
 }
@@ -294,6 +312,7 @@ pub struct Counters {
     pub denied: u64,
     pub audit: u64,
     pub allowed_deduplicated: u64,
+    pub packets_deduplicated: u64,
     pub ringbuf_reserve_failed: u64,
     pub generation_retries: u64,
     pub generation_unstable: u64,
@@ -533,15 +552,26 @@ impl Datapath {
         })
     }
 
+    /// Decisions of the packet hooks for the same flow and verdict are
+    /// reported at most once per `interval`; zero reports every one.
+    pub fn set_packet_report_interval(
+        &mut self,
+        interval: std::time::Duration,
+    ) -> Result<(), DatapathError> {
+        self.write_config(Config {
+            packet_report_interval_ns: saturating_nanos(interval),
+            ..self.state
+        })
+    }
+
     /// Allowed decisions for the same flow are reported at most once per
     /// `interval`; zero reports every one.
     pub fn set_allowed_report_interval(
         &mut self,
         interval: std::time::Duration,
     ) -> Result<(), DatapathError> {
-        let interval_ns = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
         self.write_config(Config {
-            allowed_report_interval_ns: interval_ns,
+            allowed_report_interval_ns: saturating_nanos(interval),
             ..self.state
         })
     }
@@ -564,6 +594,7 @@ impl Datapath {
             denied: sum(counter::DENIED)?,
             audit: sum(counter::AUDIT)?,
             allowed_deduplicated: sum(counter::ALLOWED_DEDUPLICATED)?,
+            packets_deduplicated: sum(counter::PACKETS_DEDUPLICATED)?,
             ringbuf_reserve_failed: sum(counter::RINGBUF_RESERVE_FAILED)?,
             generation_retries: sum(counter::GENERATION_RETRIES)?,
             generation_unstable: sum(counter::GENERATION_UNSTABLE)?,
@@ -624,6 +655,10 @@ impl Datapath {
         self.state = next;
         Ok(())
     }
+}
+
+fn saturating_nanos(interval: std::time::Duration) -> u64 {
+    u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Removes every pin under `bpffs_root`, of every layout version, which
@@ -803,8 +838,8 @@ fn attach_or_adopt(
 /// One of the programs, whatever its kind.
 enum CgroupProgram<'a> {
     SockAddr(&'a mut CgroupSockAddr),
-    /// The DNS ingress programs.
-    Skb(&'a mut CgroupSkb),
+    /// The packet hook (egress) and the DNS programs (ingress).
+    Skb(&'a mut CgroupSkb, CgroupSkbAttachType),
 }
 
 impl<'a> CgroupProgram<'a> {
@@ -813,8 +848,16 @@ impl<'a> CgroupProgram<'a> {
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram(name))?;
         let kind_error = |source| DatapathError::Program { name, source };
-        Ok(if name == DNS_PROGRAM || name == DNS_FORWARD_PROGRAM {
-            Self::Skb(program.try_into().map_err(kind_error)?)
+        Ok(if name == PACKET_PROGRAM {
+            Self::Skb(
+                program.try_into().map_err(kind_error)?,
+                CgroupSkbAttachType::Egress,
+            )
+        } else if name == DNS_PROGRAM || name == DNS_FORWARD_PROGRAM {
+            Self::Skb(
+                program.try_into().map_err(kind_error)?,
+                CgroupSkbAttachType::Ingress,
+            )
         } else {
             Self::SockAddr(program.try_into().map_err(kind_error)?)
         })
@@ -825,7 +868,7 @@ impl<'a> CgroupProgram<'a> {
         const ATTEMPTS: usize = 5;
         let mut load = || match self {
             Self::SockAddr(p) => p.load(),
-            Self::Skb(p) => p.load(),
+            Self::Skb(p, _) => p.load(),
         };
         for _ in 1..ATTEMPTS {
             match load() {
@@ -840,14 +883,14 @@ impl<'a> CgroupProgram<'a> {
     fn fd(&self) -> Result<&ProgramFd, ProgramError> {
         match self {
             Self::SockAddr(p) => p.fd(),
-            Self::Skb(p) => p.fd(),
+            Self::Skb(p, _) => p.fd(),
         }
     }
 
     fn info(&self) -> Result<ProgramInfo, ProgramError> {
         match self {
             Self::SockAddr(p) => p.info(),
-            Self::Skb(p) => p.info(),
+            Self::Skb(p, _) => p.info(),
         }
     }
 
@@ -861,12 +904,8 @@ impl<'a> CgroupProgram<'a> {
                 let id = p.attach(cgroup, CgroupAttachMode::default())?;
                 p.take_link(id)?.try_into().map_err(link_error)
             }
-            Self::Skb(p) => {
-                let id = p.attach(
-                    cgroup,
-                    CgroupSkbAttachType::Ingress,
-                    CgroupAttachMode::default(),
-                )?;
+            Self::Skb(p, attach_type) => {
+                let id = p.attach(cgroup, *attach_type, CgroupAttachMode::default())?;
                 p.take_link(id)?.try_into().map_err(link_error)
             }
         }

@@ -24,7 +24,7 @@ use tollgate_common::{
 
 use tollgate_policy::{
     compiled::{PortRuleSpec, RuleSet, SetRules},
-    model::{Action, FqdnPattern, PolicyMode, PortRange, Protocol},
+    model::{Action, FqdnPattern, PolicyMode, PortRange},
 };
 
 use super::{Datapath, DatapathError, map_err};
@@ -204,11 +204,7 @@ fn encode_rules(
         *slot = PortRule {
             port_lo: rule.ports.first,
             port_hi: rule.ports.last,
-            protocol: match rule.protocol {
-                Protocol::Any => protocol::ANY,
-                Protocol::Tcp => protocol::TCP,
-                Protocol::Udp => protocol::UDP,
-            },
+            protocol: rule.protocol.number().unwrap_or(protocol::ANY),
             action: encode_action(rule.action),
             mode: encode_mode(rule.mode),
             _pad: 0,
@@ -798,6 +794,7 @@ fn delete_each<K>(
 #[cfg(test)]
 mod tests {
     use ipnet::Ipv4Net;
+    use tollgate_policy::model::Protocol;
 
     use super::*;
 

@@ -66,6 +66,9 @@ impl Aggregator {
             protocol: event.protocol,
             family: event.family,
             rule_id: event.rule_id,
+            hook: event.hook,
+            verdict: event.verdict,
+            _pad: [0; 6],
         };
         if let Some(open) = self.open.get_mut(&key) {
             open.count += 1;

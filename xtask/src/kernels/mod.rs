@@ -48,7 +48,7 @@ struct CoreTest {
 /// What every kernel runs. Software emulation makes a test some ten times
 /// slower than on the host, so this is one test per thing an old kernel can
 /// break, not the suite.
-const CORE_TESTS: [CoreTest; 9] = [
+const CORE_TESTS: [CoreTest; 11] = [
     // Every program loads and the verifier's work stays within budget.
     CoreTest {
         target: "fqdn",
@@ -68,6 +68,17 @@ const CORE_TESTS: [CoreTest; 9] = [
     CoreTest {
         target: "datapath",
         name: "ipv4_mapped_ipv6_destinations_are_judged_as_ipv4",
+    },
+    // The packet hook reads skb->sk and bpf_sk_fullsock (5.1+) and judges
+    // raw sockets by their own headers, IPv6 included.
+    CoreTest {
+        target: "datapath",
+        name: "raw_sockets_reach_only_what_policy_allows",
+    },
+    // ICMP echo sockets, and what the kernel tells their sender.
+    CoreTest {
+        target: "datapath",
+        name: "icmp_echo_sockets_reach_only_what_policy_allows",
     },
     // Audit mode and the event ring buffer (5.8+) to the agent.
     CoreTest {

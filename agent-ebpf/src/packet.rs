@@ -1,0 +1,191 @@
+//! The packet hook: a `cgroup_skb` egress program that judges each packet
+//! of the sockets the sock_addr hooks do not see: raw sockets of any
+//! protocol (hand-made TCP and UDP headers included), ICMP and ICMPv6 echo
+//! sockets, SCTP, and anything else that is not a TCP stream or UDP
+//! datagram socket. It decides by the packet's own header, with the same
+//! rules as the sock_addr hooks ([`decide::judge`]); a denied packet is
+//! dropped, and the sending call fails with EPERM where the protocol
+//! passes the error up (raw and echo sockets do; SCTP retransmits).
+//!
+//! TCP and UDP sockets were judged at connect or sendmsg, so their packets
+//! leave after two loads and two comparisons.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_get_socket_uid, bpf_sk_fullsock, bpf_skb_cgroup_id,
+    },
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use tollgate_common::{Hook, Verdict, family, protocol};
+
+use crate::{
+    decide::{self, Destination},
+    report::{self, Origin, Sender},
+};
+
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+/// IPv6 extension headers walked to find the upper-layer protocol. A
+/// packet with more is judged by the last next-header value read, without
+/// ports: it matches port-less rules only.
+const IPV6_EXTENSION_HEADERS: usize = 6;
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
+const IPV6_DEST_OPTIONS: u8 = 60;
+
+#[cgroup_skb(egress)]
+pub fn tollgate_packet(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.as_ptr() as *mut aya_ebpf::bindings::__sk_buff;
+    // SAFETY: `sk` is a context field the verifier allows for cgroup_skb
+    // (PTR_TO_SOCK_COMMON_OR_NULL); bpf_sk_fullsock takes it as it is.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return 1;
+    }
+    // SAFETY: as above.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return 1;
+    }
+    // SAFETY: fields of a full socket the verifier allows.
+    let (sock_type, sock_protocol) = unsafe { ((*sk).type_, (*sk).protocol) };
+    if judged_at_sock_addr(sock_type, sock_protocol) {
+        return 1;
+    }
+    let Some((hook, dst)) = destination(&ctx) else {
+        // Not an IP packet the kernel could send from an inet socket.
+        return 1;
+    };
+    // SAFETY: helpers without preconditions beyond a valid skb.
+    let (cgroup_id, socket_cookie, uid) = unsafe {
+        (
+            bpf_skb_cgroup_id(skb),
+            bpf_get_socket_cookie(skb as *mut _),
+            bpf_get_socket_uid(skb),
+        )
+    };
+    let judgement = decide::judge(cgroup_id, &dst);
+    let origin = Origin {
+        hook,
+        cgroup_id,
+        socket_cookie,
+        sender: Sender::SocketOwner { uid },
+    };
+    report::decision(&origin, &judgement, &dst);
+    if judgement.verdict == Verdict::Denied {
+        0
+    } else {
+        1
+    }
+}
+
+/// TCP stream and UDP datagram sockets: every connection and datagram of
+/// theirs was judged at connect4/6 or sendmsg4/6 (UDP-Lite is judged here
+/// too, which costs its users one decision per packet, not a way out).
+#[inline(always)]
+fn judged_at_sock_addr(sock_type: u32, sock_protocol: u32) -> bool {
+    (sock_type == SOCK_STREAM && sock_protocol == protocol::TCP as u32)
+        || (sock_type == SOCK_DGRAM && sock_protocol == protocol::UDP as u32)
+}
+
+/// The packet's destination, protocol and port (`skb->data` is the network
+/// header for cgroup programs).
+#[inline(always)]
+fn destination(ctx: &SkBuffContext) -> Option<(Hook, Destination)> {
+    let first: u8 = ctx.load(0).ok()?;
+    match first >> 4 {
+        4 => {
+            let ihl = ((first & 0x0f) as usize) * 4;
+            let fragment: u16 = u16::from_be(ctx.load(6).ok()?);
+            let ip_protocol: u8 = ctx.load(9).ok()?;
+            let daddr: u32 = ctx.load(16).ok()?;
+            // Only the first fragment carries the ports.
+            let first_fragment = fragment & 0x1fff == 0;
+            let port = if first_fragment {
+                destination_port(ctx, ip_protocol, ihl)
+            } else {
+                0
+            };
+            Some((
+                Hook::Packet4,
+                Destination {
+                    family: family::INET,
+                    addr: [daddr, 0, 0, 0],
+                    port,
+                    protocol: ip_protocol,
+                    flags: 0,
+                },
+            ))
+        }
+        6 => {
+            let addr: [u32; 4] = ctx.load(24).ok()?;
+            let (ip_protocol, port) = ipv6_upper_layer(ctx)?;
+            Some((
+                Hook::Packet6,
+                Destination {
+                    family: family::INET6,
+                    addr,
+                    port,
+                    protocol: ip_protocol,
+                    flags: 0,
+                },
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Walks the IPv6 extension headers to the upper-layer protocol and its
+/// destination port (0 after a fragment header with a non-zero offset).
+#[inline(always)]
+fn ipv6_upper_layer(ctx: &SkBuffContext) -> Option<(u8, u16)> {
+    let mut next: u8 = ctx.load(6).ok()?;
+    let mut offset: usize = 40;
+    let mut first_fragment = true;
+    for _ in 0..IPV6_EXTENSION_HEADERS {
+        let length = match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
+                let units: u8 = ctx.load(offset + 1).ok()?;
+                (units as usize + 1) * 8
+            }
+            IPV6_AUTH => {
+                let units: u8 = ctx.load(offset + 1).ok()?;
+                (units as usize + 2) * 4
+            }
+            IPV6_FRAGMENT => {
+                let fragment: u16 = u16::from_be(ctx.load(offset + 2).ok()?);
+                first_fragment = fragment & 0xfff8 == 0;
+                8
+            }
+            _ => {
+                let port = if first_fragment {
+                    destination_port(ctx, next, offset)
+                } else {
+                    0
+                };
+                return Some((next, port));
+            }
+        };
+        next = ctx.load(offset).ok()?;
+        offset += length;
+    }
+    Some((next, 0))
+}
+
+/// The destination port of a protocol with ports; 0 for one without, or
+/// for a header cut short.
+#[inline(always)]
+fn destination_port(ctx: &SkBuffContext, ip_protocol: u8, transport: usize) -> u16 {
+    if !protocol::has_ports(ip_protocol) {
+        return 0;
+    }
+    match ctx.load::<u16>(transport + 2) {
+        Ok(port) => u16::from_be(port),
+        Err(_) => 0,
+    }
+}
