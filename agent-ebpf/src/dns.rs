@@ -8,6 +8,16 @@
 //! `tollgate_dns_forward` is the same program without the parser, for a
 //! kernel that refuses the parser: the agent then learns from every answer.
 //!
+//! An answer teaches only if it answers a query that the receiving socket
+//! really sent: the sock_addr hooks note the sockets of endpoints with FQDN
+//! rules that talk to a trusted resolver from their endpoint's network
+//! namespace (`note_resolver_socket`), the packet hook records the
+//! questions those sockets send (`record_query`), and an answer must come
+//! from that resolver to that socket with the query's id and question,
+//! within `QUERY_WINDOW_NS`. An answer over loopback from a resolver that
+//! is not a loopback address counts only for a socket of the host's
+//! network namespace (node-local DNS on a host-network endpoint).
+//!
 //! The programs never drop a packet: DNS works whatever happens here.
 
 use aya_ebpf::{
@@ -16,23 +26,26 @@ use aya_ebpf::{
     helpers::{
         bpf_ktime_get_ns,
         generated::{
-            bpf_get_socket_cookie, bpf_ringbuf_output, bpf_skb_cgroup_id, bpf_skb_load_bytes,
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ringbuf_output, bpf_skb_cgroup_id,
+            bpf_skb_load_bytes,
         },
     },
     macros::cgroup_skb,
     maps::PerCpuArray,
-    programs::SkBuffContext,
+    programs::{SkBuffContext, SockAddrContext},
 };
 use tollgate_common::{
-    DnsScratch, EndpointKey, FqdnName, LEARNED_SLOTS, LearnedKey, LearnedSlot, LearnedValue,
-    ResolverKey, counter,
+    DNS_PORTS, DnsScratch, EndpointKey, FqdnName, LEARNED_SLOTS, LearnedKey, LearnedSlot,
+    LearnedValue, QUERY_WINDOW_NS, QueryKey, ResolverKey, counter,
     dns::{self, MAX_ANSWERS, MAX_LABELS, MESSAGE_MAX},
     dns_flags, endpoint_flags, event_kind, family, protocol,
 };
 
 use crate::{
+    decide::Destination,
     maps::{
-        TG_CONFIG, TG_DNS_FORWARD, TG_DNS_SCRATCH, TG_DNS_TRUSTED, TG_ENDPOINTS, TG_EVENTS,
+        TG_CONFIG, TG_DNS_FORWARD, TG_DNS_QUERIES, TG_DNS_QUERY_SCRATCH, TG_DNS_SCRATCH,
+        TG_DNS_SOCKETS, TG_DNS_TRUSTED, TG_ENDPOINT_NETNS, TG_ENDPOINTS, TG_EVENTS,
         TG_FQDN_LEARNED, TG_FQDN_NAMES,
     },
     report::{add, batched_wakeup, count},
@@ -111,7 +124,7 @@ fn inspect(ctx: &SkBuffContext, scratch_map: &PerCpuArray<DnsScratch>, learner: 
     let skb = ctx.as_ptr() as *mut aya_ebpf::bindings::__sk_buff;
     let event = &mut scratch.event;
     event.kind = event_kind::DNS;
-    event.flags = 0;
+    event.flags = refusal(ctx, &segment, &resolver);
     // SAFETY: helpers without preconditions beyond a valid skb.
     unsafe {
         event.ts_ns = bpf_ktime_get_ns();
@@ -130,7 +143,7 @@ fn inspect(ctx: &SkBuffContext, scratch_map: &PerCpuArray<DnsScratch>, learner: 
     if segment.protocol == protocol::TCP && segment.tcp_syn {
         // The agent frames only streams it saw start: read from anywhere
         // else, bytes the peer chose could pass for an answer.
-        scratch.event.flags = dns_flags::TCP | dns_flags::TCP_SYN | dns_flags::TO_USERSPACE;
+        scratch.event.flags |= dns_flags::TCP | dns_flags::TCP_SYN | dns_flags::TO_USERSPACE;
         scratch.event.message_len = 0;
         scratch.event.payload_len = 0;
         output(scratch, 0);
@@ -139,7 +152,7 @@ fn inspect(ctx: &SkBuffContext, scratch_map: &PerCpuArray<DnsScratch>, learner: 
     if segment.protocol == protocol::TCP {
         // A stream: the agent reassembles it and learns.
         count(counter::DNS_TO_USERSPACE);
-        scratch.event.flags = dns_flags::TCP | dns_flags::TO_USERSPACE;
+        scratch.event.flags |= dns_flags::TCP | dns_flags::TO_USERSPACE;
         for chunk in 0..TCP_CHUNKS {
             let done = chunk * MESSAGE_MAX as u32;
             if done >= segment.payload_len {
@@ -160,17 +173,102 @@ fn inspect(ctx: &SkBuffContext, scratch_map: &PerCpuArray<DnsScratch>, learner: 
     if !copy_payload(skb, scratch, segment.payload_offset, len) {
         return;
     }
-    if segment.payload_len > MESSAGE_MAX as u32 {
+    if scratch.event.flags & REFUSED == 0 && queries_recorded() && !query_was_sent(scratch) {
+        scratch.event.flags |= dns_flags::NOT_ASKED;
+    }
+    if scratch.event.flags & REFUSED != 0 {
+        count(if scratch.event.flags & dns_flags::VIA_LOOPBACK != 0 {
+            counter::DNS_VIA_LOOPBACK
+        } else {
+            counter::DNS_NOT_ASKED
+        });
+    } else if segment.payload_len > MESSAGE_MAX as u32 {
         count(counter::DNS_TO_USERSPACE);
-        scratch.event.flags = dns_flags::CLIPPED | dns_flags::TO_USERSPACE;
+        scratch.event.flags |= dns_flags::CLIPPED | dns_flags::TO_USERSPACE;
     } else if learner == Learner::Agent {
         count(counter::DNS_TO_USERSPACE);
-        scratch.event.flags = dns_flags::TO_USERSPACE;
+        scratch.event.flags |= dns_flags::TO_USERSPACE;
     } else {
         learn(scratch_ptr);
     }
     // SAFETY: as above; the learning steps have returned.
     output(unsafe { &*scratch_ptr }, len);
+}
+
+/// Whether the packet hook records queries (`Config::queries_recorded`):
+/// without it, answers are tied to their socket only.
+#[inline(always)]
+fn queries_recorded() -> bool {
+    TG_CONFIG
+        .get_ptr(0)
+        // SAFETY: plain read of the config value.
+        .is_some_and(|config| unsafe { (*config).queries_recorded } != 0)
+}
+
+/// The flags that refuse an answer, whatever it says.
+const REFUSED: u16 = dns_flags::NOT_ASKED | dns_flags::VIA_LOOPBACK;
+
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// [`dns_flags::NOT_ASKED`] when the receiving socket never asked a
+/// trusted resolver from its endpoint's network namespace;
+/// [`dns_flags::VIA_LOOPBACK`] when the answer came over loopback from a
+/// resolver that is not a loopback address, to a socket outside the host's
+/// network namespace; else 0.
+#[inline(always)]
+fn refusal(ctx: &SkBuffContext, segment: &Segment, resolver: &ResolverKey) -> u16 {
+    let skb = ctx.as_ptr() as *mut aya_ebpf::bindings::__sk_buff;
+    // SAFETY: helper without preconditions beyond a valid skb.
+    let cookie = unsafe { bpf_get_socket_cookie(skb as *mut _) };
+    // SAFETY: a plain lookup; the value is copied out at once.
+    let Some(socket_netns) = (unsafe { TG_DNS_SOCKETS.get(&cookie) }).copied() else {
+        return dns_flags::NOT_ASKED;
+    };
+    // SAFETY: a context field the verifier allows for cgroup_skb.
+    let ingress_ifindex = unsafe { (*skb).ingress_ifindex };
+    if ingress_ifindex == LOOPBACK_IFINDEX && !is_loopback(segment.family, &resolver.addr) {
+        let host_netns = TG_CONFIG
+            .get_ptr(0)
+            // SAFETY: plain read of the config value.
+            .map_or(0, |config| unsafe { (*config).host_netns_cookie });
+        if host_netns == 0 || socket_netns != host_netns {
+            return dns_flags::VIA_LOOPBACK;
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn is_loopback(family: u8, addr: &[u8; 16]) -> bool {
+    if family == family::INET {
+        addr[0] == 127
+    } else {
+        addr[..15].iter().all(|b| *b == 0) && addr[15] == 1
+    }
+}
+
+/// Whether the socket sent a query with this UDP answer's id to its
+/// resolver within the window (the question is compared where the answer
+/// is parsed: `tg_dns_match_query`, or by the agent).
+#[inline(always)]
+fn query_was_sent(scratch: &DnsScratch) -> bool {
+    let id = u16::from_be_bytes([scratch.payload[0], scratch.payload[1]]);
+    let key = QueryKey {
+        socket_cookie: scratch.event.socket_cookie,
+        id,
+        _pad: [0; 6],
+    };
+    // SAFETY: a plain lookup of a value read in place, then dropped.
+    match unsafe { TG_DNS_QUERIES.get(&key) } {
+        Some(query) => {
+            query.resolver.addr == scratch.event.resolver_addr
+                && query.resolver.port == scratch.event.resolver_port
+                && query.resolver.family == scratch.event.family
+                && scratch.event.ts_ns.wrapping_sub(query.sent_ns) < QUERY_WINDOW_NS
+        }
+        None => false,
+    }
 }
 
 /// Copies `len` (1..=MESSAGE_MAX) payload bytes into the scratch payload.
@@ -291,12 +389,25 @@ fn segment(ctx: &SkBuffContext) -> Option<Segment> {
 const STOP: u32 = 0;
 const GO_ON: u32 = 1;
 
-/// The scratch value, for the global functions below, which older kernels
+/// Which scratch value a parsing step works on: the ingress program's
+/// (answers) or the packet hook's (queries, `record_query`). Each program
+/// reaches only its own map, so a kernel that refuses one map's use
+/// (or the parser in one program) leaves the other program as it is.
+const INGRESS: u32 = 0;
+const EGRESS: u32 = 1;
+
+/// A scratch value, for the global functions below, which older kernels
 /// (before 5.12) let take scalars only.
 #[inline(always)]
-fn scratch() -> Option<&'static mut DnsScratch> {
-    // SAFETY: the per-CPU value is this program's alone while it runs.
-    TG_DNS_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+fn scratch(which: u32) -> Option<&'static mut DnsScratch> {
+    // SAFETY (both): the per-CPU value is its program's alone while it runs.
+    if which == EGRESS {
+        TG_DNS_QUERY_SCRATCH
+            .get_ptr_mut(0)
+            .map(|p| unsafe { &mut *p })
+    } else {
+        TG_DNS_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+    }
 }
 
 /// Parses the answer in the scratch payload and installs its addresses for
@@ -312,6 +423,10 @@ fn scratch() -> Option<&'static mut DnsScratch> {
 #[inline(always)]
 fn learn(scratch: *mut DnsScratch) {
     if tg_dns_question() == STOP || tg_dns_question_end() == STOP {
+        return;
+    }
+    if queries_recorded() && tg_dns_match_query() == STOP {
+        count(counter::DNS_NOT_ASKED);
         return;
     }
     let Some(config) = TG_CONFIG.get_ptr(0) else {
@@ -366,15 +481,21 @@ fn learn(scratch: *mut DnsScratch) {
 /// Runs a parsing step on the scratch value and its payload's length:
 /// GO_ON if it succeeds, STOP with the error flagged if it fails.
 #[inline(always)]
-fn parse_step(step: impl FnOnce(&mut DnsScratch, usize) -> Result<(), dns::Error>) -> u32 {
-    let Some(s) = scratch() else {
+fn parse_step(
+    which: u32,
+    step: impl FnOnce(&mut DnsScratch, usize) -> Result<(), dns::Error>,
+) -> u32 {
+    let Some(s) = scratch(which) else {
         return STOP;
     };
     let len = s.event.payload_len as usize;
     match step(s, len) {
         Ok(()) => GO_ON,
         Err(e) => {
-            flag_error(s, e);
+            // A query that cannot be read is not recorded; nothing to count.
+            if which == INGRESS {
+                flag_error(s, e);
+            }
             STOP
         }
     }
@@ -385,7 +506,19 @@ fn parse_step(step: impl FnOnce(&mut DnsScratch, usize) -> Result<(), dns::Error
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn tg_dns_question() -> u32 {
-    parse_step(|s, len| {
+    question(INGRESS, dns::Message::Answer)
+}
+
+/// [`tg_dns_question`] for the query in the packet hook's scratch value.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_dns_query_question() -> u32 {
+    question(EGRESS, dns::Message::Query)
+}
+
+#[inline(always)]
+fn question(which: u32, kind: dns::Message) -> u32 {
+    parse_step(which, |s, len| {
         // Key reads past the name must find zeros (see dns::NAME_BUF).
         // Word stores: a byte-wise memset would cost the verifier 8 times
         // more.
@@ -396,7 +529,7 @@ pub extern "C" fn tg_dns_question() -> u32 {
             unsafe { core::ptr::write_volatile(words.add(i), 0) };
         }
         s.question = dns::Question::default();
-        s.header = dns::question_name(&s.payload, len, &mut s.name, &mut s.question)?;
+        s.header = dns::question_name(&s.payload, len, &mut s.name, &mut s.question, kind)?;
         Ok(())
     })
 }
@@ -406,7 +539,68 @@ pub extern "C" fn tg_dns_question() -> u32 {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn tg_dns_question_end() -> u32 {
-    parse_step(|s, len| dns::finish_question(&s.payload, len, &mut s.name, &mut s.question))
+    parse_step(INGRESS, |s, len| {
+        dns::finish_question(&s.payload, len, &mut s.name, &mut s.question)
+    })
+}
+
+/// [`tg_dns_question_end`] for the query in the packet hook's scratch value.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_dns_query_question_end() -> u32 {
+    parse_step(EGRESS, |s, len| {
+        dns::finish_question(&s.payload, len, &mut s.name, &mut s.question)
+    })
+}
+
+/// GO_ON if the socket sent this answer's question, with its id, to its
+/// resolver within the window: the query is then used up, so no second
+/// answer, forged or repeated, teaches from it. STOP, flagged
+/// [`dns_flags::NOT_ASKED`], if not.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_dns_match_query() -> u32 {
+    let Some(s) = scratch(INGRESS) else {
+        return STOP;
+    };
+    let key = QueryKey {
+        socket_cookie: s.event.socket_cookie,
+        id: s.header.id,
+        _pad: [0; 6],
+    };
+    let Some(query) = TG_DNS_QUERIES.get_ptr(&key) else {
+        s.event.flags |= dns_flags::NOT_ASKED;
+        return STOP;
+    };
+    // SAFETY: value pointer of a successful lookup; a concurrent rewrite
+    // (the same socket asking again with the same id) can only make the
+    // comparison fail.
+    let asked = unsafe { &*query };
+    let mut same = asked.qtype == s.question.qtype
+        && asked.qclass == s.question.qclass
+        && asked.resolver.addr == s.event.resolver_addr
+        && asked.resolver.port == s.event.resolver_port
+        && asked.resolver.family == s.event.family
+        && s.event.ts_ns.wrapping_sub(asked.sent_ns) < QUERY_WINDOW_NS;
+    // Whole names, a word at a time: both are zero-padded wire form.
+    let asked_name = asked.name.wire.as_ptr() as *const u64;
+    let answered_name = s.name.as_ptr() as *const u64;
+    for word in 0..dns::NAME_KEY / 8 {
+        // SAFETY: within both names (NAME_KEY bytes; NAME_BUF for ours).
+        let (a, b) = unsafe {
+            (
+                asked_name.add(word).read_unaligned(),
+                answered_name.add(word).read_unaligned(),
+            )
+        };
+        same &= a == b;
+    }
+    if !same {
+        s.event.flags |= dns_flags::NOT_ASKED;
+        return STOP;
+    }
+    let _ = TG_DNS_QUERIES.remove(&key);
+    GO_ON
 }
 
 /// Reads the addresses of the answer section into the scratch value, one
@@ -437,7 +631,9 @@ fn answers(scratch: *mut DnsScratch) -> u32 {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn tg_dns_answer_record() -> u32 {
-    parse_step(|s, len| dns::answer_record(&s.payload, len, &mut s.found))
+    parse_step(INGRESS, |s, len| {
+        dns::answer_record(&s.payload, len, &mut s.found)
+    })
 }
 
 #[inline(always)]
@@ -462,7 +658,7 @@ fn flag_error(scratch: &mut DnsScratch, error: dns::Error) {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn tg_dns_match_label(label: u32) -> u32 {
-    let Some(s) = scratch() else {
+    let Some(s) = scratch(INGRESS) else {
         return STOP;
     };
     if label >= s.question.label_count as u32 {
@@ -514,7 +710,7 @@ fn push_pattern(s: &mut DnsScratch, id: u32) {
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn tg_dns_install(index: u32) -> u32 {
-    let Some(s) = scratch() else {
+    let Some(s) = scratch(INGRESS) else {
         return STOP;
     };
     if index >= s.found.count {
@@ -590,4 +786,214 @@ fn refresh(slots: &mut [LearnedSlot; LEARNED_SLOTS], pattern_id: u32, now: u64, 
         }
     }
     count(counter::FQDN_SLOTS_FULL);
+}
+
+/// Notes a socket of cgroup `cgroup_id` that a sock_addr hook lets connect
+/// or send to `dst`, if `dst` is a trusted resolver: its queries will be
+/// recorded and their answers may teach. Not if the socket lives outside
+/// the endpoint's network namespace (when the agent knows it): a process
+/// that makes a namespace of its own, with the resolver's address in it,
+/// must not be able to answer itself.
+#[inline(always)]
+pub fn note_resolver_socket(ctx: &SockAddrContext, cgroup_id: u64, dst: &Destination) {
+    let Some(config) = TG_CONFIG.get_ptr(0) else {
+        return;
+    };
+    // SAFETY: plain read of the config value.
+    if !is_dns_port(unsafe { &(*config).dns_ports }, dst.port) {
+        return;
+    }
+    let resolver = ResolverKey {
+        addr: address_bytes(dst.family, &dst.addr),
+        port: dst.port,
+        family: dst.family,
+        _pad: 0,
+    };
+    if TG_DNS_TRUSTED.get_ptr(&resolver).is_none() {
+        return;
+    }
+    // SAFETY: helpers without preconditions beyond a valid context.
+    let (cookie, netns) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+        )
+    };
+    // SAFETY: a plain lookup; the value is copied out at once.
+    if let Some(expected) = (unsafe { TG_ENDPOINT_NETNS.get(&cgroup_id) }).copied()
+        && expected != netns
+    {
+        count(counter::DNS_FOREIGN_NETNS);
+        let _ = TG_DNS_SOCKETS.remove(&cookie);
+        return;
+    }
+    let _ = TG_DNS_SOCKETS.insert(&cookie, &netns, BPF_ANY as u64);
+}
+
+/// Records the question of a DNS query that a noted socket sends to a
+/// trusted resolver (the packet hook calls it for each datagram of a UDP
+/// socket; all but datagrams to a resolver port leave after two loads).
+#[inline(always)]
+pub fn record_query(ctx: &SkBuffContext) {
+    let Some(config) = TG_CONFIG.get_ptr(0) else {
+        return;
+    };
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return;
+    };
+    let (family, transport, addr) = match first >> 4 {
+        4 => {
+            let Ok(daddr) = ctx.load::<[u8; 4]>(16) else {
+                return;
+            };
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&daddr);
+            (family::INET, ((first & 0x0f) as u32) * 4, addr)
+        }
+        6 => {
+            let Ok(addr) = ctx.load::<[u8; 16]>(24) else {
+                return;
+            };
+            (family::INET6, 40, addr)
+        }
+        _ => return,
+    };
+    let Ok(port) = ctx.load::<u16>(transport as usize + 2) else {
+        return;
+    };
+    let port = u16::from_be(port);
+    // SAFETY: plain read of the config value.
+    if !is_dns_port(unsafe { &(*config).dns_ports }, port) {
+        return;
+    }
+    let skb = ctx.as_ptr() as *mut aya_ebpf::bindings::__sk_buff;
+    // SAFETY: helper without preconditions beyond a valid skb.
+    let cookie = unsafe { bpf_get_socket_cookie(skb as *mut _) };
+    if TG_DNS_SOCKETS.get_ptr(&cookie).is_none() {
+        return;
+    }
+    let resolver = ResolverKey {
+        addr,
+        port,
+        family,
+        _pad: 0,
+    };
+    if TG_DNS_TRUSTED.get_ptr(&resolver).is_none() {
+        return;
+    }
+    let Some(s) = scratch(EGRESS) else {
+        return;
+    };
+    let Some(len) = ctx.len().checked_sub(transport + 8) else {
+        return;
+    };
+    if !copy_payload(skb, s, transport + 8, len.min(MESSAGE_MAX as u32)) {
+        return;
+    }
+    s.query_key = QueryKey {
+        socket_cookie: cookie,
+        id: 0,
+        _pad: [0; 6],
+    };
+    s.query.resolver = resolver;
+    // SAFETY: helper without preconditions.
+    s.query.sent_ns = unsafe { bpf_ktime_get_ns() };
+    if tg_dns_query_question() == STOP || tg_dns_query_question_end() == STOP {
+        return;
+    }
+    tg_dns_record_query();
+}
+
+/// Stores the query read into the packet hook's scratch value.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tg_dns_record_query() -> u32 {
+    let Some(s) = scratch(EGRESS) else {
+        return STOP;
+    };
+    let from = s.name.as_ptr() as *const u64;
+    let to = s.query.name.wire.as_mut_ptr() as *mut u64;
+    for word in 0..dns::NAME_KEY / 8 {
+        // SAFETY: within both names (NAME_KEY bytes; NAME_BUF for ours).
+        unsafe {
+            to.add(word)
+                .write_unaligned(from.add(word).read_unaligned())
+        };
+    }
+    s.query.qtype = s.question.qtype;
+    s.query.qclass = s.question.qclass;
+    s.query_key.id = s.header.id;
+    let _ = TG_DNS_QUERIES.insert(&s.query_key, &s.query, BPF_ANY as u64);
+    GO_ON
+}
+
+/// Whether the packet hook's packet claims to come from a trusted
+/// resolver (UDP or TCP from its address and port): raw sockets could
+/// otherwise answer a query of another socket in the resolver's name.
+#[inline(always)]
+pub fn spoofs_resolver(ctx: &SkBuffContext) -> bool {
+    let Some(config) = TG_CONFIG.get_ptr(0) else {
+        return false;
+    };
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return false;
+    };
+    let (family, ip_protocol, transport, addr) = match first >> 4 {
+        4 => {
+            let (Ok(ip_protocol), Ok(saddr)) = (ctx.load::<u8>(9), ctx.load::<[u8; 4]>(12)) else {
+                return false;
+            };
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&saddr);
+            (
+                family::INET,
+                ip_protocol,
+                ((first & 0x0f) as usize) * 4,
+                addr,
+            )
+        }
+        6 => {
+            let (Ok(ip_protocol), Ok(addr)) = (ctx.load::<u8>(6), ctx.load::<[u8; 16]>(8)) else {
+                return false;
+            };
+            (family::INET6, ip_protocol, 40, addr)
+        }
+        _ => return false,
+    };
+    if ip_protocol != protocol::UDP && ip_protocol != protocol::TCP {
+        return false;
+    }
+    let Ok(port) = ctx.load::<u16>(transport) else {
+        return false;
+    };
+    let port = u16::from_be(port);
+    // SAFETY: plain read of the config value.
+    if !is_dns_port(unsafe { &(*config).dns_ports }, port) {
+        return false;
+    }
+    let resolver = ResolverKey {
+        addr,
+        port,
+        family,
+        _pad: 0,
+    };
+    TG_DNS_TRUSTED.get_ptr(&resolver).is_some()
+}
+
+#[inline(always)]
+fn is_dns_port(ports: &[u16; DNS_PORTS], port: u16) -> bool {
+    port != 0 && (ports[0] == port || ports[1] == port || ports[2] == port || ports[3] == port)
+}
+
+/// Network-order words as the bytes of a map key; IPv4 in the first four.
+#[inline(always)]
+fn address_bytes(dst_family: u8, words: &[u32; 4]) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    bytes[..4].copy_from_slice(&words[0].to_ne_bytes());
+    if dst_family == family::INET6 {
+        bytes[4..8].copy_from_slice(&words[1].to_ne_bytes());
+        bytes[8..12].copy_from_slice(&words[2].to_ne_bytes());
+        bytes[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    }
+    bytes
 }

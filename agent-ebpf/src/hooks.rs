@@ -12,6 +12,7 @@ use tollgate_common::{Hook, Verdict, family, flow_flags};
 
 use crate::{
     decide::{self, Destination},
+    dns,
     report::{self, Origin, Sender},
 };
 
@@ -53,10 +54,10 @@ fn run(ctx: &SockAddrContext, hook: Hook, dst: Destination) -> i32 {
     };
     report::decision(&origin, &judgement, &dst);
     if judgement.verdict == Verdict::Denied {
-        0
-    } else {
-        1
+        return 0;
     }
+    dns::note_resolver_socket(ctx, cgroup_id, &dst);
+    1
 }
 
 // Fields are read one at a time: the verifier rejects copying the context.

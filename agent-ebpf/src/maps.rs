@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use tollgate_common::{
     Config, DecideScratch, DnsScratch, EndpointKey, EndpointValue, FlowDedupKey, FqdnName,
-    FqdnNameIds, FqdnRuleKey, LearnedKey, LearnedValue, ResolverKey, RuleKeyV4, RuleKeyV6,
-    RuleList, capacity, counter,
+    FqdnNameIds, FqdnRuleKey, LearnedKey, LearnedValue, QueryKey, QueryValue, ResolverKey,
+    RuleKeyV4, RuleKeyV6, RuleList, capacity, counter,
 };
 
 #[map]
@@ -63,6 +63,28 @@ pub static TG_DNS_TRUSTED: HashMap<ResolverKey, u8> = HashMap::pinned(capacity::
 
 #[map]
 pub static TG_DNS_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::pinned(1, 0);
+
+/// Sockets of endpoints with FQDN rules that connected or sent to a trusted
+/// resolver from their endpoint's network namespace (or one the agent does
+/// not know), by socket cookie: the cookie of the socket's namespace.
+#[map]
+pub static TG_DNS_SOCKETS: LruHashMap<u64, u64> = LruHashMap::pinned(capacity::DNS_SOCKETS, 0);
+
+/// Queries those sockets sent, awaiting their answers (dns.rs).
+#[map]
+pub static TG_DNS_QUERIES: LruHashMap<QueryKey, QueryValue> =
+    LruHashMap::pinned(capacity::DNS_QUERIES, 0);
+
+/// Cgroup id -> cookie of the endpoint's network namespace, for the
+/// endpoints whose namespace the agent knows.
+#[map]
+pub static TG_ENDPOINT_NETNS: HashMap<u64, u64> =
+    HashMap::pinned(capacity::ENDPOINT_NETNS, BPF_F_NO_PREALLOC);
+
+/// The packet hook's DNS scratch value, where it reads the queries it
+/// records: its own, since an answer's ingress can interrupt it.
+#[map]
+pub static TG_DNS_QUERY_SCRATCH: PerCpuArray<DnsScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// The scratch value of the fallback DNS program (`tollgate_dns_forward`).
 #[map]

@@ -8,7 +8,10 @@
 //! passes the error up (raw and echo sockets do; SCTP retransmits).
 //!
 //! TCP and UDP sockets were judged at connect or sendmsg, so their packets
-//! leave after two loads and two comparisons.
+//! leave after two loads and two comparisons; a UDP datagram is also
+//! looked at for a DNS query to record (`dns::record_query`). A packet of
+//! the other sockets that claims to come from a trusted resolver is
+//! dropped whatever the policy says (`dns::spoofs_resolver`).
 
 use aya_ebpf::{
     EbpfContext,
@@ -18,10 +21,11 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use tollgate_common::{Hook, Verdict, family, protocol};
+use tollgate_common::{Hook, Verdict, counter, family, protocol};
 
 use crate::{
     decide::{self, Destination},
+    dns,
     report::{self, Origin, Sender},
 };
 
@@ -40,6 +44,18 @@ const IPV6_DEST_OPTIONS: u8 = 60;
 
 #[cgroup_skb(egress)]
 pub fn tollgate_packet(ctx: SkBuffContext) -> i32 {
+    judge_packet(&ctx, true)
+}
+
+/// `tollgate_packet` without recording DNS queries, for a kernel that
+/// refuses the DNS parser: the packets are judged all the same.
+#[cgroup_skb(egress)]
+pub fn tollgate_packet_plain(ctx: SkBuffContext) -> i32 {
+    judge_packet(&ctx, false)
+}
+
+#[inline(always)]
+fn judge_packet(ctx: &SkBuffContext, record_queries: bool) -> i32 {
     let skb = ctx.as_ptr() as *mut aya_ebpf::bindings::__sk_buff;
     // SAFETY: `sk` is a context field the verifier allows for cgroup_skb
     // (PTR_TO_SOCK_COMMON_OR_NULL); bpf_sk_fullsock takes it as it is.
@@ -55,9 +71,16 @@ pub fn tollgate_packet(ctx: SkBuffContext) -> i32 {
     // SAFETY: fields of a full socket the verifier allows.
     let (sock_type, sock_protocol) = unsafe { ((*sk).type_, (*sk).protocol) };
     if judged_at_sock_addr(sock_type, sock_protocol) {
+        if record_queries && sock_protocol == protocol::UDP as u32 {
+            dns::record_query(ctx);
+        }
         return 1;
     }
-    let Some((hook, dst)) = destination(&ctx) else {
+    if dns::spoofs_resolver(ctx) {
+        report::count(counter::DNS_SPOOFED);
+        return 0;
+    }
+    let Some((hook, dst)) = destination(ctx) else {
         // Not an IP packet the kernel could send from an inet socket.
         return 1;
     };

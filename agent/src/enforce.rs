@@ -215,7 +215,7 @@ impl Enforcer {
         if !self.fqdn_ids_adopted {
             adopt_kernel_fqdn_ids(&mut compiler, datapath)?;
         }
-        let compiled = compiler.compile(&policies, &self.select(&policies))?;
+        let compiled = compiler.compile(&policies, &self.select(&policies).0)?;
         datapath.check_rules(&compiled.rules)?;
         Ok(())
     }
@@ -232,8 +232,9 @@ impl Enforcer {
         datapath: &mut Datapath,
     ) -> Result<u32, EnforceError> {
         let policies = self.with_unknown_pod_policy(policies);
-        let endpoints = self.select(&policies);
+        let (endpoints, pods) = self.select(&policies);
         let generation = self.switch(&policies, &endpoints, &cluster, mode, datapath)?;
+        set_endpoint_netns(&endpoints, &pods, datapath)?;
         self.policies = Some(policies);
         self.endpoints = Some(endpoints);
         self.cluster_policies = cluster;
@@ -246,7 +247,7 @@ impl Enforcer {
         let Some(policies) = &self.policies else {
             return Ok(None);
         };
-        let endpoints = self.select(policies);
+        let (endpoints, pods) = self.select(policies);
         if self.endpoints.as_ref() == Some(&endpoints) {
             return Ok(None);
         }
@@ -259,6 +260,7 @@ impl Enforcer {
             datapath.global_mode(),
             datapath,
         )?;
+        set_endpoint_netns(&endpoints, &pods, datapath)?;
         self.endpoints = Some(endpoints);
         Ok(Some(generation))
     }
@@ -289,8 +291,8 @@ impl Enforcer {
     }
 
     /// Which of `policies` select which cgroups, as the tree and the pod
-    /// directory are now.
-    fn select(&self, policies: &[Policy]) -> BTreeMap<u64, Vec<usize>> {
+    /// directory are now; and which cgroups are pods'.
+    fn select(&self, policies: &[Policy]) -> (BTreeMap<u64, Vec<usize>>, BTreeSet<u64>) {
         let cgroups = cgroups::walk(&self.cgroup_root);
         let pod_uids: Vec<Option<String>> = cgroups
             .iter()
@@ -315,7 +317,16 @@ impl Enforcer {
             .last()
             .filter(|p| p.key.namespace.is_none() && p.key.name == UNKNOWN_POD_POLICY)
             .map(|_| policies.len() - 1);
-        select_endpoints(policies, endpoints, unknown_pod_policy)
+        let pods = cgroups
+            .iter()
+            .zip(&pod_uids)
+            .filter(|(_, uid)| uid.is_some())
+            .map(|((id, _), _)| *id)
+            .collect();
+        (
+            select_endpoints(policies, endpoints, unknown_pod_policy),
+            pods,
+        )
     }
 
     fn switch(
@@ -423,6 +434,29 @@ fn adopt_kernel_fqdn_ids(compiler: &mut Compiler, datapath: &Datapath) -> Result
         datapath.fqdn_pattern_ids(),
         datapath.highest_fqdn_pattern_id()?,
     );
+    Ok(())
+}
+
+/// Tells the datapath the network namespace of the endpoints whose
+/// namespace is the host's: every endpoint that is not a pod. A pod's own
+/// namespace is not known to the agent yet, so its DNS queries are not
+/// checked for it (docs/policies.md, "Whom answers are trusted from").
+fn set_endpoint_netns(
+    endpoints: &BTreeMap<u64, Vec<usize>>,
+    pods: &BTreeSet<u64>,
+    datapath: &mut Datapath,
+) -> Result<(), EnforceError> {
+    let host = datapath.host_netns_cookie();
+    let known = if host == 0 {
+        BTreeMap::new()
+    } else {
+        endpoints
+            .keys()
+            .filter(|id| !pods.contains(id))
+            .map(|&id| (id, host))
+            .collect()
+    };
+    datapath.set_endpoint_netns(&known)?;
     Ok(())
 }
 

@@ -683,7 +683,21 @@ impl Printer {
                 }
             };
             let mut learned = header.flags & dns_flags::LEARNED != 0;
-            if answer.rcode == tollgate_common::dns::RCODE_NOERROR {
+            // An answer the kernel found unasked for names nothing either:
+            // its addresses could be anyone's choosing.
+            let refused = refusal(header.flags).or_else(|| {
+                let unparsed_udp = header.flags & dns_flags::TO_USERSPACE != 0
+                    && header.flags & dns_flags::TCP == 0;
+                (unparsed_udp
+                    && !datapath.take_query(
+                        header.socket_cookie,
+                        answer.id,
+                        &answer.name,
+                        answer.qtype,
+                    ))
+                .then_some("not-asked")
+            });
+            if answer.rcode == tollgate_common::dns::RCODE_NOERROR && refused.is_none() {
                 let to_install = if header.flags & dns_flags::TO_USERSPACE != 0
                     && enforcer.has_fqdn_rules(header.cgroup_id)
                 {
@@ -718,7 +732,7 @@ impl Printer {
             } else {
                 None
             };
-            self.publish_dns(header, &answer, learned, limit, enforcer);
+            self.publish_dns(header, &answer, learned, limit, refused, enforcer);
         }
     }
 
@@ -790,6 +804,7 @@ impl Printer {
         answer: &tollgate_dns::full::Decoded,
         learned: bool,
         limit: Option<&'static str>,
+        refused: Option<&'static str>,
         enforcer: &Enforcer,
     ) {
         use tollgate_dns::full::{RecordData, rcode_name, rtype_name};
@@ -849,6 +864,7 @@ impl Printer {
                 .collect(),
             learned,
             limit,
+            refused,
         };
         let meta = RecordMeta {
             kind: DnsRecord::KIND,
@@ -885,5 +901,16 @@ impl Printer {
         };
         let meta = RecordMeta::of_loss(&marker, unix_nanos);
         self.exporter.publish(Record::Loss(&marker), &meta);
+    }
+}
+
+/// Why the kernel refused to learn from a DNS answer, as DNS records say.
+fn refusal(flags: u16) -> Option<&'static str> {
+    if flags & dns_flags::VIA_LOOPBACK != 0 {
+        Some("via-loopback")
+    } else if flags & dns_flags::NOT_ASKED != 0 {
+        Some("not-asked")
+    } else {
+        None
     }
 }

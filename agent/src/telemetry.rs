@@ -278,6 +278,26 @@ impl Telemetry {
                 counters.dns_answers_untrusted,
             ),
             (
+                "dns_answers_not_asked",
+                "DNS answers to a socket that sent no query with their id and question to that resolver (nothing learned)",
+                counters.dns_answers_not_asked,
+            ),
+            (
+                "dns_answers_via_loopback",
+                "DNS answers over loopback from a non-loopback resolver to a socket outside the host's network namespace (nothing learned)",
+                counters.dns_answers_via_loopback,
+            ),
+            (
+                "dns_queries_foreign_netns",
+                "Connects and sends to a trusted resolver from a socket outside its endpoint's network namespace (their answers teach nothing)",
+                counters.dns_queries_foreign_netns,
+            ),
+            (
+                "dns_spoofed_dropped",
+                "Packets of raw and other packet-hook sockets claiming to come from a trusted resolver (dropped)",
+                counters.dns_spoofed_dropped,
+            ),
+            (
                 "fqdn_slots_full",
                 "Learned addresses that matched more FQDN patterns than an entry holds",
                 counters.fqdn_slots_full,

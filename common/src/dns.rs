@@ -50,9 +50,19 @@ pub mod rtype {
 pub const CLASS_IN: u16 = 1;
 pub const RCODE_NOERROR: u8 = 0;
 
+/// Which kind of message a parse expects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// A standard query, as a client sends it.
+    Query,
+    /// The answer to one.
+    Answer,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Error {
-    /// Not the answer to a standard query (a query, or another opcode).
+    /// Not the kind of message expected (a query where an answer was
+    /// expected, or the reverse), or another opcode than a standard query.
     NotAnAnswer,
     /// The message contradicts itself or ends early. Nothing is learned.
     Malformed,
@@ -144,7 +154,7 @@ pub fn question(
     name: &mut [u8; NAME_BUF],
 ) -> Result<(Header, Question), Error> {
     let mut question = Question::default();
-    let header = question_name(msg, len, name, &mut question)?;
+    let header = question_name(msg, len, name, &mut question, Message::Answer)?;
     finish_question(msg, len, name, &mut question)?;
     Ok((header, question))
 }
@@ -160,12 +170,14 @@ pub fn question_name(
     len: usize,
     name: &mut [u8; NAME_BUF],
     question: &mut Question,
+    kind: Message,
 ) -> Result<Header, Error> {
     if len > MESSAGE_MAX {
         return Err(Error::Unsupported(Unsupported::TooLarge));
     }
     let flags = u16_at(msg, len, 2)?;
-    if flags & FLAG_QR == 0 || flags & OPCODE_MASK != 0 {
+    let is_answer = flags & FLAG_QR != 0;
+    if is_answer != (kind == Message::Answer) || flags & OPCODE_MASK != 0 {
         return Err(Error::NotAnAnswer);
     }
     let header = Header {

@@ -13,7 +13,7 @@
 pub mod dns;
 
 /// Version of the pinned map layout; part of the bpffs pin directory name.
-pub const PIN_LAYOUT_VERSION: u32 = 4;
+pub const PIN_LAYOUT_VERSION: u32 = 5;
 
 /// Map names (at most 15 bytes: the kernel truncates longer object names).
 pub mod map_names {
@@ -30,6 +30,9 @@ pub mod map_names {
     pub const DNS_TRUSTED: &str = "TG_DNS_TRUSTED";
     pub const DNS_SCRATCH: &str = "TG_DNS_SCRATCH";
     pub const DNS_FORWARD: &str = "TG_DNS_FORWARD";
+    pub const DNS_SOCKETS: &str = "TG_DNS_SOCKETS";
+    pub const DNS_QUERIES: &str = "TG_DNS_QUERIES";
+    pub const ENDPOINT_NETNS: &str = "TG_ENDPOINT_NETNS";
 }
 
 /// Default capacities; the agent may override them at load time.
@@ -46,6 +49,13 @@ pub mod capacity {
     pub const FQDN_LEARNED: u32 = 131_072;
     /// Trusted resolver (address, port) pairs.
     pub const DNS_TRUSTED: u32 = 64;
+    /// Sockets of endpoints with FQDN rules that may ask a trusted
+    /// resolver (LRU).
+    pub const DNS_SOCKETS: u32 = 65_536;
+    /// DNS queries awaiting their answer (LRU).
+    pub const DNS_QUERIES: u32 = 16_384;
+    /// Endpoints whose network namespace is known.
+    pub const ENDPOINT_NETNS: u32 = 16_384;
     /// Decision slots per CPU: one for a decision, one more for a decision
     /// made while it is preempted (agent-ebpf/src/decide.rs).
     pub const DECIDE_SLOTS: u32 = 2;
@@ -181,7 +191,19 @@ pub mod counter {
     /// reported within the interval (the packet hooks report every
     /// verdict once per flow and interval, so a flood is one record).
     pub const PACKETS_DEDUPLICATED: u32 = 14;
-    pub const COUNT: u32 = 15;
+    /// DNS answers from a trusted resolver to a socket that sent no query
+    /// with their id and question to it: nothing learned.
+    pub const DNS_NOT_ASKED: u32 = 15;
+    /// DNS answers over loopback from a resolver that is not a loopback
+    /// address, to an endpoint outside the host's network namespace.
+    pub const DNS_VIA_LOOPBACK: u32 = 16;
+    /// Queries to a trusted resolver from a socket outside its endpoint's
+    /// network namespace: their answers teach nothing.
+    pub const DNS_FOREIGN_NETNS: u32 = 17;
+    /// Packets of raw and other packet-hook sockets that claim to come from
+    /// a trusted resolver's address and port: dropped, whatever the policy.
+    pub const DNS_SPOOFED: u32 = 18;
+    pub const COUNT: u32 = 19;
 }
 
 /// Singleton in `TG_CONFIG[0]`.
@@ -213,7 +235,23 @@ pub struct Config {
     /// once per this interval, whatever the verdict (a flood is one
     /// decision per packet). 0: report all.
     pub packet_report_interval_ns: u64,
+    /// Cookie of the host's network namespace (0: unknown). An answer over
+    /// loopback from a resolver that is not a loopback address counts only
+    /// for a socket of this namespace (node-local DNS).
+    pub host_netns_cookie: u64,
+    /// The ports of the trusted resolvers (0: unused): the packet hook
+    /// looks at UDP datagrams to these ports for DNS queries.
+    pub dns_ports: [u16; DNS_PORTS],
+    /// 1 when the packet hook records DNS queries (`tollgate_packet`), so
+    /// an answer must match one; 0 under its fallback
+    /// (`tollgate_packet_plain`), where answers are tied to their socket
+    /// only.
+    pub queries_recorded: u8,
+    pub _pad2: [u8; 7],
 }
+
+/// Distinct ports the trusted resolvers may listen on.
+pub const DNS_PORTS: usize = 4;
 
 /// Key of `TG_ENDPOINTS`: a cgroup in one generation half.
 #[repr(C)]
@@ -454,7 +492,40 @@ pub mod dns_flags {
     /// The resolver's SYN of a DNS stream (with `TCP`; no payload):
     /// `tcp_seq` is its sequence number, and the stream starts after it.
     pub const TCP_SYN: u16 = 1 << 6;
+    /// No query with this answer's id and question went from this socket
+    /// to this resolver within the window, or the socket is not one of
+    /// its endpoint's network namespace: nothing is learned from it.
+    pub const NOT_ASKED: u16 = 1 << 7;
+    /// Over loopback from a resolver that is not a loopback address, to a
+    /// socket outside the host's network namespace: nothing learned.
+    pub const VIA_LOOPBACK: u16 = 1 << 8;
 }
+
+/// Key of `TG_DNS_QUERIES`: a query a socket sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct QueryKey {
+    pub socket_cookie: u64,
+    /// The DNS message id.
+    pub id: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Value of `TG_DNS_QUERIES`: what was asked of whom, and when.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct QueryValue {
+    /// The question name, as the DNS programs key names (`FqdnName`).
+    pub name: FqdnName,
+    pub qtype: u16,
+    pub qclass: u16,
+    pub resolver: ResolverKey,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub sent_ns: u64,
+}
+
+/// How long after its query an answer counts.
+pub const QUERY_WINDOW_NS: u64 = 30_000_000_000;
 
 /// A DNS answer (or a TCP segment of one) arriving at an endpoint from a
 /// trusted resolver, as reported on `TG_EVENTS`: this header, then
@@ -502,6 +573,9 @@ pub struct DnsScratch {
     pub question: dns::Question,
     pub patterns: [u32; LEARNED_SLOTS],
     pub pattern_count: u32,
+    /// The query being recorded (egress) or looked up (ingress).
+    pub query_key: QueryKey,
+    pub query: QueryValue,
 }
 
 /// Per-CPU working memory of one decision (`agent-ebpf/src/decide.rs`).
@@ -599,11 +673,15 @@ mod pod {
     unsafe impl aya::Pod for ResolverKey {}
     unsafe impl aya::Pod for DnsEvent {}
     unsafe impl aya::Pod for DnsScratch {}
+    unsafe impl aya::Pod for QueryKey {}
+    unsafe impl aya::Pod for QueryValue {}
 }
 
 // The layouts are part of the pinned ABI: fail the build if one drifts.
 const _: () = {
-    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<Config>() == 64);
+    assert!(core::mem::size_of::<QueryKey>() == 16);
+    assert!(core::mem::size_of::<QueryValue>() == 256 + 4 + 20 + 8);
     assert!(core::mem::size_of::<EndpointKey>() == 16);
     assert!(core::mem::size_of::<EndpointValue>() == 8);
     assert!(core::mem::size_of::<RuleKeyV4>() == 8);

@@ -725,3 +725,138 @@ fn a_refused_dns_parser_degrades_to_learning_in_the_agent_and_says_so() {
     drop(agent);
     env.cleanup_pins();
 }
+
+// Answers that cannot be forged: an answer teaches only the socket that
+// asked its question of the trusted resolver, from its endpoint's own
+// network namespace.
+
+/// The agent for the forged-answer tests: `*.azurecr.io` on 443 by name,
+/// `resolver` trusted, metrics on a port of its own.
+/// The resolver's host is allowed on every port too, so nothing but the
+/// binding of answers to queries stands in a forger's way.
+fn start_agent_with_metrics(env: &TestEnv, resolver: Ipv4Addr) -> (AgentProcess, TempFile, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let resolver_host = format!("  - name: resolver-host\n    to: [{{cidr: {resolver}/32}}]\n");
+    let (agent, policy) = start_agent(
+        env,
+        resolver,
+        &resolver_host,
+        &["--metrics-listen", &listen],
+    );
+    (agent, policy, port)
+}
+
+fn dns_counter(port: u16, name: &str) -> u64 {
+    let (code, metrics) = http_get(port, "/metrics");
+    assert_eq!(code, 200);
+    metric_sample(&metrics, name)
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn an_answer_to_a_socket_that_asked_nothing_teaches_nothing() {
+    let mut env = TestEnv::new("fqdn-unasked");
+    let resolver = env.add_host(107, &[HTTPS]).v4;
+    let target = env.add_host(108, &[HTTPS]).v4;
+    env.hosts[0].serve_dns(&one_name("myreg.azurecr.io", resolver, 60));
+    let (_agent, _policy, metrics) = start_agent_with_metrics(&env, resolver);
+
+    // An endpoint socket waits for an answer it never asked for; another
+    // process of the node, with CAP_NET_RAW, sends it one in the trusted
+    // resolver's name.
+    let port = free_port();
+    let mut waiting = std::process::Command::new(tollgate_tests::probe_binary())
+        .args(["--cgroup", env.cgroup.path.to_str().unwrap()])
+        .args(["await-answer", &port.to_string(), &HTTPS.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(waiting.stdout.take().unwrap());
+    let mut line = String::new();
+    while line.trim() != "listening" {
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    }
+    let forged = std::process::Command::new(tollgate_tests::probe_binary())
+        .args([
+            "forge-answer",
+            &resolver.to_string(),
+            &format!("127.0.0.1:{port}"),
+            "4242",
+            "evil.azurecr.io",
+            &target.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&forged.stdout).contains("\nok"));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(waiting.wait().unwrap().success());
+    assert_eq!(rest.trim(), "errno=1", "the forged address stays closed");
+    assert_eq!(
+        dns_counter(metrics, "tollgate_dns_answers_not_asked_total"),
+        1
+    );
+
+    // The real resolver's answers, to the socket that asked, still teach.
+    assert_eq!(
+        resolve_connect(&env, "udp", resolver.into(), "myreg.azurecr.io", "A"),
+        "ok"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn answers_from_a_network_namespace_of_the_endpoints_own_teach_nothing() {
+    let mut env = TestEnv::new("fqdn-ownns");
+    let resolver = env.add_host(109, &[HTTPS]).v4;
+    let target = env.add_host(110, &[HTTPS]).v4;
+    env.hosts[0].serve_dns(&one_name("myreg.azurecr.io", resolver, 60));
+    let (_agent, _policy, metrics) = start_agent_with_metrics(&env, resolver);
+
+    // The endpoint makes a namespace with the resolver's address in it,
+    // answers its own query there, and connects from its own namespace.
+    let run = env.probe(&[
+        "own-netns-resolve",
+        &resolver.to_string(),
+        "evil.azurecr.io",
+        &target.to_string(),
+        &HTTPS.to_string(),
+    ]);
+    assert_eq!(run.result(), Err(EPERM));
+    assert_eq!(
+        dns_counter(metrics, "tollgate_dns_queries_foreign_netns_total"),
+        1
+    );
+    assert_eq!(
+        resolve_connect(&env, "udp", resolver.into(), "myreg.azurecr.io", "A"),
+        "ok"
+    );
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn an_endpoints_raw_packets_in_a_resolvers_name_are_dropped() {
+    let mut env = TestEnv::new("fqdn-spoof");
+    let resolver = env.add_host(111, &[HTTPS]).v4;
+    let target = env.add_host(112, &[HTTPS]).v4;
+    env.hosts[0].serve_dns(&one_name("myreg.azurecr.io", resolver, 60));
+    let (_agent, _policy, metrics) = start_agent_with_metrics(&env, resolver);
+
+    // Whatever its policy allows, a raw packet from the resolver's address
+    // and port does not leave an enforced endpoint's socket.
+    let run = env.probe(&[
+        "forge-answer",
+        &resolver.to_string(),
+        &format!("{target}:5353"),
+        "4242",
+        "evil.azurecr.io",
+        &target.to_string(),
+    ]);
+    assert_eq!(run.result(), Err(EPERM));
+    assert_eq!(
+        dns_counter(metrics, "tollgate_dns_spoofed_dropped_total"),
+        1
+    );
+}

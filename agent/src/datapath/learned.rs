@@ -3,11 +3,18 @@
 //! the learned addresses themselves (installed by the agent for answers the
 //! kernel leaves to it, read and expired by its garbage collection).
 
-use std::{collections::BTreeSet, net::IpAddr, net::SocketAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    time::Duration,
+};
 
 use aya::maps::MapError;
 use tollgate_common::{
-    Config, LearnedKey, LearnedSlot, LearnedValue, ResolverKey, family, map_names,
+    Config, DNS_PORTS, LearnedKey, LearnedSlot, LearnedValue, QueryKey, ResolverKey, family,
+    map_names,
 };
 
 use super::{Datapath, DatapathError, map_err};
@@ -93,9 +100,104 @@ pub fn all_expired(value: &LearnedValue, now_ns: u64) -> bool {
         .all(|s| s.pattern_id == 0 || s.expires_ns <= now_ns)
 }
 
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`,
+/// 5.14), or 0 where the kernel cannot tell it.
+pub fn own_netns_cookie() -> u64 {
+    let Ok(socket) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+        return 0;
+    };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of the length given.
+    let result = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if result == 0 { cookie } else { 0 }
+}
+
 impl Datapath {
+    /// The network namespace of each endpoint whose namespace is known, by
+    /// cgroup id: a DNS query from a socket of another namespace teaches
+    /// nothing (agent-ebpf `dns.rs`). Endpoints left out are not checked.
+    pub fn set_endpoint_netns(&mut self, wanted: &BTreeMap<u64, u64>) -> Result<(), DatapathError> {
+        let stale: Vec<u64> = self
+            .endpoint_netns_written
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .copied()
+            .collect();
+        for id in stale {
+            match self.endpoint_netns.remove(&id) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::ENDPOINT_NETNS)(e)),
+            }
+            self.endpoint_netns_written.remove(&id);
+        }
+        for (&id, &cookie) in wanted {
+            if self.endpoint_netns_written.get(&id) != Some(&cookie) {
+                self.endpoint_netns
+                    .insert(id, cookie, 0)
+                    .map_err(map_err(map_names::ENDPOINT_NETNS))?;
+                self.endpoint_netns_written.insert(id, cookie);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the socket `socket_cookie` sent the query with message `id`
+    /// for `name` (lowercase, dotted) of type `qtype`, as the packet hook
+    /// recorded it; the query is used up. For the UDP answers the kernel
+    /// leaves to the agent: the kernel checked their id, resolver and
+    /// window, the agent checks their question. True where the packet
+    /// hook records no queries (its fallback program).
+    pub fn take_query(&mut self, socket_cookie: u64, id: u16, name: &str, qtype: u16) -> bool {
+        if self.state.queries_recorded == 0 {
+            return true;
+        }
+        let key = QueryKey {
+            socket_cookie,
+            id,
+            _pad: [0; 6],
+        };
+        let Ok(query) = self.dns_queries.get(&key, 0) else {
+            return false;
+        };
+        let asked =
+            super::wire_name(name).is_some_and(|wire| wire == query.name) && query.qtype == qtype;
+        if asked {
+            let _ = self.dns_queries.remove(&key);
+        }
+        asked
+    }
+
+    /// The cookie of the host's network namespace as the programs have it
+    /// (0: the kernel cannot tell it).
+    pub fn host_netns_cookie(&self) -> u64 {
+        self.state.host_netns_cookie
+    }
+
     /// Makes the trusted resolvers exactly `resolvers`.
     pub fn set_trusted_resolvers(&mut self, resolvers: &[SocketAddr]) -> Result<(), DatapathError> {
+        let ports: BTreeSet<u16> = resolvers.iter().map(SocketAddr::port).collect();
+        if ports.len() > DNS_PORTS {
+            return Err(DatapathError::TooManyResolverPorts {
+                ports: ports.into_iter().collect(),
+            });
+        }
+        let mut dns_ports = [0; DNS_PORTS];
+        for (slot, port) in dns_ports.iter_mut().zip(&ports) {
+            *slot = *port;
+        }
+        self.write_config(Config {
+            dns_ports,
+            ..self.state
+        })?;
         let wanted: BTreeSet<ResolverKey> = resolvers.iter().map(|r| resolver_key(*r)).collect();
         let present: Vec<ResolverKey> = self
             .dns_trusted

@@ -41,8 +41,8 @@ pub use events::{Event, EventReader};
 pub use rules::{ListName, RuleSetError, wire_name};
 use tollgate_common::{
     Config, EndpointKey, EndpointValue, FqdnName, FqdnNameIds, FqdnRuleKey, LearnedKey,
-    LearnedValue, Mode, PIN_LAYOUT_VERSION, ResolverKey, RuleKeyV4, RuleKeyV6, RuleList, counter,
-    map_names,
+    LearnedValue, Mode, PIN_LAYOUT_VERSION, QueryKey, QueryValue, ResolverKey, RuleKeyV4,
+    RuleKeyV6, RuleList, counter, map_names,
 };
 
 use crate::{cgroups, mounts};
@@ -69,24 +69,28 @@ pub const PROGRAMS: [&str; 6] = [
 ];
 
 /// Every program of the object, fallbacks included.
-pub const ALL_PROGRAMS: [&str; 7] = [
+pub const ALL_PROGRAMS: [&str; 8] = [
     PROGRAMS[0],
     PROGRAMS[1],
     PROGRAMS[2],
     PROGRAMS[3],
     PACKET_PROGRAM,
+    PACKET_PLAIN_PROGRAM,
     DNS_PROGRAM,
     DNS_FORWARD_PROGRAM,
 ];
 
-/// Whether `program` serves a hook that decides: without it the agent
-/// cannot enforce, so it does not start.
+/// Whether the agent cannot enforce without `program`, so does not start:
+/// it serves a hook that decides, and no fallback stands in for it.
 pub fn decides(program: &str) -> bool {
-    program != DNS_PROGRAM && program != DNS_FORWARD_PROGRAM
+    program != DNS_PROGRAM && program != DNS_FORWARD_PROGRAM && program != PACKET_PROGRAM
 }
 
-/// Judges each packet of the sockets the sock_addr hooks do not see.
+/// Judges each packet of the sockets the sock_addr hooks do not see, and
+/// records the DNS queries of UDP sockets.
 pub const PACKET_PROGRAM: &str = "tollgate_packet";
+/// The packet hook's fallback: judges the same, records no DNS query.
+const PACKET_PLAIN_PROGRAM: &str = "tollgate_packet_plain";
 
 const DNS_PROGRAM: &str = "tollgate_dns_ingress";
 /// Hands DNS answers to the agent unparsed: the DNS hook's fallback.
@@ -101,7 +105,7 @@ fn candidates(link: &'static str) -> &'static [&'static str] {
         "tollgate_connect4" => &["tollgate_connect4"],
         "tollgate_connect6" => &["tollgate_connect6"],
         "tollgate_sendmsg4" => &["tollgate_sendmsg4"],
-        PACKET_PROGRAM => &[PACKET_PROGRAM],
+        PACKET_PROGRAM => &[PACKET_PROGRAM, PACKET_PLAIN_PROGRAM],
         _ => &["tollgate_sendmsg6"],
     }
 }
@@ -128,6 +132,11 @@ impl Degraded {
                 "the agent learns FQDN rules' addresses from every DNS answer it is sent: \
                  a first connection can race the learning, and nothing is learned while \
                  the agent is down",
+            ),
+            PACKET_PROGRAM => (
+                "dns-query-binding",
+                "the packet hook records no DNS query, so an answer is tied to the socket \
+                 that asked the resolver, not to the query's id and question",
             ),
             _ => (
                 "dns-learning",
@@ -224,6 +233,11 @@ pub enum DatapathError {
         requested: PathBuf,
         requested_id: u64,
     },
+    #[error(
+        "the trusted resolvers listen on {ports:?}: at most {max} distinct ports are supported",
+        max = tollgate_common::DNS_PORTS
+    )]
+    TooManyResolverPorts { ports: Vec<u16> },
     #[error(transparent)]
     Rules(#[from] rules::RuleSetError),
 }
@@ -323,6 +337,10 @@ pub struct Counters {
     pub dns_untrusted: u64,
     pub fqdn_slots_full: u64,
     pub fqdn_learn_failed: u64,
+    pub dns_not_asked: u64,
+    pub dns_via_loopback: u64,
+    pub dns_foreign_netns: u64,
+    pub dns_spoofed: u64,
 }
 
 /// The loaded (or adopted) datapath.
@@ -338,6 +356,10 @@ pub struct Datapath {
     fqdn_names: rules::FqdnNames,
     fqdn_learned: HashMap<MapData, LearnedKey, LearnedValue>,
     dns_trusted: HashMap<MapData, ResolverKey, u8>,
+    endpoint_netns: HashMap<MapData, u64, u64>,
+    dns_queries: HashMap<MapData, QueryKey, QueryValue>,
+    /// What `endpoint_netns` holds.
+    endpoint_netns_written: std::collections::BTreeMap<u64, u64>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     attachments: Vec<(&'static str, Attachment)>,
@@ -400,6 +422,13 @@ impl Datapath {
         let fqdn_names_map = take_map(&mut ebpf, map_names::FQDN_NAMES)?;
         let fqdn_learned = take_map(&mut ebpf, map_names::FQDN_LEARNED)?;
         let dns_trusted = take_map(&mut ebpf, map_names::DNS_TRUSTED)?;
+        let endpoint_netns: HashMap<MapData, u64, u64> =
+            take_map(&mut ebpf, map_names::ENDPOINT_NETNS)?;
+        let dns_queries = take_map(&mut ebpf, map_names::DNS_QUERIES)?;
+        let endpoint_netns_written = endpoint_netns
+            .iter()
+            .collect::<Result<_, aya::maps::MapError>>()
+            .map_err(map_err(map_names::ENDPOINT_NETNS))?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
         let events = take_map(&mut ebpf, map_names::EVENTS)?;
         // Unknown until the agent configures it: observe, never a surprise block.
@@ -407,6 +436,9 @@ impl Datapath {
             state.global_mode = Mode::Observe as u8;
         }
         state.attached_cgroup_id = requested_id;
+        state.host_netns_cookie = learned::own_netns_cookie();
+        state.queries_recorded =
+            u8::from(loaded.iter().any(|&(_, program)| program == PACKET_PROGRAM));
         let mut datapath = Self {
             pin_dir,
             config,
@@ -418,6 +450,9 @@ impl Datapath {
             fqdn_names: Default::default(),
             fqdn_learned,
             dns_trusted,
+            endpoint_netns,
+            dns_queries,
+            endpoint_netns_written,
             counters,
             events: Some(events),
             attachments: Vec::new(),
@@ -605,6 +640,10 @@ impl Datapath {
             dns_untrusted: sum(counter::DNS_UNTRUSTED)?,
             fqdn_slots_full: sum(counter::FQDN_SLOTS_FULL)?,
             fqdn_learn_failed: sum(counter::FQDN_LEARN_FAILED)?,
+            dns_not_asked: sum(counter::DNS_NOT_ASKED)?,
+            dns_via_loopback: sum(counter::DNS_VIA_LOOPBACK)?,
+            dns_foreign_netns: sum(counter::DNS_FOREIGN_NETNS)?,
+            dns_spoofed: sum(counter::DNS_SPOOFED)?,
         })
     }
 
@@ -758,7 +797,9 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(Loaded, Vec<Degraded>), DatapathErr
                     loaded.push((link, name));
                     break;
                 }
-                Err(source) if link == DNS_PROGRAM && is_refusal(&source) => {
+                Err(source)
+                    if (link == DNS_PROGRAM || name == PACKET_PROGRAM) && is_refusal(&source) =>
+                {
                     degraded.push(Degraded::refused(name, &source));
                 }
                 Err(source) => return Err(DatapathError::Program { name, source }),
@@ -848,7 +889,7 @@ impl<'a> CgroupProgram<'a> {
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram(name))?;
         let kind_error = |source| DatapathError::Program { name, source };
-        Ok(if name == PACKET_PROGRAM {
+        Ok(if name == PACKET_PROGRAM || name == PACKET_PLAIN_PROGRAM {
             Self::Skb(
                 program.try_into().map_err(kind_error)?,
                 CgroupSkbAttachType::Egress,

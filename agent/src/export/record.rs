@@ -54,6 +54,14 @@ pub struct DnsRecord<'a> {
     /// addresses that would have expired first (native JSON only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<&'static str>,
+    /// Set when nothing was learned from this answer whatever it says:
+    /// `not-asked` (no query with its id and question went from the
+    /// receiving socket to this resolver, from its endpoint's network
+    /// namespace, within 30 s) or `via-loopback` (over loopback from a
+    /// resolver that is not a loopback address, outside the host's network
+    /// namespace). Native JSON only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<&'static str>,
 }
 
 impl DnsRecord<'_> {

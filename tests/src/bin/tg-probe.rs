@@ -12,6 +12,21 @@
 //!         is replaced by the attempt's number (from 0). Prints `ok`,
 //!         `errno=<n>`, or `noaddress` per attempt.
 //!
+//! Forged DNS answers (each prints `ok`, `errno=<n>` or `noaddress`):
+//!         `tg-probe [--cgroup DIR] await-answer PORT CONNECT_PORT` binds
+//!         UDP 0.0.0.0:PORT, prints `listening`, takes the first datagram
+//!         within 5 s as a DNS answer and connects by TCP to its first
+//!         address on CONNECT_PORT.
+//!         `tg-probe [--cgroup DIR] [--count N] forge-answer FROM TO:PORT ID NAME ADDRESS`
+//!         sends, from a raw socket with IP_HDRINCL, a UDP datagram from
+//!         FROM:53 to TO:PORT holding an answer (id ID) that NAME has the
+//!         A record ADDRESS.
+//!         `tg-probe [--cgroup DIR] own-netns-resolve RESOLVER NAME ADDRESS CONNECT_PORT`
+//!         makes a network namespace of its own, gives its loopback
+//!         RESOLVER and answers there, from a UDP socket on RESOLVER:53,
+//!         every query with ADDRESS; asks it for NAME, goes back to its
+//!         first namespace and connects by TCP to the answer on CONNECT_PORT.
+//!
 //! Packets for a receiver to see (`tg-probe catch` there tells whether they
 //! came); each attempt prints `ok` or `errno=<n>` of its socket() or sendto:
 //!         `tg-probe [--cgroup DIR] [--count N] raw PROTO ADDR|ADDR:PORT MARKER`
@@ -137,11 +152,48 @@ fn main() {
             })
         }
         ["catch", marker] => catch(marker.as_bytes()),
+        ["await-answer", port, connect_port] => {
+            let port: u16 = port.parse().unwrap_or_else(|_| fail("PORT is a number"));
+            let connect_port: u16 = connect_port
+                .parse()
+                .unwrap_or_else(|_| fail("CONNECT_PORT is a number"));
+            attempts(1, || await_answer(port, connect_port))
+        }
+        ["forge-answer", from, to, id, name, address] => {
+            let from: Ipv4Addr = from
+                .parse()
+                .unwrap_or_else(|_| fail("FROM is an IPv4 address"));
+            let SocketAddr::V4(to) = parse(to) else {
+                fail("forge-answer is IPv4 only")
+            };
+            let id: u16 = id.parse().unwrap_or_else(|_| fail("ID is a number"));
+            let address: Ipv4Addr = address
+                .parse()
+                .unwrap_or_else(|_| fail("ADDRESS is an IPv4 address"));
+            let answer = dns_answer(id, name, address);
+            attempts(count, || forge_answer(from, to, &answer))
+        }
+        ["own-netns-resolve", resolver, name, address, connect_port] => {
+            let resolver: Ipv4Addr = resolver
+                .parse()
+                .unwrap_or_else(|_| fail("RESOLVER is an IPv4 address"));
+            let address: Ipv4Addr = address
+                .parse()
+                .unwrap_or_else(|_| fail("ADDRESS is an IPv4 address"));
+            let connect_port: u16 = connect_port
+                .parse()
+                .unwrap_or_else(|_| fail("CONNECT_PORT is a number"));
+            attempts(1, || {
+                own_netns_resolve(resolver, name, address, connect_port)
+            })
+        }
         _ => fail(
             "usage: tg-probe [--cgroup DIR] [--count N] connect tcp|udp ADDR:PORT | sendto ADDR:PORT \
              | resolve-connect udp|tcp RESOLVER NAME A|AAAA PORT | raw PROTO ADDR[:PORT] MARKER \
              | raw-hdrincl PROTO ADDR[:PORT] MARKER | ping ADDR MARKER \
-             | packet IFACE ADDR:PORT MARKER [--qdisc-bypass] | serve PORT... | catch MARKER",
+             | packet IFACE ADDR:PORT MARKER [--qdisc-bypass] | serve PORT... | catch MARKER \
+             | await-answer PORT CONNECT_PORT | forge-answer FROM TO:PORT ID NAME ADDRESS \
+             | own-netns-resolve RESOLVER NAME ADDRESS CONNECT_PORT",
         ),
     }
 }
@@ -748,5 +800,105 @@ fn catch(marker: &[u8]) -> ! {
         };
         writeln!(out, "caught {protocol} {port}").unwrap();
         out.flush().unwrap();
+    }
+}
+
+/// A DNS answer message: NAME has the A record ADDRESS (TTL 300).
+fn dns_answer(id: u16, name: &str, address: Ipv4Addr) -> Vec<u8> {
+    use hickory_proto::{
+        op::{Message, MessageType, Query},
+        rr::{Name, RData, Record, RecordType, rdata::A},
+    };
+    let name = Name::from_ascii(name).unwrap_or_else(|e| fail(&format!("{name}: {e}")));
+    let mut message = Message::query();
+    message.metadata.id = id;
+    message.metadata.message_type = MessageType::Response;
+    message.metadata.recursion_desired = true;
+    message.metadata.recursion_available = true;
+    message.add_query(Query::query(name.clone(), RecordType::A));
+    message.add_answer(Record::from_rdata(name, 300, RData::A(A(address))));
+    message.to_vec().expect("an answer encodes")
+}
+
+/// One UDP datagram from FROM:53, IP header and all.
+fn forge_answer(from: Ipv4Addr, to: std::net::SocketAddrV4, answer: &[u8]) -> std::io::Result<()> {
+    let fd = socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW)?;
+    let mut udp = Vec::with_capacity(8 + answer.len());
+    udp.extend_from_slice(&53u16.to_be_bytes());
+    udp.extend_from_slice(&to.port().to_be_bytes());
+    udp.extend_from_slice(&((8 + answer.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // no checksum (IPv4)
+    udp.extend_from_slice(answer);
+    let mut packet = ipv4_header(libc::IPPROTO_UDP as u8, from, *to.ip(), udp.len(), 0);
+    packet.extend_from_slice(&udp);
+    send_to_ip(&fd, &packet, IpAddr::V4(*to.ip()))
+}
+
+fn await_answer(port: u16, connect_port: u16) -> std::io::Result<()> {
+    let socket = UdpSocket::bind(("0.0.0.0", port))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    println!("listening");
+    std::io::stdout().flush().unwrap();
+    let mut buffer = vec![0; 65_535];
+    let len = socket.recv(&mut buffer)?;
+    buffer.truncate(len);
+    match first_address(&buffer) {
+        Some(ip) => connect("tcp", SocketAddr::new(ip, connect_port)),
+        None => Err(std::io::Error::from_raw_os_error(NO_ADDRESS)),
+    }
+}
+
+fn first_address(answer: &[u8]) -> Option<IpAddr> {
+    use hickory_proto::{op::Message, rr::RData};
+    let answer = Message::from_vec(answer).unwrap_or_else(|e| fail(&format!("answer: {e}")));
+    answer.answers.iter().find_map(|record| match &record.data {
+        RData::A(a) => Some(IpAddr::V4(a.0)),
+        RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+        _ => None,
+    })
+}
+
+/// The attack of a process that may make network namespaces: a resolver
+/// of its own at the trusted resolver's address, in a namespace of its
+/// own, whose answers reach its sockets as if they came from the real one.
+fn own_netns_resolve(
+    resolver: Ipv4Addr,
+    name: &str,
+    address: Ipv4Addr,
+    connect_port: u16,
+) -> std::io::Result<()> {
+    let first = std::fs::File::open("/proc/self/ns/net")?;
+    // SAFETY: no pointers; this process has one thread so far.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["addr", "add", &format!("{resolver}/32"), "dev", "lo"][..],
+    ] {
+        let status = std::process::Command::new("ip").args(args).status()?;
+        if !status.success() {
+            fail(&format!("ip {args:?} failed in the new namespace"));
+        }
+    }
+    let server = UdpSocket::bind((resolver, 53))?;
+    let forged_name = name.to_owned();
+    std::thread::spawn(move || {
+        let mut buffer = vec![0; 65_535];
+        while let Ok((len, from)) = server.recv_from(&mut buffer) {
+            let id = u16::from_be_bytes([buffer[0], buffer[1]]);
+            let _ = server.send_to(&dns_answer(id, &forged_name, address), from);
+            let _ = len;
+        }
+    });
+    let answer = resolve("udp", SocketAddr::new(resolver.into(), 53), name, "A")?;
+    // SAFETY: a namespace file this process opened; setns affects the
+    // calling thread, the one that connects next.
+    if unsafe { libc::setns(first.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    match answer {
+        Some(ip) => connect("tcp", SocketAddr::new(ip, connect_port)),
+        None => Err(std::io::Error::from_raw_os_error(NO_ADDRESS)),
     }
 }

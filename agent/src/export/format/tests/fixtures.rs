@@ -249,6 +249,7 @@ pub fn golden() -> Vec<(&'static str, Fixture)> {
                 ],
                 learned: true,
                 limit: None,
+                refused: None,
             }),
         ),
         (
@@ -282,6 +283,7 @@ pub fn odd() -> Vec<(&'static str, Fixture)> {
         answers: Vec::new(),
         learned: false,
         limit: None,
+        refused: None,
         resolver: DnsResolver {
             ip: ip("fd00::53"),
             port: 53,
