@@ -21,6 +21,7 @@ use crate::{
     cgroups,
     datapath::{Datapath, DatapathError},
     flow::{Attribution, PolicySource},
+    netns::NetnsCookies,
     pods::{
         UnknownPodAction,
         directory::{IdentityUpdate, PodDirectory},
@@ -63,6 +64,8 @@ pub struct Enforcer {
     cgroup_root: PathBuf,
     options: EndpointOptions,
     pods: PodDirectory,
+    /// Pods' network namespaces, found once each.
+    netns: NetnsCookies,
     endpoints: Option<BTreeMap<u64, Vec<usize>>>,
     compiler: Compiler,
     /// Whether the compiler has taken over the kernel's FQDN pattern ids.
@@ -194,6 +197,7 @@ impl Enforcer {
         Self {
             policies: None,
             cgroup_root: cgroup_root.to_owned(),
+            netns: NetnsCookies::default(),
             options,
             pods,
             endpoints: None,
@@ -234,7 +238,7 @@ impl Enforcer {
         let policies = self.with_unknown_pod_policy(policies);
         let (endpoints, pods) = self.select(&policies);
         let generation = self.switch(&policies, &endpoints, &cluster, mode, datapath)?;
-        set_endpoint_netns(&endpoints, &pods, datapath)?;
+        set_endpoint_netns(&endpoints, &pods, &mut self.netns, datapath)?;
         self.policies = Some(policies);
         self.endpoints = Some(endpoints);
         self.cluster_policies = cluster;
@@ -260,7 +264,7 @@ impl Enforcer {
             datapath.global_mode(),
             datapath,
         )?;
-        set_endpoint_netns(&endpoints, &pods, datapath)?;
+        set_endpoint_netns(&endpoints, &pods, &mut self.netns, datapath)?;
         self.endpoints = Some(endpoints);
         Ok(Some(generation))
     }
@@ -291,8 +295,9 @@ impl Enforcer {
     }
 
     /// Which of `policies` select which cgroups, as the tree and the pod
-    /// directory are now; and which cgroups are pods'.
-    fn select(&self, policies: &[Policy]) -> (BTreeMap<u64, Vec<usize>>, BTreeSet<u64>) {
+    /// directory are now; and which cgroups are pods', with the pod's
+    /// cgroup directory.
+    fn select(&self, policies: &[Policy]) -> (BTreeMap<u64, Vec<usize>>, BTreeMap<u64, PathBuf>) {
         let cgroups = cgroups::walk(&self.cgroup_root);
         let pod_uids: Vec<Option<String>> = cgroups
             .iter()
@@ -321,7 +326,13 @@ impl Enforcer {
             .iter()
             .zip(&pod_uids)
             .filter(|(_, uid)| uid.is_some())
-            .map(|((id, _), _)| *id)
+            .map(|((id, path), _)| {
+                let container = self.cgroup_root.join(path.trim_start_matches('/'));
+                let pod = container
+                    .parent()
+                    .map_or(container.clone(), Path::to_path_buf);
+                (*id, pod)
+            })
             .collect();
         (
             select_endpoints(policies, endpoints, unknown_pod_policy),
@@ -437,25 +448,29 @@ fn adopt_kernel_fqdn_ids(compiler: &mut Compiler, datapath: &Datapath) -> Result
     Ok(())
 }
 
-/// Tells the datapath the network namespace of the endpoints whose
-/// namespace is the host's: every endpoint that is not a pod. A pod's own
-/// namespace is not known to the agent yet, so its DNS queries are not
-/// checked for it (docs/policies.md, "Whom answers are trusted from").
+/// Tells the datapath each endpoint's network namespace: a pod's is its
+/// sandbox's (`netns`), any other endpoint's the host's. A pod with no
+/// process yet is left out until a later switch finds one; where the
+/// kernel cannot tell cookies (before 5.14), every endpoint is.
 fn set_endpoint_netns(
     endpoints: &BTreeMap<u64, Vec<usize>>,
-    pods: &BTreeSet<u64>,
+    pods: &BTreeMap<u64, PathBuf>,
+    netns: &mut NetnsCookies,
     datapath: &mut Datapath,
 ) -> Result<(), EnforceError> {
     let host = datapath.host_netns_cookie();
-    let known = if host == 0 {
-        BTreeMap::new()
-    } else {
-        endpoints
-            .keys()
-            .filter(|id| !pods.contains(id))
-            .map(|&id| (id, host))
-            .collect()
-    };
+    let mut known = BTreeMap::new();
+    if host != 0 {
+        for &id in endpoints.keys() {
+            let cookie = match pods.get(&id) {
+                Some(pod) => netns.of_oldest_process(pod),
+                None => Some(host),
+            };
+            if let Some(cookie) = cookie {
+                known.insert(id, cookie);
+            }
+        }
+    }
     datapath.set_endpoint_netns(&known)?;
     Ok(())
 }

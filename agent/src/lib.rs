@@ -15,6 +15,7 @@ pub mod kubernetes;
 pub mod log_level;
 pub mod mounts;
 pub mod names;
+pub mod netns;
 pub mod pods;
 pub mod policy_files;
 pub mod run;

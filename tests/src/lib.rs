@@ -198,6 +198,27 @@ impl Drop for PrivateBpffs {
     }
 }
 
+/// A named network namespace of a test's own (`ip netns add`), removed on
+/// drop.
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    pub fn new(name: &str) -> Self {
+        sh("ip", &["netns", "add", name]);
+        Self { name: name.into() }
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
 /// A host in its own network namespace, reached over a veth pair:
 /// 10.231.<index>.2 and fd00:231:<index>::2 (the host side has .1 and ::1).
 pub struct TestHost {
@@ -603,6 +624,21 @@ impl TestEnv {
     /// `tollgate-agent cleanup` for this test's pins: detaches the programs.
     /// The cgroups that have an entry in the datapath's endpoint map (only
     /// the live half has entries once a switch is complete).
+    /// What the agent told the kernel of endpoints' network namespaces:
+    /// cgroup id -> namespace cookie.
+    pub fn endpoint_netns(&self) -> std::collections::BTreeMap<u64, u64> {
+        let path = self
+            .datapath_options()
+            .pin_dir()
+            .join("maps")
+            .join(tollgate_common::map_names::ENDPOINT_NETNS);
+        let map = aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(&path).expect("the pinned endpoint netns map"),
+        );
+        let netns: aya::maps::HashMap<_, u64, u64> = map.try_into().unwrap();
+        netns.iter().map(|entry| entry.unwrap()).collect()
+    }
+
     pub fn endpoint_cgroup_ids(&self) -> std::collections::BTreeSet<u64> {
         let path = self
             .datapath_options()

@@ -417,3 +417,81 @@ fn unknown_pod_action_deny_without_kubernetes_is_refused() {
         "{log:#?}"
     );
 }
+
+/// Processes of the test, killed and reaped on drop.
+struct Processes(Vec<std::process::Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `sleep` in `cgroup`, inside the named network namespace.
+fn sleeper(cgroup: &std::path::Path, netns: &str) -> std::process::Child {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {netns} sleep 60",
+            cgroup.display()
+        ))
+        .spawn()
+        .unwrap()
+}
+
+/// The namespace the kernel is told a pod's DNS queries must come from is
+/// its sandbox's, the oldest process of the pod, not one a container made
+/// later.
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn a_pods_network_namespace_is_its_sandboxs() {
+    let mut env = TestEnv::new("pods-netns");
+    let host = env.add_host(113, &[]).v4;
+    // Two namespaces of the test's own: the pod's, and one a container
+    // process makes for itself.
+    let pod_ns = tollgate_tests::TestNetns::new("tgn-pod-netns");
+    let own_ns = tollgate_tests::TestNetns::new("tgn-own-netns");
+    let api = FakeApiServer::start();
+    api.put(namespace("prod", &[("env", "prod")]));
+    let pod = SimPod::new(
+        &env,
+        8,
+        "prod",
+        "payments",
+        "payments",
+        Layout::Systemd(Some("burstable"), "cri-containerd"),
+    );
+    pod.make_cgroup(&env);
+    let sandbox = pod
+        .cgroup
+        .parent()
+        .unwrap()
+        .join("cri-containerd-sandbox.scope");
+    std::fs::create_dir(&sandbox).unwrap();
+    let mut processes = Processes(vec![sleeper(&sandbox, &pod_ns.name)]);
+    std::thread::sleep(Duration::from_millis(50));
+    processes.0.push(sleeper(&pod.cgroup, &own_ns.name));
+    api.put(pod.object.clone());
+    let policy = TempFile::new("pods-netns.yaml", &payments_policy(host));
+    let kubeconfig = TempFile::new("pods-netns.kubeconfig", &api.kubeconfig());
+    let _agent = start_agent(
+        &env,
+        &kubeconfig,
+        &["--policy", policy.path.to_str().unwrap()],
+    );
+    pod.wait_until_in_datapath(&env);
+
+    let cookie_of = |name: &str| {
+        tollgate_agent::netns::cookie_of(std::fs::File::open(format!("/run/netns/{name}")).unwrap())
+            .unwrap()
+    };
+    let id = tollgate_agent::cgroups::cgroup_id(&pod.cgroup).unwrap();
+    let told = env.endpoint_netns();
+    assert_eq!(told.get(&id), Some(&cookie_of(&pod_ns.name)), "{told:?}");
+    assert_ne!(cookie_of(&pod_ns.name), cookie_of(&own_ns.name));
+    drop(processes);
+    std::fs::remove_dir(&sandbox).unwrap();
+}

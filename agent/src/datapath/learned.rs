@@ -7,7 +7,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     net::SocketAddr,
-    os::fd::AsRawFd,
     time::Duration,
 };
 
@@ -98,27 +97,6 @@ pub fn all_expired(value: &LearnedValue, now_ns: u64) -> bool {
         .slots
         .iter()
         .all(|s| s.pattern_id == 0 || s.expires_ns <= now_ns)
-}
-
-/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`,
-/// 5.14), or 0 where the kernel cannot tell it.
-pub fn own_netns_cookie() -> u64 {
-    let Ok(socket) = std::net::UdpSocket::bind("127.0.0.1:0") else {
-        return 0;
-    };
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid socket, and a buffer of the length given.
-    let result = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if result == 0 { cookie } else { 0 }
 }
 
 impl Datapath {

@@ -436,7 +436,7 @@ impl Datapath {
             state.global_mode = Mode::Observe as u8;
         }
         state.attached_cgroup_id = requested_id;
-        state.host_netns_cookie = learned::own_netns_cookie();
+        state.host_netns_cookie = crate::netns::socket_netns_cookie().unwrap_or(0);
         state.queries_recorded =
             u8::from(loaded.iter().any(|&(_, program)| program == PACKET_PROGRAM));
         let mut datapath = Self {
