@@ -46,32 +46,24 @@ impl NetnsCookies {
 
 /// The process under `dir` (cgroup v2) that started first.
 fn oldest_process(dir: &Path) -> Option<u32> {
-    let mut oldest: Option<(u64, u32)> = None;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-            for pid in procs
+    crate::cgroups::walk(dir)
+        .into_iter()
+        .filter_map(|(_, relative)| {
+            fs::read_to_string(
+                dir.join(relative.trim_start_matches('/'))
+                    .join("cgroup.procs"),
+            )
+            .ok()
+        })
+        .flat_map(|procs| {
+            procs
                 .lines()
                 .filter_map(|line| line.trim().parse::<u32>().ok())
-            {
-                if let Some(started) = start_time(pid)
-                    && oldest.is_none_or(|(first, _)| started < first)
-                {
-                    oldest = Some((started, pid));
-                }
-            }
-        }
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        stack.extend(
-            entries
-                .flatten()
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path()),
-        );
-    }
-    oldest.map(|(_, pid)| pid)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|pid| Some((start_time(pid)?, pid)))
+        .min()
+        .map(|(_, pid)| pid)
 }
 
 /// When `pid` started, in clock ticks since boot (`/proc/PID/stat`, field
