@@ -8,8 +8,10 @@
 //! passes the error up (raw and echo sockets do; SCTP retransmits).
 //!
 //! TCP and UDP sockets were judged at connect or sendmsg, so their packets
-//! leave after two loads and two comparisons; a UDP datagram is also
-//! looked at for a DNS query to record (`dns::record_query`). A packet of
+//! leave after two loads and two comparisons; a UDP datagram is first
+//! looked at for a DNS query to record (`dns::record_query`: two
+//! `skb_load_bytes` and four comparisons unless it goes to a resolver
+//! port). A packet of
 //! the other sockets that claims to come from a trusted resolver is
 //! dropped whatever the policy says (`dns::spoofs_resolver`).
 

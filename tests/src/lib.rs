@@ -1174,9 +1174,24 @@ pub fn metric_sample(metrics: &str, name: &str) -> u64 {
 /// loaded straight through the bpf syscall: what an older agent's program
 /// stands in as in upgrade tests.
 pub fn allow_all_connect4() -> std::os::fd::OwnedFd {
-    const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
     const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    allow_all_program(
+        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        BPF_CGROUP_INET4_CONNECT,
+        *b"tg_test_allow\0\0\0",
+    )
+}
+
+/// A program of `prog_type` for `expected_attach_type` that only returns 1
+/// (`r0 = 1; exit`), loaded straight through the bpf syscall (aya loads
+/// programs from objects only).
+pub fn allow_all_program(
+    prog_type: u32,
+    expected_attach_type: u32,
+    name: [u8; 16],
+) -> std::os::fd::OwnedFd {
+    const BPF_PROG_LOAD: libc::c_long = 5;
     /// `union bpf_attr` for BPF_PROG_LOAD, up to `expected_attach_type`.
     #[repr(C)]
     struct ProgLoadAttr {
@@ -1200,7 +1215,7 @@ pub fn allow_all_connect4() -> std::os::fd::OwnedFd {
     ];
     let license = c"GPL";
     let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        prog_type,
         insn_cnt: instructions.len() as u32,
         insns: instructions.as_ptr() as u64,
         license: license.as_ptr() as u64,
@@ -1209,9 +1224,9 @@ pub fn allow_all_connect4() -> std::os::fd::OwnedFd {
         log_buf: 0,
         kern_version: 0,
         prog_flags: 0,
-        prog_name: *b"tg_test_allow\0\0\0",
+        prog_name: name,
         prog_ifindex: 0,
-        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+        expected_attach_type,
     };
     // SAFETY: ProgLoadAttr is BPF_PROG_LOAD's prefix without padding; the
     // instructions and license outlive the call.

@@ -1,7 +1,8 @@
 //! The load worker: a process that joins a cgroup and a network namespace,
 //! then makes loopback TCP connections (connect, then close with RST so no
-//! TIME_WAIT piles up) or unconnected UDP sends as fast as it can, or at a
-//! given rate, for a while, and reports how many and how long each took.
+//! TIME_WAIT piles up), unconnected UDP sends or 64 KiB writes to one TCP
+//! stream as fast as it can, or at a given rate, for a while, and reports
+//! how many and how long each took.
 
 use std::{
     io::Write,
@@ -19,12 +20,34 @@ pub enum Workload {
     Tcp,
     /// sendto() on an unconnected UDP socket to a loopback receiver.
     Udp,
+    /// Bulk throughput: 64 KiB write()s to one loopback TCP connection,
+    /// drained by a reader thread whose socket is outside the cgroup.
+    #[serde(rename = "tcp-stream")]
+    TcpStream,
 }
+
+impl Workload {
+    /// The name the worker takes on its command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::TcpStream => "tcp-stream",
+        }
+    }
+}
+
+/// One write of the `tcp-stream` workload.
+pub const STREAM_WRITE: usize = 64 * 1024;
 
 /// What one worker run measured.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct LoadResult {
     pub ops: u64,
+    /// Payload bytes the operations carried (`tcp-stream` only: ops are
+    /// its writes).
+    #[serde(default)]
+    pub bytes: u64,
     pub errors: u64,
     pub seconds: f64,
     /// Per operation, nanoseconds.
@@ -35,6 +58,10 @@ pub struct LoadResult {
 impl LoadResult {
     pub fn ops_per_second(&self) -> f64 {
         self.ops as f64 / self.seconds
+    }
+
+    pub fn bytes_per_second(&self) -> f64 {
+        self.bytes as f64 / self.seconds
     }
 }
 
@@ -54,9 +81,13 @@ pub fn run(spec: &LoadSpec) {
     let netns = std::fs::File::open(format!("/run/netns/{}", spec.netns))
         .unwrap_or_else(|e| panic!("netns {}: {e}", spec.netns));
     nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    // Receivers first, outside the cgroup: a socket belongs to the cgroup
+    // its creator was in (an accepted one to its listener's), so only the
+    // load's own sockets are in the cgroup.
     let target = match spec.workload {
         Workload::Tcp => serve_tcp(),
         Workload::Udp => serve_udp(),
+        Workload::TcpStream => serve_stream(),
     };
     std::fs::write(
         format!("{}/cgroup.procs", spec.cgroup),
@@ -68,6 +99,13 @@ pub fn run(spec: &LoadSpec) {
         Workload::Udp => {
             let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
             measure(spec, || socket.send_to(b"tollgate bench", target).map(drop))
+        }
+        Workload::TcpStream => {
+            let mut stream = TcpStream::connect(target).unwrap();
+            let buffer = vec![0x5a_u8; STREAM_WRITE];
+            let mut result = measure(spec, || stream.write_all(&buffer));
+            result.bytes = (result.ops - result.errors) * STREAM_WRITE as u64;
+            result
         }
     };
     let mut out = std::io::stdout().lock();
@@ -89,6 +127,19 @@ fn serve_tcp() -> SocketAddr {
         for stream in listener.incoming() {
             drop(stream);
         }
+    });
+    addr
+}
+
+/// A listener whose one connection a thread drains until it closes.
+fn serve_stream() -> SocketAddr {
+    use std::io::Read;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut buffer = vec![0_u8; 4 * STREAM_WRITE];
+        while matches!(stream.read(&mut buffer), Ok(n) if n > 0) {}
     });
     addr
 }
@@ -164,6 +215,7 @@ fn measure(spec: &LoadSpec, mut op: impl FnMut() -> std::io::Result<()>) -> Load
     };
     LoadResult {
         ops: latencies.len() as u64,
+        bytes: 0,
         errors,
         seconds,
         p50_ns: percentile(0.50),

@@ -4,12 +4,15 @@
 //! machine hits both.
 //!
 //! `tg-bench run [--smoke] --out DIR` writes DIR/BENCHMARKS.md and
-//! DIR/bench.json; `tg-bench load ...` is the load worker it spawns.
+//! DIR/bench.json; `tg-bench load ...` is the load worker it spawns;
+//! `tg-bench packet-hook [--smoke] [--seconds S] [--rounds N] [--out DIR]`
+//! runs the packet hook section alone and prints its figures as JSON.
 
 mod cluster;
 mod control;
 mod learned;
 mod load;
+mod packet_hook;
 mod pipeline;
 mod report;
 mod rules;
@@ -31,7 +34,7 @@ fn main() {
             cgroup,
             netns,
             workload: serde_json::from_value(serde_json::Value::from(*workload))
-                .expect("tcp or udp"),
+                .expect("tcp, udp or tcp-stream"),
             seconds: seconds.parse().expect("seconds"),
             rate: rate.parse().expect("rate"),
         }),
@@ -48,6 +51,34 @@ fn main() {
             ))
             .unwrap()
         ),
+        // The packet hook benchmark alone: its figures as JSON (and with
+        // --out DIR, a report of it alone). --seconds and --rounds set its
+        // turns' length and number.
+        ["packet-hook", rest @ ..] => {
+            let mut plan = Plan::new(rest.contains(&"--smoke"));
+            let option = |name: &str| {
+                rest.iter()
+                    .position(|a| *a == name)
+                    .and_then(|i| rest.get(i + 1))
+            };
+            if let Some(seconds) = option("--seconds") {
+                plan.hook_seconds = seconds.parse().expect("--seconds S");
+            }
+            if let Some(rounds) = option("--rounds") {
+                plan.hook_rounds = rounds.parse().expect("--rounds N");
+            }
+            let rows = packet_hook::rows(&plan);
+            println!("{}", serde_json::to_string_pretty(&rows).unwrap());
+            // --out DIR: a report of this section alone as well.
+            if let Some(out) = option("--out") {
+                let mut report = Report::new(plan.smoke);
+                for row in rows {
+                    report.packet_hook(row);
+                }
+                std::fs::create_dir_all(out).unwrap();
+                report.write(Path::new(out));
+            }
+        }
         ["dns-rtt", cgroup, resolver, rounds] => {
             learned::rtt(cgroup, resolver, rounds.parse().expect("rounds"))
         }
@@ -68,7 +99,9 @@ fn main() {
             run(&Plan::new(smoke), &out);
         }
         _ => {
-            eprintln!("usage: tg-bench run [--smoke] --out DIR");
+            eprintln!(
+                "usage: tg-bench run [--smoke] --out DIR | tg-bench packet-hook [--smoke] [--out DIR]"
+            );
             std::process::exit(2);
         }
     }
@@ -91,6 +124,11 @@ pub struct Plan {
     /// Simulated cluster sizes, and policy changes measured at each.
     pub cluster_nodes: Vec<usize>,
     pub cluster_changes: usize,
+    /// Packet hook: seconds per turn, and turns per comparison (shorter
+    /// and more than the others: its effect is small beside the drift of
+    /// a shared machine, which finer turns follow more closely).
+    pub hook_seconds: f64,
+    pub hook_rounds: usize,
 }
 
 impl Plan {
@@ -107,6 +145,8 @@ impl Plan {
                 memory_rules: 1_000,
                 cluster_nodes: vec![10, 20],
                 cluster_changes: 1,
+                hook_seconds: 0.1,
+                hook_rounds: 2,
             }
         } else {
             Self {
@@ -120,6 +160,8 @@ impl Plan {
                 memory_rules: 100_000,
                 cluster_nodes: vec![100, 1_000],
                 cluster_changes: 5,
+                hook_seconds: 0.25,
+                hook_rounds: 30,
             }
         }
     }
@@ -129,6 +171,7 @@ fn run(plan: &Plan, out: &Path) {
     std::fs::create_dir_all(out).unwrap();
     let mut report = Report::new(plan.smoke);
     connect_costs(plan, &mut report);
+    packet_hook::measure(plan, &mut report);
     learned::learning_rate(plan, &mut report);
     pipeline::measure(plan, &mut report);
     control::measure(plan, &mut report);
@@ -194,10 +237,7 @@ pub fn load(place: Place, workload: Workload, seconds: f64, rate: u64) -> LoadRe
             "load",
             place.cgroup.to_str().unwrap(),
             &place.netns.0,
-            match workload {
-                Workload::Tcp => "tcp",
-                Workload::Udp => "udp",
-            },
+            workload.name(),
             &seconds.to_string(),
             &rate.to_string(),
         ])

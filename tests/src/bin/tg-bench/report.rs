@@ -69,6 +69,97 @@ pub struct ConnectRow {
     pub comparison: Comparison,
 }
 
+/// What the kernel counted for a program over one run of a load, with its
+/// run-time statistics on.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramStats {
+    /// The load's operations (writes, sends).
+    pub ops: u64,
+    /// The program's runs (packets it saw) and their total time.
+    pub runs: u64,
+    pub run_time_ns: u64,
+    pub runs_per_op: f64,
+    pub ns_per_run: f64,
+}
+
+impl ProgramStats {
+    pub fn new(ops: u64, runs: u64, run_time_ns: u64) -> Self {
+        Self {
+            ops,
+            runs,
+            run_time_ns,
+            runs_per_op: runs as f64 / ops.max(1) as f64,
+            ns_per_run: run_time_ns as f64 / runs.max(1) as f64,
+        }
+    }
+}
+
+/// One load with the packet hook alone attached, against no program.
+#[derive(Clone, Debug, Serialize)]
+pub struct PacketHookRow {
+    pub workload: Workload,
+    #[serde(flatten)]
+    pub comparison: Comparison,
+    /// Payload bytes per second (the TCP stream; 0 for UDP).
+    pub baseline_bytes_per_second: f64,
+    pub bytes_per_second: f64,
+    /// Each round's added cost (its subject turn against its baseline
+    /// turn), in percent, in the order run.
+    pub round_added_cost_percent: Vec<f64>,
+    /// The length of a turn, seconds.
+    pub turn_seconds: f64,
+    /// The program's own figures, over one more turn of the subject.
+    pub bpf_stats: ProgramStats,
+    /// The same for a program that only returns 1: what the statistics
+    /// report for doing nothing (reading the clock around the run).
+    pub empty_program_stats: ProgramStats,
+}
+
+impl PacketHookRow {
+    pub fn new(
+        workload: Workload,
+        baseline: &[LoadResult],
+        subject: &[LoadResult],
+        bpf_stats: ProgramStats,
+        empty_program_stats: ProgramStats,
+    ) -> Self {
+        let rate = |runs: &[LoadResult]| {
+            runs.iter().map(|r| r.bytes).sum::<u64>() as f64
+                / runs.iter().map(|r| r.seconds).sum::<f64>()
+        };
+        Self {
+            workload,
+            comparison: Comparison::new(baseline, subject),
+            baseline_bytes_per_second: rate(baseline),
+            bytes_per_second: rate(subject),
+            round_added_cost_percent: baseline
+                .iter()
+                .zip(subject)
+                .map(|(b, s)| (1.0 - s.ops_per_second() / b.ops_per_second()) * 100.0)
+                .collect(),
+            turn_seconds: baseline
+                .iter()
+                .chain(subject)
+                .map(|r| r.seconds)
+                .sum::<f64>()
+                / (baseline.len() + subject.len()).max(1) as f64,
+            bpf_stats,
+            empty_program_stats,
+        }
+    }
+
+    /// The lowest, median and highest added cost of a round, in percent.
+    pub fn round_spread(&self) -> (f64, f64, f64) {
+        let mut costs = self.round_added_cost_percent.clone();
+        costs.sort_by(f64::total_cmp);
+        match costs.as_slice() {
+            [] => (0.0, 0.0, 0.0),
+            [first, .., last] => (*first, costs[costs.len() / 2], *last),
+            [only] => (*only, *only, *only),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct PipelineRun {
     /// Events per second aimed at; 0: as fast as the sender went.
@@ -254,6 +345,8 @@ pub struct Report {
     pub machine: Machine,
     pub connect: Vec<ConnectRow>,
     pub dns_learning: Option<DnsLearning>,
+    /// The packet hook on TCP and UDP sockets.
+    pub packet_hook: Vec<PacketHookRow>,
     pub pipeline: Vec<PipelineRun>,
     pub control: Option<ControlFigures>,
     pub cluster: Option<ClusterFigures>,
@@ -267,6 +360,7 @@ impl Report {
             machine: Machine::this(),
             connect: Vec::new(),
             dns_learning: None,
+            packet_hook: Vec::new(),
             pipeline: Vec::new(),
             control: None,
             cluster: None,
@@ -295,6 +389,10 @@ impl Report {
 
     pub fn pipeline(&mut self, run: PipelineRun) {
         self.pipeline.push(run);
+    }
+
+    pub fn packet_hook(&mut self, row: PacketHookRow) {
+        self.packet_hook.push(row);
     }
 
     pub fn control(&mut self, figures: ControlFigures) {
@@ -327,6 +425,7 @@ impl Report {
             let name = match workload {
                 Workload::Tcp => "TCP connect",
                 Workload::Udp => "UDP sendto",
+                Workload::TcpStream => "TCP stream",
             };
             if let Some(at_10k) = self.row(workload, "Tollgate enforce", 10_000) {
                 targets.push(Target {
@@ -357,7 +456,7 @@ impl Report {
                 );
                 let other = match workload {
                     Workload::Tcp => Workload::Udp,
-                    Workload::Udp => Workload::Tcp,
+                    Workload::Udp | Workload::TcpStream => Workload::Tcp,
                 };
                 let note = match self.size_gap(other) {
                     Some(other_gap) if gap > 1.5 && other_gap <= 1.5 => format!(
@@ -604,6 +703,7 @@ impl Report {
             let title = match workload {
                 Workload::Tcp => "Loopback TCP connect + close",
                 Workload::Udp => "Unconnected UDP sendto",
+                Workload::TcpStream => "Loopback TCP stream",
             };
             let _ = writeln!(
                 md,
@@ -627,6 +727,62 @@ impl Report {
                     c.p99_ns as f64 / 1000.0,
                     c.baseline_p50_ns as f64 / 1000.0,
                     c.baseline_p99_ns as f64 / 1000.0,
+                );
+            }
+        }
+        if !self.packet_hook.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Packet hook cost on TCP and UDP sockets\n\n\
+                 `tollgate_packet` (cgroup_skb egress) attached alone to the load's cgroup, against a \
+                 cgroup with no program, in one network namespace, in {} rounds of one {:.2} s turn \
+                 each (which side goes first alternates). TCP stream and UDP datagram sockets were \
+                 judged at connect or sendmsg, so their packets leave the program after it reads the \
+                 socket's type and protocol. The TCP stream is one loopback connection written in 64 KiB buffers (its \
+                 reader's socket is outside the cgroup, so its ACKs do not pass the program); UDP is \
+                 unconnected sendto of 14 bytes. Program runs per operation: packets per write or send \
+                 (loopback TCP sends GSO packets of one or more 64 KiB segments). Mean time per run: \
+                 the kernel's run-time statistics over one more turn of the subject; it leaves out the \
+                 cgroup hook's own dispatch, which the throughput ratio includes, and includes reading \
+                 the clock around each run: the same turn with a program that only returns 1 (attached \
+                 alone to a cgroup of its own) gives that floor, so the program's own time is the \
+                 difference.\n\n\
+                 | load | with the hook | no program | ratio | added cost | added cost per round, min / median / max | p50 with / without | program runs per op | mean ns per run | an empty program's | difference |\n\
+                 |---|---|---|---|---|---|---|---|---|---|---|",
+                self.packet_hook[0].round_added_cost_percent.len(),
+                self.packet_hook[0].turn_seconds,
+            );
+            for r in &self.packet_hook {
+                let c = &r.comparison;
+                let (name, with, without) = match r.workload {
+                    Workload::TcpStream => (
+                        "TCP stream, 64 KiB writes",
+                        format!("{:.2} GB/s", r.bytes_per_second / 1e9),
+                        format!("{:.2} GB/s", r.baseline_bytes_per_second / 1e9),
+                    ),
+                    Workload::Udp => (
+                        "UDP sendto",
+                        format!("{:.0} sends/s", c.ops_per_second),
+                        format!("{:.0} sends/s", c.baseline_ops_per_second),
+                    ),
+                    Workload::Tcp => (
+                        "TCP connect",
+                        format!("{:.0} connects/s", c.ops_per_second),
+                        format!("{:.0} connects/s", c.baseline_ops_per_second),
+                    ),
+                };
+                let (lo, median, hi) = r.round_spread();
+                let _ = writeln!(
+                    md,
+                    "| {name} | {with} | {without} | {:.3} | {:+.1}% | {lo:+.1}% / {median:+.1}% / {hi:+.1}% | {:.1} / {:.1} µs | {:.2} | {:.1} ns | {:.1} ns | {:+.1} ns |",
+                    c.ratio,
+                    c.added_cost_percent(),
+                    c.p50_ns as f64 / 1000.0,
+                    c.baseline_p50_ns as f64 / 1000.0,
+                    r.bpf_stats.runs_per_op,
+                    r.bpf_stats.ns_per_run,
+                    r.empty_program_stats.ns_per_run,
+                    r.bpf_stats.ns_per_run - r.empty_program_stats.ns_per_run,
                 );
             }
         }
