@@ -133,6 +133,7 @@ pub fn measure(plan: &Plan, report: &mut Report) {
     let names = format!(
         "apiVersion: policy.tollgate.dev/v1alpha1\nkind: EgressPolicy\nmetadata:\n  name: names\n\
          spec:\n  cgroupSelector:\n    paths: [\"{glob}/ep-0000\"]\n  egress:\n\
+         \x20 - {{name: dns, to: [{{cidr: {resolver}/32}}], ports: [{{port: 53, protocol: UDP}}]}}\n\
          \x20 - {{name: names, to: [{{fqdn: \"*.bench.test\"}}]}}\n"
     );
     at_scale.extend(
@@ -142,11 +143,13 @@ pub fn measure(plan: &Plan, report: &mut Report) {
             .map(|s| s.policy),
     );
     apply(at_scale);
-    let receiver_addr = format!("{}:5300", std::net::Ipv4Addr::from(u32::from(resolver) - 1));
-    let mut receiver =
-        crate::learned::start_receiver(&env.cgroup.path.join("ep-0000"), &receiver_addr, 2.0);
-    crate::learned::send_answers(&netns, resolver, &receiver_addr, 1.0, LEARNED_FOR_MEMORY);
-    let _ = receiver.wait();
+    crate::learned::learn(
+        &netns,
+        resolver,
+        &env.cgroup.path.join("ep-0000"),
+        1.0,
+        LEARNED_FOR_MEMORY,
+    );
     std::thread::sleep(Duration::from_millis(500)); // the agent reads the last answers
     let pid = agent.pid();
     let rss_kib = proc_status_kib(pid, "VmRSS:");

@@ -72,25 +72,18 @@ pub fn learning_rate(plan: &crate::Plan, report: &mut crate::report::Report) {
         ],
     );
     let seconds = plan.seconds.max(1.0);
-    // The endpoint's socket, on the root side of the host's veth.
-    let receiver_addr = format!("{}:5300", Ipv4Addr::from(u32::from(resolver) - 1));
+    // The resolver answers each query with the prepared answer for its id;
+    // the endpoint asks as fast as one socket goes. Each answer is learned
+    // only because its query went out first (the packet hook records it).
+    let mut server = start_resolver(&netns, resolver, NAMES);
     let before = counters(&env);
-    let mut receiver = start_receiver(&env.cgroup.path, &receiver_addr, seconds + 1.0);
-    let sent = send_answers(&netns, resolver, &receiver_addr, seconds, 4096);
-    let _ = receiver.wait();
+    let sent = ask(&env.cgroup.path, resolver, seconds, NAMES);
     let after = counters(&env);
 
     // Latency: query and answer, one at a time, from the endpoint (the
     // ingress program parses and learns each answer) and from a cgroup
     // outside the attach point (nothing runs), in turns.
     let outside = tollgate_tests::TestCgroup::new("bench-dns-base");
-    let mut server = std::process::Command::new("ip")
-        .args(["netns", "exec", &netns])
-        .arg(std::env::current_exe().unwrap())
-        .args(["dns-serve", &format!("{resolver}:53")])
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200));
     let rounds = if plan.smoke { 2_000 } else { 20_000 };
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for _ in 0..plan.rounds {
@@ -111,32 +104,54 @@ pub fn learning_rate(plan: &crate::Plan, report: &mut crate::report::Report) {
     });
 }
 
-/// Runs `dns-blast` in the resolver's namespace; returns how many it sent.
-pub fn send_answers(netns: &str, resolver: Ipv4Addr, to: &str, seconds: f64, names: u32) -> u64 {
-    let sender = std::process::Command::new("ip")
+/// Names `r<n>.bench.test`, n < this, that the learning rate asks for.
+const NAMES: u32 = 4096;
+
+/// `dns-serve` at `resolver`:53 in `netns`, answering `r<n>.bench.test`,
+/// n < `names`; kill it when done.
+fn start_resolver(netns: &str, resolver: Ipv4Addr, names: u32) -> std::process::Child {
+    let server = std::process::Command::new("ip")
         .args(["netns", "exec", netns])
         .arg(std::env::current_exe().unwrap())
-        .args(["dns-blast", &format!("{resolver}:53"), to])
+        .args(["dns-serve", &format!("{resolver}:53"), &names.to_string()])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    server
+}
+
+/// Has an endpoint (`cgroup`) learn `names` addresses: it asks the resolver
+/// in `netns` for each, as the learning rate does. Returns the queries sent.
+pub fn learn(
+    netns: &str,
+    resolver: Ipv4Addr,
+    cgroup: &std::path::Path,
+    seconds: f64,
+    names: u32,
+) -> u64 {
+    let mut server = start_resolver(netns, resolver, names);
+    let sent = ask(cgroup, resolver, seconds, names);
+    let _ = server.kill();
+    let _ = server.wait();
+    sent
+}
+
+/// Runs `dns-ask` in `cgroup` for `seconds`; returns how many queries it sent.
+fn ask(cgroup: &std::path::Path, resolver: Ipv4Addr, seconds: f64, names: u32) -> u64 {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "dns-ask",
+            cgroup.to_str().unwrap(),
+            &format!("{resolver}:53"),
+        ])
         .arg(seconds.to_string())
         .arg(names.to_string())
         .output()
         .unwrap();
-    String::from_utf8_lossy(&sender.stdout)
+    String::from_utf8_lossy(&output.stdout)
         .trim()
         .parse()
         .unwrap_or(0)
-}
-
-/// Starts `drain` on `addr` in `cgroup` for `seconds`.
-pub fn start_receiver(cgroup: &std::path::Path, addr: &str, seconds: f64) -> std::process::Child {
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["drain", cgroup.to_str().unwrap(), addr])
-        .arg(seconds.to_string())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    child
 }
 
 /// (p50, p99) of `samples`.
@@ -163,19 +178,55 @@ fn round_trips(cgroup: &std::path::Path, resolver: Ipv4Addr, rounds: usize) -> V
         .collect()
 }
 
-/// `tg-bench dns-serve ADDR`: answers every datagram on ADDR with the next
-/// prepared answer, until killed.
-pub fn serve(addr: &str) {
-    let answers = prepared_answers(4096);
+/// `tg-bench dns-serve ADDR NAMES`: answers every query on ADDR with the
+/// prepared answer of its id (so of its question), until killed.
+pub fn serve(addr: &str, names: u32) {
+    let answers = prepared(names, true);
     let socket = std::net::UdpSocket::bind(addr).expect("binding the resolver's port 53");
     let mut buffer = [0u8; 512];
-    let mut next = 0;
     loop {
-        if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
-            let _ = socket.send_to(&answers[next], peer);
-            next = (next + 1) % answers.len();
+        if let Ok((len, peer)) = socket.recv_from(&mut buffer)
+            && len >= 2
+        {
+            let id = u16::from_be_bytes([buffer[0], buffer[1]]) as usize;
+            let _ = socket.send_to(&answers[id % answers.len()], peer);
         }
     }
+}
+
+/// `tg-bench dns-ask CGROUP RESOLVER SECONDS NAMES`: joins CGROUP, then
+/// sends queries for `r<n>.bench.test`, n < NAMES, in turn on one connected
+/// UDP socket for SECONDS, as fast as it goes, while a thread reads the
+/// answers; prints how many it sent.
+pub fn ask_worker(cgroup: &str, resolver: &str, seconds: f64, names: u32) {
+    std::fs::write(
+        format!("{cgroup}/cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("joining the cgroup");
+    let queries = prepared(names, false);
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.connect(resolver).unwrap();
+    let reader = socket.try_clone().unwrap();
+    reader
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 512];
+        while reader.recv(&mut buffer).is_ok() {}
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds);
+    let mut sent = 0u64;
+    let mut next = 0;
+    while std::time::Instant::now() < deadline {
+        for _ in 0..64 {
+            if socket.send(&queries[next]).is_ok() {
+                sent += 1;
+            }
+            next = (next + 1) % queries.len();
+        }
+    }
+    println!("{sent}");
 }
 
 /// `tg-bench dns-rtt CGROUP RESOLVER ROUNDS`: joins CGROUP, then sends
@@ -192,11 +243,13 @@ pub fn rtt(cgroup: &str, resolver: &str, rounds: usize) {
     socket
         .set_read_timeout(Some(std::time::Duration::from_secs(1)))
         .unwrap();
+    let queries = prepared(NAMES, false);
     let mut buffer = [0u8; 512];
     let mut out = String::with_capacity(rounds * 8);
-    for _ in 0..rounds {
+    for round in 0..rounds {
         let start = std::time::Instant::now();
-        if socket.send(b"q").is_ok() && socket.recv(&mut buffer).is_ok() {
+        if socket.send(&queries[round % queries.len()]).is_ok() && socket.recv(&mut buffer).is_ok()
+        {
             out.push_str(&start.elapsed().as_nanos().to_string());
             out.push('\n');
         }
@@ -222,53 +275,9 @@ fn counters(env: &TestEnv) -> (u64, u64) {
     )
 }
 
-/// `tg-bench drain CGROUP ADDR SECONDS`: joins CGROUP, then receives on a
-/// UDP socket bound to ADDR until SECONDS pass.
-pub fn drain(cgroup: &str, addr: &str, seconds: f64) {
-    std::fs::write(
-        format!("{cgroup}/cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .expect("joining the cgroup");
-    let socket = std::net::UdpSocket::bind(addr).expect("binding the receiver");
-    socket
-        .set_read_timeout(Some(std::time::Duration::from_millis(100)))
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds);
-    let mut buffer = [0u8; 2048];
-    let mut received = 0u64;
-    while std::time::Instant::now() < deadline {
-        if socket.recv(&mut buffer).is_ok() {
-            received += 1;
-        }
-    }
-    println!("{received}");
-}
-
-/// `tg-bench dns-blast FROM TO SECONDS NAMES`: sends DNS answers for
-/// `r<n>.bench.test`, n < NAMES (a different address each), from FROM to
-/// TO as fast as it can; prints how many it sent.
-pub fn blast(from: &str, to: &str, seconds: f64, names: u32) {
-    let answers = prepared_answers(names);
-    let socket = std::net::UdpSocket::bind(from).expect("binding the resolver's port 53");
-    socket.connect(to).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(seconds);
-    let mut sent = 0u64;
-    let mut next = 0;
-    while std::time::Instant::now() < deadline {
-        for _ in 0..256 {
-            if socket.send(&answers[next]).is_ok() {
-                sent += 1;
-            }
-            next = (next + 1) % answers.len();
-        }
-    }
-    println!("{sent}");
-}
-
-/// Answers for `r<n>.bench.test`, n < `names`, each with an address of its
-/// own.
-fn prepared_answers(names: u32) -> Vec<Vec<u8>> {
+/// Queries (or their answers) for `r<n>.bench.test`, n < `names`, with id
+/// n; each answer gives an address of its own.
+fn prepared(names: u32, answers: bool) -> Vec<Vec<u8>> {
     use hickory_proto::{
         op::{Message, MessageType, Query},
         rr::{Name, RData, Record, RecordType, rdata::A},
@@ -278,13 +287,15 @@ fn prepared_answers(names: u32) -> Vec<Vec<u8>> {
             let name = Name::from_ascii(format!("r{i}.bench.test.")).unwrap();
             let mut message = Message::query();
             message.metadata.id = i as u16;
-            message.metadata.message_type = MessageType::Response;
             message.add_query(Query::query(name.clone(), RecordType::A));
-            message.add_answer(Record::from_rdata(
-                name,
-                300,
-                RData::A(A(Ipv4Addr::from(0x0a50_0000 + i))),
-            ));
+            if answers {
+                message.metadata.message_type = MessageType::Response;
+                message.add_answer(Record::from_rdata(
+                    name,
+                    300,
+                    RData::A(A(Ipv4Addr::from(0x0a50_0000 + i))),
+                ));
+            }
             message.to_vec().unwrap()
         })
         .collect()

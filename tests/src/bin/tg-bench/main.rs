@@ -38,10 +38,13 @@ fn main() {
             seconds: seconds.parse().expect("seconds"),
             rate: rate.parse().expect("rate"),
         }),
-        ["drain", cgroup, addr, seconds] => {
-            learned::drain(cgroup, addr, seconds.parse().expect("seconds"))
-        }
-        ["dns-serve", addr] => learned::serve(addr),
+        ["dns-ask", cgroup, resolver, seconds, names] => learned::ask_worker(
+            cgroup,
+            resolver,
+            seconds.parse().expect("seconds"),
+            names.parse().expect("names"),
+        ),
+        ["dns-serve", addr, names] => learned::serve(addr, names.parse().expect("names")),
         // The cluster benchmark alone, at one size: its figures as JSON.
         ["cluster", nodes, changes] => println!(
             "{}",
@@ -82,12 +85,6 @@ fn main() {
         ["dns-rtt", cgroup, resolver, rounds] => {
             learned::rtt(cgroup, resolver, rounds.parse().expect("rounds"))
         }
-        ["dns-blast", from, to, seconds, names] => learned::blast(
-            from,
-            to,
-            seconds.parse().expect("seconds"),
-            names.parse().expect("names"),
-        ),
         ["run", rest @ ..] => {
             let smoke = rest.contains(&"--smoke");
             let out = rest
