@@ -32,7 +32,7 @@ use aya_ebpf::{
     },
     macros::cgroup_skb,
     maps::PerCpuArray,
-    programs::{SkBuffContext, SockAddrContext},
+    programs::{SkBuffContext, SockAddrContext, sk_buff::SkBuff},
 };
 use tollgate_common::{
     DNS_PORTS, DnsScratch, EndpointKey, FqdnName, LEARNED_SLOTS, LearnedKey, LearnedSlot,
@@ -927,20 +927,23 @@ pub extern "C" fn tg_dns_record_query() -> u32 {
     GO_ON
 }
 
-/// Whether the packet hook's packet claims to come from a trusted
-/// resolver (UDP or TCP from its address and port): raw sockets could
-/// otherwise answer a query of another socket in the resolver's name.
+/// Whether the IP packet whose header starts at `ip` claims to come from a
+/// trusted resolver (UDP or TCP from its address and port): raw and packet
+/// sockets could otherwise answer a query of another socket in the
+/// resolver's name.
 #[inline(always)]
-pub fn spoofs_resolver(ctx: &SkBuffContext) -> bool {
+pub fn spoofs_resolver(skb: &SkBuff, ip: usize) -> bool {
     let Some(config) = TG_CONFIG.get_ptr(0) else {
         return false;
     };
-    let Ok(first) = ctx.load::<u8>(0) else {
+    let Ok(first) = skb.load::<u8>(ip) else {
         return false;
     };
     let (family, ip_protocol, transport, addr) = match first >> 4 {
         4 => {
-            let (Ok(ip_protocol), Ok(saddr)) = (ctx.load::<u8>(9), ctx.load::<[u8; 4]>(12)) else {
+            let (Ok(ip_protocol), Ok(saddr)) =
+                (skb.load::<u8>(ip + 9), skb.load::<[u8; 4]>(ip + 12))
+            else {
                 return false;
             };
             let mut addr = [0u8; 16];
@@ -953,7 +956,9 @@ pub fn spoofs_resolver(ctx: &SkBuffContext) -> bool {
             )
         }
         6 => {
-            let (Ok(ip_protocol), Ok(addr)) = (ctx.load::<u8>(6), ctx.load::<[u8; 16]>(8)) else {
+            let (Ok(ip_protocol), Ok(addr)) =
+                (skb.load::<u8>(ip + 6), skb.load::<[u8; 16]>(ip + 8))
+            else {
                 return false;
             };
             (family::INET6, ip_protocol, 40, addr)
@@ -963,7 +968,7 @@ pub fn spoofs_resolver(ctx: &SkBuffContext) -> bool {
     if ip_protocol != protocol::UDP && ip_protocol != protocol::TCP {
         return false;
     }
-    let Ok(port) = ctx.load::<u16>(transport) else {
+    let Ok(port) = skb.load::<u16>(ip + transport) else {
         return false;
     };
     let port = u16::from_be(port);

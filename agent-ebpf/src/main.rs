@@ -4,7 +4,9 @@
 //! of TCP and UDP sockets (TCP connect, connected and unconnected UDP) by
 //! destination, using maps the agent writes; a `cgroup_skb` egress program
 //! ([`packet`]) decides each packet of every other inet socket (raw, ICMP
-//! echo, SCTP) by the same rules. The decision logic lives in [`decide`],
+//! echo, SCTP) by the same rules; a `tc` ingress program on the node's side
+//! of each enforced pod's link ([`frame`]) decides every frame there that
+//! no inet socket sent (packet sockets). The decision logic lives in [`decide`],
 //! the reporting (counters, dedup, ring buffer) in [`report`]; each hook
 //! only reads its context. A `cgroup_skb` ingress program ([`dns`]) learns
 //! FQDN rules' addresses from DNS answers.
@@ -16,6 +18,7 @@
 
 mod decide;
 mod dns;
+mod frame;
 mod hooks;
 mod maps;
 mod packet;

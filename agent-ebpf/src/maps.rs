@@ -97,3 +97,10 @@ pub static TG_DNS_FORWARD: PerCpuArray<DnsScratch> = PerCpuArray::pinned(1, 0);
 #[map]
 pub static TG_DECIDE_SCRATCH: PerCpuArray<DecideScratch> =
     PerCpuArray::with_max_entries(capacity::DECIDE_SLOTS, 0);
+
+/// A pod's link, by the ifindex of the node's side -> the cgroup id of an
+/// endpoint of the pod: whose policies judge the frames there that carry
+/// no socket to tell their cgroup (frame.rs).
+#[map]
+pub static TG_POD_LINKS: HashMap<u32, u64> =
+    HashMap::pinned(capacity::POD_LINKS, BPF_F_NO_PREALLOC);

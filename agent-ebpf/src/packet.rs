@@ -21,7 +21,7 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_get_socket_uid, bpf_sk_fullsock, bpf_skb_cgroup_id,
     },
     macros::cgroup_skb,
-    programs::SkBuffContext,
+    programs::{SkBuffContext, sk_buff::SkBuff},
 };
 use tollgate_common::{Hook, Verdict, counter, family, protocol};
 
@@ -78,35 +78,50 @@ fn judge_packet(ctx: &SkBuffContext, record_queries: bool) -> i32 {
         }
         return 1;
     }
-    if dns::spoofs_resolver(ctx) {
+    if dns::spoofs_resolver(&ctx.skb, NETWORK_HEADER) {
         report::count(counter::DNS_SPOOFED);
         return 0;
     }
-    let Some((hook, dst)) = destination(ctx) else {
+    let Some((hook, dst)) = destination(&ctx.skb, NETWORK_HEADER, Hook::Packet4, Hook::Packet6)
+    else {
         // Not an IP packet the kernel could send from an inet socket.
         return 1;
     };
+    // SAFETY: a helper without preconditions beyond a valid skb.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    if denies(skb, hook, cgroup_id, &dst) {
+        0
+    } else {
+        1
+    }
+}
+
+/// Judges a packet or frame of cgroup `cgroup_id` to `dst` and reports it
+/// as `hook` with its socket's cookie and owner (0 and the overflow uid
+/// for one without a socket); true if it is denied.
+#[inline(always)]
+pub fn denies(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    hook: Hook,
+    cgroup_id: u64,
+    dst: &Destination,
+) -> bool {
     // SAFETY: helpers without preconditions beyond a valid skb.
-    let (cgroup_id, socket_cookie, uid) = unsafe {
+    let (socket_cookie, uid) = unsafe {
         (
-            bpf_skb_cgroup_id(skb),
             bpf_get_socket_cookie(skb as *mut _),
             bpf_get_socket_uid(skb),
         )
     };
-    let judgement = decide::judge(cgroup_id, &dst);
+    let judgement = decide::judge(cgroup_id, dst);
     let origin = Origin {
         hook,
         cgroup_id,
         socket_cookie,
         sender: Sender::SocketOwner { uid },
     };
-    report::decision(&origin, &judgement, &dst);
-    if judgement.verdict == Verdict::Denied {
-        0
-    } else {
-        1
-    }
+    report::decision(&origin, &judgement, dst);
+    judgement.verdict == Verdict::Denied
 }
 
 /// TCP stream and UDP datagram sockets: every connection and datagram of
@@ -118,26 +133,30 @@ fn judged_at_sock_addr(sock_type: u32, sock_protocol: u32) -> bool {
         || (sock_type == SOCK_DGRAM && sock_protocol == protocol::UDP as u32)
 }
 
-/// The packet's destination, protocol and port (`skb->data` is the network
-/// header for cgroup programs).
+/// Where the network header starts in a `cgroup_skb` program's packet.
+const NETWORK_HEADER: usize = 0;
+
+/// The destination, protocol and port of the IP packet whose header starts
+/// at `ip` (0 for cgroup programs, after the link header for tc), and the
+/// hook (`v4` or `v6`) that reports it.
 #[inline(always)]
-fn destination(ctx: &SkBuffContext) -> Option<(Hook, Destination)> {
-    let first: u8 = ctx.load(0).ok()?;
+pub fn destination(skb: &SkBuff, ip: usize, v4: Hook, v6: Hook) -> Option<(Hook, Destination)> {
+    let first: u8 = skb.load(ip).ok()?;
     match first >> 4 {
         4 => {
             let ihl = ((first & 0x0f) as usize) * 4;
-            let fragment: u16 = u16::from_be(ctx.load(6).ok()?);
-            let ip_protocol: u8 = ctx.load(9).ok()?;
-            let daddr: u32 = ctx.load(16).ok()?;
+            let fragment: u16 = u16::from_be(skb.load(ip + 6).ok()?);
+            let ip_protocol: u8 = skb.load(ip + 9).ok()?;
+            let daddr: u32 = skb.load(ip + 16).ok()?;
             // Only the first fragment carries the ports.
             let first_fragment = fragment & 0x1fff == 0;
             let port = if first_fragment {
-                destination_port(ctx, ip_protocol, ihl)
+                destination_port(skb, ip_protocol, ip + ihl)
             } else {
                 0
             };
             Some((
-                Hook::Packet4,
+                v4,
                 Destination {
                     family: family::INET,
                     addr: [daddr, 0, 0, 0],
@@ -148,10 +167,10 @@ fn destination(ctx: &SkBuffContext) -> Option<(Hook, Destination)> {
             ))
         }
         6 => {
-            let addr: [u32; 4] = ctx.load(24).ok()?;
-            let (ip_protocol, port) = ipv6_upper_layer(ctx)?;
+            let addr: [u32; 4] = skb.load(ip + 24).ok()?;
+            let (ip_protocol, port) = ipv6_upper_layer(skb, ip)?;
             Some((
-                Hook::Packet6,
+                v6,
                 Destination {
                     family: family::INET6,
                     addr,
@@ -168,35 +187,35 @@ fn destination(ctx: &SkBuffContext) -> Option<(Hook, Destination)> {
 /// Walks the IPv6 extension headers to the upper-layer protocol and its
 /// destination port (0 after a fragment header with a non-zero offset).
 #[inline(always)]
-fn ipv6_upper_layer(ctx: &SkBuffContext) -> Option<(u8, u16)> {
-    let mut next: u8 = ctx.load(6).ok()?;
-    let mut offset: usize = 40;
+fn ipv6_upper_layer(skb: &SkBuff, ip: usize) -> Option<(u8, u16)> {
+    let mut next: u8 = skb.load(ip + 6).ok()?;
+    let mut offset: usize = ip + 40;
     let mut first_fragment = true;
     for _ in 0..IPV6_EXTENSION_HEADERS {
         let length = match next {
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTIONS => {
-                let units: u8 = ctx.load(offset + 1).ok()?;
+                let units: u8 = skb.load(offset + 1).ok()?;
                 (units as usize + 1) * 8
             }
             IPV6_AUTH => {
-                let units: u8 = ctx.load(offset + 1).ok()?;
+                let units: u8 = skb.load(offset + 1).ok()?;
                 (units as usize + 2) * 4
             }
             IPV6_FRAGMENT => {
-                let fragment: u16 = u16::from_be(ctx.load(offset + 2).ok()?);
+                let fragment: u16 = u16::from_be(skb.load(offset + 2).ok()?);
                 first_fragment = fragment & 0xfff8 == 0;
                 8
             }
             _ => {
                 let port = if first_fragment {
-                    destination_port(ctx, next, offset)
+                    destination_port(skb, next, offset)
                 } else {
                     0
                 };
                 return Some((next, port));
             }
         };
-        next = ctx.load(offset).ok()?;
+        next = skb.load(offset).ok()?;
         offset += length;
     }
     Some((next, 0))
@@ -205,11 +224,11 @@ fn ipv6_upper_layer(ctx: &SkBuffContext) -> Option<(u8, u16)> {
 /// The destination port of a protocol with ports; 0 for one without, or
 /// for a header cut short.
 #[inline(always)]
-fn destination_port(ctx: &SkBuffContext, ip_protocol: u8, transport: usize) -> u16 {
+fn destination_port(skb: &SkBuff, ip_protocol: u8, transport: usize) -> u16 {
     if !protocol::has_ports(ip_protocol) {
         return 0;
     }
-    match ctx.load::<u16>(transport + 2) {
+    match skb.load::<u16>(transport + 2) {
         Ok(port) => u16::from_be(port),
         Err(_) => 0,
     }

@@ -36,14 +36,18 @@ pub struct Origin {
 pub enum Sender {
     /// The sock_addr hooks run in the calling task: its ids and name.
     CurrentTask,
-    /// A packet hook can run in any context (a retransmission from a
-    /// timer, say), so it names no task: the socket owner's uid only.
+    /// A packet or frame hook can run in any context (a retransmission
+    /// from a timer, a softirq), so it names no task: the socket owner's
+    /// uid only (the overflow uid for a frame without a socket).
     SocketOwner { uid: u32 },
 }
 
 impl Origin {
     fn is_packet_hook(&self) -> bool {
-        matches!(self.hook, Hook::Packet4 | Hook::Packet6)
+        matches!(
+            self.hook,
+            Hook::Packet4 | Hook::Packet6 | Hook::Frame4 | Hook::Frame6
+        )
     }
 }
 

@@ -19,9 +19,10 @@ use tollgate_policy::{
 
 use crate::{
     cgroups,
-    datapath::{Datapath, DatapathError},
+    datapath::{Datapath, DatapathError, PodLink},
     flow::{Attribution, PolicySource},
-    netns::NetnsCookies,
+    netns::{self, NetnsCookies},
+    pod_links::NodeLinks,
     pods::{
         UnknownPodAction,
         directory::{IdentityUpdate, PodDirectory},
@@ -239,6 +240,7 @@ impl Enforcer {
         let (endpoints, pods) = self.select(&policies);
         let generation = self.switch(&policies, &endpoints, &cluster, mode, datapath)?;
         set_endpoint_netns(&endpoints, &pods, &mut self.netns, datapath)?;
+        set_pod_links(&endpoints, &pods, datapath)?;
         self.policies = Some(policies);
         self.endpoints = Some(endpoints);
         self.cluster_policies = cluster;
@@ -265,6 +267,7 @@ impl Enforcer {
             datapath,
         )?;
         set_endpoint_netns(&endpoints, &pods, &mut self.netns, datapath)?;
+        set_pod_links(&endpoints, &pods, datapath)?;
         self.endpoints = Some(endpoints);
         Ok(Some(generation))
     }
@@ -325,13 +328,9 @@ impl Enforcer {
         let pods = cgroups
             .iter()
             .zip(&pod_uids)
-            .filter(|(_, uid)| uid.is_some())
-            .map(|((id, path), _)| {
-                let container = self.cgroup_root.join(path.trim_start_matches('/'));
-                let pod = container
-                    .parent()
-                    .map_or(container.clone(), Path::to_path_buf);
-                (*id, pod)
+            .filter_map(|((id, path), uid)| {
+                let pod = pod_dir(path, uid.as_deref()?);
+                Some((*id, self.cgroup_root.join(pod.trim_start_matches('/'))))
             })
             .collect();
         (
@@ -475,6 +474,74 @@ fn set_endpoint_netns(
     Ok(())
 }
 
+/// The pod's own cgroup, of the cgroup `path` of pod `uid`: the highest
+/// ancestor that is still the pod's (a container's parent; the sandbox's,
+/// whatever its scope is named).
+fn pod_dir<'a>(path: &'a str, uid: &str) -> &'a str {
+    let mut pod = path;
+    while let Some((parent, _)) = pod.rsplit_once('/') {
+        if kubelet::parse(parent).is_none_or(|p| p.pod_uid != uid) {
+            break;
+        }
+        pod = parent;
+    }
+    pod
+}
+
+/// Puts the frame hook on the links of every pod with an endpoint (the
+/// node's side of the veths into the pod's namespace, its sandbox's). A
+/// frame there without a socket is judged as the pod's first endpoint: its
+/// own cgroup, made before its containers'. Links that cannot be found or
+/// attached are logged and left out; the other pods' are in place.
+fn set_pod_links(
+    endpoints: &BTreeMap<u64, Vec<usize>>,
+    pods: &BTreeMap<u64, PathBuf>,
+    datapath: &mut Datapath,
+) -> Result<(), EnforceError> {
+    let mut first_endpoint: BTreeMap<&Path, u64> = BTreeMap::new();
+    for (&id, pod) in pods {
+        if endpoints.contains_key(&id) {
+            let first = first_endpoint.entry(pod).or_insert(id);
+            *first = (*first).min(id);
+        }
+    }
+    let mut wanted = BTreeMap::new();
+    if !first_endpoint.is_empty() {
+        match NodeLinks::dump() {
+            Ok(mut node) => {
+                for (pod, endpoint) in first_endpoint {
+                    let Some(namespace) = netns::of_oldest_process(pod) else {
+                        continue;
+                    };
+                    match node.into_namespace(&namespace) {
+                        Ok(veths) => wanted.extend(veths.into_iter().map(|veth| {
+                            (
+                                veth.ifindex,
+                                PodLink {
+                                    name: veth.name,
+                                    endpoint,
+                                },
+                            )
+                        })),
+                        Err(error) => tracing::warn!(
+                            pod = %pod.display(), %error,
+                            "cannot find the pod's links; its packet sockets are not judged"
+                        ),
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                "cannot list the node's links; pods' packet sockets are not judged"
+            ),
+        }
+    }
+    for failure in datapath.set_pod_links(&wanted)? {
+        tracing::warn!(%failure, "the pod's packet sockets are not judged on this link");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,6 +575,23 @@ mod tests {
     fn rule(names: &GenerationNames, id: u32) -> (&str, &str, PolicySource) {
         let r = &names.rules[&id];
         (&r.policy.name, &r.rule, r.policy.source)
+    }
+
+    #[test]
+    fn a_pods_dir_is_its_highest_cgroup_of_the_same_pod() {
+        let pod = "/kubepods.slice/kubepods-burstable.slice/\
+                   kubepods-burstable-pod0a1b2c3d_0000_4000_8000_00000000000a.slice";
+        let uid = "0a1b2c3d-0000-4000-8000-00000000000a";
+        let container = format!("{pod}/cri-containerd-{}.scope", "ab".repeat(32));
+        let sandbox = format!("{pod}/sandbox.scope");
+        assert_eq!(pod_dir(&container, uid), pod);
+        assert_eq!(pod_dir(&sandbox, uid), pod);
+        assert_eq!(pod_dir(pod, uid), pod);
+        let cgroupfs = "/kubepods/besteffort/pod0a1b2c3d-0000-4000-8000-00000000000a";
+        assert_eq!(
+            pod_dir(&format!("{cgroupfs}/{}", "cd".repeat(32)), uid),
+            cgroupfs
+        );
     }
 
     #[test]

@@ -272,6 +272,8 @@ fn hook_name(hook: u8) -> &'static str {
         Some(Hook::Sendmsg6) => "sendmsg6",
         Some(Hook::Packet4) => "packet4",
         Some(Hook::Packet6) => "packet6",
+        Some(Hook::Frame4) => "frame4",
+        Some(Hook::Frame6) => "frame6",
         None => "unknown",
     }
 }

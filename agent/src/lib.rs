@@ -16,6 +16,7 @@ pub mod log_level;
 pub mod mounts;
 pub mod names;
 pub mod netns;
+pub mod pod_links;
 pub mod pods;
 pub mod policy_files;
 pub mod run;

@@ -259,6 +259,9 @@ fn status_writer(
 }
 
 fn cleanup(bpffs_root: &Path) -> anyhow::Result<()> {
+    for interface in datapath::remove_frame_filters() {
+        tracing::info!(%interface, "removed the frame hook's tc filter");
+    }
     let removed = datapath::cleanup(bpffs_root)?;
     for path in &removed {
         tracing::info!(path = %path.display(), "removed");

@@ -32,8 +32,7 @@ impl NetnsCookies {
     /// cgroup `dir` and below it; None while no process lives there, or
     /// where the kernel cannot tell cookies.
     pub fn of_oldest_process(&mut self, dir: &Path) -> Option<u64> {
-        let pid = oldest_process(dir)?;
-        let namespace = fs::File::open(format!("/proc/{pid}/ns/net")).ok()?;
+        let namespace = of_oldest_process(dir)?;
         let inode = namespace.metadata().ok()?.ino();
         if let Some(&cookie) = self.by_inode.get(&inode) {
             return Some(cookie);
@@ -42,6 +41,13 @@ impl NetnsCookies {
         self.by_inode.insert(inode, cookie);
         Some(cookie)
     }
+}
+
+/// The network namespace (its `/proc/PID/ns/net` file) of the oldest
+/// process in the cgroup `dir` and below it: a pod's, for its directory.
+pub fn of_oldest_process(dir: &Path) -> Option<fs::File> {
+    let pid = oldest_process(dir)?;
+    fs::File::open(format!("/proc/{pid}/ns/net")).ok()
 }
 
 /// The process under `dir` (cgroup v2) that started first.

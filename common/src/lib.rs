@@ -13,7 +13,7 @@
 pub mod dns;
 
 /// Version of the pinned map layout; part of the bpffs pin directory name.
-pub const PIN_LAYOUT_VERSION: u32 = 5;
+pub const PIN_LAYOUT_VERSION: u32 = 6;
 
 /// Map names (at most 15 bytes: the kernel truncates longer object names).
 pub mod map_names {
@@ -33,6 +33,7 @@ pub mod map_names {
     pub const DNS_SOCKETS: &str = "TG_DNS_SOCKETS";
     pub const DNS_QUERIES: &str = "TG_DNS_QUERIES";
     pub const ENDPOINT_NETNS: &str = "TG_ENDPOINT_NETNS";
+    pub const POD_LINKS: &str = "TG_POD_LINKS";
 }
 
 /// Default capacities; the agent may override them at load time.
@@ -56,6 +57,8 @@ pub mod capacity {
     pub const DNS_QUERIES: u32 = 16_384;
     /// Endpoints whose network namespace is known.
     pub const ENDPOINT_NETNS: u32 = 16_384;
+    /// Pods' links (the node's side) the frame hook is attached to.
+    pub const POD_LINKS: u32 = 16_384;
     /// Decision slots per CPU: one for a decision, one more for a decision
     /// made while it is preempted (agent-ebpf/src/decide.rs).
     pub const DECIDE_SLOTS: u32 = 2;
@@ -119,6 +122,11 @@ pub enum Hook {
     /// sockets the four above do not see (raw, ICMP echo, SCTP, ...).
     Packet4 = 5,
     Packet6 = 6,
+    /// The `tc` ingress hook on the node's side of a pod's link, which
+    /// judges each frame there that no inet socket sent (packet sockets,
+    /// AF_XDP, packets the pod's namespace forwards).
+    Frame4 = 7,
+    Frame6 = 8,
 }
 
 /// IP protocol numbers used in rules; 0 matches any protocol.
@@ -636,6 +644,8 @@ impl Hook {
             4 => Some(Self::Sendmsg6),
             5 => Some(Self::Packet4),
             6 => Some(Self::Packet6),
+            7 => Some(Self::Frame4),
+            8 => Some(Self::Frame6),
             _ => None,
         }
     }

@@ -18,6 +18,7 @@
 //! programs into them, moves their pins here and removes the older layout.
 
 pub mod events;
+mod frames;
 pub mod learned;
 pub mod raw_bpf;
 mod rules;
@@ -34,10 +35,11 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, ProgramFd,
-        ProgramInfo, links::FdLink, links::PinnedLink, loaded_programs,
+        ProgramInfo, SchedClassifier, links::FdLink, links::PinnedLink, loaded_programs,
     },
 };
 pub use events::{Event, EventReader};
+pub use frames::{AttachFailure, FRAME_PROGRAM, PodLink, remove_filters as remove_frame_filters};
 pub use rules::{ListName, RuleSetError, wire_name};
 use tollgate_common::{
     Config, EndpointKey, EndpointValue, FqdnName, FqdnNameIds, FqdnRuleKey, LearnedKey,
@@ -69,7 +71,7 @@ pub const PROGRAMS: [&str; 6] = [
 ];
 
 /// Every program of the object, fallbacks included.
-pub const ALL_PROGRAMS: [&str; 8] = [
+pub const ALL_PROGRAMS: [&str; 9] = [
     PROGRAMS[0],
     PROGRAMS[1],
     PROGRAMS[2],
@@ -78,6 +80,7 @@ pub const ALL_PROGRAMS: [&str; 8] = [
     PACKET_PLAIN_PROGRAM,
     DNS_PROGRAM,
     DNS_FORWARD_PROGRAM,
+    FRAME_PROGRAM,
 ];
 
 /// Whether the agent cannot enforce without `program`, so does not start:
@@ -362,6 +365,8 @@ pub struct Datapath {
     endpoint_netns_written: std::collections::BTreeMap<u64, u64>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    /// The frame hook on pods' links, with the loaded object.
+    frames: frames::FrameHook,
     attachments: Vec<(&'static str, Attachment)>,
     /// The program serving each attached hook, by link name.
     hooks: Loaded,
@@ -431,6 +436,7 @@ impl Datapath {
             .map_err(map_err(map_names::ENDPOINT_NETNS))?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
         let events = take_map(&mut ebpf, map_names::EVENTS)?;
+        let frames = frames::FrameHook::load(ebpf, &links_dir)?;
         // Unknown until the agent configures it: observe, never a surprise block.
         if Mode::from_u8(state.global_mode).is_none() {
             state.global_mode = Mode::Observe as u8;
@@ -455,6 +461,7 @@ impl Datapath {
             endpoint_netns_written,
             counters,
             events: Some(events),
+            frames,
             attachments: Vec::new(),
             hooks: Vec::new(),
             degraded,
@@ -472,7 +479,7 @@ impl Datapath {
             .map(|dir| dir.join("links"))
             .collect::<Vec<_>>();
         (datapath.attachments, datapath.pending) = attach_or_adopt(
-            &mut ebpf,
+            &mut datapath.frames.ebpf,
             &loaded,
             &options.cgroup,
             &links_dir,
@@ -505,7 +512,7 @@ impl Datapath {
         let mut ebpf = loaded?;
         let mut checks = Vec::with_capacity(ALL_PROGRAMS.len());
         for name in ALL_PROGRAMS {
-            let mut program = CgroupProgram::get(&mut ebpf, name)?;
+            let mut program = HookProgram::get(&mut ebpf, name)?;
             let started = std::time::Instant::now();
             let result = program.load();
             let load_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -609,6 +616,17 @@ impl Datapath {
             allowed_report_interval_ns: saturating_nanos(interval),
             ..self.state
         })
+    }
+
+    /// Puts the frame hook on exactly the `wanted` pods' links (by the
+    /// ifindex of the node's side), each judged as its endpoint where a
+    /// frame has no socket. The links it could not be put on are returned;
+    /// the others are in place.
+    pub fn set_pod_links(
+        &mut self,
+        wanted: &std::collections::BTreeMap<u32, PodLink>,
+    ) -> Result<Vec<AttachFailure>, DatapathError> {
+        self.frames.set(wanted)
     }
 
     /// The ring buffer reader; there is one, and the first caller gets it.
@@ -792,7 +810,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(Loaded, Vec<Degraded>), DatapathErr
     let mut degraded = Vec::new();
     for link in PROGRAMS {
         for &name in candidates(link) {
-            match CgroupProgram::get(ebpf, name)?.load() {
+            match HookProgram::get(ebpf, name)?.load() {
                 Ok(()) => {
                     loaded.push((link, name));
                     break;
@@ -841,7 +859,7 @@ fn attach_or_adopt(
     let mut pending = Vec::new();
     for &(link, name) in loaded {
         let program_error = |source| DatapathError::Program { name, source };
-        let mut program = CgroupProgram::get(ebpf, name)?;
+        let mut program = HookProgram::get(ebpf, name)?;
         let link_path = links_dir.join(link);
         if link_path.exists() {
             attachments.push((name, adopt(&program, &link_path)?));
@@ -877,19 +895,23 @@ fn attach_or_adopt(
 }
 
 /// One of the programs, whatever its kind.
-enum CgroupProgram<'a> {
+enum HookProgram<'a> {
     SockAddr(&'a mut CgroupSockAddr),
     /// The packet hook (egress) and the DNS programs (ingress).
     Skb(&'a mut CgroupSkb, CgroupSkbAttachType),
+    /// The frame hook, attached to pods' links (`frames`), not cgroups.
+    Classifier(&'a mut SchedClassifier),
 }
 
-impl<'a> CgroupProgram<'a> {
+impl<'a> HookProgram<'a> {
     fn get(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Self, DatapathError> {
         let program = ebpf
             .program_mut(name)
             .ok_or(DatapathError::MissingProgram(name))?;
         let kind_error = |source| DatapathError::Program { name, source };
-        Ok(if name == PACKET_PROGRAM || name == PACKET_PLAIN_PROGRAM {
+        Ok(if name == FRAME_PROGRAM {
+            Self::Classifier(program.try_into().map_err(kind_error)?)
+        } else if name == PACKET_PROGRAM || name == PACKET_PLAIN_PROGRAM {
             Self::Skb(
                 program.try_into().map_err(kind_error)?,
                 CgroupSkbAttachType::Egress,
@@ -910,6 +932,7 @@ impl<'a> CgroupProgram<'a> {
         let mut load = || match self {
             Self::SockAddr(p) => p.load(),
             Self::Skb(p, _) => p.load(),
+            Self::Classifier(p) => p.load(),
         };
         for _ in 1..ATTEMPTS {
             match load() {
@@ -925,6 +948,7 @@ impl<'a> CgroupProgram<'a> {
         match self {
             Self::SockAddr(p) => p.fd(),
             Self::Skb(p, _) => p.fd(),
+            Self::Classifier(p) => p.fd(),
         }
     }
 
@@ -932,6 +956,7 @@ impl<'a> CgroupProgram<'a> {
         match self {
             Self::SockAddr(p) => p.info(),
             Self::Skb(p, _) => p.info(),
+            Self::Classifier(p) => p.info(),
         }
     }
 
@@ -949,13 +974,14 @@ impl<'a> CgroupProgram<'a> {
                 let id = p.attach(cgroup, *attach_type, CgroupAttachMode::default())?;
                 p.take_link(id)?.try_into().map_err(link_error)
             }
+            Self::Classifier(_) => Err(ProgramError::UnexpectedProgramType),
         }
     }
 }
 
 /// Keeps a pinned link, with `program` swapped in if the attached one
 /// differs from it (by the kernel's tag, a hash of the instructions).
-fn adopt(program: &CgroupProgram, link_path: &Path) -> Result<Attachment, DatapathError> {
+fn adopt(program: &HookProgram, link_path: &Path) -> Result<Attachment, DatapathError> {
     let adopt_error = |source| DatapathError::AdoptLink {
         path: link_path.to_owned(),
         source,

@@ -1,8 +1,8 @@
 //! The bpf syscall for what aya keeps to itself: BPF_LINK_UPDATE on cgroup
-//! links (the kernel swaps the program behind a link in one step, so an
+//! and tcx links (the kernel swaps the program behind a link in one step, so an
 //! upgrade never leaves a connection unjudged or judged twice), and
 //! BPF_OBJ_GET and BPF_OBJ_PIN on the link fds its typed links do not hand
-//! out.
+//! out, and the interface of a tcx link.
 
 use std::{
     ffi::CString,
@@ -16,7 +16,16 @@ use std::{
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
 
 /// `union bpf_attr` for BPF_OBJ_PIN and BPF_OBJ_GET (the fields up to
 /// `path_fd`).
@@ -92,6 +101,26 @@ pub fn replace_program(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Res
     };
     // SAFETY: LinkUpdateAttr is BPF_LINK_UPDATE's attr; no pointers.
     unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
+}
+
+/// The interface a tcx link is attached to; 0 once the interface is gone
+/// (`struct bpf_link_info`: type, id, prog_id, then the union, 8-aligned,
+/// whose tcx member starts with the ifindex).
+pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    let mut info = [0u32; 16];
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: InfoAttr is BPF_OBJ_GET_INFO_BY_FD's attr; the kernel writes
+    // at most info_len bytes to `info`, which outlives the call.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+    if info[0] != BPF_LINK_TYPE_TCX {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a tcx link"));
+    }
+    Ok(info[4])
 }
 
 /// Pins the BPF object behind `fd` (one more pin of the same link).

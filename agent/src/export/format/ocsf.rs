@@ -475,7 +475,7 @@ fn control(verdict: Verdict) -> Control {
 fn network_activity<'a>(flow: &'a FlowRecord<'a>, severity: Severity) -> NetworkActivity<'a> {
     let activity = match flow.hook {
         "connect4" | "connect6" => &OPEN,
-        "sendmsg4" | "sendmsg6" | "packet4" | "packet6" => &TRAFFIC,
+        "sendmsg4" | "sendmsg6" | "packet4" | "packet6" | "frame4" | "frame6" => &TRAFFIC,
         _ => &UNKNOWN_HOOK,
     };
     let common = Common {
