@@ -627,16 +627,21 @@ impl TestEnv {
     /// What the agent told the kernel of endpoints' network namespaces:
     /// cgroup id -> namespace cookie.
     pub fn endpoint_netns(&self) -> std::collections::BTreeMap<u64, u64> {
-        let path = self
-            .datapath_options()
-            .pin_dir()
-            .join("maps")
-            .join(tollgate_common::map_names::ENDPOINT_NETNS);
+        self.pinned_hash_map(tollgate_common::map_names::ENDPOINT_NETNS)
+    }
+
+    /// The entries of the pinned hash map `name` of the agent's layout.
+    fn pinned_hash_map<K: aya::Pod + Ord, V: aya::Pod>(
+        &self,
+        name: &str,
+    ) -> std::collections::BTreeMap<K, V> {
+        let path = self.datapath_options().pin_dir().join("maps").join(name);
         let map = aya::maps::Map::HashMap(
-            aya::maps::MapData::from_pin(&path).expect("the pinned endpoint netns map"),
+            aya::maps::MapData::from_pin(&path)
+                .unwrap_or_else(|e| panic!("the pinned map {name}: {e}")),
         );
-        let netns: aya::maps::HashMap<_, u64, u64> = map.try_into().unwrap();
-        netns.iter().map(|entry| entry.unwrap()).collect()
+        let map: aya::maps::HashMap<_, K, V> = map.try_into().unwrap();
+        map.iter().map(|entry| entry.unwrap()).collect()
     }
 
     pub fn endpoint_cgroup_ids(&self) -> std::collections::BTreeSet<u64> {
@@ -724,20 +729,46 @@ impl TestEnv {
 
     /// Runs the probe inside `cgroup` (this test's or one below it).
     pub fn probe_in(&self, cgroup: &Path, args: &[&str]) -> ProbeRun {
-        let output = Command::new(probe_binary())
-            .arg("--cgroup")
-            .arg(cgroup)
-            .args(args)
-            .output()
-            .expect("running the probe");
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        assert!(
-            output.status.success(),
-            "probe {args:?} failed: {stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        ProbeRun::parse(&stdout)
+        let mut command = Command::new(probe_binary());
+        command.arg("--cgroup").arg(cgroup).args(args);
+        run_probe(command, args)
     }
+
+    /// Runs the probe inside `cgroup` and the network namespace `netns`
+    /// (a name under /run/netns), as a pod's process runs.
+    pub fn probe_in_netns(&self, cgroup: &Path, netns: &str, args: &[&str]) -> ProbeRun {
+        // Into the cgroup first: `ip netns exec` mounts a sysfs of the
+        // namespace's over /sys, which hides the cgroup tree.
+        let mut command = Command::new("sh");
+        command
+            .args([
+                "-c",
+                r#"echo $$ > "$1/cgroup.procs" && shift && exec ip netns exec "$@""#,
+                "sh",
+            ])
+            .arg(cgroup)
+            .arg(netns)
+            .arg(probe_binary())
+            .args(args);
+        run_probe(command, args)
+    }
+
+    /// What the pinned `TG_POD_LINKS` map holds: the ifindexes of the
+    /// links the frame hook is on, with the endpoint each is judged as.
+    pub fn pod_links(&self) -> std::collections::BTreeMap<u32, u64> {
+        self.pinned_hash_map(tollgate_common::map_names::POD_LINKS)
+    }
+}
+
+fn run_probe(mut command: Command, args: &[&str]) -> ProbeRun {
+    let output = command.output().expect("running the probe");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "probe {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ProbeRun::parse(&stdout)
 }
 
 /// What a tollgatectl run printed.

@@ -442,6 +442,28 @@ fn sleeper(cgroup: &std::path::Path, netns: &str) -> std::process::Child {
         .unwrap()
 }
 
+/// A payments pod (`n` numbers it) whose sandbox, its first process,
+/// sleeps in the network namespace `netns`.
+fn pod_with_sandbox(env: &TestEnv, n: u8, netns: &str) -> (SimPod, std::path::PathBuf, Processes) {
+    let pod = SimPod::new(
+        env,
+        n,
+        "prod",
+        "payments",
+        "payments",
+        Layout::Systemd(Some("burstable"), "cri-containerd"),
+    );
+    pod.make_cgroup(env);
+    let sandbox = pod
+        .cgroup
+        .parent()
+        .unwrap()
+        .join("cri-containerd-sandbox.scope");
+    std::fs::create_dir(&sandbox).unwrap();
+    let processes = Processes(vec![sleeper(&sandbox, netns)]);
+    (pod, sandbox, processes)
+}
+
 /// The namespace the kernel is told a pod's DNS queries must come from is
 /// its sandbox's, the oldest process of the pod, not one a container made
 /// later.
@@ -456,22 +478,7 @@ fn a_pods_network_namespace_is_its_sandboxs() {
     let own_ns = tollgate_tests::TestNetns::new("tgn-own-netns");
     let api = FakeApiServer::start();
     api.put(namespace("prod", &[("env", "prod")]));
-    let pod = SimPod::new(
-        &env,
-        8,
-        "prod",
-        "payments",
-        "payments",
-        Layout::Systemd(Some("burstable"), "cri-containerd"),
-    );
-    pod.make_cgroup(&env);
-    let sandbox = pod
-        .cgroup
-        .parent()
-        .unwrap()
-        .join("cri-containerd-sandbox.scope");
-    std::fs::create_dir(&sandbox).unwrap();
-    let mut processes = Processes(vec![sleeper(&sandbox, &pod_ns.name)]);
+    let (pod, sandbox, mut processes) = pod_with_sandbox(&env, 8, &pod_ns.name);
     std::thread::sleep(Duration::from_millis(50));
     processes.0.push(sleeper(&pod.cgroup, &own_ns.name));
     api.put(pod.object.clone());
@@ -494,4 +501,143 @@ fn a_pods_network_namespace_is_its_sandboxs() {
     assert_ne!(cookie_of(&pod_ns.name), cookie_of(&own_ns.name));
     drop(processes);
     std::fs::remove_dir(&sandbox).unwrap();
+}
+
+/// A pod's packet sockets (AF_PACKET, with or without
+/// PACKET_QDISC_BYPASS) put no frame to a denied destination past the
+/// node's side of the pod's link, also while the agent is down, until
+/// cleanup; the pod's own connections and the kernel's answers for it pass
+/// there. In observe mode such a frame goes, and is recorded.
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn a_pods_packet_sockets_reach_no_denied_destination() {
+    let mut env = TestEnv::new("pods-frames");
+    let allowed = env.add_host(115, &[]).v4;
+    // The pod's namespace is a test host's: its link's node side (tgh114,
+    // 10.231.114.1) is in the root namespace, where the frames are aimed,
+    // so that one let through ends in this test's socket.
+    let pod_host = env.add_host(114, &[8090]);
+    let (pod_ns, pod_v4, pod_v6) = (pod_host.netns.clone(), pod_host.v4, pod_host.v6);
+    let node_side = Ipv4Addr::new(10, 231, 114, 1);
+    let node_ifindex = std::fs::read_to_string("/sys/class/net/tgh114/ifindex")
+        .unwrap()
+        .trim()
+        .parse::<u32>()
+        .unwrap();
+    let receiver = std::net::UdpSocket::bind((node_side, 0)).unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let port = receiver.local_addr().unwrap().port();
+    let arrived = |marker: &str| {
+        let mut buffer = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if let Ok(n) = receiver.recv(&mut buffer)
+                && buffer[..n]
+                    .windows(marker.len())
+                    .any(|w| w == marker.as_bytes())
+            {
+                return true;
+            }
+        }
+        false
+    };
+
+    let api = FakeApiServer::start();
+    api.put(namespace("prod", &[("env", "prod")]));
+    let (pod, _sandbox, _processes) = pod_with_sandbox(&env, 9, &pod_ns);
+    api.put(pod.object.clone());
+    let target = format!("{node_side}:{port}");
+    let send = |marker: &str, bypass: bool| {
+        let mut args = vec!["packet", "tgp114", &target, marker];
+        if bypass {
+            args.push("--qdisc-bypass");
+        }
+        env.probe_in_netns(&pod.cgroup, &pod_ns, &args).result()
+    };
+
+    // Without the agent, a frame gets there: the test can see one pass.
+    assert_eq!(send("tg-frame-before", false), Ok(()));
+    assert!(
+        arrived("tg-frame-before"),
+        "the frame should arrive unjudged"
+    );
+
+    let policy = TempFile::new("pods-frames.yaml", &payments_policy(allowed));
+    let kubeconfig = TempFile::new("pods-frames.kubeconfig", &api.kubeconfig());
+    let mut agent = start_agent(
+        &env,
+        &kubeconfig,
+        &["--policy", policy.path.to_str().unwrap()],
+    );
+    pod.wait_until_in_datapath(&env);
+    let pod_dir = tollgate_agent::cgroups::cgroup_id(pod.cgroup.parent().unwrap()).unwrap();
+    wait_for(
+        || env.pod_links().get(&node_ifindex) == Some(&pod_dir),
+        || format!("{:?} {:#?}", env.pod_links(), agent.log_so_far()),
+    );
+
+    // Sending succeeds (the frame leaves the pod); nothing arrives.
+    for (marker, bypass) in [("tg-frame-denied", false), ("tg-frame-bypass", true)] {
+        assert_eq!(send(marker, bypass), Ok(()));
+        assert!(!arrived(marker), "{marker}: a denied frame arrived");
+    }
+    let record = record_from(&agent, &env, &pod.cgroup, port, "denied");
+    assert_eq!(record["hook"], "frame4", "{record}");
+    assert_eq!(record["dst"]["ip"], node_side.to_string(), "{record}");
+    assert_eq!(record["protocol"], "udp", "{record}");
+    assert_eq!(record["policy"], "prod/payments-egress", "{record}");
+
+    // What the pod's sockets send, and the kernel's resets for it, pass.
+    let connect = |addr: std::net::SocketAddr| {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(drop)
+    };
+    for ip in [std::net::IpAddr::V4(pod_v4), std::net::IpAddr::V6(pod_v6)] {
+        assert!(connect((ip, 8090).into()).is_ok(), "{ip}: the pod's server");
+        let refused = connect((ip, 8091).into()).unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{ip}: the pod's kernel's reset"
+        );
+    }
+
+    // The hook judges while no agent runs, and cleanup takes it off the
+    // link (a tcx link's pin, or the cls_bpf filter before 6.6).
+    agent.terminate();
+    assert_eq!(send("tg-frame-agentless", true), Ok(()));
+    assert!(!arrived("tg-frame-agentless"), "a denied frame arrived");
+    env.cleanup_pins();
+    assert_eq!(send("tg-frame-cleaned", false), Ok(()));
+    assert!(arrived("tg-frame-cleaned"), "the hook is still on the link");
+
+    // Observe mode: the frame goes, as audit.
+    let observe = TempFile::new(
+        "pods-frames-observe.yaml",
+        &payments_policy(allowed).replace("mode: enforce", "mode: observe"),
+    );
+    let agent = start_agent(
+        &env,
+        &kubeconfig,
+        &["--policy", observe.path.to_str().unwrap()],
+    );
+    wait_for(
+        || send("tg-frame-observed", false).is_ok() && arrived("tg-frame-observed"),
+        || format!("{:#?}", agent.log_so_far()),
+    );
+    let record = record_from(&agent, &env, &pod.cgroup, port, "audit");
+    assert_eq!(record["hook"], "frame4", "{record}");
+}
+
+fn wait_for(mut condition: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let deadline = Instant::now() + WAIT;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "not within {WAIT:?}: {}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

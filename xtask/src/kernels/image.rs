@@ -15,9 +15,10 @@ use anyhow::{Context, bail};
 use super::Kernel;
 
 /// Modules the guest loads before anything else runs: the -cloud kernels
-/// build virtio PCI, virtio-fs (the host's root) and veth (the tests' hosts)
-/// as modules, and the guest has no /lib/modules of its own to load from.
-const MODULES: [&str; 3] = ["virtio_pci", "virtiofs", "veth"];
+/// build virtio PCI, virtio-fs (the host's root), veth (the tests' hosts)
+/// and the clsact qdisc and cls_bpf (the frame hook before tcx) as
+/// modules, and the guest has no /lib/modules of its own to load from.
+const MODULES: [&str; 5] = ["virtio_pci", "virtiofs", "veth", "sch_ingress", "cls_bpf"];
 
 pub struct Image {
     /// `uname -r` of the kernel, e.g. 6.1.0-50-cloud-amd64.
@@ -35,11 +36,14 @@ pub fn prepare(root: &Path, kernel: &Kernel) -> anyhow::Result<Image> {
     let dir = cache.join(&release);
     let initramfs = dir.join("initramfs.cpio");
     let init = std::fs::read(root.join("scripts/kernels-init.sh"))?;
-    // The initramfs carries scripts/kernels-init.sh; a changed one rebuilds it.
-    let built_init = dir.join("init");
-    if !initramfs.exists() || std::fs::read(&built_init).ok().as_ref() != Some(&init) {
+    // The initramfs carries scripts/kernels-init.sh and the modules; a
+    // changed script or module list rebuilds it.
+    let built_from = dir.join("init");
+    let mut recipe = init.clone();
+    recipe.extend_from_slice(format!("\n# modules: {MODULES:?}\n").as_bytes());
+    if !initramfs.exists() || std::fs::read(&built_from).ok().as_ref() != Some(&recipe) {
         build_initramfs(&dir, &release, &init)?;
-        std::fs::write(&built_init, &init)?;
+        std::fs::write(&built_from, &recipe)?;
     }
     Ok(Image {
         vmlinuz: dir.join("vmlinuz"),

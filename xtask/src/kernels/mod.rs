@@ -48,7 +48,7 @@ struct CoreTest {
 /// What every kernel runs. Software emulation makes a test some ten times
 /// slower than on the host, so this is one test per thing an old kernel can
 /// break, not the suite.
-const CORE_TESTS: [CoreTest; 12] = [
+const CORE_TESTS: [CoreTest; 13] = [
     // Every program loads and the verifier's work stays within budget.
     CoreTest {
         target: "fqdn",
@@ -107,6 +107,12 @@ const CORE_TESTS: [CoreTest; 12] = [
     CoreTest {
         target: "fqdn",
         name: "answers_from_a_network_namespace_of_the_endpoints_own_teach_nothing",
+    },
+    // The frame hook on a pod's link: skb->sk across the veth (inet frames
+    // pass, packet sockets' are judged), cls_bpf before 6.6, tcx after.
+    CoreTest {
+        target: "pods",
+        name: "a_pods_packet_sockets_reach_no_denied_destination",
     },
     // A refused DNS parser: the agent still enforces, says so, and learns
     // names through the fallback program.
