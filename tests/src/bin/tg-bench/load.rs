@@ -2,7 +2,9 @@
 //! then makes loopback TCP connections (connect, then close with RST so no
 //! TIME_WAIT piles up), unconnected UDP sends or 64 KiB writes to one TCP
 //! stream as fast as it can, or at a given rate, for a while, and reports
-//! how many and how long each took.
+//! how many and how long each took. A load may also cross to a receiver
+//! in another namespace (`LoadSpec::remote`): then it goes to the
+//! receiver's address there, over whatever links the two namespaces.
 
 use std::{
     io::Write,
@@ -67,28 +69,45 @@ impl LoadResult {
 
 pub struct LoadSpec<'a> {
     pub cgroup: &'a str,
+    /// The network namespace the load's sockets are made in.
     pub netns: &'a str,
     pub workload: Workload,
     pub seconds: f64,
     /// Operations per second to aim at; 0: as fast as possible.
     pub rate: u64,
+    /// The receiver's network namespace and the address it serves on
+    /// there, when it is not on the load's loopback.
+    pub remote: Option<(&'a str, Ipv4Addr)>,
+}
+
+/// Moves the calling thread into the network namespace `name` (under
+/// /run/netns). Sockets it makes from then on are made there; those made
+/// before stay where they were.
+fn enter_netns(name: &str) {
+    let netns = std::fs::File::open(format!("/run/netns/{name}"))
+        .unwrap_or_else(|e| panic!("netns {name}: {e}"));
+    nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
 /// Runs in the worker process: joins the namespace and the cgroup, runs
 /// the load and prints the result as JSON.
 pub fn run(spec: &LoadSpec) {
-    // The namespace first, while this process has one thread.
-    let netns = std::fs::File::open(format!("/run/netns/{}", spec.netns))
-        .unwrap_or_else(|e| panic!("netns {}: {e}", spec.netns));
-    nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+    // The receiver's namespace first, while this process has one thread.
+    let (receiver_netns, serve_on) = spec.remote.unwrap_or((spec.netns, Ipv4Addr::LOCALHOST));
+    enter_netns(receiver_netns);
     // Receivers first, outside the cgroup: a socket belongs to the cgroup
     // its creator was in (an accepted one to its listener's), so only the
     // load's own sockets are in the cgroup.
     let target = match spec.workload {
-        Workload::Tcp => serve_tcp(),
-        Workload::Udp => serve_udp(),
-        Workload::TcpStream => serve_stream(),
+        Workload::Tcp => serve_tcp(serve_on),
+        Workload::Udp => serve_udp(serve_on),
+        Workload::TcpStream => serve_stream(serve_on),
     };
+    // Then the load's own namespace, for this thread (the load's): the
+    // receivers' sockets stay in the namespace they were made in.
+    if spec.remote.is_some() {
+        enter_netns(spec.netns);
+    }
     std::fs::write(
         format!("{}/cgroup.procs", spec.cgroup),
         std::process::id().to_string(),
@@ -97,7 +116,14 @@ pub fn run(spec: &LoadSpec) {
     let result = match spec.workload {
         Workload::Tcp => measure(spec, || connect_close(target)),
         Workload::Udp => {
-            let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            // To a receiver elsewhere, from whatever address the route
+            // picks: a loopback source would not leave the namespace.
+            let local = if spec.remote.is_some() {
+                Ipv4Addr::UNSPECIFIED
+            } else {
+                Ipv4Addr::LOCALHOST
+            };
+            let socket = UdpSocket::bind((local, 0)).unwrap();
             measure(spec, || socket.send_to(b"tollgate bench", target).map(drop))
         }
         Workload::TcpStream => {
@@ -113,10 +139,10 @@ pub fn run(spec: &LoadSpec) {
     writeln!(out).unwrap();
 }
 
-/// A listener that accepts and drops, on its own thread.
-fn serve_tcp() -> SocketAddr {
+/// A listener on `addr` that accepts and drops, on its own thread.
+fn serve_tcp(addr: Ipv4Addr) -> SocketAddr {
     use std::os::fd::AsRawFd;
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let listener = TcpListener::bind((addr, 0)).unwrap();
     // A deep backlog: std's 128 overflows when the acceptor falls behind a
     // burst, and a dropped SYN costs the client a 1 s retransmit, which
     // would measure TCP's timer, not the connect path.
@@ -131,10 +157,11 @@ fn serve_tcp() -> SocketAddr {
     addr
 }
 
-/// A listener whose one connection a thread drains until it closes.
-fn serve_stream() -> SocketAddr {
+/// A listener on `addr` whose one connection a thread drains until it
+/// closes.
+fn serve_stream(addr: Ipv4Addr) -> SocketAddr {
     use std::io::Read;
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let listener = TcpListener::bind((addr, 0)).unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
@@ -144,10 +171,11 @@ fn serve_stream() -> SocketAddr {
     addr
 }
 
-/// A receiver whose buffer the kernel fills and then drops into: sends
-/// never fail for want of a reader, and no ICMP port-unreachable is made.
-fn serve_udp() -> SocketAddr {
-    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+/// A receiver on `addr` whose buffer the kernel fills and then drops
+/// into: sends never fail for want of a reader, and no ICMP
+/// port-unreachable is made.
+fn serve_udp(addr: Ipv4Addr) -> SocketAddr {
+    let socket = UdpSocket::bind((addr, 0)).unwrap();
     let addr = socket.local_addr().unwrap();
     std::mem::forget(socket);
     addr

@@ -6,10 +6,12 @@
 //! `tg-bench run [--smoke] --out DIR` writes DIR/BENCHMARKS.md and
 //! DIR/bench.json; `tg-bench load ...` is the load worker it spawns;
 //! `tg-bench packet-hook [--smoke] [--seconds S] [--rounds N] [--out DIR]`
-//! runs the packet hook section alone and prints its figures as JSON.
+//! runs the packet hook section alone and prints its figures as JSON;
+//! `tg-bench frame-hook` (same options) does the same for the frame hook.
 
 mod cluster;
 mod control;
+mod frame_hook;
 mod learned;
 mod load;
 mod packet_hook;
@@ -18,6 +20,7 @@ mod report;
 mod rules;
 
 use std::{
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -30,14 +33,23 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     match words.as_slice() {
-        ["load", cgroup, netns, workload, seconds, rate] => load::run(&LoadSpec {
-            cgroup,
-            netns,
-            workload: serde_json::from_value(serde_json::Value::from(*workload))
-                .expect("tcp, udp or tcp-stream"),
-            seconds: seconds.parse().expect("seconds"),
-            rate: rate.parse().expect("rate"),
-        }),
+        // The receiver in another namespace, serving on an address there.
+        ["load", cgroup, netns, workload, seconds, rate, remote @ ..]
+            if matches!(remote.len(), 0 | 2) =>
+        {
+            load::run(&LoadSpec {
+                cgroup,
+                netns,
+                workload: serde_json::from_value(serde_json::Value::from(*workload))
+                    .expect("tcp, udp or tcp-stream"),
+                seconds: seconds.parse().expect("seconds"),
+                rate: rate.parse().expect("rate"),
+                remote: match remote {
+                    [netns, addr] => Some((*netns, addr.parse().expect("the receiver's address"))),
+                    _ => None,
+                },
+            })
+        }
         ["dns-ask", cgroup, resolver, seconds, names] => learned::ask_worker(
             cgroup,
             resolver,
@@ -57,7 +69,8 @@ fn main() {
         // The packet hook benchmark alone: its figures as JSON (and with
         // --out DIR, a report of it alone). --seconds and --rounds set its
         // turns' length and number.
-        ["packet-hook", rest @ ..] => {
+        // The frame hook benchmark alone, the same way.
+        [section @ ("packet-hook" | "frame-hook"), rest @ ..] => {
             let mut plan = Plan::new(rest.contains(&"--smoke"));
             let option = |name: &str| {
                 rest.iter()
@@ -70,13 +83,22 @@ fn main() {
             if let Some(rounds) = option("--rounds") {
                 plan.hook_rounds = rounds.parse().expect("--rounds N");
             }
-            let rows = packet_hook::rows(&plan);
+            let frames = *section == "frame-hook";
+            let rows = if frames {
+                frame_hook::rows(&plan)
+            } else {
+                packet_hook::rows(&plan)
+            };
             println!("{}", serde_json::to_string_pretty(&rows).unwrap());
             // --out DIR: a report of this section alone as well.
             if let Some(out) = option("--out") {
                 let mut report = Report::new(plan.smoke);
                 for row in rows {
-                    report.packet_hook(row);
+                    if frames {
+                        report.frame_hook(row);
+                    } else {
+                        report.packet_hook(row);
+                    }
                 }
                 std::fs::create_dir_all(out).unwrap();
                 report.write(Path::new(out));
@@ -97,7 +119,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: tg-bench run [--smoke] --out DIR | tg-bench packet-hook [--smoke] [--out DIR]"
+                "usage: tg-bench run [--smoke] --out DIR | tg-bench packet-hook|frame-hook [--smoke] [--seconds S] [--rounds N] [--out DIR]"
             );
             std::process::exit(2);
         }
@@ -121,9 +143,10 @@ pub struct Plan {
     /// Simulated cluster sizes, and policy changes measured at each.
     pub cluster_nodes: Vec<usize>,
     pub cluster_changes: usize,
-    /// Packet hook: seconds per turn, and turns per comparison (shorter
-    /// and more than the others: its effect is small beside the drift of
-    /// a shared machine, which finer turns follow more closely).
+    /// Packet and frame hooks: seconds per turn, and turns per comparison
+    /// (shorter and more than the others: their effect is small beside
+    /// the drift of a shared machine, which finer turns follow more
+    /// closely).
     pub hook_seconds: f64,
     pub hook_rounds: usize,
 }
@@ -169,6 +192,7 @@ fn run(plan: &Plan, out: &Path) {
     let mut report = Report::new(plan.smoke);
     connect_costs(plan, &mut report);
     packet_hook::measure(plan, &mut report);
+    frame_hook::measure(plan, &mut report);
     learned::learning_rate(plan, &mut report);
     pipeline::measure(plan, &mut report);
     control::measure(plan, &mut report);
@@ -227,19 +251,40 @@ pub struct Place<'a> {
     pub netns: &'a Netns,
 }
 
-/// One worker run.
+/// A load's receiver in another network namespace than its sender's,
+/// serving on `addr` there.
+#[derive(Clone, Copy)]
+pub struct Remote<'a> {
+    pub netns: &'a Netns,
+    pub addr: Ipv4Addr,
+}
+
+/// One worker run, to a receiver on the namespace's loopback.
 pub fn load(place: Place, workload: Workload, seconds: f64, rate: u64) -> LoadResult {
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "load",
-            place.cgroup.to_str().unwrap(),
-            &place.netns.0,
-            workload.name(),
-            &seconds.to_string(),
-            &rate.to_string(),
-        ])
-        .output()
-        .expect("running the load worker");
+    load_to(place, None, workload, seconds, rate)
+}
+
+/// One worker run, to a receiver on the namespace's loopback or `remote`.
+pub fn load_to(
+    place: Place,
+    remote: Option<Remote>,
+    workload: Workload,
+    seconds: f64,
+    rate: u64,
+) -> LoadResult {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.args([
+        "load",
+        place.cgroup.to_str().unwrap(),
+        &place.netns.0,
+        workload.name(),
+        &seconds.to_string(),
+        &rate.to_string(),
+    ]);
+    if let Some(remote) = remote {
+        command.args([&remote.netns.0, &remote.addr.to_string()]);
+    }
+    let output = command.output().expect("running the load worker");
     assert!(
         output.status.success(),
         "load worker: {}",

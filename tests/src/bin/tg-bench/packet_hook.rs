@@ -73,20 +73,8 @@ pub fn rows(plan: &Plan) -> Vec<PacketHookRow> {
         .iter()
         .map(|&workload| {
             eprintln!("tg-bench: {workload:?}: packet hook alone vs no program");
-            let mut base = Vec::new();
-            let mut with = Vec::new();
-            // Which side goes first alternates, so that neither always
-            // runs just after the other.
-            for round in 0..plan.hook_rounds {
-                let turn = |place| crate::load(place, workload, plan.hook_seconds, 0);
-                if round % 2 == 0 {
-                    base.push(turn(baseline));
-                    with.push(turn(subject));
-                } else {
-                    with.push(turn(subject));
-                    base.push(turn(baseline));
-                }
-            }
+            let turn = |place| crate::load(place, workload, plan.hook_seconds, 0);
+            let (base, with) = alternate(plan.hook_rounds, || turn(baseline), || turn(subject));
             let stats = stats_over(
                 || hook.counts(),
                 || crate::load(subject, workload, plan.seconds, 0),
@@ -98,6 +86,28 @@ pub fn rows(plan: &Plan) -> Vec<PacketHookRow> {
             PacketHookRow::new(workload, &base, &with, stats, floor)
         })
         .collect()
+}
+
+/// `rounds` rounds of a turn of the baseline and one of the subject, each
+/// side's results in the order run. Which side goes first alternates, so
+/// that neither always runs just after the other.
+pub fn alternate(
+    rounds: usize,
+    mut baseline: impl FnMut() -> LoadResult,
+    mut subject: impl FnMut() -> LoadResult,
+) -> (Vec<LoadResult>, Vec<LoadResult>) {
+    let mut base = Vec::with_capacity(rounds);
+    let mut with = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            base.push(baseline());
+            with.push(subject());
+        } else {
+            with.push(subject());
+            base.push(baseline());
+        }
+    }
+    (base, with)
 }
 
 /// `tollgate_packet` attached alone to a cgroup of its own, the object's
@@ -113,17 +123,8 @@ struct PacketHook {
 
 impl PacketHook {
     fn attach() -> Self {
-        assert!(
-            !bpf_object().is_empty(),
-            "no BPF object embedded: build it with `cargo xtask build`"
-        );
         let env = TestEnv::new("pkthook");
-        let maps = env.bpffs.root().join("maps");
-        std::fs::create_dir_all(&maps).unwrap();
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps)
-            .load(bpf_object())
-            .expect("the BPF object's maps");
+        let mut ebpf = load_object(&env);
         let program: &mut CgroupSkb = ebpf
             .program_mut(PACKET_PROGRAM)
             .expect("tollgate_packet in the object")
@@ -159,9 +160,27 @@ impl PacketHook {
     }
 }
 
+/// The BPF object, its maps created (and pinned by name) in `env`'s
+/// private bpffs; no program loaded yet.
+pub fn load_object(env: &TestEnv) -> Ebpf {
+    assert!(
+        !bpf_object().is_empty(),
+        "no BPF object embedded: build it with `cargo xtask build`"
+    );
+    let maps = env.bpffs.root().join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    EbpfLoader::new()
+        .default_map_pin_directory(&maps)
+        .load(bpf_object())
+        .expect("the BPF object's maps")
+}
+
 /// Runs `load` with the kernel's run-time statistics on, and returns what
 /// `counts` (a program's run count and run time) grew by over it.
-fn stats_over(counts: impl Fn() -> (u64, u64), load: impl FnOnce() -> LoadResult) -> ProgramStats {
+pub fn stats_over(
+    counts: impl Fn() -> (u64, u64),
+    load: impl FnOnce() -> LoadResult,
+) -> ProgramStats {
     let on: OwnedFd = enable_stats(Stats::RunTime).expect("BPF_ENABLE_STATS");
     let (runs_before, ns_before) = counts();
     let result = load();
