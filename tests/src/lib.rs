@@ -169,6 +169,41 @@ impl Drop for TempFile {
     }
 }
 
+/// The capabilities deploy/daemonset.yaml adds for the agent (its
+/// container's `capabilities.add`), as setpriv names them: `+bpf,...`.
+pub fn daemonset_capabilities() -> String {
+    let manifest = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml"),
+    )
+    .expect("deploy/daemonset.yaml");
+    let list = manifest
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("add: ["))
+        .and_then(|rest| rest.strip_suffix(']'))
+        .expect("the DaemonSet adds capabilities in one `add: [...]` line");
+    list.split(',')
+        .map(|cap| format!("+{}", cap.trim().trim_matches('"').to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A `setpriv` command line that leaves the command it runs exactly the
+/// capabilities `caps` (`+bpf,+net_admin`), for [`AgentProcess::try_start_under`].
+pub fn with_only_capabilities(caps: &str) -> Vec<String> {
+    let set = format!("-all,{caps}");
+    [
+        "setpriv",
+        "--bounding-set",
+        &set,
+        "--inh-caps",
+        &set,
+        "--ambient-caps",
+        &set,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// A bpffs instance mounted for one test, so its pins never touch the host's.
 pub struct PrivateBpffs {
     pub mount: PathBuf,

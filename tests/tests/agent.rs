@@ -362,20 +362,7 @@ fn flow_records_name_the_pod_and_container_of_a_kubelet_cgroup() {
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
 fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
-    // deploy/daemonset.yaml grants exactly these.
-    let only = |caps: &str| {
-        let set = format!("-all,{caps}");
-        [
-            "setpriv",
-            "--bounding-set",
-            &set,
-            "--inh-caps",
-            &set,
-            "--ambient-caps",
-            &set,
-        ]
-        .map(str::to_owned)
-    };
+    let only = tollgate_tests::with_only_capabilities;
     let mut env = TestEnv::new("caps");
     let host = env.add_host(15, &[8080]).v4;
     for missing in ["+bpf,+perfmon", "+bpf,+net_admin"] {
@@ -387,10 +374,12 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
             .join("\n");
         assert!(log.contains("BPF_PROG_LOAD"), "{missing}: {log}");
     }
-    let wrapper = only("+bpf,+net_admin,+perfmon");
+    // Exactly what deploy/daemonset.yaml grants (the pods tests use the
+    // same set for what pods' namespaces need).
+    let wrapper = only(&tollgate_tests::daemonset_capabilities());
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let _agent = AgentProcess::try_start_under(&env, &wrapper, &["--mode", "enforce"])
-        .expect("starts with the three");
+        .expect("starts with the DaemonSet's capabilities");
     deny_port(&env, host, 8080);
     assert_eq!(
         env.probe(&["connect", "tcp", &format!("{host}:8080")])

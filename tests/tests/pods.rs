@@ -41,6 +41,22 @@ spec:
 }
 
 fn start_agent(env: &TestEnv, kubeconfig: &TempFile, extra: &[&str]) -> AgentProcess {
+    start_agent_under(env, &[], kubeconfig, extra)
+}
+
+/// The agent with exactly the capabilities deploy/daemonset.yaml grants.
+fn start_agent_as_daemonset(env: &TestEnv, kubeconfig: &TempFile, extra: &[&str]) -> AgentProcess {
+    let wrapper = tollgate_tests::with_only_capabilities(&tollgate_tests::daemonset_capabilities());
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    start_agent_under(env, &wrapper, kubeconfig, extra)
+}
+
+fn start_agent_under(
+    env: &TestEnv,
+    wrapper: &[&str],
+    kubeconfig: &TempFile,
+    extra: &[&str],
+) -> AgentProcess {
     let mut args = vec![
         "--kubeconfig",
         kubeconfig.path.to_str().unwrap(),
@@ -50,7 +66,8 @@ fn start_agent(env: &TestEnv, kubeconfig: &TempFile, extra: &[&str]) -> AgentPro
         "app",
     ];
     args.extend_from_slice(extra);
-    let agent = AgentProcess::start(env, &args);
+    let agent = AgentProcess::try_start_under(env, wrapper, &args)
+        .unwrap_or_else(|log| panic!("the agent did not get ready; it logged: {log:#?}"));
     // Both lists (pods, namespaces) may come before or after "ready".
     agent.wait_until_logged(
         &["listed kind=\"pods\"", "listed kind=\"namespaces\""],
@@ -431,11 +448,15 @@ impl Drop for Processes {
 }
 
 /// `sleep` in `cgroup`, inside the named network namespace.
+/// A process in `cgroup` and `netns` that sleeps as 65535, the user a
+/// pod's sandbox (pause) runs as, so the agent needs what the DaemonSet
+/// grants it to open its namespace.
 fn sleeper(cgroup: &std::path::Path, netns: &str) -> std::process::Child {
     std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec ip netns exec {netns} sleep 60",
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {netns} \
+             setpriv --reuid 65535 --regid 65535 --clear-groups sleep 60",
             cgroup.display()
         ))
         .spawn()
@@ -484,7 +505,7 @@ fn a_pods_network_namespace_is_its_sandboxs() {
     api.put(pod.object.clone());
     let policy = TempFile::new("pods-netns.yaml", &payments_policy(host));
     let kubeconfig = TempFile::new("pods-netns.kubeconfig", &api.kubeconfig());
-    let _agent = start_agent(
+    let _agent = start_agent_as_daemonset(
         &env,
         &kubeconfig,
         &["--policy", policy.path.to_str().unwrap()],
@@ -566,7 +587,7 @@ fn a_pods_packet_sockets_reach_no_denied_destination() {
 
     let policy = TempFile::new("pods-frames.yaml", &payments_policy(allowed));
     let kubeconfig = TempFile::new("pods-frames.kubeconfig", &api.kubeconfig());
-    let mut agent = start_agent(
+    let mut agent = start_agent_as_daemonset(
         &env,
         &kubeconfig,
         &["--policy", policy.path.to_str().unwrap()],
@@ -617,7 +638,7 @@ fn a_pods_packet_sockets_reach_no_denied_destination() {
         "pods-frames-observe.yaml",
         &payments_policy(allowed).replace("mode: enforce", "mode: observe"),
     );
-    let agent = start_agent(
+    let agent = start_agent_as_daemonset(
         &env,
         &kubeconfig,
         &["--policy", observe.path.to_str().unwrap()],
