@@ -47,7 +47,27 @@ impl NetnsCookies {
 /// process in the cgroup `dir` and below it: a pod's, for its directory.
 pub fn of_oldest_process(dir: &Path) -> Option<fs::File> {
     let pid = oldest_process(dir)?;
-    fs::File::open(format!("/proc/{pid}/ns/net")).ok()
+    match fs::File::open(format!("/proc/{pid}/ns/net")) {
+        Ok(namespace) => Some(namespace),
+        Err(error) => {
+            if error.kind() == std::io::ErrorKind::PermissionDenied {
+                warn_once(
+                    &OPEN_REFUSED,
+                    "cannot open pods' network namespaces (the agent needs CAP_SYS_PTRACE for \
+                     processes of other users): their packet sockets and DNS namespaces are not checked",
+                );
+            }
+            None
+        }
+    }
+}
+
+static OPEN_REFUSED: std::sync::Once = std::sync::Once::new();
+static ENTER_REFUSED: std::sync::Once = std::sync::Once::new();
+
+/// Logs `message` the first time only: a missing privilege stays missing.
+fn warn_once(once: &std::sync::Once, message: &'static str) {
+    once.call_once(|| tracing::warn!("{message}"));
 }
 
 /// The process under `dir` (cgroup v2) that started first.
@@ -89,6 +109,13 @@ pub fn cookie_of(namespace: fs::File) -> Option<u64> {
         // SAFETY: a namespace file this thread holds; only this thread,
         // which ends here, enters it.
         if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+                warn_once(
+                    &ENTER_REFUSED,
+                    "cannot enter pods' network namespaces to read their cookies (the agent \
+                     needs CAP_SYS_ADMIN): DNS answers to pods are not bound to their namespace",
+                );
+            }
             return None;
         }
         socket_netns_cookie()
