@@ -15,9 +15,11 @@ fi
 
 # Debian packages: LLVM 22 (matches nightly's LLVM, for bpf-linker) and the
 # real peers the tests use (dnsmasq, dig, nftables, iptables, rsyslog, and
-# bpftool to pin maps the agent must cope with).
+# bpftool to pin maps the agent must cope with), and buildah, podman and
+# runc for the image and its container test.
 apt_pkgs=(llvm-22-dev libzstd-dev zlib1g-dev libxml2-dev
-          iproute2 nftables iptables dnsutils dnsmasq-base rsyslog rsyslog-gnutls curl bpftool)
+          iproute2 nftables iptables dnsutils dnsmasq-base rsyslog rsyslog-gnutls curl bpftool
+          buildah podman runc)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

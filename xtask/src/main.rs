@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask <build|test|run|lint|bench|fuzz|kernels>`.
+//! Project tasks: `cargo xtask <build|test|run|lint|bench|fuzz|kernels|image>`.
 //!
 //! Every task first runs `scripts/setup.sh`, which installs what is missing
 //! (nightly rust-src, LLVM 22, bpf-linker, the test peers) and skips what is
 //! there, so each works on a fresh machine.
 
+mod image;
 mod kernels;
 
 use std::{
@@ -56,6 +57,13 @@ enum Task {
         #[arg(default_value_t = 60)]
         seconds: u64,
     },
+    /// The agent's image (buildah, from scratch, from the binaries the
+    /// tests run) as target/image/tollgate-agent.oci.tar; with --test, run
+    /// it under podman as deploy/daemonset.yaml runs it (needs root).
+    Image {
+        #[arg(long)]
+        test: bool,
+    },
     /// A core set of the root tests inside Debian's 6.1 and 5.10 kernels
     /// under qemu (needs root); the report goes to target/kernels/report.*.
     Kernels {
@@ -83,6 +91,14 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { smoke } => bench(&root, smoke),
         Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::Kernels { kernels, filters } => kernels::kernels(&root, &kernels, &filters),
+        Task::Image { test } => {
+            build(&root, false)?;
+            image::build(&root)?;
+            if test {
+                image::test(&root)?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -199,6 +215,9 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
             "--all-targets",
             "--",
             "--include-ignored",
+            // Needs the image: `cargo xtask image --test` runs it.
+            "--skip",
+            "the_image_runs_as_the_daemonset_runs_it",
         ])
         .args(args)
         .stdout(Stdio::piped())
