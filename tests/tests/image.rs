@@ -159,6 +159,9 @@ spec:
         "config" => config.path.clone(),
         other => panic!("the DaemonSet mounts a volume the test does not stand in for: {other}"),
     });
+    // The container's own cgroup goes below one of the test's, not below
+    // podman's default parent (libpod_parent), so nothing outlives it.
+    let container_parent = tollgate_tests::TestCgroup::new("image-podman");
     let name = format!("tg-image-{}", std::process::id());
     let _container = scopeguard::guard(name.clone(), |name| {
         let _ = podman()
@@ -167,6 +170,7 @@ spec:
     });
     let mut run = podman();
     run.args(["run", "--detach", "--name", &name])
+        .args(["--cgroup-parent", &container_parent.relative])
         .args(&options)
         .args(
             agent
