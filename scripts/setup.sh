@@ -15,11 +15,11 @@ fi
 
 # Debian packages: LLVM 22 (matches nightly's LLVM, for bpf-linker) and the
 # real peers the tests use (dnsmasq, dig, nftables, iptables, rsyslog, and
-# bpftool to pin maps the agent must cope with), and buildah, podman and
-# runc for the image and its container test.
+# bpftool to pin maps the agent must cope with), buildah, podman and
+# runc for the image and its container test, and node for the KQL check.
 apt_pkgs=(llvm-22-dev libzstd-dev zlib1g-dev libxml2-dev
           iproute2 nftables iptables dnsutils dnsmasq-base rsyslog rsyslog-gnutls curl bpftool
-          buildah podman runc)
+          buildah podman runc nodejs)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -65,5 +65,20 @@ for tool in ("helm/helm", "kubectl/kubectl"):
     os.chmod(target, 0o755)
 PY
   rm -rf "$tools"
+fi
+# Kusto.Language, the KQL parser of Azure Data Explorer and Log Analytics
+# compiled to JavaScript (npm @kusto/language-service-next 12.4.1, MIT,
+# 3.5 MB, the tarball pinned by its hash): `cargo xtask lint` analyzes the
+# Sentinel queries and the DCR transformation with it (xtask/src/siem.rs).
+kusto=/usr/local/share/kusto-language-service-next-12.4.1
+if [ ! -f "$kusto/Kusto.Language.Bridge.js" ]; then
+  log "installing Kusto.Language (npm @kusto/language-service-next 12.4.1)"
+  tarball=$(mktemp)
+  curl -fsSL -o "$tarball" https://registry.npmjs.org/@kusto/language-service-next/-/language-service-next-12.4.1.tgz
+  echo "f186f08b50d5c67159f3e9a7c37f2bb978d2188c40da3c31d477aa8d2b6f31ae64487cc73ed1189b99fb7add5fc209f9283519273b12363b91ae8888fa3f1bac  $tarball" | sha512sum -c --quiet
+  mkdir -p "$kusto"
+  tar -xzf "$tarball" -C "$kusto" --strip-components=1 \
+    package/package.json package/bridge.js package/Kusto.Language.Bridge.js
+  rm -f "$tarball"
 fi
 log "toolchain ready"

@@ -7,6 +7,7 @@
 mod chart;
 mod image;
 mod kernels;
+mod siem;
 
 use std::{
     io::{BufRead, BufReader},
@@ -296,6 +297,7 @@ fn lint(root: &Path) -> anyhow::Result<()> {
         ]))?;
     run(Command::new("hadolint").arg(deploy.join("Dockerfile")))?;
     chart::check(root)?;
+    siem::check(root)?;
     check_policy_core_is_pure(root)?;
     run(Command::new("cargo")
         .current_dir(root)
