@@ -279,7 +279,7 @@ impl Exporter {
             // Sinks of one format share the formatting.
             if formatted != Some(sink.format) {
                 self.payload.clear();
-                format::write(sink.format, record, &mut self.payload);
+                format::write(sink.format, record, &self.instance, &mut self.payload);
                 formatted = Some(sink.format);
             }
             self.wire.clear();
@@ -337,7 +337,12 @@ impl SinkWorker {
             last_seq: lost.last_seq,
         };
         let mut payload = Vec::new();
-        format::write(self.format, Record::Loss(&marker), &mut payload);
+        format::write(
+            self.format,
+            Record::Loss(&marker),
+            &self.instance,
+            &mut payload,
+        );
         let meta = RecordMeta::of_loss(&marker, unix_nanos);
         let mut wire = Vec::new();
         self.encoder.encode(

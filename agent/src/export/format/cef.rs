@@ -11,7 +11,7 @@ use std::{
 };
 
 use super::{
-    LossMessage, Severity, Verdict, event_name, loss_reason, policies_with_sources, unix_millis,
+    LossMessage, Severity, event_name, event_title, loss_reason, policies_with_sources, unix_millis,
 };
 use crate::{
     export::record::{DnsAnswer, DnsRecord, LossRecord, Record},
@@ -32,23 +32,13 @@ pub(super) fn write(record: Record, out: &mut Vec<u8>) {
 }
 
 fn header(record: Record, out: &mut Vec<u8>) {
-    let name = match record {
-        Record::Flow(flow) => match Verdict::of(flow) {
-            Verdict::Allowed => "Egress allowed",
-            Verdict::Denied => "Egress denied",
-            Verdict::Audit => "Egress would be denied (observe mode)",
-            Verdict::Unknown => "Egress decision unknown",
-        },
-        Record::Dns(_) => "DNS answer",
-        Record::Loss(_) => "Records lost",
-    };
     out.extend_from_slice(b"CEF:0|");
     for field in [
         VENDOR,
         PRODUCT,
         env!("CARGO_PKG_VERSION"),
         event_name(record),
-        name,
+        event_title(record),
     ] {
         escape_header(field, out);
         out.push(b'|');
@@ -85,20 +75,51 @@ impl fmt::Write for Unescaped<'_> {
 
 /// Escapes extension values: `\`, `=`, and line breaks as `\n` and `\r` so
 /// a record stays on one line. A `|` needs no escape after the header.
-struct Escaped<'a>(&'a mut Vec<u8>);
+/// Writes at most `room` characters of the value (before escaping) and
+/// drops the rest.
+struct Escaped<'a> {
+    out: &'a mut Vec<u8>,
+    room: usize,
+}
 
 impl fmt::Write for Escaped<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for byte in s.bytes() {
-            match byte {
-                b'\\' => self.0.extend_from_slice(b"\\\\"),
-                b'=' => self.0.extend_from_slice(b"\\="),
-                b'\n' => self.0.extend_from_slice(b"\\n"),
-                b'\r' => self.0.extend_from_slice(b"\\r"),
-                other => self.0.push(other),
+        for c in s.chars() {
+            let Some(room) = self.room.checked_sub(1) else {
+                break;
+            };
+            self.room = room;
+            match c {
+                '\\' => self.out.extend_from_slice(b"\\\\"),
+                '=' => self.out.extend_from_slice(b"\\="),
+                '\n' => self.out.extend_from_slice(b"\\n"),
+                '\r' => self.out.extend_from_slice(b"\\r"),
+                other => self
+                    .out
+                    .extend_from_slice(other.encode_utf8(&mut [0; 4]).as_bytes()),
             }
         }
         Ok(())
+    }
+}
+
+/// The most characters CEF's key dictionary allows in `key`'s value
+/// (conformance/cef-keys.json); consumers cut longer values, Sentinel's
+/// connector among them, so the cut is ours. Numbers, addresses and
+/// times have no length.
+fn max_len(key: &str) -> usize {
+    match key {
+        "app" | "proto" => 31,
+        "act" | "outcome" => 63,
+        "dvchost" => 100,
+        "cs1" | "cs2" | "cs3" | "cs4" | "cs5" | "cs6" => 4000,
+        "cat" | "dhost" | "msg" | "reason" | "sproc" | "suid" | "flexString1" | "flexString2" => {
+            1023
+        }
+        // Labels: the custom keys' are 1023, flexString's 128; ours are
+        // short constants.
+        _ if key.ends_with("Label") => 128,
+        _ => usize::MAX,
     }
 }
 
@@ -109,15 +130,29 @@ struct Extension<'a> {
 }
 
 impl Extension<'_> {
-    /// Keys are CEF's, letters and digits only: they need no escape.
-    fn pair(&mut self, key: impl Display, value: impl Display) {
+    /// Appends `key=value`, or nothing when the value is empty: CEF has no
+    /// empty values, and consumers read `cs2=` as the start of whatever
+    /// follows. Keys are CEF's, letters and digits only: no escape.
+    /// Returns whether the pair was written.
+    fn pair(&mut self, key: &str, value: impl Display) -> bool {
+        let start = self.out.len();
         if !self.empty {
             self.out.push(b' ');
         }
-        self.empty = false;
-        put(self.out, key);
+        self.out.extend_from_slice(key.as_bytes());
         self.out.push(b'=');
-        write!(Escaped(self.out), "{value}").expect("formatting into a Vec");
+        let value_start = self.out.len();
+        let mut escaped = Escaped {
+            out: self.out,
+            room: max_len(key),
+        };
+        write!(escaped, "{value}").expect("formatting into a Vec");
+        if self.out.len() == value_start {
+            self.out.truncate(start);
+            return false;
+        }
+        self.empty = false;
+        true
     }
 
     fn pair_if(&mut self, key: &str, value: Option<impl Display>) {
@@ -126,22 +161,39 @@ impl Extension<'_> {
         }
     }
 
-    /// A custom key (`cs1`, `cn2`, `flexString1`, ...) and its label.
+    /// A custom key (`cs1`, `cn2`, `flexString1`, ...) and its label, or
+    /// neither when there is no value.
     fn custom(&mut self, key: &str, label: &str, value: Option<impl Display>) {
-        if let Some(value) = value {
-            self.pair(LabelKey(key), label);
-            self.pair(key, value);
+        let Some(value) = value else { return };
+        let (start, empty) = (self.out.len(), self.empty);
+        let mut label_key = [0; 24];
+        let label_key = label_key_of(key, &mut label_key);
+        self.pair(label_key, label);
+        if !self.pair(key, value) {
+            self.out.truncate(start);
+            self.empty = empty;
         }
     }
 
+    /// `dst` for both address families: CEF's destinationAddress takes
+    /// IPv6 since revision 25, and Sentinel's DestinationIP is a string.
     fn destination(&mut self, ip: IpAddr, port: u16) {
-        match ip {
-            IpAddr::V4(v4) => self.pair("dst", v4),
-            // `dst` is IPv4 only; CEF's convention for an IPv6 destination
-            // is the custom IPv6 address 3.
-            IpAddr::V6(v6) => self.custom("c6a3", "Destination IPv6 Address", Some(v6)),
-        }
+        self.pair("dst", ip);
         self.pair("dpt", port);
+    }
+
+    /// The record's time as CEF's startTime (Sentinel's StartTime); `rt`
+    /// is when the device "received" it, a string column in Sentinel.
+    fn times(&mut self, start: &str, end: Option<&str>) {
+        self.pair("start", unix_millis(start));
+        self.pair_if("end", end.map(unix_millis));
+    }
+
+    /// The record's `seq`: Sentinel's ExternalID (`externalId`) is a
+    /// 32-bit integer column that a node's sequence outgrows, and
+    /// DeviceCustomNumber2 is 64-bit.
+    fn seq(&mut self, seq: Option<u64>) {
+        self.custom("cn2", "Seq", seq);
     }
 
     /// The calling process and its pod, alike for flows and DNS answers.
@@ -152,20 +204,19 @@ impl Extension<'_> {
         self.custom("cs3", "Namespace", src.namespace);
         self.custom("cs4", "Pod", src.pod);
         self.custom("cs5", "Cgroup", src.cgroup);
-        self.custom("cn2", "Cgroup ID", Some(src.cgroup_id));
         self.custom("cs6", "Container ID", src.container.as_ref().map(|c| c.id));
         let workload = src.workload.map(|w| Joined(&w.kind, "/", &w.name));
         self.custom("flexString2", "Workload", workload);
     }
 }
 
-/// `cs1` → `cs1Label`.
-struct LabelKey<'a>(&'a str);
-
-impl Display for LabelKey<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}Label", self.0)
-    }
+/// `cs1` → `cs1Label`, in `buffer` (custom keys are short constants).
+fn label_key_of<'b>(key: &str, buffer: &'b mut [u8; 24]) -> &'b str {
+    const SUFFIX: &[u8] = b"Label";
+    let len = key.len() + SUFFIX.len();
+    buffer[..key.len()].copy_from_slice(key.as_bytes());
+    buffer[key.len()..len].copy_from_slice(SUFFIX);
+    std::str::from_utf8(&buffer[..len]).expect("a key and an ASCII suffix")
 }
 
 /// Two values with a separator between them.
@@ -183,17 +234,18 @@ fn write_flow(flow: &FlowRecord, extension: &mut Extension) {
     extension.pair("act", flow.verdict);
     // CEF's deviceDirection: 1 is outbound.
     extension.pair("deviceDirection", 1);
-    match flow.protocol.as_ref() {
-        "tcp" => extension.pair("proto", "TCP"),
-        "udp" => extension.pair("proto", "UDP"),
-        other => extension.pair("proto", other),
-    }
+    let protocol = match flow.protocol.as_ref() {
+        "tcp" => "TCP",
+        "udp" => "UDP",
+        other => other,
+    };
+    extension.pair("proto", protocol);
     extension.destination(flow.dst.ip, flow.dst.port);
     // CEF's destinationHostName: the name the source resolved, when known.
     extension.pair_if("dhost", flow.dst.fqdn);
     extension.source(&flow.src);
     extension.pair("dvchost", flow.node);
-    extension.pair("externalId", flow.seq);
+    extension.seq(Some(flow.seq));
     extension.custom("cs1", "Policy", flow.policy);
     extension.custom("cs2", "Rule", Some(&flow.rule));
     extension.custom("cn1", "Rule ID", Some(flow.rule_id));
@@ -207,10 +259,12 @@ fn write_flow(flow: &FlowRecord, extension: &mut Extension) {
     });
     extension.custom("cn3", "Cluster Policies", cluster_policies);
     extension.custom("flexString1", "Mode", Some(flow.mode));
-    if let Some(summary) = &flow.summary {
-        extension.pair("cnt", summary.count);
-        extension.pair("start", unix_millis(&summary.first_time));
-        extension.pair("end", unix_millis(&summary.last_time));
+    match &flow.summary {
+        Some(summary) => {
+            extension.pair("cnt", summary.count);
+            extension.times(&summary.first_time, Some(&summary.last_time));
+        }
+        None => extension.times(&flow.time, None),
     }
 }
 
@@ -221,12 +275,13 @@ fn write_dns(dns: &DnsRecord, extension: &mut Extension) {
     extension.destination(dns.resolver.ip, dns.resolver.port);
     extension.source(&dns.src);
     extension.pair("dvchost", dns.node);
-    extension.pair("externalId", dns.seq);
+    extension.seq(Some(dns.seq));
     extension.pair("outcome", &dns.rcode);
     extension.custom("cs1", "DNS Query", Some(&dns.query));
     extension.custom("flexString1", "DNS Query Type", Some(&dns.query_type));
     extension.custom("cs2", "DNS Answers", Some(ZoneLines(&dns.answers)));
     extension.custom("cn1", "FQDN Learned", Some(u8::from(dns.learned)));
+    extension.times(&dns.time, None);
 }
 
 /// Answers as zone file lines (`name ttl type data`), `; `-separated.
@@ -252,13 +307,18 @@ fn write_loss(loss: &LossRecord, extension: &mut Extension) {
     extension.pair("rt", unix_millis(&loss.time));
     extension.pair("cat", LossRecord::KIND);
     extension.pair("dvchost", &loss.node);
-    extension.pair_if("externalId", loss.seq);
+    extension.seq(loss.seq);
     extension.pair("reason", loss_reason(loss.reason));
     extension.pair("msg", LossMessage(loss));
     extension.custom("cs1", "Sink", loss.sink.as_deref());
     extension.custom("cn1", "Lost Records", Some(loss.count));
-    extension.custom("cn2", "First Seq", loss.first_seq);
-    extension.custom("cn3", "Last Seq", loss.last_seq);
+    // cn2 is the marker's own seq, so the range lost is one string.
+    let lost_seqs = loss
+        .first_seq
+        .zip(loss.last_seq)
+        .map(|(first, last)| Joined(first, "-", last));
+    extension.custom("cs2", "Lost Seqs", lost_seqs);
+    extension.times(&loss.time, None);
 }
 
 #[cfg(test)]

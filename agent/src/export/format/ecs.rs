@@ -3,13 +3,13 @@
 //! go under `tollgate.*`, named as in the native records. Absent values are
 //! left out.
 
-use std::{collections::btree_map, fmt, net::IpAddr, slice};
+use std::{net::IpAddr, slice};
 
 use serde::Serialize;
 
 use super::{
-    ArrayOf, AsString, LossMessage, Severity, Verdict, event_name, loss_reason, protocol_number,
-    put_json, transport_name,
+    ArrayOf, AsString, LabelList, LossMessage, Severity, Verdict, event_name, label_list,
+    loss_reason, protocol_number, put_json, transport_name,
 };
 use crate::{
     export::record::{DnsAnswer, DnsRecord, LossRecord, Record},
@@ -155,13 +155,17 @@ struct SourceFields<'a> {
     container: Option<Container<'a>>,
 }
 
+/// The record's ids are the task's real ids (`bpf_get_current_uid_gid`
+/// reads `current_cred()->uid` and `->gid`), so they are ECS's
+/// `real_user`/`real_group`; ECS's `user`/`group` of a process are the
+/// effective ids, which the kernel side does not read.
 #[derive(Serialize)]
 struct Process<'a> {
     pid: u32,
     name: &'a str,
     thread: Id<u32>,
-    user: Id<AsString<u32>>,
-    group: Id<AsString<u32>>,
+    real_user: Id<AsString<u32>>,
+    real_group: Id<AsString<u32>>,
 }
 
 #[derive(Serialize)]
@@ -178,11 +182,6 @@ struct Orchestrator<'a> {
     resource: Resource<'a>,
 }
 
-/// Pod labels go to `orchestrator.resource.label` as `key:value`, not to
-/// ECS's `labels`: keys like `app.kubernetes.io/name` would become nested
-/// objects there and clash with `app`.
-type LabelList<'a> = ArrayOf<btree_map::Iter<'a, String, String>, AsString<LabelPair<'a>>>;
-
 #[derive(Serialize)]
 struct Resource<'a> {
     #[serde(rename = "type")]
@@ -192,6 +191,7 @@ struct Resource<'a> {
     id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     parent: Option<Parent<'a>>,
+    /// As `key:value`, not ECS's `labels` object (`LabelPair`).
     #[serde(skip_serializing_if = "Option::is_none")]
     label: Option<LabelList<'a>>,
 }
@@ -200,14 +200,6 @@ struct Resource<'a> {
 struct Parent<'a> {
     #[serde(rename = "type")]
     kind: &'a str,
-}
-
-struct LabelPair<'a>(&'a str, &'a str);
-
-impl fmt::Display for LabelPair<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.0, self.1)
-    }
 }
 
 #[derive(Serialize)]
@@ -223,10 +215,10 @@ fn source_fields<'a>(src: &'a Source<'a>) -> SourceFields<'a> {
             pid: src.pid,
             name: &src.comm,
             thread: Id { id: src.tid },
-            user: Id {
+            real_user: Id {
                 id: AsString(src.uid),
             },
-            group: Id {
+            real_group: Id {
                 id: AsString(src.gid),
             },
         },
@@ -240,10 +232,7 @@ fn source_fields<'a>(src: &'a Source<'a>) -> SourceFields<'a> {
                 parent: src.workload.map(|workload| Parent {
                     kind: &workload.kind,
                 }),
-                label: src.labels.map(|labels| ArrayOf {
-                    items: labels.iter(),
-                    item: |(key, value)| Some(AsString(LabelPair(key, value))),
-                }),
+                label: src.labels.map(label_list),
             },
         }),
         container: src.container.as_ref().map(|container| Container {

@@ -12,12 +12,16 @@ mod ocsf;
 #[cfg(test)]
 mod tests;
 
-use std::fmt::{self, Display};
+use std::{
+    collections::btree_map,
+    fmt::{self, Display},
+};
 
 use serde::{Serialize, Serializer};
 
 use super::record::{LossReason, LossRecord, Record};
 use crate::flow::FlowRecord;
+use tollgate_policy::select::Labels;
 
 /// The wire format of a sink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -34,10 +38,13 @@ pub enum Format {
 }
 
 /// Appends `record` to `out` in `format`: exactly one record, no newline.
-pub fn write(format: Format, record: Record<'_, '_>, out: &mut Vec<u8>) {
+/// `instance` names this run of the agent (its start time, as the sinks'
+/// record ids use it): with the node and `seq` it names a record once, so
+/// that a resent record keeps its OCSF `metadata.uid`.
+pub fn write(format: Format, record: Record<'_, '_>, instance: &str, out: &mut Vec<u8>) {
     match format {
         Format::Json => json::write(record, out),
-        Format::Ocsf => ocsf::write(record, out),
+        Format::Ocsf => ocsf::write(record, instance, out),
         Format::Ecs => ecs::write(record, out),
         Format::Cef => cef::write(record, out),
     }
@@ -84,6 +91,21 @@ fn event_name(record: Record) -> &'static str {
         },
         Record::Dns(_) => "dns",
         Record::Loss(_) => "loss",
+    }
+}
+
+/// What happened, in a few words: CEF's name and the start of OCSF's
+/// `message`.
+fn event_title(record: Record) -> &'static str {
+    match record {
+        Record::Flow(flow) => match Verdict::of(flow) {
+            Verdict::Allowed => "Egress allowed",
+            Verdict::Denied => "Egress denied",
+            Verdict::Audit => "Egress would be denied (observe mode)",
+            Verdict::Unknown => "Egress decision unknown",
+        },
+        Record::Dns(_) => "DNS answer",
+        Record::Loss(_) => "Records lost",
     }
 }
 
@@ -243,6 +265,27 @@ struct AsString<T>(T);
 impl<T: Display> Serialize for AsString<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(&self.0)
+    }
+}
+
+/// A pod label as `key:value`. Pod labels go to string arrays in this form,
+/// never to objects keyed by label: keys like `app.kubernetes.io/name`
+/// would expand into nested objects in Elasticsearch and clash with `app`.
+struct LabelPair<'a>(&'a str, &'a str);
+
+impl Display for LabelPair<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.0, self.1)
+    }
+}
+
+/// A pod's labels as a JSON array of `key:value` strings.
+type LabelList<'a> = ArrayOf<btree_map::Iter<'a, String, String>, AsString<LabelPair<'a>>>;
+
+fn label_list(labels: &Labels) -> LabelList<'_> {
+    ArrayOf {
+        items: labels.iter(),
+        item: |(key, value)| Some(AsString(LabelPair(key, value))),
     }
 }
 

@@ -3,30 +3,50 @@
 //! What OCSF has no attribute for goes under `unmapped`, named as in the
 //! native records. Absent values are left out, as OCSF does.
 
-use std::{net::IpAddr, slice};
+use std::{
+    fmt::{self, Display},
+    net::{IpAddr, SocketAddr},
+    slice,
+};
 
 use serde::Serialize;
 
 use super::{
-    ArrayOf, AsString, LossMessage, Severity, Verdict, loss_reason, policies_with_sources,
-    protocol_number, put_json, transport_name, unix_millis,
+    ArrayOf, AsString, LabelList, LossMessage, Severity, Verdict, event_title, label_list,
+    loss_reason, policies_with_sources, protocol_number, put_json, transport_name, unix_millis,
 };
 use crate::{
     export::record::{DnsAnswer, DnsRecord, LossRecord, Record},
     flow::{FlowRecord, Source},
     pods::directory::Workload,
 };
-use tollgate_policy::select::Labels;
 
 const OCSF_VERSION: &str = "1.3.0";
 
-pub(super) fn write(record: Record, out: &mut Vec<u8>) {
+pub(super) fn write(record: Record, instance: &str, out: &mut Vec<u8>) {
     let severity = Severity::of(record);
     match record {
-        Record::Flow(flow) => put_json(&network_activity(flow, severity), out),
-        Record::Dns(dns) => put_json(&dns_activity(dns, severity), out),
-        Record::Loss(loss) => put_json(&event_log_activity(loss, severity), out),
+        Record::Flow(flow) => put_json(&network_activity(flow, instance, severity), out),
+        Record::Dns(dns) => put_json(&dns_activity(dns, instance, severity), out),
+        Record::Loss(loss) => put_json(&event_log_activity(loss, instance, severity), out),
     }
+}
+
+/// Whether `name` is an OCSF `hostname_t`: dot-separated labels of ASCII
+/// letters, digits and inner hyphens (the type's regex). DNS names such as
+/// `_dmarc.example.com` or a trailing-dot root are not, and go to string
+/// attributes instead.
+fn is_hostname(name: &str) -> bool {
+    let label_ok = |label: &str| {
+        let bytes = label.as_bytes();
+        !bytes.is_empty()
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+            && bytes[0] != b'-'
+            && bytes[bytes.len() - 1] != b'-'
+    };
+    name.split('.').all(label_ok)
 }
 
 struct Class {
@@ -117,12 +137,13 @@ struct Base<'a> {
     time: i64,
     severity_id: u8,
     severity: &'static str,
-    metadata: Metadata,
+    message: AsString<Message<'a>>,
+    metadata: Metadata<'a>,
     device: Device<'a>,
 }
 
 impl<'a> Base<'a> {
-    fn new(class: &Class, activity: &Activity, common: Common<'a>) -> Self {
+    fn new(class: &Class, activity: &Activity, common: Common<'a>, message: Message<'a>) -> Self {
         let (severity_id, severity) = match common.severity {
             Severity::Unknown => (0, "Unknown"),
             Severity::Informational => (1, "Informational"),
@@ -141,6 +162,7 @@ impl<'a> Base<'a> {
             time: unix_millis(common.time),
             severity_id,
             severity,
+            message: AsString(message),
             metadata: Metadata {
                 version: OCSF_VERSION,
                 product: Product {
@@ -149,10 +171,17 @@ impl<'a> Base<'a> {
                     version: env!("CARGO_PKG_VERSION"),
                 },
                 profiles: common.profiles,
-                sequence: common.seq,
+                uid: common.seq.map(|seq| {
+                    AsString(RecordUid {
+                        node: common.node,
+                        instance: common.instance,
+                        seq,
+                    })
+                }),
             },
             device: Device {
-                hostname: common.node,
+                hostname: Some(common.node).filter(|node| is_hostname(node)),
+                name: Some(common.node).filter(|node| !is_hostname(node)),
                 // A Kubernetes node (or the Linux host the agent guards).
                 type_id: 1,
                 kind: "Server",
@@ -161,22 +190,86 @@ impl<'a> Base<'a> {
     }
 }
 
+/// The event in a sentence, OCSF's `message`.
+enum Message<'a> {
+    Flow(&'a FlowRecord<'a>),
+    Dns(&'a DnsRecord<'a>),
+    Loss(&'a LossRecord),
+}
+
+impl Display for Message<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Flow(flow) => {
+                let title = event_title(Record::Flow(flow));
+                let destination = SocketAddr::new(flow.dst.ip, flow.dst.port);
+                write!(f, "{title}: {} to {destination}", flow.protocol)?;
+                if let Some(fqdn) = flow.dst.fqdn {
+                    write!(f, " ({fqdn})")?;
+                }
+                write_source(f, &flow.src)?;
+                write!(f, ", rule {}", flow.rule)
+            }
+            Self::Dns(dns) => {
+                let title = event_title(Record::Dns(dns));
+                write!(
+                    f,
+                    "{title}: {} {} {}, {} records",
+                    dns.query,
+                    dns.query_type,
+                    dns.rcode,
+                    dns.answers.len()
+                )?;
+                write_source(f, &dns.src)
+            }
+            Self::Loss(loss) => LossMessage(loss).fmt(f),
+        }
+    }
+}
+
+/// ` from <comm> (pid <pid>)[ in <namespace>/<pod>]`.
+fn write_source(f: &mut fmt::Formatter<'_>, src: &Source) -> fmt::Result {
+    write!(f, " from {} (pid {})", src.comm, src.pid)?;
+    if let (Some(namespace), Some(pod)) = (src.namespace, src.pod) {
+        write!(f, " in {namespace}/{pod}")?;
+    }
+    Ok(())
+}
+
 /// What every record gives the base attributes.
 struct Common<'a> {
     time: &'a str,
     node: &'a str,
+    instance: &'a str,
     seq: Option<u64>,
     severity: Severity,
     profiles: &'static [&'static str],
 }
 
 #[derive(Serialize)]
-struct Metadata {
+struct Metadata<'a> {
     version: &'static str,
     product: Product,
     profiles: &'static [&'static str],
+    /// Records with a `seq` only: a sink's loss marker has none to be
+    /// named by.
     #[serde(skip_serializing_if = "Option::is_none")]
-    sequence: Option<u64>,
+    uid: Option<AsString<RecordUid<'a>>>,
+}
+
+/// `<node>-<instance>-<seq>`: the same record, resent, keeps it (the
+/// Elastic sink's `_id` is the same string), and no other record has it,
+/// as `seq` restarts only with a new instance.
+struct RecordUid<'a> {
+    node: &'a str,
+    instance: &'a str,
+    seq: u64,
+}
+
+impl Display for RecordUid<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}-{}", self.node, self.instance, self.seq)
+    }
 }
 
 #[derive(Serialize)]
@@ -186,9 +279,13 @@ struct Product {
     version: &'static str,
 }
 
+/// The node: `hostname` when the name is a `hostname_t`, else `name`.
 #[derive(Serialize)]
 struct Device<'a> {
-    hostname: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hostname: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
     type_id: u8,
     #[serde(rename = "type")]
     kind: &'static str,
@@ -274,7 +371,12 @@ fn source_endpoint<'a>(src: &Source<'a>, node: &'a str) -> SourceEndpoint<'a> {
     SourceEndpoint {
         name,
         uid: src.pod_uid,
-        hostname: src.pod_uid.is_none().then_some(node),
+        // A node name that is no hostname_t is still in `device.name`.
+        hostname: src
+            .pod_uid
+            .is_none()
+            .then_some(node)
+            .filter(|node| is_hostname(node)),
     }
 }
 
@@ -282,9 +384,90 @@ fn source_endpoint<'a>(src: &Source<'a>, node: &'a str) -> SourceEndpoint<'a> {
 struct Endpoint<'a> {
     ip: IpAddr,
     port: u16,
-    /// The name the source resolved the address from, when known.
+    /// The name the source resolved the address from, when known and a
+    /// `hostname_t`.
     #[serde(skip_serializing_if = "Option::is_none")]
     hostname: Option<&'a str>,
+    /// That name when it is no `hostname_t` (`_http._tcp.example.com`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain: Option<&'a str>,
+}
+
+impl<'a> Endpoint<'a> {
+    fn new(address: SocketAddr, name: Option<&'a str>) -> Self {
+        Self {
+            ip: address.ip(),
+            port: address.port(),
+            hostname: name.filter(|name| is_hostname(name)),
+            domain: name.filter(|name| !is_hostname(name)),
+        }
+    }
+}
+
+/// OCSF's observables: the values an analyst pivots on, each naming the
+/// attribute that holds it.
+struct Observables<'a>([Option<Observable<'a>>; 2]);
+
+struct Observable<'a> {
+    /// The attribute's path in the event.
+    name: &'static str,
+    kind: ObservableKind,
+    value: ObservableValue<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum ObservableKind {
+    Hostname,
+    IpAddress,
+}
+
+enum ObservableValue<'a> {
+    Ip(IpAddr),
+    Name(&'a str),
+}
+
+impl<'a> Observable<'a> {
+    fn ip(name: &'static str, ip: IpAddr) -> Self {
+        Self {
+            name,
+            kind: ObservableKind::IpAddress,
+            value: ObservableValue::Ip(ip),
+        }
+    }
+
+    /// Only names that are a `hostname_t`, as observables of type Hostname.
+    fn hostname(name: &'static str, hostname: Option<&'a str>) -> Option<Self> {
+        hostname.filter(|h| is_hostname(h)).map(|hostname| Self {
+            name,
+            kind: ObservableKind::Hostname,
+            value: ObservableValue::Name(hostname),
+        })
+    }
+}
+
+impl Serialize for Observables<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().flatten())
+    }
+}
+
+impl Serialize for Observable<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let (type_id, caption) = match self.kind {
+            ObservableKind::Hostname => (1, "Hostname"),
+            ObservableKind::IpAddress => (2, "IP Address"),
+        };
+        let mut observable = serializer.serialize_struct("Observable", 4)?;
+        observable.serialize_field("name", self.name)?;
+        observable.serialize_field("type_id", &type_id)?;
+        observable.serialize_field("type", caption)?;
+        match &self.value {
+            ObservableValue::Ip(ip) => observable.serialize_field("value", ip)?,
+            ObservableValue::Name(name) => observable.serialize_field("value", name)?,
+        }
+        observable.end()
+    }
 }
 
 /// Tollgate's view of the source, without an OCSF place.
@@ -301,8 +484,10 @@ struct SourceUnmapped<'a> {
     pod: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     workload: Option<&'a Workload>,
+    /// As `key:value` strings (`LabelPair`): OCSF 1.3 has no attribute for
+    /// a pod's labels.
     #[serde(skip_serializing_if = "Option::is_none")]
-    labels: Option<&'a Labels>,
+    labels: Option<LabelList<'a>>,
 }
 
 fn source_unmapped<'a>(src: &Source<'a>) -> SourceUnmapped<'a> {
@@ -314,7 +499,7 @@ fn source_unmapped<'a>(src: &Source<'a>) -> SourceUnmapped<'a> {
         namespace: src.namespace,
         pod: src.pod,
         workload: src.workload,
-        labels: src.labels,
+        labels: src.labels.map(label_list),
     }
 }
 
@@ -341,6 +526,7 @@ struct NetworkActivity<'a> {
     actor: Actor<'a>,
     src_endpoint: SourceEndpoint<'a>,
     dst_endpoint: Endpoint<'a>,
+    observables: Observables<'a>,
     connection_info: ConnectionInfo<'a>,
     firewall_rule: FirewallRule<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -355,6 +541,7 @@ struct ConnectionInfo<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     protocol_num: Option<u8>,
     protocol_ver_id: u8,
+    protocol_ver: &'static str,
     direction_id: u8,
     direction: &'static str,
 }
@@ -409,8 +596,11 @@ impl Serialize for Authorizations<'_> {
     }
 }
 
+/// `seq` is here, not in `metadata.sequence`: that is an `integer_t`
+/// (32 bits), which a node's sequence outgrows within days.
 #[derive(Serialize)]
 struct FlowUnmapped<'a> {
+    seq: u64,
     verdict: &'static str,
     mode: &'static str,
     hook: &'static str,
@@ -472,7 +662,11 @@ fn control(verdict: Verdict) -> Control {
     }
 }
 
-fn network_activity<'a>(flow: &'a FlowRecord<'a>, severity: Severity) -> NetworkActivity<'a> {
+fn network_activity<'a>(
+    flow: &'a FlowRecord<'a>,
+    instance: &'a str,
+    severity: Severity,
+) -> NetworkActivity<'a> {
     let activity = match flow.hook {
         "connect4" | "connect6" => &OPEN,
         "sendmsg4" | "sendmsg6" | "packet4" | "packet6" | "frame4" | "frame6" => &TRAFFIC,
@@ -481,6 +675,7 @@ fn network_activity<'a>(flow: &'a FlowRecord<'a>, severity: Severity) -> Network
     let common = Common {
         time: &flow.time,
         node: flow.node,
+        instance,
         seq: Some(flow.seq),
         severity,
         profiles: FLOW_PROFILES,
@@ -488,7 +683,7 @@ fn network_activity<'a>(flow: &'a FlowRecord<'a>, severity: Severity) -> Network
     let control = control(Verdict::of(flow));
     let summary = flow.summary.as_ref();
     NetworkActivity {
-        base: Base::new(&NETWORK_ACTIVITY, activity, common),
+        base: Base::new(&NETWORK_ACTIVITY, activity, common, Message::Flow(flow)),
         action_id: control.action.0,
         action: control.action.1,
         disposition_id: control.disposition.0,
@@ -502,15 +697,20 @@ fn network_activity<'a>(flow: &'a FlowRecord<'a>, severity: Severity) -> Network
         end_time: summary.map(|s| unix_millis(&s.last_time)),
         actor: actor(&flow.src),
         src_endpoint: source_endpoint(&flow.src, flow.node),
-        dst_endpoint: Endpoint {
-            ip: flow.dst.ip,
-            port: flow.dst.port,
-            hostname: flow.dst.fqdn,
-        },
+        dst_endpoint: Endpoint::new(SocketAddr::new(flow.dst.ip, flow.dst.port), flow.dst.fqdn),
+        observables: Observables([
+            Some(Observable::ip("dst_endpoint.ip", flow.dst.ip)),
+            Observable::hostname("dst_endpoint.hostname", flow.dst.fqdn),
+        ]),
         connection_info: ConnectionInfo {
             protocol_name: transport_name(&flow.protocol),
             protocol_num: protocol_number(&flow.protocol),
             protocol_ver_id: if flow.dst.ip.is_ipv4() { 4 } else { 6 },
+            protocol_ver: if flow.dst.ip.is_ipv4() {
+                "Internet Protocol version 4 (IPv4)"
+            } else {
+                "Internet Protocol version 6 (IPv6)"
+            },
             direction_id: 2,
             direction: "Outbound",
         },
@@ -524,6 +724,7 @@ fn network_activity<'a>(flow: &'a FlowRecord<'a>, severity: Severity) -> Network
             decision: control.decision,
         }),
         unmapped: FlowUnmapped {
+            seq: flow.seq,
             verdict: flow.verdict,
             mode: flow.mode,
             hook: flow.hook,
@@ -545,7 +746,12 @@ struct DnsActivity<'a> {
     src_endpoint: SourceEndpoint<'a>,
     /// The resolver that answered.
     dst_endpoint: Endpoint<'a>,
-    query: Query<'a>,
+    observables: Observables<'a>,
+    /// Only for a name that is a `hostname_t`, which OCSF requires of
+    /// `query.hostname`; other names (`_dmarc.example.com`) are in
+    /// `unmapped.query`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query: Option<Query<'a>>,
     answers: Answers<'a, Answer<'a>>,
     rcode_id: u16,
     rcode: &'a str,
@@ -569,6 +775,13 @@ struct Answer<'a> {
 
 #[derive(Serialize)]
 struct DnsUnmapped<'a> {
+    /// As for flows (`FlowUnmapped`).
+    seq: u64,
+    /// The query's name and type when the name is no `hostname_t`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query_type: Option<&'a str>,
     learned: bool,
     /// OCSF 1.3's answer object has no owner name: the names, in the order
     /// of `answers` (a CNAME chain reads from them).
@@ -577,28 +790,36 @@ struct DnsUnmapped<'a> {
     source: SourceUnmapped<'a>,
 }
 
-fn dns_activity<'a>(dns: &'a DnsRecord<'a>, severity: Severity) -> DnsActivity<'a> {
+fn dns_activity<'a>(
+    dns: &'a DnsRecord<'a>,
+    instance: &'a str,
+    severity: Severity,
+) -> DnsActivity<'a> {
     let common = Common {
         time: &dns.time,
         node: dns.node,
+        instance,
         seq: Some(dns.seq),
         severity,
         profiles: DNS_PROFILES,
     };
     let (rcode_id, rcode) = rcode(&dns.rcode);
+    let query_is_hostname = is_hostname(&dns.query);
+    let unmapped_query =
+        (!query_is_hostname).then_some((dns.query.as_ref(), dns.query_type.as_ref()));
     DnsActivity {
-        base: Base::new(&DNS_ACTIVITY, &RESPONSE, common),
+        base: Base::new(&DNS_ACTIVITY, &RESPONSE, common, Message::Dns(dns)),
         actor: actor(&dns.src),
         src_endpoint: source_endpoint(&dns.src, dns.node),
-        dst_endpoint: Endpoint {
-            ip: dns.resolver.ip,
-            port: dns.resolver.port,
-            hostname: None,
-        },
-        query: Query {
+        dst_endpoint: Endpoint::new(SocketAddr::new(dns.resolver.ip, dns.resolver.port), None),
+        observables: Observables([
+            Some(Observable::ip("dst_endpoint.ip", dns.resolver.ip)),
+            Observable::hostname("query.hostname", Some(&dns.query)),
+        ]),
+        query: query_is_hostname.then_some(Query {
             hostname: &dns.query,
             kind: &dns.query_type,
-        },
+        }),
         answers: ArrayOf {
             items: dns.answers.iter(),
             item: |answer| {
@@ -612,6 +833,9 @@ fn dns_activity<'a>(dns: &'a DnsRecord<'a>, severity: Severity) -> DnsActivity<'
         rcode_id,
         rcode,
         unmapped: DnsUnmapped {
+            seq: dns.seq,
+            query: unmapped_query.map(|(name, _)| name),
+            query_type: unmapped_query.map(|(_, kind)| kind),
             learned: dns.learned,
             answer_names: ArrayOf {
                 items: dns.answers.iter(),
@@ -637,7 +861,9 @@ const RCODES: &[(u16, &str, &str)] = &[
     (9, "NOTAUTH", "NotAuth"),
     (10, "NOTZONE", "NotZone"),
     (11, "DSOTYPENI", "DSOTYPENI"),
-    (16, "BADVERS", "BADVERS"),
+    // TSIG's BADSIG shares 16 with EDNS's BADVERS (RFC 6895).
+    (16, "BADVERS", "BADSIG_VERS"),
+    (16, "BADSIG", "BADSIG_VERS"),
     (17, "BADKEY", "BADKEY"),
     (18, "BADTIME", "BADTIME"),
     (19, "BADMODE", "BADMODE"),
@@ -674,7 +900,6 @@ struct EventLogActivity<'a> {
     status_detail: &'static str,
     /// How many records were lost.
     count: u64,
-    message: AsString<LossMessage<'a>>,
     log_provider: &'static str,
     /// The sink that lost them.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -687,31 +912,44 @@ struct LossUnmapped {
     /// `loss`: marks the event as Tollgate's loss marker.
     #[serde(rename = "type")]
     kind: &'static str,
+    /// Kernel losses only; as for flows (`FlowUnmapped`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     first_seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_seq: Option<u64>,
 }
 
-fn event_log_activity(loss: &LossRecord, severity: Severity) -> EventLogActivity<'_> {
+fn event_log_activity<'a>(
+    loss: &'a LossRecord,
+    instance: &'a str,
+    severity: Severity,
+) -> EventLogActivity<'a> {
     let common = Common {
         time: &loss.time,
         node: &loss.node,
+        instance,
         seq: loss.seq,
         severity,
         profiles: LOSS_PROFILES,
     };
     EventLogActivity {
-        base: Base::new(&EVENT_LOG_ACTIVITY, &RECORDS_LOST, common),
+        base: Base::new(
+            &EVENT_LOG_ACTIVITY,
+            &RECORDS_LOST,
+            common,
+            Message::Loss(loss),
+        ),
         status_id: 2,
         status: "Failure",
         status_detail: loss_reason(loss.reason),
         count: loss.count,
-        message: AsString(LossMessage(loss)),
         log_provider: "Tollgate",
         log_name: loss.sink.as_deref(),
         unmapped: LossUnmapped {
             kind: LossRecord::KIND,
+            seq: loss.seq,
             first_seq: loss.first_seq,
             last_seq: loss.last_seq,
         },
@@ -720,7 +958,7 @@ fn event_log_activity(loss: &LossRecord, severity: Severity) -> EventLogActivity
 
 #[cfg(test)]
 mod tests {
-    use super::rcode;
+    use super::{is_hostname, rcode};
 
     #[test]
     fn response_codes_by_mnemonic_and_number() {
@@ -730,5 +968,35 @@ mod tests {
         assert_eq!(rcode("RCODE13"), (24, "Unassigned"));
         assert_eq!(rcode("RCODE3900"), (25, "Reserved"));
         assert_eq!(rcode("WEIRD"), (99, "WEIRD"));
+        // OCSF 1.3.0's caption for 16, whichever meaning the source had.
+        assert_eq!(rcode("BADVERS"), (16, "BADSIG_VERS"));
+        assert_eq!(rcode("BADSIG"), (16, "BADSIG_VERS"));
+        assert_eq!(rcode("RCODE16"), (16, "BADSIG_VERS"));
+    }
+
+    #[test]
+    fn hostnames_are_what_hostname_t_takes() {
+        for name in [
+            "api.example.com",
+            "API.Example.COM",
+            "a",
+            "x-1.y2",
+            "10.0.0.1",
+        ] {
+            assert!(is_hostname(name), "{name}");
+        }
+        for name in [
+            "",
+            "_dmarc.example.com",
+            "_http._tcp.example.com",
+            "api.example.com.",
+            "-a.example.com",
+            "a-.example.com",
+            "a..b",
+            "bücher.example",
+            "Node_1",
+        ] {
+            assert!(!is_hostname(name), "{name}");
+        }
     }
 }

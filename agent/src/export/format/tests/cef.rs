@@ -3,10 +3,19 @@
 //! with pipes, equals signs, backslashes and line breaks must come back
 //! unchanged, and every key must be one of CEF's.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv6Addr},
+    sync::LazyLock,
+};
+
+use serde::Deserialize;
 
 use super::{fixtures, render};
-use crate::export::{format::Format, record::Record};
+use crate::export::{
+    format::{Format, unix_millis},
+    record::Record,
+};
 
 /// A parsed CEF line: the header fields and the extension.
 struct Cef {
@@ -91,73 +100,174 @@ fn unescape(value: &[char]) -> String {
     out
 }
 
-/// The CEF dictionary keys the format may use; custom keys come with their
-/// labels.
-const STANDARD_KEYS: &[&str] = &[
-    "act",
-    "app",
-    "cat",
-    "cnt",
-    "deviceDirection",
-    "dhost",
-    "dpt",
-    "dst",
-    "dvchost",
-    "end",
-    "externalId",
-    "msg",
-    "outcome",
-    "proto",
-    "reason",
-    "rt",
-    "spid",
-    "sproc",
-    "start",
-    "suid",
-];
-const CUSTOM_KEYS: &[&str] = &[
-    "cs1",
-    "cs2",
-    "cs3",
-    "cs4",
-    "cs5",
-    "cs6",
-    "cn1",
-    "cn2",
-    "cn3",
-    "c6a3",
-    "flexString1",
-    "flexString2",
-];
+/// One key of CEF's dictionary (conformance/cef-keys.json).
+#[derive(Deserialize)]
+struct Key {
+    #[serde(rename = "type")]
+    kind: String,
+    /// The longest value, in characters, for strings.
+    length: Option<usize>,
+    /// The column of Sentinel's CommonSecurityLog the key lands in, and
+    /// that column's type.
+    sentinel_column: String,
+    sentinel_type: String,
+    /// Custom keys: the longest label.
+    label_length: Option<usize>,
+}
 
-fn check_keys(cef: &Cef, name: &str) {
-    for key in cef.extension.keys() {
-        let custom = key.strip_suffix("Label").unwrap_or(key);
-        let known = STANDARD_KEYS.contains(&key.as_str()) || CUSTOM_KEYS.contains(&custom);
-        assert!(known, "{name}: {key} is not a CEF key we use");
+#[derive(Deserialize)]
+struct Dictionary {
+    keys: BTreeMap<String, Key>,
+    custom_keys: BTreeMap<String, Key>,
+}
+
+static DICTIONARY: LazyLock<Dictionary> = LazyLock::new(|| {
+    serde_json::from_str(include_str!("../conformance/cef-keys.json"))
+        .expect("the dictionary parses")
+});
+
+/// Checks a parsed record's extension against CEF's dictionary and the
+/// columns Sentinel puts each key in; returns what is wrong.
+fn check_extension(cef: &Cef) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (key, value) in &cef.extension {
+        if value.is_empty() {
+            errors.push(format!("{key}: empty value"));
+        }
+        if let Some(custom) = key.strip_suffix("Label") {
+            match DICTIONARY.custom_keys.get(custom) {
+                Some(definition) => {
+                    if !cef.extension.contains_key(custom) {
+                        errors.push(format!("{key} without {custom}"));
+                    }
+                    let max = definition.label_length.unwrap_or(1023);
+                    if value.chars().count() > max {
+                        errors.push(format!("{key}: longer than {max}"));
+                    }
+                }
+                None => errors.push(format!("{key}: not a custom key's label")),
+            }
+            continue;
+        }
+        let definition = match (DICTIONARY.keys.get(key), DICTIONARY.custom_keys.get(key)) {
+            (Some(definition), _) => definition,
+            (None, Some(definition)) => {
+                if !cef.extension.contains_key(&format!("{key}Label")) {
+                    errors.push(format!("{key} without its label"));
+                }
+                definition
+            }
+            (None, None) => {
+                errors.push(format!("{key}: not a key of CEF's dictionary"));
+                continue;
+            }
+        };
+        let fits_cef = match definition.kind.as_str() {
+            "String" => definition
+                .length
+                .is_none_or(|max| value.chars().count() <= max),
+            "Integer" => value.parse::<i32>().is_ok(),
+            "Long" => value.parse::<i64>().is_ok(),
+            "Floating Point" => value.parse::<f64>().is_ok(),
+            // Revision 25 and later: IPv4 or IPv6.
+            "IP Address" => value.parse::<IpAddr>().is_ok(),
+            "IPv6 Address" => value.parse::<Ipv6Addr>().is_ok(),
+            // We write milliseconds since the epoch, one of its two forms.
+            "Time Stamp" => value.parse::<i64>().is_ok_and(|ms| ms >= 0),
+            other => {
+                errors.push(format!("{key}: type {other} not checked here"));
+                continue;
+            }
+        };
+        if !fits_cef {
+            errors.push(format!("{key}: {value:?} is not a {}", definition.kind));
+        }
+        let fits_sentinel = match definition.sentinel_type.as_str() {
+            "int" => value.parse::<i32>().is_ok(),
+            "long" => value.parse::<i64>().is_ok(),
+            "real" => value.parse::<f64>().is_ok(),
+            "datetime" => value.parse::<i64>().is_ok(),
+            _ => true,
+        };
+        if !fits_sentinel {
+            errors.push(format!(
+                "{key}: {value:?} does not fit Sentinel's {} ({})",
+                definition.sentinel_column, definition.sentinel_type
+            ));
+        }
     }
-    for custom in CUSTOM_KEYS {
-        assert_eq!(
-            cef.extension.contains_key(*custom),
-            cef.extension.contains_key(&format!("{custom}Label")),
-            "{name}: {custom} and its label go together"
-        );
+    errors
+}
+
+/// Checks a whole line: the header, then the extension.
+fn check_line(line: &str) -> Vec<String> {
+    let Ok(cef) = std::panic::catch_unwind(|| parse(line)) else {
+        return vec![format!("does not parse: {line}")];
+    };
+    let mut errors = check_extension(&cef);
+    if cef.header[0] != "CEF:0" {
+        errors.push(format!("version {}", cef.header[0]));
+    }
+    if cef.header[1..4] != ["Tollgate", "tollgate-agent", env!("CARGO_PKG_VERSION")] {
+        errors.push(format!("device {:?}", &cef.header[1..4]));
+    }
+    if !cef.header[6]
+        .parse::<u8>()
+        .is_ok_and(|severity| severity <= 10)
+    {
+        errors.push(format!("severity {}", cef.header[6]));
+    }
+    if line.contains(['\n', '\r']) {
+        errors.push("a raw line break".into());
+    }
+    errors
+}
+
+#[test]
+fn records_fit_the_cef_dictionary_and_sentinels_columns() {
+    for (name, fixture) in fixtures::conformance() {
+        let line = render(Format::Cef, &fixture);
+        let errors = check_line(&line);
+        assert!(errors.is_empty(), "{name}: {errors:#?}\n{line}");
+        assert!(parse(&line).extension.contains_key("rt"), "{name}");
     }
 }
 
 #[test]
-fn records_parse_back_with_seven_header_fields_and_known_keys() {
-    for (name, fixture) in fixtures::all() {
-        let cef = parse(&render(Format::Cef, &fixture));
-        assert_eq!(cef.header[0], "CEF:0", "{name}");
-        assert_eq!(
-            &cef.header[1..4],
-            ["Tollgate", "tollgate-agent", env!("CARGO_PKG_VERSION")]
+fn the_dictionary_check_catches_mistakes() {
+    let golden = render(Format::Cef, &fixtures::golden()[0].1);
+    assert_eq!(check_line(&golden), Vec::<String>::new());
+    let mistakes: &[(&str, &str, &str)] = &[
+        ("a key not in the dictionary", " act=", " action="),
+        ("an empty value", " cs2=deny-imds", " cs2="),
+        ("a custom key without its label", "cs1Label=Policy ", ""),
+        ("a label without its key", " cs2=deny-imds", ""),
+        ("a port that is no integer", "dpt=80", "dpt=http"),
+        ("an address that is none", "dst=169.254.169.254", "dst=imds"),
+        (
+            "a count past Sentinel's int column",
+            "act=denied",
+            "act=denied cnt=5000000000",
+        ),
+        (
+            "a value past its length",
+            "act=denied",
+            "act=denied-by-a-policy-whose-name-goes-on-and-on-for-no-reason-at-all",
+        ),
+        ("an unescaped line break", "act=denied", "act=den\nied"),
+        ("a bad header escape", "Egress denied", "Egress\\ denied"),
+        ("another CEF version", "CEF:0|", "CEF:1|"),
+    ];
+    for (mistake, from, to) in mistakes {
+        assert!(
+            golden.contains(from),
+            "{mistake}: {from} is not in {golden}"
         );
-        let severity: u8 = cef.header[6].parse().unwrap();
-        assert!(severity <= 10, "{name}");
-        check_keys(&cef, name);
-        assert!(cef.extension.contains_key("rt"), "{name}");
+        let line = golden.replacen(from, to, 1);
+        assert!(
+            !check_line(&line).is_empty(),
+            "{mistake} went unnoticed: {line}"
+        );
     }
 }
 
@@ -187,15 +297,62 @@ fn special_characters_round_trip() {
 }
 
 #[test]
-fn ipv6_destinations_use_the_custom_ipv6_address() {
+fn ipv6_destinations_are_in_dst() {
     let mut flow = fixtures::denied_pod_flow();
     flow.dst.ip = "2001:db8::1".parse().unwrap();
-    let mut out = Vec::new();
-    crate::export::format::write(Format::Cef, Record::Flow(&flow), &mut out);
-    let cef = parse(std::str::from_utf8(&out).unwrap());
-    assert_eq!(cef.extension["c6a3"], "2001:db8::1");
-    assert_eq!(cef.extension["c6a3Label"], "Destination IPv6 Address");
-    assert!(!cef.extension.contains_key("dst"));
+    let cef = parse(&render(Format::Cef, &fixtures::Fixture::Flow(flow)));
+    assert_eq!(cef.extension["dst"], "2001:db8::1");
+    assert!(!cef.extension.contains_key("c6a3"));
+}
+
+#[test]
+fn the_sequence_number_is_a_64_bit_custom_number_not_external_id() {
+    let mut flow = fixtures::denied_pod_flow();
+    flow.seq = 5_000_000_000;
+    let cef = parse(&render(Format::Cef, &fixtures::Fixture::Flow(flow)));
+    assert_eq!(cef.extension["cn2Label"], "Seq");
+    assert_eq!(cef.extension["cn2"], "5000000000");
+    assert!(!cef.extension.contains_key("externalId"));
+}
+
+#[test]
+fn every_record_has_its_event_time_as_start() {
+    for (name, fixture) in fixtures::conformance() {
+        let cef = parse(&render(Format::Cef, &fixture));
+        let time = match fixture.record() {
+            Record::Flow(flow) => flow
+                .summary
+                .as_ref()
+                .map_or(&flow.time, |summary| &summary.first_time),
+            Record::Dns(dns) => &dns.time,
+            Record::Loss(loss) => &loss.time,
+        };
+        let want = unix_millis(time).to_string();
+        assert_eq!(cef.extension.get("start"), Some(&want), "{name}");
+    }
+}
+
+#[test]
+fn empty_values_leave_their_key_and_label_out() {
+    let (_, nxdomain) = fixtures::odd().remove(1);
+    let cef = parse(&render(Format::Cef, &nxdomain));
+    assert!(!cef.extension.contains_key("cs2"), "no answers");
+    assert!(!cef.extension.contains_key("cs2Label"));
+    let mut flow = fixtures::denied_pod_flow();
+    flow.src.comm = "".into();
+    flow.rule = "".into();
+    let cef = parse(&render(Format::Cef, &fixtures::Fixture::Flow(flow)));
+    assert!(!cef.extension.contains_key("sproc"));
+    assert!(!cef.extension.contains_key("cs2Label"));
+}
+
+#[test]
+fn long_values_are_cut_to_the_dictionarys_length_between_characters() {
+    let mut flow = fixtures::denied_pod_flow();
+    flow.src.comm = "ü=".repeat(600).into();
+    let cef = parse(&render(Format::Cef, &fixtures::Fixture::Flow(flow)));
+    let want: String = "ü=".repeat(600).chars().take(1023).collect();
+    assert_eq!(cef.extension["sproc"], want);
 }
 
 #[test]

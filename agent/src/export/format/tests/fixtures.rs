@@ -11,6 +11,19 @@ use crate::{
 use tollgate_policy::select::Labels;
 
 const NODE: &str = "aks-nodepool1-0";
+/// Every reason a loss marker may give.
+pub const LOSS_REASONS: [LossReason; 6] = [
+    LossReason::KernelRingbuf,
+    LossReason::QueueFull,
+    LossReason::SpoolFull,
+    LossReason::SpoolDamaged,
+    LossReason::WriteFailed,
+    LossReason::Rejected,
+];
+
+/// The agent run the records come from (`export::delivery` names it by
+/// its start time in nanoseconds).
+pub const INSTANCE: &str = "1795420800000000000";
 const POD_UID: &str = "0f5b6e2a-1c3d-4e5f-8a9b-0c1d2e3f4a5b";
 const CONTAINER_ID: &str = "3f2c9d1e8b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d";
 
@@ -335,4 +348,169 @@ pub fn all() -> Vec<(&'static str, Fixture)> {
     let mut all = golden();
     all.extend(odd());
     all
+}
+
+/// A default decision owned by so many policies that `policy` outgrows
+/// CEF's longest string.
+static MANY_POLICIES: LazyLock<String> = LazyLock::new(|| {
+    (0..400)
+        .map(|n| format!("team-{n}/egress-baseline"))
+        .collect::<Vec<_>>()
+        .join(",")
+});
+
+fn dns_answer(name: &str, kind: &'static str, data: &str) -> DnsAnswer<'static> {
+    DnsAnswer {
+        name: Cow::Owned(name.into()),
+        kind,
+        data: Cow::Owned(data.into()),
+        ttl: 30,
+    }
+}
+
+fn dns_record(query: &str, query_type: &str, rcode: &str) -> DnsRecord<'static> {
+    DnsRecord {
+        query: Cow::Owned(query.into()),
+        query_type: Cow::Owned(query_type.into()),
+        rcode: Cow::Owned(rcode.into()),
+        answers: Vec::new(),
+        ..match golden().remove(3).1 {
+            Fixture::Dns(dns) => dns,
+            _ => unreachable!("the fourth golden record is the DNS answer"),
+        }
+    }
+}
+
+fn kernel_or_sink_loss(reason: LossReason, sink: Option<&str>) -> LossRecord {
+    LossRecord {
+        kind: LossRecord::KIND,
+        time: "2026-11-24T08:31:00.000000000Z".into(),
+        seq: sink.is_none().then_some(4_000_000_000),
+        node: NODE.into(),
+        count: 3,
+        reason,
+        sink: sink.map(Into::into),
+        first_seq: sink.map(|_| 5_000_000_000),
+        last_seq: sink.map(|_| 5_000_000_002),
+    }
+}
+
+/// Records with awkward values that only the conformance checks see:
+/// names that are no hostnames, upper case, IPv6, long and non-ASCII
+/// text, sequence numbers past 32 bits, every response code, empty
+/// answers, loss markers of every reason.
+pub fn awkward() -> Vec<(String, Fixture)> {
+    let mut records = Vec::new();
+    let mut flow = |name: &str, change: &dyn Fn(&mut FlowRecord<'static>)| {
+        let mut record = denied_pod_flow();
+        change(&mut record);
+        records.push((format!("flow: {name}"), Fixture::Flow(record)));
+    };
+    flow("SRV-style name", &|f| {
+        f.dst.fqdn = Some("_http._tcp.example.com");
+    });
+    flow("upper-case name", &|f| f.dst.fqdn = Some("API.Example.COM"));
+    flow("name with a trailing dot", &|f| {
+        f.dst.fqdn = Some("api.example.com.")
+    });
+    flow("IPv6 with a name", &|f| {
+        f.dst.ip = ip("2001:db8:1::443");
+        f.dst.fqdn = Some("v6.example.com");
+    });
+    flow("long non-ASCII process name", &|f| {
+        f.src.comm = Cow::Owned("prozeß-ünïcødé-€".repeat(100));
+    });
+    flow("packet hook without a task", &|f| {
+        f.hook = "packet4";
+        f.src.comm = Cow::Borrowed("");
+        f.src.pid = 0;
+        f.src.tid = 0;
+    });
+    flow("seq past 32 bits", &|f| f.seq = 5_000_000_000);
+    flow("empty rule and policy names", &|f| {
+        f.rule = Cow::Borrowed("");
+        f.policy = Some("");
+    });
+    flow("a default of many policies", &|f| {
+        f.policy = Some(MANY_POLICIES.as_str());
+        f.policy_source = Some("cluster");
+    });
+    flow("node name that is no hostname", &|f| {
+        f.node = "Node_1";
+        f.src = host_source();
+    });
+    flow("IPv6 ICMP", &|f| {
+        f.dst.ip = ip("fe80::1");
+        f.protocol = Cow::Borrowed("ip-58");
+    });
+    let mut dns = |name: String, record: DnsRecord<'static>| {
+        records.push((format!("dns: {name}"), Fixture::Dns(record)));
+    };
+    for rcode in (0..=25u16).chain([3840, 3841, 4095, 4096, 65535]) {
+        dns(
+            format!("RCODE{rcode}"),
+            dns_record("api.example.com", "A", &format!("RCODE{rcode}")),
+        );
+    }
+    for mnemonic in ["BADVERS", "BADSIG", "NOTAUTH", "DSOTYPENI", "SOMETHING"] {
+        dns(
+            mnemonic.into(),
+            dns_record("api.example.com", "A", mnemonic),
+        );
+    }
+    dns(
+        "DMARC TXT name".into(),
+        dns_record("_dmarc.example.com", "TXT", "NOERROR"),
+    );
+    dns(
+        "SRV name from an IPv6 resolver".into(),
+        DnsRecord {
+            resolver: DnsResolver {
+                ip: ip("fd00::53"),
+                port: 53,
+            },
+            ..dns_record("_http._tcp.example.com", "SRV", "NXDOMAIN")
+        },
+    );
+    dns("root name".into(), dns_record("", "NS", "NOERROR"));
+    dns(
+        "upper-case name, empty answer".into(),
+        dns_record("API.EXAMPLE.COM", "AAAA", "NOERROR"),
+    );
+    dns(
+        "a thousand answers".into(),
+        DnsRecord {
+            answers: (0..1000)
+                .map(|n| dns_answer("many.example.com", "A", &format!("192.0.2.{}", n % 250)))
+                .collect(),
+            seq: 6_000_000_000,
+            ..dns_record("many.example.com", "A", "NOERROR")
+        },
+    );
+    for reason in LOSS_REASONS {
+        let sink = (reason != LossReason::KernelRingbuf).then_some("siem-http");
+        records.push((
+            format!("loss: {}", super::super::loss_reason(reason)),
+            Fixture::Loss(kernel_or_sink_loss(reason, sink)),
+        ));
+    }
+    records.push((
+        "loss: sink without a range".into(),
+        Fixture::Loss(LossRecord {
+            first_seq: None,
+            last_seq: None,
+            ..kernel_or_sink_loss(LossReason::WriteFailed, Some("siem-syslog"))
+        }),
+    ));
+    records
+}
+
+/// Every record the conformance checks read: golden, odd and awkward.
+pub fn conformance() -> Vec<(String, Fixture)> {
+    let mut records: Vec<(String, Fixture)> = all()
+        .into_iter()
+        .map(|(name, fixture)| (name.to_string(), fixture))
+        .collect();
+    records.extend(awkward());
+    records
 }
