@@ -640,11 +640,17 @@ mod tests {
             "Workload",
             "Denied",
             "BaselineMean",
+            "Destinations",
+            "Rules",
             "HostName",
         ];
         assert!(rule_problems(rule, &returned(&all)).is_empty());
         assert!(has(
-            &rule_problems(rule, &returned(&all[..4])),
+            &rule_problems(rule, &returned(&all[1..])),
+            "column Namespace"
+        ));
+        assert!(has(
+            &rule_problems(rule, &returned(&all[..6])),
             "column HostName"
         ));
     }
