@@ -26,6 +26,16 @@ pub(super) fn check(root: &Path, native: &[Value]) -> anyhow::Result<Vec<String>
     let template = read_json(&dir.join("tollgate-dcr.json"))?;
     let rule_template = read_json(&dir.join("tollgate-analytics-rule.json"))?;
     let mut problems = Vec::new();
+    for (name, arm) in [
+        ("tollgate-dcr.json", &template),
+        ("tollgate-analytics-rule.json", &rule_template),
+    ] {
+        problems.extend(
+            expression_problems(arm)
+                .into_iter()
+                .map(|p| format!("{name}: {p}")),
+        );
+    }
 
     let table = resource(&template, "Microsoft.OperationalInsights/workspaces/tables")?;
     let table_columns = columns(&table["properties"]["schema"]["columns"], "the table")?;
@@ -92,6 +102,62 @@ pub(super) fn check(root: &Path, native: &[Value]) -> anyhow::Result<Vec<String>
     let rule_result = &analyzed.last().expect("the rule was analyzed").columns;
     problems.extend(rule_problems(rule, rule_result));
     Ok(problems)
+}
+
+/// ARM template expressions (strings in `[...]`; `[[` escapes a literal
+/// `[`): balanced parentheses and quotes, and every `parameters('x')` and
+/// `variables('x')` declared. Azure would refuse the rest only at
+/// deployment.
+fn expression_problems(template: &Value) -> Vec<String> {
+    fn strings<'v>(value: &'v Value, out: &mut Vec<&'v str>) {
+        match value {
+            Value::String(s) => out.push(s),
+            Value::Array(items) => items.iter().for_each(|v| strings(v, out)),
+            Value::Object(fields) => fields.values().for_each(|v| strings(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    strings(template, &mut all);
+    let mut problems = Vec::new();
+    for text in all {
+        let Some(expression) = text.strip_prefix('[').filter(|e| !e.starts_with('[')) else {
+            continue;
+        };
+        let Some(expression) = expression.strip_suffix(']') else {
+            problems.push(format!("expression {text:?} does not end with ]"));
+            continue;
+        };
+        // Outside quotes, parentheses must balance; '' is a quote inside one.
+        let (mut depth, mut quoted) = (0i32, false);
+        for c in expression.chars() {
+            match c {
+                '\'' => quoted = !quoted,
+                '(' if !quoted => depth += 1,
+                ')' if !quoted => depth -= 1,
+                _ => {}
+            }
+            if depth < 0 {
+                break;
+            }
+        }
+        if depth != 0 || quoted {
+            problems.push(format!(
+                "expression {text:?} has unbalanced parentheses or quotes"
+            ));
+        }
+        for (function, declared) in [("parameters", "parameters"), ("variables", "variables")] {
+            for reference in expression.split(&format!("{function}('")).skip(1) {
+                let name = reference.split('\'').next().unwrap_or_default();
+                if template[declared].get(name).is_none() {
+                    problems.push(format!(
+                        "expression {text:?} uses undeclared {function} {name}"
+                    ));
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// The one resource of this type in an ARM template.
@@ -606,6 +672,42 @@ mod tests {
             &transform_problems(&bracketed, &native),
             "reads summary.total"
         ));
+    }
+
+    #[test]
+    fn arm_expressions_must_balance_and_name_declared_parameters() {
+        let template = sentinel_file("tollgate-dcr.json");
+        assert_eq!(expression_problems(&template), Vec::<String>::new());
+        let cases = [
+            ("[parameters('workspaceName')", "does not end with ]"),
+            (
+                "[format('{0}/x', parameters('workspaceName')]",
+                "unbalanced",
+            ),
+            (
+                "[format('{0}/x, parameters('workspaceName'))]",
+                "unbalanced",
+            ),
+            (
+                "[parameters('workspace')]",
+                "undeclared parameters workspace",
+            ),
+            (
+                "[variables('monitoringMetricPublisher')]",
+                "undeclared variables",
+            ),
+        ];
+        for (expression, expected) in cases {
+            let mut changed = template.clone();
+            changed["resources"][0]["name"] = expression.into();
+            assert!(
+                has(&expression_problems(&changed), expected),
+                "{expression}"
+            );
+        }
+        let mut literal = template;
+        literal["resources"][0]["name"] = "[[not an expression".into();
+        assert_eq!(expression_problems(&literal), Vec::<String>::new());
     }
 
     #[test]
