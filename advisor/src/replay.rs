@@ -16,10 +16,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use tollgate_policy::{
+    document::{DocumentRef, FieldError, SourcedPolicy},
     evaluate::{Outcome, evaluate},
     model::{Action, Peer, Policy, PolicyMode},
     select::{Endpoint, Labels, select_endpoints},
+    validate::validate_all,
 };
+use tollgate_proto::v1 as api;
 
 use crate::recording::{Recording, Workload, protocol_name};
 
@@ -243,4 +246,42 @@ fn decision(decision: &Decision) -> String {
         Some(policy) => format!("{effect} by {policy}/{}", decision.rule),
         None => format!("{effect} (no policy)"),
     }
+}
+
+/// The policy set to replay with: the candidates in place of the policies
+/// in force (`in_force` empty), or beside them, each candidate replacing
+/// the policy of its name. Validated as one set, as the agent would.
+pub fn candidate_set(
+    in_force: &[api::EgressPolicy],
+    candidates: &[api::EgressPolicy],
+) -> Result<Vec<Policy>, Vec<FieldError>> {
+    let key = |policy: &api::EgressPolicy| {
+        policy
+            .metadata
+            .as_ref()
+            .map(|m| (m.namespace.clone(), m.name.clone()))
+    };
+    let replaced: BTreeSet<_> = candidates.iter().map(key).collect();
+    let sourced = |source: &str, documents: Vec<&api::EgressPolicy>| {
+        documents
+            .into_iter()
+            .enumerate()
+            .map(|(index, policy)| SourcedPolicy {
+                document: DocumentRef {
+                    source: source.to_string(),
+                    index: index + 1,
+                },
+                policy: policy.clone(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut documents = sourced(
+        "in force",
+        in_force
+            .iter()
+            .filter(|policy| !replaced.contains(&key(policy)))
+            .collect(),
+    );
+    documents.extend(sourced("candidates", candidates.iter().collect()));
+    validate_all(&documents)
 }

@@ -5,10 +5,11 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_stream::StreamExt;
+use tollgate_advisor::{recording::Recording, replay, suggest};
 use tollgate_agent::{
     client::{ClientTls, connect},
     config::parse_duration,
-    control::server,
+    control::{rule_stats, server},
     policy_files,
 };
 use tollgate_proto::v1::{
@@ -66,6 +67,19 @@ enum Command {
     Get {
         #[arg(value_enum)]
         what: GetWhat,
+        /// rules: only this policy's ("namespace/name" or "name").
+        policy: Option<String>,
+        /// rules: only those not hit for this long (never hit, or last hit
+        /// before), e.g. 90d, 12h: the candidates for pruning.
+        #[arg(long, value_name = "DURATION", value_parser = rule_stats::parse_age)]
+        unused_for: Option<Duration>,
+        /// rules, when the agent does not answer: the pinned counters are
+        /// read from here (needs root) ...
+        #[arg(long, default_value = tollgate_agent::datapath::DEFAULT_BPFFS_ROOT)]
+        bpffs_root: PathBuf,
+        /// ... and named by the rules the agent saved here.
+        #[arg(long, env = "TOLLGATE_STATE_DIR", default_value = "/var/lib/tollgate")]
+        state_dir: PathBuf,
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
@@ -111,6 +125,36 @@ enum Command {
         /// RUST_LOG syntax: `debug`, `info,tollgate_agent::pods=debug`, ...
         filter: Option<String>,
     },
+    /// Suggest an allow-list per workload (observe mode) from recorded flow
+    /// and DNS records; needs no agent with --from-file.
+    Suggest {
+        #[command(flatten)]
+        recording: RecordingArgs,
+        /// Distinct names under one parent that make a `*.`/`**.` wildcard
+        /// for it; 0 or 1: never.
+        #[arg(long, default_value_t = 5)]
+        collapse_threshold: usize,
+        /// The widest IPv4 prefix addresses are merged into (32: as seen).
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u8).range(0..=32))]
+        max_prefix_v4: u8,
+        /// The widest IPv6 prefix addresses are merged into (128: as seen).
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u8).range(0..=128))]
+        max_prefix_v6: u8,
+    },
+    /// Replay recorded flows with candidate policies (as if enforced) and
+    /// report what would change; exits non-zero when a connection that went
+    /// through would be denied.
+    DryRun {
+        /// The candidate policies: files, directories, or - (stdin).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        recording: RecordingArgs,
+        /// Beside the agent's policies in force (a candidate replaces the
+        /// one of its name) rather than in their place.
+        #[arg(long)]
+        beside: bool,
+    },
     /// Print the CustomResourceDefinitions of EgressPolicy and
     /// ClusterEgressPolicy (multi-document YAML); needs no agent.
     Crds {
@@ -120,9 +164,23 @@ enum Command {
     },
 }
 
+/// Where recorded traffic comes from.
+#[derive(clap::Args)]
+struct RecordingArgs {
+    /// JSON-lines files of the `file` sink (repeatable; rotated ones too).
+    /// Without: the agent's recent flows.
+    #[arg(long = "from-file", value_name = "FILE")]
+    record_files: Vec<PathBuf>,
+    /// From the agent: how far back, e.g. 5m.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    since: Duration,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum GetWhat {
     Policies,
+    /// Each rule's and policy default's hits, counted by the kernel.
+    Rules,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -146,14 +204,81 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         cert: cli.cert,
         key: cli.key,
     };
-    if let Command::Crds { output } = &cli.command {
-        return crds(output.as_deref());
+    match &cli.command {
+        Command::Crds { output } => return crds(output.as_deref()),
+        Command::Suggest {
+            recording,
+            collapse_threshold,
+            max_prefix_v4,
+            max_prefix_v6,
+        } => {
+            let recording = read_recording(recording, &cli.agent, &tls).await?;
+            let options = suggest::Options {
+                collapse_threshold: *collapse_threshold,
+                max_prefix_v4: *max_prefix_v4,
+                max_prefix_v6: *max_prefix_v6,
+            };
+            print!(
+                "{}",
+                suggest::render(&suggest::suggest(&recording, &options))?
+            );
+            return Ok(());
+        }
+        Command::DryRun {
+            files,
+            recording,
+            beside,
+        } => return dry_run(files, recording, *beside, &cli.agent, &tls).await,
+        _ => {}
     }
     // Local input is read once and checked before the agent is contacted.
     let documents = match &cli.command {
         Command::Apply { files, .. } => policy_files::load(files)?,
         _ => Vec::new(),
     };
+    if let Command::Get {
+        what: GetWhat::Rules,
+        policy,
+        unused_for,
+        bpffs_root,
+        state_dir,
+        output,
+    } = &cli.command
+    {
+        let request = api::ListRuleStatsRequest {
+            policy: policy.clone().unwrap_or_default(),
+            unused_for_seconds: unused_for.map_or(0, |d| d.as_secs()),
+        };
+        let answer = match connect(&cli.agent, &tls).await {
+            Ok(channel) => AgentServiceClient::new(channel)
+                .list_rule_stats(request.clone())
+                .await
+                .map(|r| r.into_inner().rules)
+                .map_err(|status| (status.code() == tonic::Code::Unavailable, failed(status))),
+            Err(error) => Err((true, error.into())),
+        };
+        let rules = match answer {
+            Ok(rules) => rules,
+            Err((true, error)) => {
+                eprintln!("the agent does not answer ({error}); reading the pinned counters");
+                rule_stats::read_pinned(
+                    bpffs_root,
+                    state_dir,
+                    policy.as_deref(),
+                    request.unused_for_seconds,
+                    unix_now_ns(),
+                )
+                .map_err(anyhow::Error::msg)?
+            }
+            Err((false, error)) => return Err(error),
+        };
+        match output {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&rules)?),
+            Format::Yaml => print!("{}", serde_yaml_ng::to_string(&rules)?),
+            Format::Table => print!("{}", rule_stats::table(&rules, unix_now_ns())),
+        }
+        return Ok(());
+    }
     let channel = connect(&cli.agent, &tls).await?;
     let mut policies = PolicyServiceClient::new(channel.clone())
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
@@ -196,8 +321,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Get {
+            what: GetWhat::Rules,
+            ..
+        } => unreachable!("handled before connecting"),
+        Command::Get {
             what: GetWhat::Policies,
             output,
+            ..
         } => {
             let list = policies
                 .list_policies(api::ListPoliciesRequest {})
@@ -308,9 +438,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             println!("{}", level.map_err(failed)?.into_inner().filter);
         }
-        Command::Crds { .. } => unreachable!("handled before connecting"),
+        Command::Crds { .. } | Command::Suggest { .. } | Command::DryRun { .. } => {
+            unreachable!("handled before connecting")
+        }
     }
     Ok(())
+}
+
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// `tollgatectl crds`: the CRDs on stdout, or one file each in `dir`.
@@ -334,6 +472,83 @@ fn crds(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
         std::fs::write(&path, crd::to_yaml(definition))
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The records of the files given, or else the agent's recent flows.
+async fn read_recording(
+    args: &RecordingArgs,
+    agent: &str,
+    tls: &ClientTls,
+) -> anyhow::Result<Recording> {
+    use anyhow::Context;
+
+    let mut recording = Recording::default();
+    if args.record_files.is_empty() {
+        let filter = api::FlowFilter {
+            since_seconds: u32::try_from(args.since.as_secs()).unwrap_or(u32::MAX),
+            ..Default::default()
+        };
+        let flows: Vec<api::Flow> = FlowServiceClient::new(connect(agent, tls).await?)
+            .stream_flows(filter)
+            .await
+            .map_err(failed)?
+            .into_inner()
+            .collect::<Result<_, _>>()
+            .await
+            .map_err(failed)?;
+        recording.add_api_flows(&flows)?;
+    }
+    for path in &args.record_files {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        recording
+            .read_json_lines(&text)
+            .with_context(|| format!("reading {}", path.display()))?;
+    }
+    if recording.lost > 0 {
+        eprintln!(
+            "the recording misses {} records the agent reported lost",
+            recording.lost
+        );
+    }
+    Ok(recording)
+}
+
+/// `tollgatectl dry-run`: the report on stdout; an error (exit status 1)
+/// when anything that went through would be denied.
+async fn dry_run(
+    files: &[PathBuf],
+    args: &RecordingArgs,
+    beside: bool,
+    agent: &str,
+    tls: &ClientTls,
+) -> anyhow::Result<()> {
+    let candidates = policy_files::load(files)?;
+    let in_force = if beside {
+        PolicyServiceClient::new(connect(agent, tls).await?)
+            .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
+            .list_policies(api::ListPoliciesRequest {})
+            .await
+            .map_err(failed)?
+            .into_inner()
+            .policies
+    } else {
+        Vec::new()
+    };
+    let policies = replay::candidate_set(&in_force, &candidates).map_err(|errors| {
+        anyhow::anyhow!(
+            "the candidates and the policies in force do not make a valid set:\n{}",
+            tollgate_policy::document::describe(&errors)
+        )
+    })?;
+    let recording = read_recording(args, agent, tls).await?;
+    let report = replay::replay(&recording, &policies);
+    print!("{}", replay::describe(&report));
+    let denied: u64 = report.newly_denied.iter().map(|c| c.count).sum();
+    if denied > 0 {
+        anyhow::bail!("{denied} recorded connections that went through would be denied");
     }
     Ok(())
 }
