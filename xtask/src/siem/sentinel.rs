@@ -106,8 +106,8 @@ pub(super) fn check(root: &Path, native: &[Value]) -> anyhow::Result<Vec<String>
 
 /// ARM template expressions (strings in `[...]`; `[[` escapes a literal
 /// `[`): balanced parentheses and quotes, and every `parameters('x')` and
-/// `variables('x')` declared. Azure would refuse the rest only at
-/// deployment.
+/// `variables('x')` declared: mistakes Azure would otherwise only report
+/// at deployment.
 fn expression_problems(template: &Value) -> Vec<String> {
     fn strings<'v>(value: &'v Value, out: &mut Vec<&'v str>) {
         match value {

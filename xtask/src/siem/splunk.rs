@@ -206,13 +206,10 @@ fn addon_problems(
                     available.insert(key["EVAL-".len()..].to_owned());
                     eval_fields(value)
                 }
-                Some(&"FIELDALIAS-") => match field_aliases(value) {
-                    Ok(aliases) => {
-                        available.extend(aliases.iter().map(|(_, to)| to.clone()));
-                        Ok(aliases.into_iter().map(|(from, _)| from).collect())
-                    }
-                    Err(e) => Err(e),
-                },
+                Some(&"FIELDALIAS-") => field_aliases(value).map(|aliases| {
+                    available.extend(aliases.iter().map(|(_, to)| to.clone()));
+                    aliases.into_iter().map(|(from, _)| from).collect()
+                }),
                 Some(_) => lookup_problems(confs, value, &fields, lookup, &mut available),
                 None if PROPS_KEYS.contains(&key.as_str()) => Ok(Vec::new()),
                 None => Err(format!("unknown setting {key}")),
