@@ -231,12 +231,22 @@ fn validate_one(spec: &SinkSpec, problems: &mut Problems) -> Option<SinkConfig> 
         SinkType::ElasticBulk => Format::Ecs,
         _ => Format::Json,
     });
-    if format == Format::Cef && matches!(kind, SinkType::AzureLogsIngestion | SinkType::ElasticBulk)
-    {
-        problems.add(
+    match (kind, format) {
+        (SinkType::AzureLogsIngestion, Format::Cef) => problems.add(
             "format",
             format!("{kind:?} takes JSON documents: json, ocsf or ecs"),
-        );
+        ),
+        // A `logs-*` data stream maps fields as they first come: the native
+        // JSON's label keys (`app`, `app.kubernetes.io/name`) make a field
+        // both a value and an object, and such documents are refused.
+        (SinkType::ElasticBulk, Format::Cef | Format::Json) => problems.add(
+            "format",
+            format!(
+                "{kind:?} takes ecs or ocsf, which index cleanly into a logs-* data stream \
+                 (json's dotted label keys conflict there)"
+            ),
+        ),
+        _ => {}
     }
     let filter = spec
         .filter
@@ -246,7 +256,7 @@ fn validate_one(spec: &SinkSpec, problems: &mut Problems) -> Option<SinkConfig> 
     if spec.batch_records == Some(0) {
         problems.add("batchRecords", "must be at least 1");
     }
-    let target = validate_target(spec, kind, problems)?;
+    let target = validate_target(spec, kind, format, problems)?;
     Some(SinkConfig {
         name,
         format,
@@ -274,7 +284,12 @@ fn default_name(kind: SinkType) -> &'static str {
     }
 }
 
-fn validate_target(spec: &SinkSpec, kind: SinkType, problems: &mut Problems) -> Option<Target> {
+fn validate_target(
+    spec: &SinkSpec,
+    kind: SinkType,
+    format: Format,
+    problems: &mut Problems,
+) -> Option<Target> {
     match kind {
         SinkType::Stdout => Some(Target::Stdout),
         SinkType::File => {
@@ -303,11 +318,15 @@ fn validate_target(spec: &SinkSpec, kind: SinkType, problems: &mut Problems) -> 
         SinkType::SplunkHec => {
             let url = problems.required(&spec.url, "url", kind);
             let token_file = problems.required(&spec.token_file, "tokenFile", kind);
+            if let Some(Err(why)) = spec.index.as_deref().map(check_splunk_index) {
+                problems.add("index", why);
+            }
             Some(http(
                 spec,
                 HttpApi::SplunkHec {
                     url: url?,
                     token_file: token_file?,
+                    index: spec.index.clone(),
                 },
             ))
         }
@@ -370,10 +389,30 @@ fn validate_target(spec: &SinkSpec, kind: SinkType, problems: &mut Problems) -> 
                         .clone()
                         .unwrap_or_else(|| "logs-tollgate-default".into()),
                     auth: auth?,
+                    // ECS documents carry their own.
+                    add_timestamp: format != Format::Ecs,
                 },
             ))
         }
     }
+}
+
+/// Splunk's rule for index names: lowercase letters, digits, `_` and `-`,
+/// not starting with `_` or `-` (those are Splunk's own), and not
+/// containing `kvstore`.
+fn check_splunk_index(index: &str) -> Result<(), String> {
+    let allowed = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-';
+    if index.is_empty()
+        || !index.bytes().all(allowed)
+        || index.starts_with(['_', '-'])
+        || index.contains("kvstore")
+    {
+        return Err(format!(
+            "{index:?}: Splunk index names are lowercase letters, digits, '_' and '-', \
+             not starting with '_' or '-', without \"kvstore\""
+        ));
+    }
+    Ok(())
 }
 
 fn http(spec: &SinkSpec, api: HttpApi) -> Target {
@@ -503,7 +542,11 @@ fn inapplicable_fields(spec: &SinkSpec, kind: SinkType) -> Vec<&'static str> {
             spec.workload_identity.is_some(),
             &[SinkType::AzureLogsIngestion],
         ),
-        ("index", spec.index.is_some(), &[SinkType::ElasticBulk]),
+        (
+            "index",
+            spec.index.is_some(),
+            &[SinkType::SplunkHec, SinkType::ElasticBulk],
+        ),
         (
             "apiKeyFile",
             spec.api_key_file.is_some(),
@@ -592,6 +635,68 @@ mod tests {
                 "sinks[5].type: is required: stdout, file, syslog, splunkHec, azureLogsIngestion or elasticBulk",
             ]
         );
+    }
+
+    #[test]
+    fn splunk_index_names_follow_splunks_rule() {
+        let sinks = validate(&specs(
+            "sinks:\n- {type: splunkHec, url: 'https://s:8088/services/collector/event', tokenFile: /t, index: tollgate_egress-1}\n",
+        ))
+        .unwrap();
+        assert!(matches!(
+            &sinks[0].target,
+            Target::Http { api: HttpApi::SplunkHec { index: Some(index), .. }, .. } if index == "tollgate_egress-1"
+        ));
+        let problems = validate(&specs(
+            "sinks:\n- {name: a, type: splunkHec, url: u, tokenFile: /t, index: Egress}\n\
+             - {name: b, type: splunkHec, url: u, tokenFile: /t, index: _internal}\n\
+             - {name: c, type: splunkHec, url: u, tokenFile: /t, index: -x}\n\
+             - {name: d, type: splunkHec, url: u, tokenFile: /t, index: my.index}\n\
+             - {name: e, type: splunkHec, url: u, tokenFile: /t, index: kvstore1}\n\
+             - {name: f, type: azureLogsIngestion, endpoint: e, dcrImmutableId: d, stream: s, tokenFile: /t, index: x}\n",
+        ))
+        .unwrap_err();
+        let rule = "Splunk index names are lowercase letters, digits, '_' and '-', not starting with '_' or '-', without \"kvstore\"";
+        assert_eq!(
+            problems,
+            [
+                format!("sinks[0].index: \"Egress\": {rule}"),
+                format!("sinks[1].index: \"_internal\": {rule}"),
+                format!("sinks[2].index: \"-x\": {rule}"),
+                format!("sinks[3].index: \"my.index\": {rule}"),
+                format!("sinks[4].index: \"kvstore1\": {rule}"),
+                "sinks[5].index: does not apply to type AzureLogsIngestion".into(),
+            ]
+        );
+    }
+
+    #[test]
+    fn elastic_takes_the_formats_that_index_cleanly_and_stamps_those_without_a_timestamp() {
+        let problems = validate(&specs(
+            "sinks:\n- {name: a, type: elasticBulk, url: u, format: json}\n- {name: b, type: elasticBulk, url: u, format: cef}\n",
+        ))
+        .unwrap_err();
+        let why = "ElasticBulk takes ecs or ocsf, which index cleanly into a logs-* data stream (json's dotted label keys conflict there)";
+        assert_eq!(
+            problems,
+            [
+                format!("sinks[0].format: {why}"),
+                format!("sinks[1].format: {why}")
+            ]
+        );
+        let sinks = validate(&specs(
+            "sinks:\n- {name: a, type: elasticBulk, url: u}\n- {name: b, type: elasticBulk, url: u, format: ocsf}\n",
+        ))
+        .unwrap();
+        let add_timestamp = |sink: &SinkConfig| match &sink.target {
+            Target::Http {
+                api: HttpApi::ElasticBulk { add_timestamp, .. },
+                ..
+            } => *add_timestamp,
+            other => panic!("{other:?}"),
+        };
+        assert!(!add_timestamp(&sinks[0]), "ECS documents carry @timestamp");
+        assert!(add_timestamp(&sinks[1]));
     }
 
     #[test]

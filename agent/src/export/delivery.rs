@@ -191,7 +191,8 @@ impl Exporter {
                 Target::Http { api, gzip, ca_file } => (
                     Encoder::Http(api.clone()),
                     Transport::Http(
-                        HttpSender::new(api.clone(), *gzip, ca_file.as_deref()).map_err(setup)?,
+                        HttpSender::new(&config.name, api.clone(), *gzip, ca_file.as_deref())
+                            .map_err(setup)?,
                     ),
                 ),
             };
@@ -475,15 +476,16 @@ impl SinkWorker {
                     backoff = FIRST_BACKOFF;
                     self.acknowledge(&spool, batch.len(), rejected);
                 }
-                Err(SendError::Rejected { records, reason }) => {
-                    backoff = FIRST_BACKOFF;
-                    warn!(
-                        sink = self.name,
-                        records, reason, "receiver rejected records for good"
-                    );
-                    self.acknowledge(&spool, batch.len(), records);
-                }
-                Err(SendError::Retry { after, reason }) => {
+                Err(SendError {
+                    after,
+                    reason,
+                    settled,
+                }) => {
+                    // What the receiver took (or refused for good) before
+                    // the failure is not sent again.
+                    if settled.records > 0 {
+                        self.acknowledge(&spool, settled.records, settled.rejected);
+                    }
                     self.stats.send_failures.fetch_add(1, Ordering::Relaxed);
                     let wait = after.map_or(backoff, |a| a.min(MAX_RETRY_AFTER));
                     warn!(sink = self.name, reason, retry_in = ?wait, "delivery failed");

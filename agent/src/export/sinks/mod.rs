@@ -50,33 +50,37 @@ pub enum Severity {
     Warning,
 }
 
+/// The first records of a batch that the receiver has dealt with: taken,
+/// or (`rejected` of them) refused for good. They are not sent again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    pub records: usize,
+    pub rejected: usize,
+}
+
+/// A batch not (wholly) delivered now: it is sent again from where
+/// `settled` ends, after `after` when the receiver said so. Records the
+/// receiver refuses for good are no error: they are counted as rejected.
 #[derive(Debug, PartialEq, Eq)]
-pub enum SendError {
-    /// Not delivered now; send the same batch again (after `after`, when the
-    /// receiver said so).
-    Retry {
-        after: Option<Duration>,
-        reason: String,
-    },
-    /// The receiver will never take these records.
-    Rejected { records: usize, reason: String },
+pub struct SendError {
+    pub after: Option<Duration>,
+    pub reason: String,
+    pub settled: Settled,
 }
 
 impl SendError {
     pub fn retry(reason: impl Into<String>) -> Self {
-        Self::Retry {
+        Self {
             after: None,
             reason: reason.into(),
+            settled: Settled::default(),
         }
     }
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Retry { reason, .. } => write!(f, "will retry: {reason}"),
-            Self::Rejected { records, reason } => write!(f, "{records} records rejected: {reason}"),
-        }
+        write!(f, "will retry: {}", self.reason)
     }
 }
 
@@ -118,7 +122,7 @@ pub enum Transport {
 
 impl Transport {
     /// Delivers a batch of encoded records, in order. `Ok(n)`: delivered but
-    /// for `n` the receiver rejected.
+    /// for `n` the receiver rejected for good.
     pub async fn send(&mut self, records: &[Vec<u8>]) -> Result<usize, SendError> {
         match self {
             Self::Lines(target) => target
