@@ -65,6 +65,7 @@ pub(super) fn check(root: &Path, native: &[Value]) -> anyhow::Result<Vec<String>
         .as_str()
         .context("the data flow has no transformKql")?;
     problems.extend(transform_problems(transform, native));
+    problems.extend(time_layout_problems(native));
 
     let rule = resource(&rule_template, "Microsoft.SecurityInsights/alertRules")?;
     let rule_query = rule["properties"]["query"]
@@ -340,6 +341,36 @@ fn kql_tokens(text: &str) -> Vec<Token> {
         }
     }
     tokens
+}
+
+/// The record fields the transformation turns into datetimes.
+const TIMES: [&str; 3] = ["time", "summary.first_time", "summary.last_time"];
+
+/// The transformation keeps a time's first 27 characters (seven fractional
+/// digits: Kusto's datetimes count 100 ns ticks) and appends `Z`, which
+/// holds only for the agent's layout, `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
+fn time_layout_problems(native: &[Value]) -> Vec<String> {
+    let leaves = all_leaves(native, "");
+    let mut problems = Vec::new();
+    for path in TIMES {
+        for value in leaves.get(path).into_iter().flatten() {
+            let text = value.as_str().unwrap_or_default();
+            let fraction = text.get(19..);
+            let nine_digits = text.len() == 30
+                && fraction.is_some_and(|f| {
+                    f.starts_with('.')
+                        && f.ends_with('Z')
+                        && f.get(1..10)
+                            .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+                });
+            if !nine_digits {
+                problems.push(format!(
+                    "{path} {value} is not RFC 3339 with nine fractional digits, which the transformation cuts to seven"
+                ));
+            }
+        }
+    }
+    problems
 }
 
 /// Operators and functions outside what DCR transformations allow, and
@@ -708,6 +739,17 @@ mod tests {
         let mut literal = template;
         literal["resources"][0]["name"] = "[[not an expression".into();
         assert_eq!(expression_problems(&literal), Vec::<String>::new());
+    }
+
+    #[test]
+    fn times_must_have_the_layout_the_transformation_cuts() {
+        let mut native = golden("json.jsonl");
+        assert_eq!(time_layout_problems(&native), Vec::<String>::new());
+        native[0]["time"] = "2026-11-24T08:11:30.808267Z".into();
+        assert!(has(
+            &time_layout_problems(&native),
+            "time \"2026-11-24T08:11:30.808267Z\""
+        ));
     }
 
     #[test]
