@@ -56,6 +56,8 @@ struct Decision {
     mode: u8,
     rule_id: u32,
     set_id: u32,
+    /// Slot of `TG_RULE_HITS` it counts in.
+    hits_id: u32,
     /// [`flow_flags`] the decision adds.
     flags: u8,
 }
@@ -68,6 +70,9 @@ pub struct Judgement {
     pub flags: u8,
     pub rule_id: u32,
     pub set_id: u32,
+    /// Slot of `TG_RULE_HITS` the decision counts in: its rule id, or the
+    /// default's (0, never reported, for a cgroup no policy selects).
+    pub hits_id: u32,
     pub generation: u32,
     /// The config's report intervals (0: report every decision).
     pub allowed_report_interval_ns: u64,
@@ -86,6 +91,7 @@ pub fn judge(cgroup_id: u64, dst: &Destination) -> Judgement {
             flags: dst.flags,
             rule_id: RULE_ID_DEFAULT,
             set_id: 0,
+            hits_id: RULE_ID_DEFAULT,
             generation: 0,
             allowed_report_interval_ns: 0,
             packet_report_interval_ns: 0,
@@ -134,6 +140,7 @@ pub fn judge(cgroup_id: u64, dst: &Destination) -> Judgement {
                     mode: (*scratch).mode,
                     rule_id: (*scratch).rule_id,
                     set_id: (*scratch).set_id,
+                    hits_id: (*scratch).hits_id,
                     flags: if (*scratch).endpoint_known != 0 {
                         flow_flags::ENDPOINT_KNOWN
                     } else {
@@ -162,6 +169,7 @@ pub fn judge(cgroup_id: u64, dst: &Destination) -> Judgement {
         flags: dst.flags | decision.flags,
         rule_id: decision.rule_id,
         set_id: decision.set_id,
+        hits_id: decision.hits_id,
         generation: word as u32,
         // SAFETY: plain reads of the config value.
         allowed_report_interval_ns: unsafe { (*config).allowed_report_interval_ns },
@@ -234,6 +242,7 @@ fn unjudged(cgroup_id: u64, word: u64) -> Decision {
                 mode: (*endpoint).default_mode,
                 rule_id: RULE_ID_DEFAULT,
                 set_id: (*endpoint).set_id,
+                hits_id: (*endpoint).default_hits_id,
                 flags: flow_flags::ENDPOINT_KNOWN | flow_flags::UNJUDGED,
             }
         },
@@ -242,6 +251,7 @@ fn unjudged(cgroup_id: u64, word: u64) -> Decision {
             mode: policy_mode::INHERIT,
             rule_id: RULE_ID_DEFAULT,
             set_id: 0,
+            hits_id: RULE_ID_DEFAULT,
             flags: flow_flags::UNJUDGED,
         },
     }
@@ -307,18 +317,20 @@ pub extern "C" fn tg_evaluate(cgroup_id: u64, word: u64, slot: u32) -> u32 {
             (*s).mode = policy_mode::INHERIT;
             (*s).rule_id = RULE_ID_DEFAULT;
             (*s).set_id = 0;
+            (*s).hits_id = RULE_ID_DEFAULT;
             (*s).endpoint_known = 0;
         }
         return 0;
     };
     // SAFETY: a value pointer from a successful lookup. A concurrent delete
     // can only happen after the generation moved, which the caller sees.
-    let (set_id, default_action, default_mode, flags) = unsafe {
+    let (set_id, default_action, default_mode, flags, default_hits_id) = unsafe {
         (
             (*endpoint).set_id,
             (*endpoint).default_action,
             (*endpoint).default_mode,
             (*endpoint).flags,
+            (*endpoint).default_hits_id,
         )
     };
     tg_scan_prefix(set_id, slot);
@@ -328,7 +340,7 @@ pub extern "C" fn tg_evaluate(cgroup_id: u64, word: u64, slot: u32) -> u32 {
     }
     // SAFETY: no call while the reference lives.
     let s = unsafe { &mut *s };
-    decide(s, default_action, default_mode);
+    decide(s, default_action, default_mode, default_hits_id);
     s.set_id = set_id;
     s.endpoint_known = 1;
     0
@@ -477,7 +489,7 @@ fn keep_lowest(slot: &mut u64, candidate: u64) {
 /// deny: an observing policy never weakens another policy's enforced
 /// default. Writes the decision's action, mode and rule to `s`.
 #[inline(always)]
-fn decide(s: &mut DecideScratch, default_action: u8, default_mode: u8) {
+fn decide(s: &mut DecideScratch, default_action: u8, default_mode: u8, default_hits_id: u32) {
     let [enforced_deny, deny, allow] = s.candidates;
     let default_enforces_deny = default_action == action::DENY
         && effective_mode(default_mode, s.global_mode) == Mode::Enforce;
@@ -491,11 +503,13 @@ fn decide(s: &mut DecideScratch, default_action: u8, default_mode: u8) {
         s.action = default_action;
         s.mode = default_mode;
         s.rule_id = RULE_ID_DEFAULT;
+        s.hits_id = default_hits_id;
         return;
     };
     s.action = decided_action;
     s.mode = (deciding >> 32) as u8;
     s.rule_id = deciding as u32;
+    s.hits_id = deciding as u32;
 }
 
 #[inline(always)]

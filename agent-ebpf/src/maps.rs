@@ -9,7 +9,7 @@ use aya_ebpf::{
 use tollgate_common::{
     Config, DecideScratch, DnsScratch, EndpointKey, EndpointValue, FlowDedupKey, FqdnName,
     FqdnNameIds, FqdnRuleKey, LearnedKey, LearnedValue, QueryKey, QueryValue, ResolverKey,
-    RuleKeyV4, RuleKeyV6, RuleList, capacity, counter,
+    RuleHits, RuleKeyV4, RuleKeyV6, RuleList, capacity, counter,
 };
 
 #[map]
@@ -104,3 +104,10 @@ pub static TG_DECIDE_SCRATCH: PerCpuArray<DecideScratch> =
 #[map]
 pub static TG_POD_LINKS: HashMap<u32, u64> =
     HashMap::pinned(capacity::POD_LINKS, BPF_F_NO_PREALLOC);
+
+/// Rule id -> its decisions by verdict and last decision time, per CPU
+/// (report.rs). Pinned: counts survive restarts and rule switches that
+/// keep the rule; the agent zeroes an id's slot when the id leaves force
+/// and before it is handed out again.
+#[map]
+pub static TG_RULE_HITS: PerCpuArray<RuleHits> = PerCpuArray::pinned(capacity::RULE_HITS, 0);

@@ -16,7 +16,7 @@ use tollgate_common::{FlowDedupKey, FlowEvent, Hook, Verdict, counter, event_kin
 
 use crate::{
     decide::{Destination, Judgement},
-    maps::{TG_COUNTERS, TG_EVENTS, TG_FLOW_DEDUP},
+    maps::{TG_COUNTERS, TG_EVENTS, TG_FLOW_DEDUP, TG_RULE_HITS},
 };
 
 /// Unread ring-buffer bytes (about 600 events) from which a submit wakes
@@ -73,6 +73,7 @@ pub fn decision(origin: &Origin, judgement: &Judgement, dst: &Destination) {
     });
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    count_rule_hit(judgement, now);
 
     let interval_ns = if origin.is_packet_hook() {
         judgement.packet_report_interval_ns
@@ -134,6 +135,26 @@ pub fn decision(origin: &Origin, judgement: &Judgement, dst: &Destination) {
         }
     }
     entry.submit(batched_wakeup());
+}
+
+/// Counts the decision in its rule's (or default's) slot of
+/// `TG_RULE_HITS`: one inlined per-CPU array lookup and two stores, with
+/// the time the decision already read.
+#[inline(always)]
+fn count_rule_hit(judgement: &Judgement, now: u64) {
+    let Some(hits) = TG_RULE_HITS.get_ptr_mut(judgement.hits_id) else {
+        count(counter::RULE_HITS_UNCOUNTED);
+        return;
+    };
+    // SAFETY: per-CPU slot; programs do not migrate while running.
+    unsafe {
+        match judgement.verdict {
+            Verdict::Allowed => (*hits).allowed += 1,
+            Verdict::Denied => (*hits).denied += 1,
+            Verdict::Audit => (*hits).audit += 1,
+        }
+        (*hits).last_hit_ns = now;
+    }
 }
 
 /// The submit flag that wakes the agent only once [`WAKEUP_THRESHOLD`]

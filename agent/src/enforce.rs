@@ -12,14 +12,14 @@ use std::{
 use tollgate_common::Mode;
 
 use tollgate_policy::{
-    compile::{CompileError, Compiler, Names},
+    compile::{CompileError, Compiler, Names, RuleIdTable},
     model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, Selector},
     select::{Endpoint, Identity, select_endpoints},
 };
 
 use crate::{
     cgroups,
-    datapath::{Datapath, DatapathError, PodLink},
+    datapath::{Datapath, DatapathError, PodLink, RuleHitCount},
     flow::{Attribution, PolicySource},
     netns::{self, NetnsCookies},
     pod_links::NodeLinks,
@@ -77,6 +77,81 @@ pub struct Enforcer {
     /// local.
     cluster_policies: BTreeSet<PolicyKey>,
     names: VecDeque<GenerationNames>,
+    /// Where the rule ids in force are saved (`rules.json` in the state
+    /// directory), if anywhere.
+    rules_file: Option<PathBuf>,
+}
+
+/// What `rules.json` holds: the compiler's rule ids, which a restarted
+/// agent adopts so that every kept rule goes on counting in its slot of
+/// `TG_RULE_HITS`, and the rules in force with their ids, which
+/// `tollgate-agent rules` names the pinned counters by while no agent runs.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct SavedRules {
+    pub ids: RuleIdTable,
+    pub rules: Vec<SavedRule>,
+}
+
+/// A rule (or a policy's default) in force and its id.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedRule {
+    /// `namespace/name`, or `name`.
+    pub policy: String,
+    /// None: the policy's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// `allow` or `deny`.
+    pub action: String,
+    /// `local` or `cluster`.
+    pub source: String,
+    pub id: u32,
+}
+
+/// A rule in force and its hits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleStat {
+    pub rule: SavedRule,
+    pub hits: RuleHitCount,
+}
+
+impl SavedRules {
+    pub fn read(path: &Path) -> std::io::Result<Self> {
+        let bytes = std::fs::read(path)?;
+        serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+    }
+}
+
+/// Of `stats`, those with no hit within `seconds` before `now_unix_ns`
+/// (never hit, or last hit before): all of them for 0.
+pub fn unused_for(stats: Vec<RuleStat>, seconds: u64, now_unix_ns: u64) -> Vec<RuleStat> {
+    if seconds == 0 {
+        return stats;
+    }
+    let since = now_unix_ns.saturating_sub(seconds.saturating_mul(1_000_000_000));
+    stats
+        .into_iter()
+        .filter(|s| s.hits.last_hit_unix_ns().is_none_or(|last| last < since))
+        .collect()
+}
+
+/// The rules of `saved` (of policy `policy` only, if given) with their hits.
+pub fn rule_stats(
+    saved: &[SavedRule],
+    policy: Option<&str>,
+    read: impl FnOnce(Vec<u32>) -> Result<BTreeMap<u32, RuleHitCount>, DatapathError>,
+) -> Result<Vec<RuleStat>, DatapathError> {
+    let rules: Vec<&SavedRule> = saved
+        .iter()
+        .filter(|r| policy.is_none_or(|p| r.policy == p))
+        .collect();
+    let hits = read(rules.iter().map(|r| r.id).collect())?;
+    Ok(rules
+        .into_iter()
+        .map(|rule| RuleStat {
+            rule: rule.clone(),
+            hits: hits.get(&rule.id).copied().unwrap_or_default(),
+        })
+        .collect())
 }
 
 /// A deciding policy as records name it: its name and where it came from,
@@ -207,6 +282,90 @@ impl Enforcer {
             fqdn_patterns: BTreeMap::new(),
             cluster_policies: BTreeSet::new(),
             names: VecDeque::new(),
+            rules_file: None,
+        }
+    }
+
+    /// Saves the rule ids in force to `path` at every switch, and takes
+    /// over the ones saved there by an earlier agent: a kept rule keeps
+    /// its id, and so its hit counts. Before the first switch only.
+    pub fn keep_rule_ids_in(&mut self, path: PathBuf) {
+        match SavedRules::read(&path) {
+            Ok(saved) => self.compiler.adopt_rule_ids(saved.ids),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => tracing::warn!(
+                path = %path.display(),
+                %error,
+                "saved rule ids unreadable; rules get new ids and their hit counts start over"
+            ),
+        }
+        self.rules_file = Some(path);
+    }
+
+    /// The rules (and defaults) in force, with their ids.
+    pub fn rules_in_force(&self) -> Vec<SavedRule> {
+        let Some(policies) = &self.policies else {
+            return Vec::new();
+        };
+        let mut rules = Vec::new();
+        for policy in policies {
+            let Some(ids) = self.compiler.policy_ids(&policy.key) else {
+                continue;
+            };
+            let source = if self.cluster_policies.contains(&policy.key) {
+                PolicySource::Cluster
+            } else {
+                PolicySource::Local
+            };
+            let name = policy.key.to_string();
+            let action = |a: Action| match a {
+                Action::Allow => "allow",
+                Action::Deny => "deny",
+            };
+            for (rule, id) in policy.rules.iter().zip(ids.by_position(policy)) {
+                rules.push(SavedRule {
+                    policy: name.clone(),
+                    rule: Some(rule.name.clone()),
+                    action: action(rule.action).into(),
+                    source: source.as_str().into(),
+                    id,
+                });
+            }
+            rules.push(SavedRule {
+                policy: name,
+                rule: None,
+                action: action(policy.default_action).into(),
+                source: source.as_str().into(),
+                id: ids.default,
+            });
+        }
+        rules
+    }
+
+    /// The rules in force (of `policy` only, if given) with their hits.
+    pub fn rule_stats(
+        &self,
+        policy: Option<&str>,
+        datapath: &Datapath,
+    ) -> Result<Vec<RuleStat>, DatapathError> {
+        rule_stats(&self.rules_in_force(), policy, |ids| {
+            datapath.rule_hits(ids)
+        })
+    }
+
+    fn save_rule_ids(&self) {
+        let Some(path) = &self.rules_file else {
+            return;
+        };
+        let saved = SavedRules {
+            ids: self.compiler.rule_id_table(),
+            rules: self.rules_in_force(),
+        };
+        let written = crate::state_file::write_atomic_with(path, |file| {
+            serde_json::to_writer(file, &saved).map_err(std::io::Error::from)
+        });
+        if let Err(error) = written {
+            tracing::warn!(path = %path.display(), %error, "rule ids not saved; after a restart, rules changed since the last save count their hits anew");
         }
     }
 
@@ -244,6 +403,7 @@ impl Enforcer {
         self.policies = Some(policies);
         self.endpoints = Some(endpoints);
         self.cluster_policies = cluster;
+        self.save_rule_ids();
         Ok(generation)
     }
 
@@ -354,6 +514,12 @@ impl Enforcer {
             adopt_kernel_fqdn_ids(&mut compiler, datapath)?;
         }
         let compiled = compiler.compile(policies, endpoints)?;
+        // A rule id new to force counts from zero (it may be one handed out
+        // before, or counted by a switch that failed); one that leaves
+        // force is zeroed once out of force.
+        let ids_before = self.compiler.rule_ids_in_use();
+        let ids_after = compiler.rule_ids_in_use();
+        datapath.zero_rule_hits(ids_after.difference(&ids_before).copied())?;
         let generation = match datapath.switch_rules_with_mode(&compiled.rules, mode) {
             Ok(generation) => generation,
             Err(e) => {
@@ -361,6 +527,9 @@ impl Enforcer {
                 return Err(e.into());
             }
         };
+        if let Err(error) = datapath.zero_rule_hits(ids_before.difference(&ids_after).copied()) {
+            tracing::warn!(%error, "hit counters of removed rules not all zeroed; they are zeroed before their ids are used again");
+        }
         self.compiler = compiler;
         self.fqdn_ids_adopted = true;
         self.fqdn_patterns = compiled.rules.fqdn_patterns.clone();

@@ -75,6 +75,94 @@ struct VerdictLabels {
     verdict: &'static str,
 }
 
+/// Rules (and policy defaults) in force up to which each gets series of
+/// its own (`tollgate_rule_hits_total`, three verdicts, and
+/// `tollgate_rule_last_hit_timestamp_seconds`); above it, only the
+/// per-policy sums (`tollgate_policy_hits_total`) are exported, so a
+/// large rule set never makes more than about 4,000 series.
+pub const RULE_METRICS_MAX: usize = 1_000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabels {
+    policy: String,
+    /// The rule's name, or `default`.
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleVerdictLabels {
+    policy: String,
+    rule: String,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyVerdictLabels {
+    policy: String,
+    verdict: &'static str,
+}
+
+/// The per-rule hit metrics (see [`RULE_METRICS_MAX`]).
+fn register_rule_hits(registry: &mut Registry, rules: &[tollgate_proto::v1::RuleStats]) {
+    let per_policy = Family::<PolicyVerdictLabels, Counter>::default();
+    let per_rule = Family::<RuleVerdictLabels, Counter>::default();
+    let last_hit = Family::<RuleLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let each_rule = rules.len() <= RULE_METRICS_MAX;
+    for r in rules {
+        let rule = if r.rule.is_empty() {
+            "default".to_owned()
+        } else {
+            r.rule.clone()
+        };
+        for (verdict, value) in [
+            ("allowed", r.allowed),
+            ("denied", r.denied),
+            ("audit", r.audit),
+        ] {
+            per_policy
+                .get_or_create(&PolicyVerdictLabels {
+                    policy: r.policy.clone(),
+                    verdict,
+                })
+                .inc_by(value);
+            if each_rule {
+                per_rule
+                    .get_or_create(&RuleVerdictLabels {
+                        policy: r.policy.clone(),
+                        rule: rule.clone(),
+                        verdict,
+                    })
+                    .inc_by(value);
+            }
+        }
+        if each_rule && r.last_hit_unix_nanos != 0 {
+            last_hit
+                .get_or_create(&RuleLabels {
+                    policy: r.policy.clone(),
+                    rule,
+                })
+                .set(r.last_hit_unix_nanos as f64 / 1e9);
+        }
+    }
+    registry.register(
+        "policy_hits",
+        "Decisions of each policy's rules and default, counted in the kernel, by verdict",
+        per_policy,
+    );
+    if each_rule {
+        registry.register(
+            "rule_hits",
+            "Decisions of each rule (rule=\"default\": the policy's default), counted in the kernel, by verdict; only while at most 1000 rules are in force",
+            per_rule,
+        );
+        registry.register(
+            "rule_last_hit_timestamp_seconds",
+            "When each rule (or default) that ever decided last decided (Unix time)",
+            last_hit,
+        );
+    }
+}
+
 /// What the datapath attached and what the kernel refused.
 struct Programs {
     links: Vec<&'static str>,
@@ -392,6 +480,16 @@ impl Telemetry {
             "Generation of the applied policy set",
             gauge(status.policy_generation as i64),
         );
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::RuleStats(Default::default(), reply))
+            .await
+            .is_ok()
+            && let Ok(Ok(rules)) = answer.await
+        {
+            register_rule_hits(&mut registry, &rules.rules);
+        }
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {

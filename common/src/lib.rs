@@ -13,7 +13,7 @@
 pub mod dns;
 
 /// Version of the pinned map layout; part of the bpffs pin directory name.
-pub const PIN_LAYOUT_VERSION: u32 = 6;
+pub const PIN_LAYOUT_VERSION: u32 = 7;
 
 /// Map names (at most 15 bytes: the kernel truncates longer object names).
 pub mod map_names {
@@ -34,6 +34,7 @@ pub mod map_names {
     pub const DNS_QUERIES: &str = "TG_DNS_QUERIES";
     pub const ENDPOINT_NETNS: &str = "TG_ENDPOINT_NETNS";
     pub const POD_LINKS: &str = "TG_POD_LINKS";
+    pub const RULE_HITS: &str = "TG_RULE_HITS";
 }
 
 /// Default capacities; the agent may override them at load time.
@@ -59,6 +60,10 @@ pub mod capacity {
     pub const ENDPOINT_NETNS: u32 = 16_384;
     /// Pods' links (the node's side) the frame hook is attached to.
     pub const POD_LINKS: u32 = 16_384;
+    /// Hit counters, by rule id (rules and policies' defaults): ids at or
+    /// above it are not counted (`counter::RULE_HITS_UNCOUNTED`). Per CPU,
+    /// 32 bytes each: 512 KiB a CPU.
+    pub const RULE_HITS: u32 = 16_384;
     /// Decision slots per CPU: one for a decision, one more for a decision
     /// made while it is preempted (agent-ebpf/src/decide.rs).
     pub const DECIDE_SLOTS: u32 = 2;
@@ -211,7 +216,10 @@ pub mod counter {
     /// Packets of raw and other packet-hook sockets that claim to come from
     /// a trusted resolver's address and port: dropped, whatever the policy.
     pub const DNS_SPOOFED: u32 = 18;
-    pub const COUNT: u32 = 19;
+    /// Decisions whose rule id has no slot in `TG_RULE_HITS` (more rules
+    /// in force than it holds): not counted per rule.
+    pub const RULE_HITS_UNCOUNTED: u32 = 19;
+    pub const COUNT: u32 = 20;
 }
 
 /// Singleton in `TG_CONFIG[0]`.
@@ -285,6 +293,21 @@ pub struct EndpointValue {
     /// [`endpoint_flags`].
     pub flags: u8,
     pub _pad: u8,
+    /// Slot in `TG_RULE_HITS` of the default decision: the rule id the
+    /// compiler gave the default of the policy owning it.
+    pub default_hits_id: u32,
+}
+
+/// Per-CPU value of `TG_RULE_HITS`: one rule's (or policy default's)
+/// decisions by verdict, and when it last decided (CLOCK_MONOTONIC ns;
+/// 0: never). The agent sums the CPUs' counts and takes the latest time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleHits {
+    pub allowed: u64,
+    pub denied: u64,
+    pub audit: u64,
+    pub last_hit_ns: u64,
 }
 
 /// Bits of [`EndpointValue::flags`].
@@ -614,6 +637,10 @@ pub struct DecideScratch {
     pub endpoint_known: u8,
     pub rule_id: u32,
     pub set_id: u32,
+    /// The slot of `TG_RULE_HITS` the decision counts in: `rule_id`, or
+    /// the endpoint's `default_hits_id` for a default decision.
+    pub hits_id: u32,
+    pub _pad: u32,
 }
 
 impl Config {
@@ -685,6 +712,7 @@ mod pod {
     unsafe impl aya::Pod for DnsScratch {}
     unsafe impl aya::Pod for QueryKey {}
     unsafe impl aya::Pod for QueryValue {}
+    unsafe impl aya::Pod for RuleHits {}
 }
 
 // The layouts are part of the pinned ABI: fail the build if one drifts.
@@ -693,7 +721,8 @@ const _: () = {
     assert!(core::mem::size_of::<QueryKey>() == 16);
     assert!(core::mem::size_of::<QueryValue>() == 256 + 4 + 20 + 8);
     assert!(core::mem::size_of::<EndpointKey>() == 16);
-    assert!(core::mem::size_of::<EndpointValue>() == 8);
+    assert!(core::mem::size_of::<EndpointValue>() == 12);
+    assert!(core::mem::size_of::<RuleHits>() == 32);
     assert!(core::mem::size_of::<RuleKeyV4>() == 8);
     assert!(core::mem::size_of::<RuleKeyV6>() == 20);
     assert!(core::mem::size_of::<PortRule>() == 16);
@@ -710,7 +739,7 @@ const _: () = {
     assert!(core::mem::size_of::<LearnedValue>() == 16 * LEARNED_SLOTS);
     assert!(core::mem::size_of::<ResolverKey>() == 20);
     assert!(core::mem::size_of::<DnsEvent>() == 64);
-    assert!(core::mem::size_of::<DecideScratch>() == 64);
+    assert!(core::mem::size_of::<DecideScratch>() == 72);
     assert!(core::mem::offset_of!(DnsScratch, payload) == 64);
     assert!(core::mem::offset_of!(DnsScratch, name) == 64 + dns::MESSAGE_MAX);
 };

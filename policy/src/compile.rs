@@ -83,13 +83,13 @@ pub fn compile(
 }
 
 /// Compiles again and again, doing only the work a change needs: rule ids
-/// stay the same for a (policy, rule position) as long as the policy exists,
-/// and the set of every combination of policies whose contents did not
+/// stay the same for a (policy, rule name) as long as the policy has the
+/// rule (the kernel counts each rule's hits by its id), and the set of every combination of policies whose contents did not
 /// change is reused as it was.
 #[derive(Clone, Debug, Default)]
 pub struct Compiler {
-    /// Rule ids of each policy, by rule position.
-    rule_ids: HashMap<PolicyKey, Vec<u32>>,
+    /// Rule ids of each policy, by rule name, and of its default.
+    rule_ids: HashMap<PolicyKey, PolicyIds>,
     next_rule_id: u32,
     /// FQDN pattern ids: kept while a policy uses the pattern, because the
     /// kernel's learned addresses refer to them.
@@ -104,6 +104,57 @@ pub struct Compiler {
     last_stats: CompileStats,
 }
 
+/// The rule ids of one policy: each rule's, by its name, and its
+/// default's (the slot its default decisions are counted in).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyIds {
+    pub default: u32,
+    /// Rule name (with `#<n>` after the first rule of a name, for
+    /// policies whose rules share one) -> id.
+    pub rules: BTreeMap<String, u32>,
+}
+
+impl PolicyIds {
+    /// The id of each rule of `policy`, by position (0 for a rule it has
+    /// no id for).
+    pub fn by_position(&self, policy: &Policy) -> Vec<u32> {
+        rule_keys(policy)
+            .map(|key| self.rules.get(&key).copied().unwrap_or(0))
+            .collect()
+    }
+}
+
+/// The keys rules are given ids by: the name, made unique within the
+/// policy (validation makes names unique; policies built in code may not).
+fn rule_keys(policy: &Policy) -> impl Iterator<Item = String> + '_ {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    policy.rules.iter().map(move |rule| {
+        let n = seen.entry(rule.name.as_str()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            rule.name.clone()
+        } else {
+            format!("{}#{}", rule.name, n)
+        }
+    })
+}
+
+/// Every rule id in use, with the highest handed out: what the agent
+/// saves so that a restarted agent keeps counting each rule in its slot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RuleIdTable {
+    pub next: u32,
+    pub policies: Vec<(PolicyKeyOwned, PolicyIds)>,
+}
+
+/// A policy key as saved.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyKeyOwned {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
 #[derive(Clone, Debug)]
 struct CompiledSet {
     rules: Arc<SetRules>,
@@ -115,7 +166,9 @@ struct CompiledSet {
 #[derive(Default)]
 struct RuleIds {
     by_position: Vec<Vec<u32>>,
-    table: HashMap<PolicyKey, Vec<u32>>,
+    /// Default id by policy index.
+    defaults: Vec<u32>,
+    table: HashMap<PolicyKey, PolicyIds>,
     next: u32,
     /// Every pattern the policies use.
     fqdn: BTreeMap<FqdnPattern, u32>,
@@ -132,6 +185,66 @@ pub struct CompileStats {
 impl Compiler {
     pub fn last_stats(&self) -> CompileStats {
         self.last_stats
+    }
+
+    /// The rule ids of a policy of the last compilation.
+    pub fn policy_ids(&self, key: &PolicyKey) -> Option<&PolicyIds> {
+        self.rule_ids.get(key)
+    }
+
+    /// Every rule and default id of the last compilation.
+    pub fn rule_ids_in_use(&self) -> std::collections::BTreeSet<u32> {
+        self.rule_ids
+            .values()
+            .flat_map(|ids| std::iter::once(ids.default).chain(ids.rules.values().copied()))
+            .collect()
+    }
+
+    /// The rule ids to save.
+    pub fn rule_id_table(&self) -> RuleIdTable {
+        let mut policies: Vec<_> = self
+            .rule_ids
+            .iter()
+            .map(|(key, ids)| {
+                (
+                    PolicyKeyOwned {
+                        namespace: key.namespace.clone(),
+                        name: key.name.clone(),
+                    },
+                    ids.clone(),
+                )
+            })
+            .collect();
+        policies.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+        RuleIdTable {
+            next: self.next_rule_id,
+            policies,
+        }
+    }
+
+    /// Takes over the rule ids an earlier agent saved, so each kept rule
+    /// goes on counting in its slot. Before the first compilation only.
+    pub fn adopt_rule_ids(&mut self, table: RuleIdTable) {
+        let highest = table
+            .policies
+            .iter()
+            .flat_map(|(_, ids)| std::iter::once(ids.default).chain(ids.rules.values().copied()))
+            .max()
+            .unwrap_or(0);
+        self.next_rule_id = table.next.max(highest);
+        self.rule_ids = table
+            .policies
+            .into_iter()
+            .map(|(key, ids)| {
+                (
+                    PolicyKey {
+                        namespace: key.namespace,
+                        name: key.name,
+                    },
+                    ids,
+                )
+            })
+            .collect();
     }
 
     /// Takes over FQDN pattern ids already in the kernel (from an earlier
@@ -208,7 +321,8 @@ impl Compiler {
                     stats.sets_compiled += 1;
                     let members_ref: Vec<(usize, &Policy)> =
                         members.iter().map(|&i| (i, &policies[i])).collect();
-                    let (rules, defaults) = compile_set(&members_ref, rule_ids, &assigned.fqdn)?;
+                    let (rules, defaults) =
+                        compile_set(&members_ref, rule_ids, &assigned.defaults, &assigned.fqdn)?;
                     CompiledSet {
                         rules: Arc::new(rules),
                         defaults,
@@ -237,28 +351,58 @@ impl Compiler {
         Ok(Compiled { rules, names })
     }
 
-    /// Ids by (index into `policies`, rule position): existing ones kept,
-    /// new ones after the highest so far. Nothing changes in `self`; the
-    /// caller keeps the new table only if the compilation succeeds.
+    /// Ids by (index into `policies`, rule position) and of each policy's
+    /// default: existing ones kept (by policy and rule name), new ones
+    /// after the highest so far, rules before defaults, in policy key
+    /// order. Ids stay below the kernel's hit counter slots
+    /// (`capacity::RULE_HITS`) while they can: past them, the lowest id
+    /// neither in use nor in use before is handed out (the agent zeroes a
+    /// slot when its id leaves force, and before it is handed out again).
+    /// Nothing changes in `self`; the caller keeps the new table only if
+    /// the compilation succeeds.
     fn assign_rule_ids(&self, policies: &[Policy]) -> Result<RuleIds, CompileError> {
         let mut by_key: Vec<usize> = (0..policies.len()).collect();
         by_key.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
         let mut ids = RuleIds {
             by_position: vec![Vec::new(); policies.len()],
+            defaults: vec![0; policies.len()],
             next: self.next_rule_id,
             ..RuleIds::default()
         };
-        for p in by_key {
-            let key = &policies[p].key;
-            let known = self.rule_ids.get(key).map_or(&[][..], Vec::as_slice);
-            let policy_ids: Vec<u32> = (0..policies[p].rules.len())
-                .map(|r| match known.get(r) {
-                    Some(&id) => Ok(id),
-                    None => next_id(&mut ids.next, "rule"),
-                })
-                .collect::<Result<_, _>>()?;
-            ids.by_position[p] = policy_ids.clone();
-            ids.table.insert(key.clone(), policy_ids);
+        // Kept ids first: a new id must not take one a later policy keeps.
+        let mut taken: std::collections::BTreeSet<u32> = self
+            .rule_ids
+            .values()
+            .flat_map(|ids| std::iter::once(ids.default).chain(ids.rules.values().copied()))
+            .collect();
+        let mut new_ids = IdAllocator {
+            next: &mut ids.next,
+            taken: &mut taken,
+        };
+        let mut tables: Vec<PolicyIds> = vec![PolicyIds::default(); policies.len()];
+        for &p in &by_key {
+            let known = self.rule_ids.get(&policies[p].key);
+            let mut positions = Vec::with_capacity(policies[p].rules.len());
+            for key in rule_keys(&policies[p]) {
+                let id = match known.and_then(|k| k.rules.get(&key)) {
+                    Some(&id) => id,
+                    None => new_ids.next()?,
+                };
+                tables[p].rules.insert(key, id);
+                positions.push(id);
+            }
+            ids.by_position[p] = positions;
+        }
+        for &p in &by_key {
+            let id = match self.rule_ids.get(&policies[p].key) {
+                Some(known) if known.default != 0 => known.default,
+                _ => new_ids.next()?,
+            };
+            tables[p].default = id;
+            ids.defaults[p] = id;
+        }
+        for (p, table) in tables.into_iter().enumerate() {
+            ids.table.insert(policies[p].key.clone(), table);
         }
         let patterns: std::collections::BTreeSet<&FqdnPattern> = policies
             .iter()
@@ -278,6 +422,34 @@ impl Compiler {
             ids.fqdn.insert(pattern.clone(), id);
         }
         Ok(ids)
+    }
+}
+
+/// Hands out rule ids: the next one while it has a hit counter slot, then
+/// the lowest one not `taken`.
+struct IdAllocator<'a> {
+    next: &'a mut u32,
+    taken: &'a mut std::collections::BTreeSet<u32>,
+}
+
+impl IdAllocator<'_> {
+    fn next(&mut self) -> Result<u32, CompileError> {
+        let id = if *self.next + 1 < tollgate_common::capacity::RULE_HITS {
+            next_id(self.next, "rule")?
+        } else {
+            match (1..tollgate_common::capacity::RULE_HITS).find(|id| !self.taken.contains(id)) {
+                Some(id) => id,
+                None => loop {
+                    // More ids in use than slots: counted as uncounted.
+                    let id = next_id(self.next, "rule")?;
+                    if !self.taken.contains(&id) {
+                        break id;
+                    }
+                },
+            }
+        };
+        self.taken.insert(id);
+        Ok(id)
     }
 }
 
@@ -313,6 +485,7 @@ struct OrderedRule<'a> {
 fn compile_set(
     members: &[(usize, &Policy)],
     rule_ids: &[Vec<u32>],
+    default_ids: &[u32],
     fqdn_ids: &BTreeMap<FqdnPattern, u32>,
 ) -> Result<(SetRules, Vec<PolicyKey>), CompileError> {
     let in_order = members.iter().flat_map(|&(p, policy)| {
@@ -351,6 +524,7 @@ fn compile_set(
     let mut set = SetRules {
         default_action: Action::Allow,
         default_mode: PolicyMode::Inherit,
+        default_hits_id: 0,
         v4: vec![],
         v6: vec![],
         fqdn: vec![],
@@ -377,6 +551,21 @@ fn compile_set(
         .map(|(_, p)| *p)
         .filter(|p| p.default_action == Action::Deny)
         .collect();
+    // A default several policies own counts its hits under one of them:
+    // the first (in key order) of those whose mode decides.
+    set.default_hits_id = if deny_defaults.is_empty() {
+        members.first().map_or(0, |&(p, _)| default_ids[p])
+    } else {
+        let strongest = deny_defaults
+            .iter()
+            .map(|p| mode_rank(p.mode))
+            .min()
+            .expect("not empty");
+        members
+            .iter()
+            .find(|(_, p)| p.default_action == Action::Deny && mode_rank(p.mode) == strongest)
+            .map_or(0, |&(p, _)| default_ids[p])
+    };
     let defaults = if deny_defaults.is_empty() {
         members.iter().map(|(_, p)| p.key.clone()).collect()
     } else {
@@ -527,4 +716,156 @@ fn port_rules(ordered: &OrderedRule) -> Vec<PortRuleSpec> {
             order: ordered.order,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod rule_id_tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::Selector;
+
+    fn allow(name: &str, net: &str) -> Rule {
+        Rule {
+            name: name.into(),
+            action: Action::Allow,
+            to: vec![Peer::Cidr {
+                net: net.parse().unwrap(),
+                except: vec![],
+            }],
+            ports: vec![],
+        }
+    }
+
+    fn policy(name: &str, default_action: Action, mode: PolicyMode, rules: Vec<Rule>) -> Policy {
+        Policy {
+            key: PolicyKey {
+                namespace: None,
+                name: name.into(),
+            },
+            mode,
+            default_action,
+            selector: Selector::default(),
+            rules: Arc::from(rules),
+        }
+    }
+
+    fn ids(compiler: &Compiler, name: &str) -> PolicyIds {
+        compiler
+            .policy_ids(&PolicyKey {
+                namespace: None,
+                name: name.into(),
+            })
+            .unwrap()
+            .clone()
+    }
+
+    #[test]
+    fn a_rule_keeps_its_id_by_name_and_defaults_have_ids_of_their_own() {
+        let endpoints = BTreeMap::from([(1, vec![0])]);
+        let mut compiler = Compiler::default();
+        let first = vec![policy(
+            "p",
+            Action::Deny,
+            PolicyMode::Inherit,
+            vec![allow("a", "10.1.0.0/16"), allow("b", "10.2.0.0/16")],
+        )];
+        let compiled = compiler.compile(&first, &endpoints).unwrap();
+        let before = ids(&compiler, "p");
+        assert_eq!(before.rules["a"], 1);
+        assert_eq!(before.rules["b"], 2);
+        assert_eq!(before.default, 3, "defaults after the rules");
+        assert_eq!(compiled.rules.sets[0].default_hits_id, 3);
+        // `a` goes, `b` moves up and is edited, `c` is new: `b` keeps its id.
+        let second = vec![policy(
+            "p",
+            Action::Deny,
+            PolicyMode::Inherit,
+            vec![allow("b", "10.3.0.0/16"), allow("c", "10.4.0.0/16")],
+        )];
+        compiler.compile(&second, &endpoints).unwrap();
+        let after = ids(&compiler, "p");
+        assert_eq!(after.rules["b"], 2);
+        assert_eq!(after.default, 3);
+        assert_eq!(
+            after.rules["c"], 4,
+            "a freed id is not handed out again at once"
+        );
+        assert!(!compiler.rule_ids_in_use().contains(&1));
+        assert_eq!(after.by_position(&second[0]), vec![2, 4]);
+    }
+
+    #[test]
+    fn a_restarted_compiler_adopting_the_saved_ids_keeps_them() {
+        let endpoints = BTreeMap::from([(1, vec![0, 1])]);
+        let policies = vec![
+            policy(
+                "a",
+                Action::Allow,
+                PolicyMode::Inherit,
+                vec![allow("x", "10.0.0.0/8")],
+            ),
+            policy(
+                "b",
+                Action::Deny,
+                PolicyMode::Enforce,
+                vec![allow("y", "10.0.0.0/8")],
+            ),
+        ];
+        let mut compiler = Compiler::default();
+        // Ids the restarted one could not guess: `a` came later.
+        compiler
+            .compile(&policies[1..], &BTreeMap::from([(1, vec![0])]))
+            .unwrap();
+        let compiled = compiler.compile(&policies, &endpoints).unwrap();
+        let table = compiler.rule_id_table();
+        let json = serde_json::to_string(&table).unwrap();
+        let mut restarted = Compiler::default();
+        restarted.adopt_rule_ids(serde_json::from_str(&json).unwrap());
+        let again = restarted.compile(&policies, &endpoints).unwrap();
+        assert_eq!(again.rules, compiled.rules);
+        assert_eq!(ids(&restarted, "a"), ids(&compiler, "a"));
+        assert_eq!(
+            compiled.rules.sets[0].default_hits_id,
+            ids(&compiler, "b").default,
+            "the deny default of `b` decides"
+        );
+    }
+
+    #[test]
+    fn past_the_counter_slots_the_lowest_free_id_is_reused() {
+        let endpoints = BTreeMap::from([(1, vec![0])]);
+        let mut compiler = Compiler::default();
+        compiler.adopt_rule_ids(RuleIdTable {
+            next: tollgate_common::capacity::RULE_HITS - 1,
+            policies: vec![(
+                PolicyKeyOwned {
+                    namespace: None,
+                    name: "old".into(),
+                },
+                PolicyIds {
+                    default: 2,
+                    rules: BTreeMap::from([("x".into(), 1)]),
+                },
+            )],
+        });
+        let p = vec![policy(
+            "p",
+            Action::Deny,
+            PolicyMode::Inherit,
+            vec![allow("a", "10.1.0.0/16")],
+        )];
+        compiler.compile(&p, &endpoints).unwrap();
+        // 1 and 2 were in use before this compilation: not reused yet.
+        assert_eq!(ids(&compiler, "p").rules["a"], 3);
+        assert_eq!(ids(&compiler, "p").default, 4);
+        let q = vec![
+            p[0].clone(),
+            policy("q", Action::Deny, PolicyMode::Inherit, vec![]),
+        ];
+        compiler
+            .compile(&q, &BTreeMap::from([(1, vec![0, 1])]))
+            .unwrap();
+        assert_eq!(ids(&compiler, "q").default, 1);
+    }
 }

@@ -29,6 +29,10 @@ pub struct PortRuleSpec {
 pub struct SetRules {
     pub default_action: Action,
     pub default_mode: PolicyMode,
+    /// The rule id the kernel counts the default's hits under: that of the
+    /// default of the policy owning it (the first whose mode decides, when
+    /// several do).
+    pub default_hits_id: u32,
     /// Each prefix lists every rule that applies to it: the lookup of the
     /// longest matching prefix alone must decide.
     pub v4: Vec<(Ipv4Net, Vec<PortRuleSpec>)>,

@@ -26,6 +26,7 @@ fn deny_port(env: &TestEnv, host: std::net::Ipv4Addr, port: u16) {
         sets: vec![std::sync::Arc::new(SetRules {
             default_action: Action::Allow,
             default_mode: PolicyMode::Inherit,
+            default_hits_id: 0,
             v4: vec![(
                 format!("{host}/32").parse().unwrap(),
                 vec![PortRuleSpec {

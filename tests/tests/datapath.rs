@@ -50,6 +50,7 @@ fn set(default_action: Action) -> SetRules {
     SetRules {
         default_action,
         default_mode: PolicyMode::Inherit,
+        default_hits_id: 0,
         v4: vec![],
         v6: vec![],
         fqdn: vec![],

@@ -34,6 +34,10 @@ pub enum Command {
         oneshot::Sender<Result<api::ModeSettings, ControlError>>,
     ),
     Status(oneshot::Sender<Result<api::StatusResponse, ControlError>>),
+    RuleStats(
+        api::ListRuleStatsRequest,
+        oneshot::Sender<Result<api::ListRuleStatsResponse, ControlError>>,
+    ),
     /// The cluster's policies (each valid on its own), to be the cluster
     /// part of the set.
     Cluster(
@@ -80,6 +84,10 @@ pub struct Controller {
     attach_cgroup: PathBuf,
 }
 
+/// The rule ids in force and their names, in the state directory
+/// (`enforce::SavedRules`).
+pub const RULES_FILE: &str = "rules.json";
+
 impl Controller {
     /// Restores the saved policy set, applies `documents` (from --policy) on
     /// top, sets the global mode (the flag wins over the saved one), and
@@ -94,6 +102,8 @@ impl Controller {
         mode_flag: Option<Mode>,
     ) -> Result<Self, ControlError> {
         let state_file = state_dir.join("state.json");
+        let mut enforcer = enforcer;
+        enforcer.keep_rule_ids_in(state_dir.join(RULES_FILE));
         let mut store = match std::fs::read(&state_file) {
             Ok(bytes) => {
                 let load_err = |message: String| ControlError::LoadState {
@@ -203,6 +213,9 @@ impl Controller {
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status(datapath));
+            }
+            Command::RuleStats(request, reply) => {
+                let _ = reply.send(self.rule_stats(request, datapath));
             }
             Command::Cluster(desired, reply) => {
                 let _ = reply.send(self.apply_cluster(desired, datapath));
@@ -385,6 +398,31 @@ impl Controller {
                 })
                 .collect(),
         })
+    }
+
+    fn rule_stats(
+        &self,
+        request: api::ListRuleStatsRequest,
+        datapath: &Datapath,
+    ) -> Result<api::ListRuleStatsResponse, ControlError> {
+        let policy = (!request.policy.is_empty()).then_some(request.policy.as_str());
+        let stats = self
+            .enforcer
+            .rule_stats(policy, datapath)
+            .map_err(EnforceError::from)?;
+        if let Some(policy) = policy
+            && stats.is_empty()
+        {
+            return Err(StoreError::UnknownPolicy(policy.to_owned()).into());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let rules = crate::enforce::unused_for(stats, request.unused_for_seconds, now)
+            .into_iter()
+            .map(api::RuleStats::from)
+            .collect();
+        Ok(api::ListRuleStatsResponse { rules })
     }
 
     fn persist(&self) -> Result<(), ControlError> {

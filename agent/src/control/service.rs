@@ -194,6 +194,20 @@ impl AgentService for Api {
         .await
     }
 
+    async fn list_rule_stats(
+        &self,
+        request: Request<api::ListRuleStatsRequest>,
+    ) -> Result<Response<api::ListRuleStatsResponse>, Status> {
+        self.observed("ListRuleStats", async {
+            let request = request.into_inner();
+            self.ask(|reply| Command::RuleStats(request, reply))
+                .await?
+                .map(Response::new)
+                .map_err(status)
+        })
+        .await
+    }
+
     async fn status(
         &self,
         _: Request<api::StatusRequest>,

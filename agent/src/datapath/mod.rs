@@ -19,6 +19,7 @@
 
 pub mod events;
 mod frames;
+mod hits;
 pub mod learned;
 pub mod raw_bpf;
 mod rules;
@@ -40,6 +41,7 @@ use aya::{
 };
 pub use events::{Event, EventReader};
 pub use frames::{AttachFailure, FRAME_PROGRAM, PodLink, remove_filters as remove_frame_filters};
+pub use hits::{RuleHitCount, RuleHitsMap, monotonic_to_unix_ns};
 pub use rules::{ListName, RuleSetError, wire_name};
 use tollgate_common::{
     Config, EndpointKey, EndpointValue, FqdnName, FqdnNameIds, FqdnRuleKey, LearnedKey,
@@ -364,6 +366,7 @@ pub struct Datapath {
     /// What `endpoint_netns` holds.
     endpoint_netns_written: std::collections::BTreeMap<u64, u64>,
     counters: PerCpuArray<MapData, u64>,
+    rule_hits: RuleHitsMap,
     events: Option<RingBuf<MapData>>,
     /// The frame hook on pods' links, with the loaded object.
     frames: frames::FrameHook,
@@ -435,6 +438,7 @@ impl Datapath {
             .collect::<Result<_, aya::maps::MapError>>()
             .map_err(map_err(map_names::ENDPOINT_NETNS))?;
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
+        let rule_hits = RuleHitsMap::new(take_map(&mut ebpf, map_names::RULE_HITS)?);
         let events = take_map(&mut ebpf, map_names::EVENTS)?;
         let frames = frames::FrameHook::load(ebpf, &links_dir)?;
         // Unknown until the agent configures it: observe, never a surprise block.
@@ -460,6 +464,7 @@ impl Datapath {
             dns_queries,
             endpoint_netns_written,
             counters,
+            rule_hits,
             events: Some(events),
             frames,
             attachments: Vec::new(),
@@ -663,6 +668,22 @@ impl Datapath {
             dns_foreign_netns: sum(counter::DNS_FOREIGN_NETNS)?,
             dns_spoofed: sum(counter::DNS_SPOOFED)?,
         })
+    }
+
+    /// The hits of each of `ids` (rule and default ids) that has a slot.
+    pub fn rule_hits(
+        &self,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> Result<std::collections::BTreeMap<u32, RuleHitCount>, DatapathError> {
+        self.rule_hits.read(ids)
+    }
+
+    /// Zeroes the hit counters of `ids`.
+    pub fn zero_rule_hits(
+        &mut self,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> Result<(), DatapathError> {
+        self.rule_hits.zero(ids)
     }
 
     /// Entries in force and capacity of the maps that rules fill.

@@ -365,6 +365,7 @@ fn plan_switch(written: &Written, rules: &RuleSet) -> Result<SwitchPlan, RuleSet
                 endpoint_flags::FQDN_RULES
             },
             _pad: 0,
+            default_hits_id: set_rules.default_hits_id,
         };
         endpoints.insert(cgroup_id, value);
     }
@@ -813,6 +814,7 @@ mod tests {
         Arc::new(SetRules {
             default_action: Action::Deny,
             default_mode: PolicyMode::Enforce,
+            default_hits_id: 0,
             v4,
             v6: vec![],
             fqdn: vec![],
