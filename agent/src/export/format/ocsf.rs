@@ -171,6 +171,7 @@ impl<'a> Base<'a> {
                     version: env!("CARGO_PKG_VERSION"),
                 },
                 profiles: common.profiles,
+                sequence: common.seq.and_then(|seq| i32::try_from(seq).ok()),
                 uid: common.seq.map(|seq| {
                     AsString(RecordUid {
                         node: common.node,
@@ -251,6 +252,11 @@ struct Metadata<'a> {
     version: &'static str,
     product: Product,
     profiles: &'static [&'static str],
+    /// `seq` while it fits this `integer_t` (32 bits, signed), which a
+    /// node's sequence outgrows within days at busy rates; `unmapped.seq`
+    /// always has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sequence: Option<i32>,
     /// Records with a `seq` only: a sink's loss marker has none to be
     /// named by.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -596,8 +602,7 @@ impl Serialize for Authorizations<'_> {
     }
 }
 
-/// `seq` is here, not in `metadata.sequence`: that is an `integer_t`
-/// (32 bits), which a node's sequence outgrows within days.
+/// `seq` whole: `metadata.sequence` holds it only while it fits 32 bits.
 #[derive(Serialize)]
 struct FlowUnmapped<'a> {
     seq: u64,

@@ -439,6 +439,22 @@ fn record_uids_are_node_instance_and_seq() {
 }
 
 #[test]
+fn metadata_sequence_holds_seq_only_while_it_fits_an_integer_t() {
+    let event = ocsf_event(&fixtures::Fixture::Flow(fixtures::denied_pod_flow()));
+    assert_eq!(event["metadata"]["sequence"], 41);
+    assert_eq!(event["unmapped"]["seq"], 41);
+    let mut flow = fixtures::denied_pod_flow();
+    flow.seq = 5_000_000_000;
+    let event = ocsf_event(&fixtures::Fixture::Flow(flow));
+    assert!(event["metadata"].get("sequence").is_none());
+    assert_eq!(event["unmapped"]["seq"], 5_000_000_000u64);
+    assert_eq!(
+        event["metadata"]["uid"],
+        format!("aks-nodepool1-0-{}-5000000000", fixtures::INSTANCE)
+    );
+}
+
+#[test]
 fn pod_labels_are_key_value_strings() {
     let event = ocsf_event(&fixtures::golden()[0].1);
     assert_eq!(
