@@ -506,7 +506,7 @@ impl Telemetry {
 
 fn register_sinks(registry: &mut Registry, sinks: &StatsBySink) {
     type Read = fn(&SinkStats) -> &AtomicU64;
-    let counters: [(&str, &str, Read); 4] = [
+    let counters: [(&str, &str, Read); 5] = [
         (
             "export_delivered_records",
             "Records the sink's receiver took",
@@ -521,6 +521,11 @@ fn register_sinks(registry: &mut Registry, sinks: &StatsBySink) {
             "export_rejected_records",
             "Records the sink's receiver refused for good",
             |s| &s.rejected,
+        ),
+        (
+            "export_truncated_records",
+            "Records sent cut to the sink's maxMessageBytes (syslog over UDP)",
+            |s| &s.truncated,
         ),
         (
             "export_send_failures",

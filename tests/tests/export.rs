@@ -374,3 +374,94 @@ fn spooled_records_survive_a_restart_and_full_or_damaged_spools_are_reported() {
         .collect();
     assert_eq!(after, (1..=10).collect::<Vec<_>>());
 }
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn syslog_newline_framing_and_udp_message_size_suit_their_receivers() {
+    let mut env = TestEnv::new("export-syslog-framing");
+    let host = env.add_host(51, &[8080, 8081]).v4;
+    // Splits the stream at newlines only, as syslog-ng's network() does.
+    let newline = Rsyslog::start_tcp_newline_only("export-newline");
+    // Takes datagrams far larger than the sink sends: any cut is the agent's.
+    let udp = Rsyslog::start_udp("export-udp", 65536);
+    const MAX_MESSAGE_BYTES: usize = 480;
+    let policy = TempFile::new(
+        "export-syslog-framing.yaml",
+        &host_policy("web-only", &env.cgroup.relative, "enforce", host),
+    );
+    let metrics_port = free_port();
+    let _agent = start(
+        &env,
+        &policy,
+        &[
+            sink(format!(
+                "{{name: siem-newline, type: syslog, address: 'tcp://127.0.0.1:{}', framing: newline}}",
+                newline.port
+            )),
+            sink(format!(
+                "{{name: siem-udp, type: syslog, address: 'udp://127.0.0.1:{}', \
+                 maxMessageBytes: {MAX_MESSAGE_BYTES}}}",
+                udp.port
+            )),
+            ["--allowed-report-interval".into(), "0".into()],
+            [
+                "--metrics-listen".into(),
+                format!("127.0.0.1:{metrics_port}"),
+            ],
+        ],
+    );
+    assert_eq!(
+        env.probe(&["connect", "tcp", &format!("{host}:8080")])
+            .result(),
+        Ok(())
+    );
+    denied_connections(&env, host, 2);
+
+    // Each record is its own message, whole, in order.
+    let whole = newline.wait_for_lines(3, WAIT);
+    assert_eq!(whole.len(), 3, "{whole:#?}");
+    let payload = |line: &str| line.splitn(6, '|').nth(5).unwrap().trim_start().to_owned();
+    for (line, act) in whole.iter().zip(["allowed", "denied", "denied"]) {
+        assert!(line.starts_with("1|test-node|tollgate|flow|"), "{line}");
+        let cef = payload(line);
+        assert!(cef.starts_with("CEF:0|Tollgate|"), "{line}");
+        assert!(cef.contains(&format!("act={act} ")), "{line}");
+        assert!(cef.ends_with(|c: char| !c.is_whitespace()), "{line}");
+    }
+    // Over UDP, each is the start of the same record, cut where it would
+    // not fit in a datagram of MAX_MESSAGE_BYTES (the header included).
+    let cut = udp.wait_for_lines(3, WAIT);
+    assert_eq!(cut.len(), 3, "{cut:#?}");
+    let mut truncated = 0;
+    for (cut, whole) in cut.iter().zip(&whole) {
+        let (cut, whole) = (payload(cut), payload(whole));
+        assert!(
+            whole.starts_with(&cut),
+            "{cut}\nis not the start of\n{whole}"
+        );
+        assert!(cut.len() < MAX_MESSAGE_BYTES, "{cut}");
+        if cut.len() < whole.len() {
+            truncated += 1;
+        }
+    }
+    assert!(
+        truncated > 0,
+        "no record is longer than {MAX_MESSAGE_BYTES} bytes: the test shows nothing"
+    );
+    let metrics = http_get(metrics_port, "/metrics").1;
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "tollgate_export_truncated_records_total{sink=\"siem-udp\"}"
+        ),
+        truncated,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sample(
+            &metrics,
+            "tollgate_export_truncated_records_total{sink=\"siem-newline\"}"
+        ),
+        0
+    );
+}

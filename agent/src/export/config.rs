@@ -11,9 +11,16 @@ use super::{
     format::Format,
     sinks::{
         http::{AzureAuth, ElasticAuth, HttpApi},
-        syslog::{SyslogAddress, SyslogProtocol},
+        syslog::{SyslogAddress, SyslogFraming, SyslogProtocol},
     },
 };
+
+/// rsyslog's default `maxMessageSize`, which Sentinel's CEF forwarder and
+/// most receivers keep: larger datagrams would be cut there anyway.
+const DEFAULT_UDP_MESSAGE_BYTES: usize = 8192;
+/// RFC 5426's least every IPv4 receiver must take, to the largest UDP
+/// payload over IPv4.
+const UDP_MESSAGE_BYTES: std::ops::RangeInclusive<usize> = 480..=65507;
 
 /// `export:` in the configuration file.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -43,6 +50,8 @@ pub struct SinkSpec {
     // syslog
     pub address: Option<String>,
     pub facility: Option<u8>,
+    pub framing: Option<SyslogFraming>,
+    pub max_message_bytes: Option<usize>,
     // syslog tls, http
     pub ca_file: Option<PathBuf>,
     // http
@@ -105,6 +114,10 @@ pub enum Target {
     Syslog {
         address: SyslogAddress,
         facility: u8,
+        /// TCP and TLS.
+        framing: SyslogFraming,
+        /// UDP.
+        max_message_bytes: Option<usize>,
         ca_file: Option<PathBuf>,
     },
     Http {
@@ -309,9 +322,35 @@ fn validate_target(
             if address.protocol == SyslogProtocol::Tls {
                 problems.required(&spec.ca_file, "caFile", kind);
             }
+            let udp = address.protocol == SyslogProtocol::Udp;
+            if udp && spec.framing.is_some() {
+                problems.add("framing", "applies to tcp:// and tls:// only");
+            }
+            if !udp && spec.max_message_bytes.is_some() {
+                problems.add(
+                    "maxMessageBytes",
+                    "applies to udp:// only (streams carry messages whole)",
+                );
+            }
+            let max_message_bytes = udp.then(|| {
+                let max = spec.max_message_bytes.unwrap_or(DEFAULT_UDP_MESSAGE_BYTES);
+                if !UDP_MESSAGE_BYTES.contains(&max) {
+                    problems.add(
+                        "maxMessageBytes",
+                        format_args!(
+                            "{max} is outside {}..={} (RFC 5426's least, a UDP datagram's most)",
+                            UDP_MESSAGE_BYTES.start(),
+                            UDP_MESSAGE_BYTES.end()
+                        ),
+                    );
+                }
+                max
+            });
             Some(Target::Syslog {
                 address,
                 facility: spec.facility.unwrap_or(16),
+                framing: spec.framing.unwrap_or_default(),
+                max_message_bytes,
                 ca_file: spec.ca_file.clone(),
             })
         }
@@ -493,6 +532,12 @@ fn inapplicable_fields(spec: &SinkSpec, kind: SinkType) -> Vec<&'static str> {
         ("maxFiles", spec.max_files.is_some(), &[SinkType::File]),
         ("address", spec.address.is_some(), &[SinkType::Syslog]),
         ("facility", spec.facility.is_some(), &[SinkType::Syslog]),
+        ("framing", spec.framing.is_some(), &[SinkType::Syslog]),
+        (
+            "maxMessageBytes",
+            spec.max_message_bytes.is_some(),
+            &[SinkType::Syslog],
+        ),
         (
             "caFile",
             spec.ca_file.is_some(),
@@ -633,6 +678,44 @@ mod tests {
                 "sinks[2].filter.destinations[0]: \"10.0.0.0/33\" is not a prefix or address",
                 "sinks[4].name: \"stdout\" is used twice (each sink needs its own name: it names its spool)",
                 "sinks[5].type: is required: stdout, file, syslog, splunkHec, azureLogsIngestion or elasticBulk",
+            ]
+        );
+    }
+
+    #[test]
+    fn syslog_framing_and_udp_message_size() {
+        let sinks = validate(&specs(
+            "sinks:\n- {name: a, type: syslog, address: 'udp://siem:514'}\n\
+             - {name: b, type: syslog, address: 'udp://siem:514', maxMessageBytes: 2048}\n\
+             - {name: c, type: syslog, address: 'tcp://siem:514', framing: newline}\n\
+             - {name: d, type: syslog, address: 'tcp://siem:514'}\n",
+        ))
+        .unwrap();
+        let syslog = |i: usize| match &sinks[i].target {
+            Target::Syslog {
+                framing,
+                max_message_bytes,
+                ..
+            } => (*framing, *max_message_bytes),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(syslog(0), (SyslogFraming::OctetCounting, Some(8192)));
+        assert_eq!(syslog(1).1, Some(2048));
+        assert_eq!(syslog(2), (SyslogFraming::Newline, None));
+        assert_eq!(syslog(3), (SyslogFraming::OctetCounting, None));
+        let problems = validate(&specs(
+            "sinks:\n- {name: a, type: syslog, address: 'udp://siem:514', framing: newline, maxMessageBytes: 100}\n\
+             - {name: b, type: syslog, address: 'tls://siem:6514', caFile: /ca, maxMessageBytes: 2048}\n\
+             - {name: c, type: file, path: /f, framing: newline}\n",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "sinks[0].framing: applies to tcp:// and tls:// only",
+                "sinks[0].maxMessageBytes: 100 is outside 480..=65507 (RFC 5426's least, a UDP datagram's most)",
+                "sinks[1].maxMessageBytes: applies to udp:// only (streams carry messages whole)",
+                "sinks[2].framing: does not apply to type File",
             ]
         );
     }

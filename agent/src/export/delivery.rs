@@ -25,7 +25,7 @@ use super::{
     format::{self, Format},
     record::{LossReason, LossRecord, Record},
     sinks::{
-        Encoder, RecordMeta, SendError, Transport,
+        Encoded, Encoder, RecordMeta, SendError, Transport,
         file::{LineTarget, RotatingFile},
         http::HttpSender,
         syslog::SyslogSender,
@@ -63,6 +63,8 @@ pub struct SinkStats {
     pub dropped: AtomicU64,
     /// Records the receiver refused for good.
     pub rejected: AtomicU64,
+    /// Records sent cut to the sink's message size (syslog over UDP).
+    pub truncated: AtomicU64,
     pub send_failures: AtomicU64,
     pub queued_records: AtomicU64,
     pub spooled_records: AtomicU64,
@@ -70,6 +72,12 @@ pub struct SinkStats {
 }
 
 impl SinkStats {
+    fn note(&self, encoded: Encoded) {
+        if encoded == Encoded::Truncated {
+            self.truncated.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn spool_is(&self, spool: &Spool) {
         self.spooled_records
             .store(spool.len() as u64, Ordering::Relaxed);
@@ -178,13 +186,16 @@ impl Exporter {
                 Target::Syslog {
                     address,
                     facility,
+                    framing,
+                    max_message_bytes,
                     ca_file,
                 } => (
                     Encoder::Syslog {
                         facility: *facility,
+                        max_message_bytes: *max_message_bytes,
                     },
                     Transport::Syslog(
-                        SyslogSender::new(address.clone(), ca_file.as_deref())
+                        SyslogSender::new(address.clone(), *framing, ca_file.as_deref())
                             .map_err(|e| setup(e.to_string()))?,
                     ),
                 ),
@@ -284,13 +295,14 @@ impl Exporter {
                 formatted = Some(sink.format);
             }
             self.wire.clear();
-            sink.encoder.encode(
+            let encoded = sink.encoder.encode(
                 meta,
                 &self.payload,
                 sink.format != Format::Cef,
                 &self.instance,
                 &mut self.wire,
             );
+            sink.stats.note(encoded);
             if sink.queue.try_send((meta.seq, self.wire.clone())).is_err() {
                 sink.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 let mut lost = sink.lost.lock().expect("not poisoned");
@@ -346,13 +358,14 @@ impl SinkWorker {
         );
         let meta = RecordMeta::of_loss(&marker, unix_nanos);
         let mut wire = Vec::new();
-        self.encoder.encode(
+        let encoded = self.encoder.encode(
             &meta,
             &payload,
             self.format != Format::Cef,
             &self.instance,
             &mut wire,
         );
+        self.stats.note(encoded);
         wire
     }
 

@@ -8,6 +8,7 @@ pub mod syslog;
 
 use std::time::Duration;
 
+pub use self::syslog::Encoded;
 use self::{file::LineTarget, http::HttpSender, syslog::SyslogSender};
 use super::record::LossRecord;
 
@@ -89,14 +90,18 @@ impl std::fmt::Display for SendError {
 #[derive(Clone, Debug)]
 pub enum Encoder {
     Lines,
-    Syslog { facility: u8 },
+    Syslog {
+        facility: u8,
+        /// UDP: the largest datagram to send.
+        max_message_bytes: Option<usize>,
+    },
     Http(http::HttpApi),
 }
 
 impl Encoder {
     /// Appends the wire form of one record. `json`: whether `payload` is
     /// JSON; `instance` names this run of the agent (ids made of it and
-    /// `seq` are unique across restarts).
+    /// `seq` are unique across restarts). Only syslog over UDP cuts.
     pub fn encode(
         &self,
         meta: &RecordMeta,
@@ -104,12 +109,16 @@ impl Encoder {
         json: bool,
         instance: &str,
         out: &mut Vec<u8>,
-    ) {
+    ) -> Encoded {
         match self {
             Self::Lines => out.extend_from_slice(payload),
-            Self::Syslog { facility } => syslog::encode(*facility, meta, payload, out),
+            Self::Syslog {
+                facility,
+                max_message_bytes,
+            } => return syslog::encode(*facility, *max_message_bytes, meta, payload, out),
             Self::Http(api) => api.encode(meta, payload, json, instance, out),
         }
+        Encoded::Whole
     }
 }
 

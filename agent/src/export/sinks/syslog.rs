@@ -1,5 +1,6 @@
-//! Syslog, RFC 5424 messages over UDP (one per datagram), TCP (octet
-//! counting, RFC 6587) or TLS (RFC 5425), with a CEF or JSON payload.
+//! Syslog, RFC 5424 messages over UDP (one per datagram, cut to a size the
+//! receiver takes), TCP (RFC 6587: octet counting, or a newline after each
+//! message) or TLS (RFC 5425), with a CEF or JSON payload.
 //!
 //! Syslog has no acknowledgements: what the kernel accepted on a TCP or TLS
 //! connection that then breaks may be lost, and is not resent (the spool
@@ -61,9 +62,40 @@ impl std::str::FromStr for SyslogAddress {
     }
 }
 
+/// How messages are delimited on a TCP or TLS stream (RFC 6587).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SyslogFraming {
+    /// `<length> <message>` (RFC 6587 3.4.1, the only framing RFC 5425
+    /// allows for TLS): messages may hold anything.
+    #[default]
+    OctetCounting,
+    /// `<message>\n` (RFC 6587 3.4.2), which receivers such as syslog-ng's
+    /// `network()` source need. The formats escape line breaks inside
+    /// values, so a newline ends exactly one record.
+    Newline,
+}
+
+/// Whether a message went out whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Encoded {
+    Whole,
+    /// Cut to the sink's `maxMessageBytes`.
+    Truncated,
+}
+
 /// The `<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID - ` header and the
-/// payload: one complete message.
-pub fn encode(facility: u8, meta: &RecordMeta, payload: &[u8], out: &mut Vec<u8>) {
+/// payload: one complete message, cut to `max_bytes` when given (UDP: a
+/// datagram the receiver would cut or drop anyway).
+pub fn encode(
+    facility: u8,
+    max_bytes: Option<usize>,
+    meta: &RecordMeta,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Encoded {
+    let start = out.len();
     use std::io::Write;
     let severity = match meta.severity {
         Severity::Warning => 4,
@@ -87,6 +119,31 @@ pub fn encode(facility: u8, meta: &RecordMeta, payload: &[u8], out: &mut Vec<u8>
         meta.kind
     );
     out.extend_from_slice(payload);
+    match max_bytes {
+        Some(max) if out.len() - start > max => {
+            let kept = cut_point(&out[start..], max);
+            out.truncate(start + kept);
+            Encoded::Truncated
+        }
+        _ => Encoded::Whole,
+    }
+}
+
+/// The length of the longest prefix of `message` within `max` bytes that
+/// ends neither inside a UTF-8 character nor on a lone escaping backslash
+/// (a CEF value would then escape whatever a receiver appends).
+fn cut_point(message: &[u8], max: usize) -> usize {
+    let mut end = max.min(message.len());
+    // Continuation bytes are 0b10xxxxxx: back off to a character's start.
+    while end > 0 && end < message.len() && message[end] & 0xC0 == 0x80 {
+        end -= 1;
+    }
+    let backslashes = message[..end]
+        .iter()
+        .rev()
+        .take_while(|&&b| b == b'\\')
+        .count();
+    end - backslashes % 2
 }
 
 /// Header fields are printable US-ASCII without spaces, else `-`.
@@ -106,6 +163,7 @@ enum Connection {
 
 pub struct SyslogSender {
     address: SyslogAddress,
+    framing: SyslogFraming,
     tls: Option<TlsConnector>,
     connection: Option<Connection>,
 }
@@ -114,7 +172,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl SyslogSender {
     /// `ca_file`: PEM certificates the TLS server's must chain to (needed for tls://).
-    pub fn new(address: SyslogAddress, ca_file: Option<&Path>) -> io::Result<Self> {
+    /// `framing`: for TCP and TLS.
+    pub fn new(
+        address: SyslogAddress,
+        framing: SyslogFraming,
+        ca_file: Option<&Path>,
+    ) -> io::Result<Self> {
         let tls = match address.protocol {
             SyslogProtocol::Tls => {
                 let ca_file = ca_file.ok_or_else(|| {
@@ -146,6 +209,7 @@ impl SyslogSender {
         };
         Ok(Self {
             address,
+            framing,
             tls,
             connection: None,
         })
@@ -180,8 +244,8 @@ impl SyslogSender {
                 }
                 Ok(())
             }
-            Connection::Tcp(stream) => write_framed(stream, messages).await,
-            Connection::Tls(stream) => write_framed(stream.as_mut(), messages).await,
+            Connection::Tcp(stream) => write_framed(stream, self.framing, messages).await,
+            Connection::Tls(stream) => write_framed(stream.as_mut(), self.framing, messages).await,
         }
     }
 
@@ -214,19 +278,32 @@ impl SyslogSender {
     }
 }
 
-/// Octet counting: `<length> <message>`, so messages may hold newlines.
+/// Writes the batch in one go, each message framed.
 async fn write_framed<W: tokio::io::AsyncWrite + Unpin>(
     stream: &mut W,
+    framing: SyslogFraming,
     messages: &[Vec<u8>],
 ) -> io::Result<()> {
     let mut buffer = Vec::with_capacity(messages.iter().map(|m| m.len() + 8).sum());
     for message in messages {
-        buffer.extend_from_slice(message.len().to_string().as_bytes());
-        buffer.push(b' ');
-        buffer.extend_from_slice(message);
+        frame(framing, message, &mut buffer);
     }
     stream.write_all(&buffer).await?;
     stream.flush().await
+}
+
+fn frame(framing: SyslogFraming, message: &[u8], out: &mut Vec<u8>) {
+    match framing {
+        SyslogFraming::OctetCounting => {
+            use std::io::Write;
+            let _ = write!(out, "{} ", message.len());
+            out.extend_from_slice(message);
+        }
+        SyslogFraming::Newline => {
+            out.extend_from_slice(message);
+            out.push(b'\n');
+        }
+    }
 }
 
 #[cfg(test)]
@@ -263,7 +340,10 @@ mod tests {
             seq: Some(1),
         };
         let mut out = Vec::new();
-        encode(16, &meta, b"CEF:0|x", &mut out);
+        assert_eq!(
+            encode(16, None, &meta, b"CEF:0|x", &mut out),
+            Encoded::Whole
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             format!(
@@ -272,8 +352,9 @@ mod tests {
             )
         );
         let mut out = Vec::new();
-        encode(
+        let _ = encode(
             16,
+            None,
             &RecordMeta {
                 node: "bad name",
                 severity: Severity::Info,
@@ -287,5 +368,60 @@ mod tests {
                 .unwrap()
                 .starts_with("<134>1 2026-11-24T08:00:00.123456Z - tollgate")
         );
+    }
+
+    #[test]
+    fn long_messages_are_cut_to_the_limit_at_a_clean_point() {
+        let meta = RecordMeta {
+            kind: "flow",
+            time: "2026-11-24T08:00:00.123456789Z",
+            unix_nanos: 0,
+            node: "n",
+            severity: Severity::Info,
+            seq: Some(1),
+        };
+        let header = {
+            let mut out = Vec::new();
+            let _ = encode(16, None, &meta, b"", &mut out);
+            out.len()
+        };
+        let payload = "CEF:0|x|sproc=é\\\\ab".as_bytes();
+        let whole = header + payload.len();
+        let mut out = b"earlier records stay".to_vec();
+        assert_eq!(
+            encode(16, Some(whole), &meta, payload, &mut out),
+            Encoded::Whole
+        );
+        assert_eq!(out.len(), 20 + whole);
+        // Cutting inside `é` keeps neither of its bytes; cutting after the
+        // first of a `\\` pair drops the lone escape.
+        for (max, kept) in [
+            (header + 15, "CEF:0|x|sproc=".len()),
+            (header + 16, "CEF:0|x|sproc=é".len()),
+            (header + 17, "CEF:0|x|sproc=é".len()),
+            (header + 18, "CEF:0|x|sproc=é\\\\".len()),
+            (header + 19, "CEF:0|x|sproc=é\\\\a".len()),
+        ] {
+            let mut out = Vec::new();
+            assert_eq!(
+                encode(16, Some(max), &meta, payload, &mut out),
+                Encoded::Truncated,
+                "{max}"
+            );
+            assert_eq!(out.len(), header + kept, "cut at {max}");
+            assert!(std::str::from_utf8(&out).is_ok());
+        }
+    }
+
+    #[test]
+    fn tcp_framing_octet_counting_or_newline() {
+        let mut out = Vec::new();
+        frame(SyslogFraming::OctetCounting, b"<134>1 a", &mut out);
+        frame(SyslogFraming::OctetCounting, b"<134>1 bc", &mut out);
+        assert_eq!(out, b"8 <134>1 a9 <134>1 bc");
+        let mut out = Vec::new();
+        frame(SyslogFraming::Newline, b"<134>1 a", &mut out);
+        frame(SyslogFraming::Newline, b"<134>1 bc", &mut out);
+        assert_eq!(out, b"<134>1 a\n<134>1 bc\n");
     }
 }
