@@ -2,10 +2,15 @@
 //! Ingestion, Elasticsearch `_bulk`): it checks each request's wire format
 //! the way the API would (path, auth, content type, gzip, body shape),
 //! answers as the API does, keeps what it accepted, and can fail or go away
-//! on demand.
+//! on demand. As the real APIs document: HEC can use indexer
+//! acknowledgement (a channel per request, `ackId`s acknowledged at
+//! `/services/collector/ack`) and refuse single events
+//! (`invalid-event-number`); Logs Ingestion refuses bodies over 1 MB (413);
+//! `_bulk` maps fields dynamically, as in a `logs-*` data stream, and
+//! refuses documents that conflict with the mapping.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashMap, HashSet},
     io::Read,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -13,7 +18,7 @@ use std::{
 };
 
 use axum::{
-    Router,
+    Json, Router,
     body::Bytes,
     extract::{Request, State},
     http::{HeaderMap, StatusCode},
@@ -39,15 +44,51 @@ pub enum Behaviour {
     Fail(u16),
 }
 
+/// Logs Ingestion's limit per call: 1 MB, compressed or not.
+pub const AZURE_MAX_BODY_BYTES: usize = 1_000_000;
+
+/// HEC's indexer acknowledgement, on for the token.
+#[derive(Default)]
+struct HecAck {
+    /// Polls an id is answered `false` before it is acknowledged.
+    polls_before_ack: usize,
+    next_id: u64,
+    /// (channel, ack id): polls left before it is acknowledged.
+    pending: HashMap<(String, u64), usize>,
+}
+
+/// A field's type in an Elasticsearch mapping, as dynamic mapping sets it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FieldType {
+    Object,
+    Text,
+    Number,
+    Bool,
+}
+
 #[derive(Default)]
 struct Shared {
     behaviour: Option<Behaviour>,
     /// Accepted events, in arrival order (the per-event JSON the API stores).
     events: Vec<Value>,
+    /// `_bulk`: the index of each of `events`.
+    elastic_indexes: Vec<String>,
     /// Requests refused for a wrong wire format, with why.
     malformed: Vec<String>,
+    /// Events or documents the API refused, with why.
+    refused: Vec<String>,
     requests: usize,
-    elastic_ids: HashSet<String>,
+    /// `_bulk`: (index, id) of every document created: ids are per index.
+    elastic_ids: HashSet<(String, String)>,
+    /// `_bulk`: per index, every field's type by its dotted path.
+    elastic_mappings: HashMap<String, BTreeMap<String, FieldType>>,
+    hec_ack: Option<HecAck>,
+    /// HEC: events whose record `seq` it refuses as invalid (code 6).
+    hec_invalid_seqs: HashSet<u64>,
+    /// Logs Ingestion: the largest body taken.
+    max_body_bytes: usize,
+    /// Logs Ingestion: requests refused with 413.
+    too_large: usize,
 }
 
 pub struct Receiver {
@@ -67,6 +108,7 @@ impl Receiver {
             .unwrap();
         let shared = Arc::new(Mutex::new(Shared {
             behaviour: Some(Behaviour::Accept),
+            max_body_bytes: AZURE_MAX_BODY_BYTES,
             ..Default::default()
         }));
         let listener = runtime
@@ -109,6 +151,47 @@ impl Receiver {
 
     pub fn set(&self, behaviour: Behaviour) {
         self.shared.lock().unwrap().behaviour = Some(behaviour);
+    }
+
+    /// HEC: the token uses indexer acknowledgement; each id is acknowledged
+    /// after it was polled `polls_before_ack` times.
+    pub fn require_ack(&self, polls_before_ack: usize) {
+        self.shared.lock().unwrap().hec_ack = Some(HecAck {
+            polls_before_ack,
+            ..Default::default()
+        });
+    }
+
+    /// HEC: refuses the events of these record `seq`s as invalid, every time.
+    pub fn refuse_seqs(&self, seqs: impl IntoIterator<Item = u64>) {
+        self.shared.lock().unwrap().hec_invalid_seqs.extend(seqs);
+    }
+
+    /// Logs Ingestion: refuses (413) bodies larger than this.
+    pub fn limit_body(&self, bytes: usize) {
+        self.shared.lock().unwrap().max_body_bytes = bytes;
+    }
+
+    /// Logs Ingestion: how many requests were refused as too large.
+    pub fn too_large(&self) -> usize {
+        self.shared.lock().unwrap().too_large
+    }
+
+    /// `_bulk`: the documents created in `index`, in order.
+    pub fn documents(&self, index: &str) -> Vec<Value> {
+        let shared = self.shared.lock().unwrap();
+        shared
+            .events
+            .iter()
+            .zip(&shared.elastic_indexes)
+            .filter(|(_, i)| *i == index)
+            .map(|(doc, _)| doc.clone())
+            .collect()
+    }
+
+    /// Events or documents the API refused, with why.
+    pub fn refused(&self) -> Vec<String> {
+        self.shared.lock().unwrap().refused.clone()
     }
 
     /// Stops listening: connections are refused until `come_back`.
@@ -174,62 +257,75 @@ async fn handle(
     }
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or_default().to_owned();
-    match check(api, &path, &query, &parts.headers, &body) {
-        Ok(events) => {
-            let mut elastic_items = Vec::new();
-            for event in events {
-                if api == Api::ElasticBulk {
-                    let id = event["_id"].as_str().map(str::to_owned);
-                    let fresh = id
-                        .as_ref()
-                        .is_none_or(|id| shared.elastic_ids.insert(id.clone()));
-                    elastic_items.push(json!({"create": {"_index": "logs-tollgate", "_id": id, "status": if fresh { 201 } else { 409 }}}));
-                    if fresh {
-                        shared.events.push(event["doc"].clone());
-                    }
-                } else {
-                    shared.events.push(event);
-                }
-            }
-            match api {
-                Api::SplunkHec => {
-                    (StatusCode::OK, r#"{"text":"Success","code":0}"#).into_response()
-                }
-                Api::AzureLogsIngestion => StatusCode::NO_CONTENT.into_response(),
-                Api::ElasticBulk => {
-                    let errors = elastic_items.iter().any(|i| i["create"]["status"] != 201);
-                    let body = json!({"took": 3, "errors": errors, "items": elastic_items});
-                    (
-                        StatusCode::OK,
-                        [("content-type", "application/json")],
-                        body.to_string(),
-                    )
-                        .into_response()
-                }
-            }
+    let text = match decoded(&parts.headers, &body) {
+        Ok(text) => text,
+        Err(why) => return malformed(&mut shared, why),
+    };
+    if api == Api::AzureLogsIngestion
+        && (body.len() > shared.max_body_bytes || text.len() > shared.max_body_bytes)
+    {
+        shared.too_large += 1;
+        let message = format!(
+            "The request body is {} bytes ({} sent), over the limit of {}",
+            text.len(),
+            body.len(),
+            shared.max_body_bytes
+        );
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(json!({"error": {"code": "ContentLengthLimitExceeded", "message": message}})),
+        )
+            .into_response();
+    }
+    let channel = parts
+        .headers
+        .get("x-splunk-request-channel")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if api == Api::SplunkHec && shared.hec_ack.is_some() {
+        let Some(channel) = channel.clone() else {
+            shared
+                .malformed
+                .push("HEC with acknowledgement needs X-Splunk-Request-Channel".into());
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"text": "Data channel is missing", "code": 10})),
+            )
+                .into_response();
+        };
+        if path == "/services/collector/ack" {
+            return hec_acks(&mut shared, &parts.headers, &channel, &text);
         }
-        Err(why) => {
-            shared.malformed.push(why.clone());
-            (StatusCode::BAD_REQUEST, why).into_response()
-        }
+    }
+    match check(api, &path, &query, &parts.headers, &text) {
+        Ok(events) => match api {
+            Api::SplunkHec => hec_index(&mut shared, events, channel),
+            Api::AzureLogsIngestion => {
+                shared.events.extend(events);
+                StatusCode::NO_CONTENT.into_response()
+            }
+            Api::ElasticBulk => {
+                let items: Vec<Value> = events
+                    .into_iter()
+                    .map(|event| elastic_create(&mut shared, event))
+                    .collect();
+                let errors = items.iter().any(|i| i["create"]["status"] != 201);
+                let body = json!({"took": 3, "errors": errors, "items": items});
+                (StatusCode::OK, Json(body)).into_response()
+            }
+        },
+        Err(why) => malformed(&mut shared, why),
     }
 }
 
-/// The API's checks; the events it would store.
-fn check(
-    api: Api,
-    path: &str,
-    query: &str,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<Vec<Value>, String> {
-    let header = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-    };
-    let body = match header("content-encoding") {
+fn malformed(shared: &mut Shared, why: String) -> Response {
+    shared.malformed.push(why.clone());
+    (StatusCode::BAD_REQUEST, why).into_response()
+}
+
+/// The body as sent, gunzipped when it says so.
+fn decoded(headers: &HeaderMap, body: &Bytes) -> Result<String, String> {
+    let body = match header(headers, "content-encoding") {
         "gzip" => {
             let mut text = Vec::new();
             flate2::read::GzDecoder::new(&body[..])
@@ -240,7 +336,217 @@ fn check(
         "" => body.to_vec(),
         other => return Err(format!("unsupported Content-Encoding {other}")),
     };
-    let text = String::from_utf8(body).map_err(|_| "body is not UTF-8".to_string())?;
+    String::from_utf8(body).map_err(|_| "body is not UTF-8".to_string())
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+/// HEC indexes the events up to the first invalid one (HEC's 400 names it,
+/// from 0); with acknowledgement, a success carries an `ackId`.
+fn hec_index(shared: &mut Shared, events: Vec<Value>, channel: Option<String>) -> Response {
+    let invalid = events.iter().position(|event| {
+        event["seq"]
+            .as_u64()
+            .is_some_and(|seq| shared.hec_invalid_seqs.contains(&seq))
+    });
+    let valid = invalid.unwrap_or(events.len());
+    let mut events = events;
+    if let Some(n) = invalid {
+        shared
+            .refused
+            .push(format!("HEC invalid event {n}: {}", events[n]));
+    }
+    events.truncate(valid);
+    shared.events.extend(events);
+    if let Some(n) = invalid {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"text": "Invalid data format", "code": 6, "invalid-event-number": n})),
+        )
+            .into_response();
+    }
+    match (&mut shared.hec_ack, channel) {
+        (Some(ack), Some(channel)) => {
+            let id = ack.next_id;
+            ack.next_id += 1;
+            ack.pending.insert((channel, id), ack.polls_before_ack);
+            Json(json!({"text": "Success", "code": 0, "ackId": id})).into_response()
+        }
+        _ => Json(json!({"text": "Success", "code": 0})).into_response(),
+    }
+}
+
+/// `/services/collector/ack`: `{"acks":[ids]}` answered `{"acks":{"id":bool}}`
+/// for the ids of this channel.
+fn hec_acks(shared: &mut Shared, headers: &HeaderMap, channel: &str, text: &str) -> Response {
+    if header(headers, "authorization") != format!("Splunk {TOKEN}") {
+        return malformed(shared, "HEC ack needs Authorization: Splunk <token>".into());
+    }
+    let Some(ids) = serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|query| query["acks"].as_array().cloned())
+    else {
+        return malformed(
+            shared,
+            format!("HEC ack query is not {{\"acks\":[ids]}}: {text}"),
+        );
+    };
+    let ack = shared.hec_ack.as_mut().expect("acknowledgement is on");
+    let mut acks = serde_json::Map::new();
+    for id in ids.iter().filter_map(Value::as_u64) {
+        let key = (channel.to_owned(), id);
+        let done = match ack.pending.get_mut(&key) {
+            Some(0) => {
+                ack.pending.remove(&key);
+                true
+            }
+            Some(polls_left) => {
+                *polls_left -= 1;
+                false
+            }
+            // Unknown, or acknowledged and asked again: HEC says false.
+            None => false,
+        };
+        acks.insert(id.to_string(), json!(done));
+    }
+    Json(json!({ "acks": acks })).into_response()
+}
+
+/// One `create` item, as a `logs-*` data stream takes it: an id seen before
+/// is a conflict (409); a document is refused (400) when its fields
+/// conflict with the index's dynamic mapping or among themselves; without
+/// `@timestamp` it gets the time of indexing (what logs@default-pipeline
+/// does).
+fn elastic_create(shared: &mut Shared, event: Value) -> Value {
+    let index = event["_index"].as_str().unwrap_or_default().to_owned();
+    let id = event["_id"].as_str().map(str::to_owned);
+    let item = |status: u16, error: Option<Value>| {
+        let mut item = json!({"_index": index, "_id": id, "status": status});
+        if let Some(error) = error {
+            item["error"] = error;
+        }
+        json!({ "create": item })
+    };
+    if id
+        .as_ref()
+        .is_some_and(|id| shared.elastic_ids.contains(&(index.clone(), id.clone())))
+    {
+        let reason = "version conflict, document already exists";
+        return item(
+            409,
+            Some(json!({"type": "version_conflict_engine_exception", "reason": reason})),
+        );
+    }
+    let mut doc = event["doc"].clone();
+    let mapping = shared.elastic_mappings.entry(index.clone()).or_default();
+    let fields = match document_fields(&doc)
+        .and_then(|fields| fields_conflict(mapping, &fields).map_or(Ok(fields), Err))
+    {
+        Ok(fields) => fields,
+        Err(reason) => {
+            shared.refused.push(format!("{index}: {reason}: {doc}"));
+            return item(
+                400,
+                Some(json!({"type": "document_parsing_exception", "reason": reason})),
+            );
+        }
+    };
+    mapping.extend(fields);
+    if doc.get("@timestamp").is_none() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128;
+        doc["@timestamp"] = json!(tollgate_agent::flow::rfc3339_nanos(now));
+    }
+    if let Some(id) = &id {
+        shared.elastic_ids.insert((index.clone(), id.clone()));
+    }
+    shared.events.push(doc);
+    let created = item(201, None);
+    shared.elastic_indexes.push(index);
+    created
+}
+
+/// The fields a document maps, by dotted path, as dynamic mapping sees
+/// them: a key with dots is a path of objects (`app.kubernetes.io/name`
+/// is `app` → `kubernetes` → `io/name`), an array maps as its elements.
+/// Err when one path is two types in the document.
+fn document_fields(doc: &Value) -> Result<BTreeMap<String, FieldType>, String> {
+    fn note(
+        fields: &mut BTreeMap<String, FieldType>,
+        path: &str,
+        kind: FieldType,
+    ) -> Result<(), String> {
+        match fields.insert(path.to_owned(), kind) {
+            Some(before) if before != kind => Err(format!(
+                "[{path}] is {before:?} and {kind:?} in one document"
+            )),
+            _ => Ok(()),
+        }
+    }
+    fn map(
+        fields: &mut BTreeMap<String, FieldType>,
+        path: &str,
+        value: &Value,
+    ) -> Result<(), String> {
+        match value {
+            Value::Null => Ok(()),
+            Value::Bool(_) => note(fields, path, FieldType::Bool),
+            Value::Number(_) => note(fields, path, FieldType::Number),
+            Value::String(_) => note(fields, path, FieldType::Text),
+            Value::Array(items) => items.iter().try_for_each(|item| map(fields, path, item)),
+            Value::Object(object) => {
+                if !path.is_empty() {
+                    note(fields, path, FieldType::Object)?;
+                }
+                for (key, item) in object {
+                    let mut inner = path.to_owned();
+                    for segment in key.split('.') {
+                        if !inner.is_empty() {
+                            note(fields, &inner, FieldType::Object)?;
+                            inner.push('.');
+                        }
+                        inner.push_str(segment);
+                    }
+                    map(fields, &inner, item)?;
+                }
+                Ok(())
+            }
+        }
+    }
+    let mut fields = BTreeMap::new();
+    map(&mut fields, "", doc)?;
+    Ok(fields)
+}
+
+/// Why `fields` cannot go into an index mapped as `mapping`, if they cannot.
+fn fields_conflict(
+    mapping: &BTreeMap<String, FieldType>,
+    fields: &BTreeMap<String, FieldType>,
+) -> Option<String> {
+    fields.iter().find_map(|(path, kind)| {
+        mapping
+            .get(path)
+            .filter(|mapped| *mapped != kind)
+            .map(|mapped| format!("[{path}] is mapped as {mapped:?}, the document has {kind:?}"))
+    })
+}
+
+/// The API's checks; the events it would store.
+fn check(
+    api: Api,
+    path: &str,
+    query: &str,
+    headers: &HeaderMap,
+    text: &str,
+) -> Result<Vec<Value>, String> {
+    let header = |name: &str| header(headers, name);
     match api {
         Api::SplunkHec => {
             if path != "/services/collector/event" {
@@ -249,7 +555,7 @@ fn check(
             if header("authorization") != format!("Splunk {TOKEN}") {
                 return Err("HEC needs Authorization: Splunk <token>".into());
             }
-            let events: Vec<Value> = serde_json::Deserializer::from_str(&text)
+            let events: Vec<Value> = serde_json::Deserializer::from_str(text)
                 .into_iter::<Value>()
                 .collect::<Result<_, _>>()
                 .map_err(|e| format!("HEC body is not JSON events: {e}"))?;
@@ -279,7 +585,7 @@ fn check(
             if !header("content-type").starts_with("application/json") {
                 return Err("Logs Ingestion needs Content-Type: application/json".into());
             }
-            match serde_json::from_str::<Value>(&text) {
+            match serde_json::from_str::<Value>(text) {
                 Ok(Value::Array(rows)) if rows.iter().all(Value::is_object) => Ok(rows),
                 _ => Err("Logs Ingestion body must be a JSON array of objects".into()),
             }
@@ -310,9 +616,33 @@ fn check(
                     if !create["_index"].is_string() {
                         return Err("_bulk create needs _index".to_string());
                     }
-                    Ok(json!({"_id": create["_id"], "doc": doc}))
+                    Ok(json!({"_index": create["_index"], "_id": create["_id"], "doc": doc}))
                 })
                 .collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_mapping_expands_dotted_keys_and_refuses_conflicts() {
+        let fields = document_fields(&json!({"a": {"b.c": 1, "d": [true]}, "e": ["x", null]}));
+        let fields = fields.unwrap();
+        assert_eq!(fields["a.b"], FieldType::Object);
+        assert_eq!(fields["a.b.c"], FieldType::Number);
+        assert_eq!(fields["a.d"], FieldType::Bool);
+        assert_eq!(fields["e"], FieldType::Text);
+        // A pod's labels as keys: `app` is a value and an object.
+        let labels = json!({"labels": {"app": "web", "app.kubernetes.io/name": "web"}});
+        assert!(document_fields(&labels).is_err());
+        let mapping = document_fields(&json!({"n": 1, "o": {"p": "q"}})).unwrap();
+        let conflict = |doc: Value| fields_conflict(&mapping, &document_fields(&doc).unwrap());
+        assert_eq!(conflict(json!({"n": 2, "o.p": "r"})), None);
+        assert!(conflict(json!({"n": "1"})).is_some());
+        assert!(conflict(json!({"n": {"x": 1}})).is_some());
+        assert!(conflict(json!({"o": "flat"})).is_some());
     }
 }

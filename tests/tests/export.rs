@@ -10,10 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tollgate_tests::{
-    AgentProcess, TempFile, TestDir, TestEnv, free_port, host_policy, http_get, make_certificates,
-    metric_sample,
+    AgentProcess, TempFile, TestDir, TestEnv, free_port, host_policy, http_get,
+    kube::{FakeApiServer, namespace},
+    make_certificates, metric_sample,
+    node::{Layout, SimPod},
     receiver::{self, Api, Behaviour, Receiver},
     rsyslog::Rsyslog,
 };
@@ -59,6 +61,23 @@ fn start(env: &TestEnv, policy: &TempFile, flags: &[[String; 2]]) -> AgentProces
     AgentProcess::start(env, &args)
 }
 
+/// A record's type, `seq` and (loss markers) count, from the native JSON
+/// or an ECS document.
+fn record_view(event: &Value) -> (Option<&str>, Option<u64>, Option<u64>) {
+    match event["event"]["dataset"].as_str() {
+        Some(dataset) => (
+            dataset.strip_prefix("tollgate."),
+            event["event"]["sequence"].as_u64(),
+            event["loss"]["count"].as_u64(),
+        ),
+        None => (
+            event["type"].as_str(),
+            event["seq"].as_u64(),
+            event["count"].as_u64(),
+        ),
+    }
+}
+
 /// Waits until `events` (from a receiver) hold `flows` flow records, then
 /// checks that they came in order, each once, from seq `first` on, with
 /// any gap accounted for by a loss marker before it. Returns how many were
@@ -67,20 +86,21 @@ fn check_complete(agent: &AgentProcess, receiver: &Receiver, first: u64, flows: 
     let deadline = Instant::now() + WAIT;
     loop {
         let events = receiver.events();
-        let delivered = events.iter().filter(|e| e["type"] == "flow").count() as u64;
-        let lost: u64 = events
+        let views: Vec<_> = events.iter().map(record_view).collect();
+        let delivered = views.iter().filter(|v| v.0 == Some("flow")).count() as u64;
+        let lost: u64 = views
             .iter()
-            .filter(|e| e["type"] == "loss")
-            .map(|e| e["count"].as_u64().unwrap())
+            .filter(|v| v.0 == Some("loss"))
+            .map(|v| v.2.unwrap())
             .sum();
         if delivered + lost >= flows || Instant::now() > deadline {
             let mut expected = first;
             let mut pending_loss = 0;
-            for event in &events {
-                match event["type"].as_str() {
-                    Some("loss") => pending_loss += event["count"].as_u64().unwrap(),
+            for (event, (kind, seq, count)) in events.iter().zip(&views) {
+                match kind {
+                    Some("loss") => pending_loss += count.unwrap(),
                     Some("flow") => {
-                        let seq = event["seq"].as_u64().unwrap();
+                        let seq = seq.unwrap();
                         assert!(
                             seq >= expected && seq - expected <= pending_loss,
                             "{:?}: seq {seq} after {}, with {pending_loss} reported lost",
@@ -101,6 +121,7 @@ fn check_complete(agent: &AgentProcess, receiver: &Receiver, first: u64, flows: 
                 agent.log_so_far()
             );
             assert_eq!(receiver.malformed(), Vec::<String>::new());
+            assert_eq!(receiver.refused(), Vec::<String>::new());
             return lost;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -108,11 +129,16 @@ fn check_complete(agent: &AgentProcess, receiver: &Receiver, first: u64, flows: 
 }
 
 fn http_sink(receiver: &Receiver, secrets: &TestDir, name: &str) -> [String; 2] {
+    http_sink_with(receiver, secrets, name, "")
+}
+
+/// An HTTP sink to `receiver`, with more fields (`, field: value`).
+fn http_sink_with(receiver: &Receiver, secrets: &TestDir, name: &str, more: &str) -> [String; 2] {
     let token = secrets.path.join(format!("{name}.token"));
     std::fs::write(&token, format!("{}\n", receiver::TOKEN)).unwrap();
     let token = token.display();
     let url = receiver.url();
-    sink(match receiver.api {
+    let [flag, yaml] = sink(match receiver.api {
         Api::SplunkHec => {
             format!("{{name: {name}, type: splunkHec, url: '{url}', tokenFile: {token}}}")
         }
@@ -121,11 +147,11 @@ fn http_sink(receiver: &Receiver, secrets: &TestDir, name: &str) -> [String; 2] 
              stream: Custom-Tollgate_CL, tokenFile: {token}}}"
         ),
         Api::ElasticBulk => {
-            format!(
-                "{{name: {name}, type: elasticBulk, url: '{url}', apiKeyFile: {token}, format: json}}"
-            )
+            format!("{{name: {name}, type: elasticBulk, url: '{url}', apiKeyFile: {token}}}")
         }
-    })
+    });
+    let fields = yaml.strip_suffix('}').unwrap();
+    [flag, format!("{fields}{more}}}")]
 }
 
 #[test]
@@ -279,6 +305,218 @@ fn http_sinks_deliver_every_record_once_and_in_order_through_outages() {
     }
     assert!(value("tollgate_export_send_failures_total", "splunk") > 0);
     assert!(value("tollgate_export_send_failures_total", "azure") > 0);
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn splunk_acknowledgements_are_awaited_and_an_invalid_event_loses_only_itself() {
+    let mut env = TestEnv::new("export-hec");
+    let host = env.add_host(53, &[8080, 8081]).v4;
+    let secrets = TestDir::new("export-hec-secrets");
+    // A token with indexer acknowledgement: requests need a channel, and
+    // each batch is indexed once its ackId is acknowledged (after 2 polls).
+    let acked = Receiver::start(Api::SplunkHec);
+    acked.require_ack(2);
+    // HEC refuses three events as invalid, wherever they fall in a batch.
+    let picky = Receiver::start(Api::SplunkHec);
+    let invalid = [5, 50, 51];
+    picky.refuse_seqs(invalid);
+    let policy = TempFile::new(
+        "export-hec.yaml",
+        &host_policy("web-only", &env.cgroup.relative, "enforce", host),
+    );
+    let agent = start(
+        &env,
+        &policy,
+        &[
+            http_sink_with(&acked, &secrets, "splunk-ack", ", index: tollgate"),
+            http_sink(&picky, &secrets, "splunk-picky"),
+        ],
+    );
+    denied_connections(&env, host, 100);
+
+    assert_eq!(check_complete(&agent, &acked, 1, 100), 0);
+
+    let view = |events: &[Value]| -> (Vec<u64>, u64) {
+        let seqs = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+        let rejected = events
+            .iter()
+            .filter(|e| e["type"] == "loss")
+            .inspect(|e| assert_eq!(e["reason"], "rejected", "{e}"))
+            .map(|e| e["count"].as_u64().unwrap())
+            .sum();
+        (seqs, rejected)
+    };
+    wait_until(|| {
+        let (seqs, rejected) = view(&picky.events());
+        seqs.len() + rejected as usize >= 100
+    });
+    let (seqs, rejected) = view(&picky.events());
+    let expected: Vec<u64> = (1..=100).filter(|seq| !invalid.contains(seq)).collect();
+    assert_eq!(seqs, expected, "every valid record once, in order");
+    assert_eq!(rejected, 3, "the invalid ones reported rejected");
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn azure_bodies_stay_under_the_limit_and_one_refused_as_too_large_is_split() {
+    let mut env = TestEnv::new("export-azure-size");
+    let host = env.add_host(54, &[8080, 8081]).v4;
+    let secrets = TestDir::new("export-azure-size-secrets");
+    // The documented 1 MB; and a receiver taking far less, so that only
+    // splitting after 413s gets records through.
+    let mut roomy = Receiver::start(Api::AzureLogsIngestion);
+    let mut tight = Receiver::start(Api::AzureLogsIngestion);
+    tight.limit_body(20_000);
+    let policy = TempFile::new(
+        "export-azure-size.yaml",
+        &host_policy("web-only", &env.cgroup.relative, "enforce", host),
+    );
+    // Batches bounded by bytes only: 2,000 records of about 1 kB are
+    // spooled while the receivers are away, and go in batches of 1 MiB.
+    let batch = ", batchRecords: 5000, gzip: false";
+    roomy.go_away();
+    tight.go_away();
+    let agent = start(
+        &env,
+        &policy,
+        &[
+            http_sink_with(&roomy, &secrets, "azure-roomy", batch),
+            http_sink_with(&tight, &secrets, "azure-tight", batch),
+        ],
+    );
+    denied_connections(&env, host, 2000);
+    roomy.come_back();
+    tight.come_back();
+
+    assert_eq!(check_complete(&agent, &roomy, 1, 2000), 0);
+    assert_eq!(roomy.too_large(), 0, "bodies are cut below 1 MB");
+    assert!(roomy.requests() >= 3, "{} requests", roomy.requests());
+    assert_eq!(check_complete(&agent, &tight, 1, 2000), 0);
+    assert!(tight.too_large() > 0);
+}
+
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn elastic_documents_index_cleanly_into_logs_data_streams_at_their_own_time() {
+    let mut env = TestEnv::new("export-elastic");
+    let host = env.add_host(55, &[8080, 8081]).v4;
+    let secrets = TestDir::new("export-elastic-secrets");
+    let mut elastic = Receiver::start(Api::ElasticBulk);
+    // A pod labelled both `app` and `app.kubernetes.io/name`: in a
+    // dynamic mapping the first is a value, the second makes `app` an
+    // object.
+    let api = FakeApiServer::start();
+    api.put(namespace("prod", &[]));
+    let pod = SimPod::new(
+        &env,
+        1,
+        "prod",
+        "payments",
+        "payments",
+        Layout::Systemd(Some("burstable"), "cri-containerd"),
+    );
+    pod.make_cgroup(&env);
+    let mut object = pod.object.clone();
+    object["metadata"]["labels"]["app.kubernetes.io/name"] = json!("payments");
+    api.put(object);
+    let kubeconfig = TempFile::new("export-elastic.kubeconfig", &api.kubeconfig());
+    let policy = TempFile::new(
+        "export-elastic.yaml",
+        &format!(
+            "apiVersion: policy.tollgate.dev/v1alpha1
+kind: EgressPolicy
+metadata:
+  name: payments-web
+  namespace: prod
+spec:
+  podSelector:
+    matchLabels: {{app: payments}}
+  mode: enforce
+  egress:
+  - name: web
+    to: [{{cidr: {host}/32}}]
+    ports: [{{port: 8080, protocol: TCP}}]
+"
+        ),
+    );
+    // Records wait in the spool first, so the time of indexing is not
+    // theirs.
+    elastic.go_away();
+    let agent = start(
+        &env,
+        &policy,
+        &[
+            http_sink_with(
+                &elastic,
+                &secrets,
+                "elastic-ecs",
+                ", index: logs-tollgate-ecs",
+            ),
+            http_sink_with(
+                &elastic,
+                &secrets,
+                "elastic-ocsf",
+                ", format: ocsf, index: logs-tollgate-ocsf",
+            ),
+            ["--kubeconfig".into(), kubeconfig.path.display().to_string()],
+            ["--allowed-report-interval".into(), "0".into()],
+        ],
+    );
+    agent.wait_until_logged(
+        &["listed kind=\"pods\"", "listed kind=\"namespaces\""],
+        WAIT,
+    );
+    pod.wait_until_in_datapath(&env);
+    // Every record is the pod's: three allowed, three denied.
+    for port in [8080, 8080, 8080, 8081, 8081, 8081] {
+        pod.connect(&env, host, port).ok();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    elastic.come_back();
+
+    wait_until(|| {
+        ["logs-tollgate-ecs", "logs-tollgate-ocsf"]
+            .iter()
+            .all(|index| elastic.documents(index).len() >= 6)
+            || !elastic.refused().is_empty()
+    });
+    assert_eq!(elastic.refused(), Vec::<String>::new());
+    assert_eq!(elastic.malformed(), Vec::<String>::new());
+    let ecs = elastic.documents("logs-tollgate-ecs");
+    let ocsf = elastic.documents("logs-tollgate-ocsf");
+    let sequence = |docs: &[Value], pointer: &str| -> Vec<u64> {
+        docs.iter()
+            .filter_map(|d| d.pointer(pointer)?.as_u64())
+            .collect()
+    };
+    assert_eq!(
+        sequence(&ecs, "/event/sequence"),
+        (1..=6).collect::<Vec<_>>(),
+        "{ecs:#?}; the agent logged {:#?}",
+        agent.log_so_far()
+    );
+    assert_eq!(
+        sequence(&ocsf, "/unmapped/seq"),
+        (1..=6).collect::<Vec<_>>(),
+        "{ocsf:#?}; the agent logged {:#?}",
+        agent.log_so_far()
+    );
+    for docs in [&ecs, &ocsf] {
+        assert!(
+            docs.iter()
+                .any(|d| d.to_string().contains("app.kubernetes.io/name")),
+            "the pod's labels are in: {docs:#?}"
+        );
+    }
+    // Each document's @timestamp is its record's time (to the millisecond,
+    // OCSF's `time`), not the time of indexing a second later.
+    for doc in &ocsf {
+        let millis = doc["time"].as_i64().unwrap();
+        let time = tollgate_agent::flow::rfc3339_nanos(i128::from(millis) * 1_000_000);
+        let stamp = doc["@timestamp"].as_str().unwrap();
+        assert_eq!(stamp[..23], time[..23], "{doc}");
+    }
 }
 
 #[test]
