@@ -859,6 +859,60 @@ mod tests {
     }
 
     #[test]
+    fn unused_rules_are_those_never_hit_or_last_hit_before_the_age() {
+        let rule = |name: &str, id: u32| SavedRule {
+            policy: "p".into(),
+            rule: Some(name.into()),
+            action: "allow".into(),
+            source: "local".into(),
+            id,
+        };
+        let saved = [rule("never", 1), rule("old", 2), rule("recent", 3)];
+        let now = crate::datapath::monotonic_to_unix_ns(1).unwrap();
+        let stats = super::rule_stats(&saved, Some("p"), |ids| {
+            assert_eq!(ids, [1, 2, 3]);
+            Ok(BTreeMap::from([
+                (
+                    2,
+                    RuleHitCount {
+                        allowed: 1,
+                        last_hit_ns: 1,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    3,
+                    RuleHitCount {
+                        denied: 1,
+                        // Monotonic time 1 s past the "old" hit's.
+                        last_hit_ns: 1_000_000_001,
+                        ..Default::default()
+                    },
+                ),
+            ]))
+        })
+        .unwrap();
+        assert_eq!(stats.len(), 3);
+        assert_eq!(stats[0].hits, RuleHitCount::default());
+        let unused = |seconds: u64, now: u64| -> Vec<String> {
+            super::unused_for(stats.clone(), seconds, now)
+                .into_iter()
+                .map(|s| s.rule.rule.unwrap())
+                .collect()
+        };
+        assert_eq!(unused(0, now), ["never", "old", "recent"], "0: every rule");
+        // 0.5 s after `recent`'s hit, 1.5 s after `old`'s.
+        let later = now + 1_500_000_000;
+        assert_eq!(unused(1, later), ["never", "old"]);
+        assert_eq!(unused(2, later), ["never"]);
+        assert!(
+            super::rule_stats(&saved, Some("q"), |_| Ok(BTreeMap::new()))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn attribution_gives_policy_rule_and_source_in_one_lookup() {
         let mut enforcer = Enforcer::new(
             Path::new("/nonexistent"),
