@@ -200,14 +200,22 @@ fn addon_problems(
             problems.push(format!("[{sourcetype}] needs KV_MODE = json"));
         }
         let mut available: BTreeSet<String> = fields.keys().cloned().collect();
+        // Fields an EVAL or alias would overwrite: the record's own value
+        // would no longer be searchable.
+        let mut hidden = Vec::new();
         for (key, value) in settings {
             let reads = match PROPS_CLASSES.iter().find(|class| key.starts_with(*class)) {
                 Some(&"EVAL-") => {
-                    available.insert(key["EVAL-".len()..].to_owned());
+                    let target = &key["EVAL-".len()..];
+                    hidden.extend(fields.contains_key(target).then(|| target.to_owned()));
+                    available.insert(target.to_owned());
                     eval_fields(value)
                 }
                 Some(&"FIELDALIAS-") => field_aliases(value).map(|aliases| {
-                    available.extend(aliases.iter().map(|(_, to)| to.clone()));
+                    for (_, to) in &aliases {
+                        hidden.extend(fields.contains_key(to).then(|| to.clone()));
+                        available.insert(to.clone());
+                    }
                     aliases.into_iter().map(|(from, _)| from).collect()
                 }),
                 Some(_) => lookup_problems(confs, value, &fields, lookup, &mut available),
@@ -226,6 +234,11 @@ fn addon_problems(
                 }
                 Err(e) => problems.push(format!("[{sourcetype}] {key}: {e}")),
             }
+        }
+        for field in hidden {
+            problems.push(format!(
+                "[{sourcetype}] sets {field}, which hides the {record_type} record's own {field}"
+            ));
         }
         for (model_type, eventtype, cim_fields, tags) in CIM {
             if model_type != *record_type {
@@ -509,6 +522,18 @@ mod tests {
                 "bare word src",
             ),
             ("props", "EVAL-app = 'src.comm'", "", "lacks CIM field app"),
+            (
+                "props",
+                "EVAL-app = 'src.comm'",
+                "EVAL-protocol = \"ip\"",
+                "sets protocol, which hides the flow record's own protocol",
+            ),
+            (
+                "props",
+                "query_type AS record_type",
+                "query_type AS rcode",
+                "sets rcode, which hides the dns record's own rcode",
+            ),
             (
                 "props",
                 "dst.ip AS dest_ip",
