@@ -69,7 +69,7 @@ fi
 # Kusto.Language, the KQL parser of Azure Data Explorer and Log Analytics
 # compiled to JavaScript (npm @kusto/language-service-next 12.4.1, MIT,
 # 3.5 MB, the tarball pinned by its hash): `cargo xtask lint` analyzes the
-# Sentinel queries and the DCR transformation with it (xtask/src/siem.rs).
+# Sentinel queries and the DCR transformation with it (xtask/src/siem/).
 kusto=/usr/local/share/kusto-language-service-next-12.4.1
 if [ ! -f "$kusto/Kusto.Language.Bridge.js" ]; then
   log "installing Kusto.Language (npm @kusto/language-service-next 12.4.1)"
