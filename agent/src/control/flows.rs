@@ -218,7 +218,7 @@ pub fn to_api(record: &FlowRecord) -> Flow {
         dst: Some(FlowDestination {
             ip: record.dst.ip.to_string(),
             port: u32::from(record.dst.port),
-            fqdn: None,
+            fqdn: record.dst.fqdn.map(str::to_owned),
         }),
         policy: record.policy.map(str::to_owned),
         policy_source: record.policy_source.map(str::to_owned),
