@@ -177,8 +177,11 @@ impl Recording {
 
     /// Adds flows as `StreamFlows` sends them. These carry no interval
     /// count: each stands for one connection.
-    pub fn add_api_flows(&mut self, flows: &[api::Flow]) -> Result<(), ReadError> {
-        for (index, flow) in flows.iter().enumerate() {
+    pub fn add_api_flows<'a>(
+        &mut self,
+        flows: impl IntoIterator<Item = &'a api::Flow>,
+    ) -> Result<(), ReadError> {
+        for (index, flow) in flows.into_iter().enumerate() {
             let src = flow.src.clone().unwrap_or_default();
             let dst = flow.dst.clone().unwrap_or_default();
             let line = FlowLine {

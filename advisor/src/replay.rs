@@ -188,21 +188,59 @@ fn decide(
     }
 }
 
+/// The report as the API gives it (`FlowService.DryRun`).
+pub fn to_api(report: &Report) -> api::DryRunReport {
+    let decision = |decision: &Decision| api::FlowDecision {
+        effect: match decision.effect {
+            Effect::Allowed => "allowed".into(),
+            Effect::Denied => "denied".into(),
+        },
+        policy: decision.policy.clone(),
+        rule: decision.rule.clone(),
+    };
+    let changes = |changes: &[Change]| {
+        changes
+            .iter()
+            .map(|change| api::FlowChange {
+                workload: change.workload.to_string(),
+                protocol: protocol_name(change.protocol).into_owned(),
+                ip: change.ip.to_string(),
+                port: change.port.into(),
+                names: change.names.clone(),
+                was: Some(decision(&change.was)),
+                would_be: Some(decision(&change.would_be)),
+                count: change.count,
+            })
+            .collect()
+    };
+    api::DryRunReport {
+        flows: report.flows,
+        connections: report.connections,
+        newly_denied: changes(&report.newly_denied),
+        newly_allowed: changes(&report.newly_allowed),
+    }
+}
+
+/// The connections that went through and would be denied.
+pub fn newly_denied(report: &api::DryRunReport) -> u64 {
+    report.newly_denied.iter().map(|c| c.count).sum()
+}
+
 /// The report as text: per workload, each change with its count, the
 /// decision recorded and the one the candidates would make.
-pub fn describe(report: &Report) -> String {
+pub fn describe(report: &api::DryRunReport) -> String {
     let mut out = format!(
         "replayed {} flow records ({} connections): {} would be newly denied, {} newly allowed\n",
         report.flows,
         report.connections,
-        report.newly_denied.iter().map(|c| c.count).sum::<u64>(),
+        newly_denied(report),
         report.newly_allowed.iter().map(|c| c.count).sum::<u64>(),
     );
     for (heading, changes) in [
         ("newly denied", &report.newly_denied),
         ("newly allowed", &report.newly_allowed),
     ] {
-        let mut by_workload: BTreeMap<&Workload, Vec<&Change>> = BTreeMap::new();
+        let mut by_workload: BTreeMap<&str, Vec<&api::FlowChange>> = BTreeMap::new();
         for change in changes {
             by_workload
                 .entry(&change.workload)
@@ -214,11 +252,11 @@ pub fn describe(report: &Report) -> String {
             for change in changes {
                 out.push_str(&format!(
                     "  {} {} x{}: was {}, would be {}\n",
-                    protocol_name(change.protocol),
+                    change.protocol,
                     destination(change),
                     change.count,
-                    decision(&change.was),
-                    decision(&change.would_be),
+                    decision(change.was.as_ref()),
+                    decision(change.would_be.as_ref()),
                 ));
             }
         }
@@ -226,10 +264,11 @@ pub fn describe(report: &Report) -> String {
     out
 }
 
-fn destination(change: &Change) -> String {
-    let address = match change.ip {
-        IpAddr::V4(ip) => format!("{ip}:{}", change.port),
-        IpAddr::V6(ip) => format!("[{ip}]:{}", change.port),
+fn destination(change: &api::FlowChange) -> String {
+    let address = if change.ip.contains(':') {
+        format!("[{}]:{}", change.ip, change.port)
+    } else {
+        format!("{}:{}", change.ip, change.port)
     };
     match &change.names {
         Some(names) => format!("{address} ({names})"),
@@ -237,14 +276,11 @@ fn destination(change: &Change) -> String {
     }
 }
 
-fn decision(decision: &Decision) -> String {
-    let effect = match decision.effect {
-        Effect::Allowed => "allowed",
-        Effect::Denied => "denied",
-    };
+fn decision(decision: Option<&api::FlowDecision>) -> String {
+    let decision = decision.cloned().unwrap_or_default();
     match &decision.policy {
-        Some(policy) => format!("{effect} by {policy}/{}", decision.rule),
-        None => format!("{effect} (no policy)"),
+        Some(policy) => format!("{} by {policy}/{}", decision.effect, decision.rule),
+        None => format!("{} (no policy)", decision.effect),
     }
 }
 

@@ -4,7 +4,9 @@
 //! suggest` makes a policy of that recording; enforced, the policy lets
 //! every recorded connection through and refuses others; and `tollgatectl
 //! dry-run` of the policy without one rule reports exactly the
-//! connections that rule allowed, with a failing exit status.
+//! connections that rule allowed, with a failing exit status, and the
+//! agent's own dry run of its recent flows answers as tollgatectl does
+//! from a file of the same flows.
 //!
 //! These tests need root and the BPF object: `cargo xtask test` runs them.
 
@@ -118,10 +120,8 @@ fn a_suggested_policy_enforced_allows_what_was_recorded_and_nothing_else() {
     // Four queries and four connections to names, three to the address.
     let seen = recorded(&records, 11, 4);
     // The recording as it stands: later phases add records to the file.
-    let recording = TempFile::new(
-        "suggest-recording.jsonl",
-        &std::fs::read_to_string(&records).unwrap(),
-    );
+    let recording_text = std::fs::read_to_string(&records).unwrap();
+    let recording = TempFile::new("suggest-recording.jsonl", &recording_text);
     let flows_to = |ip: &str, port: u16| {
         seen.iter()
             .filter(|r| r["type"] == "flow" && r["dst"]["ip"] == ip && r["dst"]["port"] == port)
@@ -158,6 +158,69 @@ fn a_suggested_policy_enforced_allows_what_was_recorded_and_nothing_else() {
         suggested.contains("  # 3 connections, first "),
         "the evidence of each rule:\n{suggested}"
     );
+
+    // Without the rule for the direct address, a dry run reports exactly
+    // the connections that rule allowed, and fails: the agent's own
+    // replay of its recent flows, and later one of the recording.
+    let mut without = documents[0].policy.clone();
+    let spec = without.spec.as_mut().unwrap();
+    spec.egress
+        .retain(|rule| rule.name != format!("to-{direct}/32"));
+    let candidate = TempFile::new(
+        "suggest-candidate.yaml",
+        &serde_yaml_ng::to_string(&without).unwrap(),
+    );
+    let expected = [
+        format!("cgroup {app_path}: newly denied"),
+        format!(
+            "  tcp {direct}:{WEB} x3: was allowed (no policy), would be denied by cgroup-{}-app-egress/default",
+            env.cgroup.relative.trim_start_matches('/')
+        ),
+    ];
+    let dry_run_fails = |args: &[&str]| {
+        let run = env.ctl(args);
+        let stdout = run.stdout.clone();
+        let stderr = run.failed();
+        assert!(
+            stderr.contains("3 recorded connections that went through would be denied"),
+            "{stdout}{stderr}"
+        );
+        let changes: Vec<&str> = stdout.lines().skip(1).collect();
+        assert_eq!(changes, expected, "{stdout}");
+    };
+    // The agent replays its recent flows itself (DryRun) as tollgatectl
+    // replays the same flows from a file: those carry no DNS records, so
+    // names are known only where the agent put them in dst.fqdn.
+    let flows_only = TempFile::new(
+        "suggest-flows-only.jsonl",
+        &recording_text
+            .lines()
+            .filter(|line| line.starts_with(r#"{"type":"flow""#))
+            .map(|line| format!("{line}\n"))
+            .collect::<String>(),
+    );
+    let by_agent = env.ctl(&["dry-run", "-f", candidate.path.to_str().unwrap()]);
+    let from_file = env.ctl(&[
+        "dry-run",
+        "-f",
+        candidate.path.to_str().unwrap(),
+        "--from-file",
+        flows_only.path.to_str().unwrap(),
+    ]);
+    assert_eq!(by_agent.stdout, from_file.stdout);
+    assert!(
+        by_agent
+            .stdout
+            .starts_with("replayed 11 flow records (11 connections): "),
+        "{}",
+        by_agent.stdout
+    );
+    assert!(
+        by_agent.stdout.contains(&expected[1]),
+        "{}",
+        by_agent.stdout
+    );
+    assert!(!by_agent.success && !from_file.success);
 
     // Enforced, the suggestion allows the workload everything it did...
     let enforced = TempFile::new(
@@ -197,41 +260,12 @@ fn a_suggested_policy_enforced_allows_what_was_recorded_and_nothing_else() {
         "{report}"
     );
 
-    // ...and without the rule for the direct address it reports exactly
-    // the connections that rule allowed, and fails.
-    let mut without = documents[0].policy.clone();
-    let spec = without.spec.as_mut().unwrap();
-    spec.egress
-        .retain(|rule| rule.name != format!("to-{direct}/32"));
-    let candidate = TempFile::new(
-        "suggest-candidate.yaml",
-        &serde_yaml_ng::to_string(&without).unwrap(),
-    );
-    let failing = env.ctl(&[
+    dry_run_fails(&[
         "dry-run",
         "-f",
         candidate.path.to_str().unwrap(),
         "--from-file",
         recording.path.to_str().unwrap(),
     ]);
-    let stdout = failing.stdout.clone();
-    let stderr = failing.failed();
-    assert!(
-        stderr.contains("3 recorded connections that went through would be denied"),
-        "{stderr}"
-    );
-    let changes: Vec<&str> = stdout.lines().skip(1).collect();
-    assert_eq!(
-        changes,
-        [
-            format!("cgroup {app_path}: newly denied").as_str(),
-            format!(
-                "  tcp {direct}:{WEB} x3: was allowed (no policy), would be denied by cgroup-{}-app-egress/default",
-                env.cgroup.relative.trim_start_matches('/')
-            )
-            .as_str(),
-        ],
-        "{stdout}"
-    );
     agent.terminate();
 }

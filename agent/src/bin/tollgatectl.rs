@@ -517,7 +517,8 @@ async fn read_recording(
 }
 
 /// `tollgatectl dry-run`: the report on stdout; an error (exit status 1)
-/// when anything that went through would be denied.
+/// when anything that went through would be denied. Without record files
+/// the agent replays its recent flows itself (`DryRun`).
 async fn dry_run(
     files: &[PathBuf],
     args: &RecordingArgs,
@@ -526,27 +527,41 @@ async fn dry_run(
     tls: &ClientTls,
 ) -> anyhow::Result<()> {
     let candidates = policy_files::load(files)?;
-    let in_force = if beside {
-        PolicyServiceClient::new(connect(agent, tls).await?)
-            .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
-            .list_policies(api::ListPoliciesRequest {})
+    let report = if args.record_files.is_empty() {
+        let request = api::DryRunRequest {
+            policies: candidates,
+            beside,
+            since_seconds: u32::try_from(args.since.as_secs()).unwrap_or(u32::MAX),
+        };
+        FlowServiceClient::new(connect(agent, tls).await?)
+            .max_encoding_message_size(server::MAX_MESSAGE_BYTES)
+            .dry_run(request)
             .await
             .map_err(failed)?
             .into_inner()
-            .policies
     } else {
-        Vec::new()
+        let in_force = if beside {
+            PolicyServiceClient::new(connect(agent, tls).await?)
+                .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
+                .list_policies(api::ListPoliciesRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .policies
+        } else {
+            Vec::new()
+        };
+        let policies = replay::candidate_set(&in_force, &candidates).map_err(|errors| {
+            anyhow::anyhow!(
+                "the candidates and the policies in force do not make a valid set:\n{}",
+                tollgate_policy::document::describe(&errors)
+            )
+        })?;
+        let recording = read_recording(args, agent, tls).await?;
+        replay::to_api(&replay::replay(&recording, &policies))
     };
-    let policies = replay::candidate_set(&in_force, &candidates).map_err(|errors| {
-        anyhow::anyhow!(
-            "the candidates and the policies in force do not make a valid set:\n{}",
-            tollgate_policy::document::describe(&errors)
-        )
-    })?;
-    let recording = read_recording(args, agent, tls).await?;
-    let report = replay::replay(&recording, &policies);
     print!("{}", replay::describe(&report));
-    let denied: u64 = report.newly_denied.iter().map(|c| c.count).sum();
+    let denied = replay::newly_denied(&report);
     if denied > 0 {
         anyhow::bail!("{denied} recorded connections that went through would be denied");
     }

@@ -7,6 +7,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{
     Stream, StreamExt, wrappers::BroadcastStream, wrappers::errors::BroadcastStreamRecvError,
 };
+use tollgate_advisor::{recording::Recording, replay};
 use tollgate_proto::v1::{
     self as api, agent_service_server::AgentService, flow_service_server::FlowService,
     policy_service_server::PolicyService,
@@ -259,6 +260,34 @@ impl FlowService for Api {
                 ))),
             });
             Ok(Response::new(Box::pin(past.chain(live)) as FlowStream))
+        })
+        .await
+    }
+
+    async fn dry_run(
+        &self,
+        request: Request<api::DryRunRequest>,
+    ) -> Result<Response<api::DryRunReport>, Status> {
+        self.observed("DryRun", async {
+            let request = request.into_inner();
+            let in_force = if request.beside {
+                self.ask(Command::List).await?.policies
+            } else {
+                Vec::new()
+            };
+            let policies =
+                replay::candidate_set(&in_force, &request.policies).map_err(|errors| {
+                    Status::invalid_argument(tollgate_policy::document::describe(&errors))
+                })?;
+            let (recent, _) = self
+                .flows
+                .subscribe(Duration::from_secs(u64::from(request.since_seconds)));
+            let mut recording = Recording::default();
+            recording
+                .add_api_flows(recent.iter().map(|flow| &**flow))
+                .map_err(|e| Status::internal(format!("a recent flow record: {e}")))?;
+            let report = replay::replay(&recording, &policies);
+            Ok(Response::new(replay::to_api(&report)))
         })
         .await
     }
