@@ -48,7 +48,7 @@ struct CoreTest {
 /// What every kernel runs. Software emulation makes a test some ten times
 /// slower than on the host, so this is one test per thing an old kernel can
 /// break, not the suite.
-const CORE_TESTS: [CoreTest; 13] = [
+const CORE_TESTS: [CoreTest; 14] = [
     // Every program loads and the verifier's work stays within budget.
     CoreTest {
         target: "fqdn",
@@ -113,6 +113,12 @@ const CORE_TESTS: [CoreTest; 13] = [
     CoreTest {
         target: "pods",
         name: "a_pods_packet_sockets_reach_no_denied_destination",
+    },
+    // Per-rule hit counts: the per-CPU slot by rule id, exact by verdict,
+    // across a switch and a restart, readable from the pin.
+    CoreTest {
+        target: "rules",
+        name: "rules_count_their_hits_exactly_across_switches_and_restarts",
     },
     // A refused DNS parser: the agent still enforces, says so, and learns
     // names through the fallback program.
