@@ -20,12 +20,13 @@ use std::{
 
 use ipnet::IpNet;
 use tollgate_common::protocol;
-use tollgate_policy::model::FqdnPattern;
+use tollgate_policy::{
+    model::FqdnPattern,
+    validate::{API_VERSION, CLUSTER_KIND, KIND},
+};
 use tollgate_proto::v1 as api;
 
 use crate::recording::{Evidence, Flow, Recording, Workload};
-
-pub const API_VERSION: &str = "policy.tollgate.dev/v1alpha1";
 
 /// Rules a cluster resource may have (docs/policies.md, "Validation").
 const CLUSTER_RULE_LIMIT: usize = 64;
@@ -201,22 +202,27 @@ fn workload_policy(
         egress,
         ..Default::default()
     };
-    match selector {
+    // A namespace's EgressPolicy for pods; host cgroups need a
+    // ClusterEgressPolicy to be a cluster resource (and either kind is a
+    // local policy).
+    let kind = match selector {
         WorkloadSelector::Pods(labels) => {
             spec.pod_selector = Some(api::LabelSelector {
                 match_labels: labels.into_iter().collect(),
                 match_expressions: vec![],
-            })
+            });
+            KIND
         }
         WorkloadSelector::Cgroup(path) => {
-            spec.cgroup_selector = Some(api::CgroupSelector { paths: vec![path] })
+            spec.cgroup_selector = Some(api::CgroupSelector { paths: vec![path] });
+            CLUSTER_KIND
         }
-    }
+    };
     Ok(Suggestion {
         workload: workload.clone(),
         policy: api::EgressPolicy {
             api_version: API_VERSION.into(),
-            kind: "EgressPolicy".into(),
+            kind: kind.into(),
             metadata: Some(metadata),
             spec: Some(spec),
         },

@@ -10,7 +10,11 @@ use std::{
 
 use ipnet::IpNet;
 use proptest::prelude::*;
-use tollgate_policy::{document::parse_documents, model::FqdnPattern, validate::validate_all};
+use tollgate_policy::{
+    document::parse_documents,
+    model::FqdnPattern,
+    validate::{validate_all, validate_resource},
+};
 
 use crate::{
     recording::{Answer, Evidence, Flow, Recording, Source, SourceKind, Verdict, Workload},
@@ -164,6 +168,14 @@ fn suggested_policies(
     let policies = validate_all(&documents).unwrap_or_else(|errors| {
         panic!("{}\n{text}", tollgate_policy::document::describe(&errors))
     });
+    for document in &documents {
+        if let Err(errors) = validate_resource(document) {
+            panic!(
+                "not a cluster resource: {}\n{text}",
+                tollgate_policy::document::describe(&errors)
+            );
+        }
+    }
     (text, policies)
 }
 
@@ -345,4 +357,8 @@ fn a_suggestion_reads_as_a_commented_policy() {
         "{text}"
     );
     assert!(text.contains("mode: observe"), "{text}");
+    assert!(
+        text.contains("kind: ClusterEgressPolicy"),
+        "a host's: {text}"
+    );
 }
