@@ -315,7 +315,7 @@ impl HttpSender {
         let mut progress = Progress::new(self.api.parts(records));
         while let Some(part) = progress.next_part() {
             let answer = match self.post(&records[part.clone()]).await {
-                Answer::Pending { ack_id } => self.acknowledged(ack_id).await,
+                Answer::Pending { ack_id } => self.acknowledged(ack_id, ACK_TIMEOUT).await,
                 answer => answer,
             };
             if let Some(refused) = progress.answered(part, answer)? {
@@ -413,14 +413,14 @@ impl HttpSender {
     }
 
     /// Asks HEC until `ack_id` is indexed: taken then; not acknowledged
-    /// within `ACK_TIMEOUT`, the part is sent again (HEC keeps no ids, so
-    /// what was indexed but not acknowledged in time comes twice).
-    async fn acknowledged(&mut self, ack_id: u64) -> Answer {
+    /// within `timeout`, the part is sent again (HEC keeps no ids, so what
+    /// was indexed but not acknowledged in time comes twice).
+    async fn acknowledged(&mut self, ack_id: u64, timeout: Duration) -> Answer {
         let (Some(channel), HttpApi::SplunkHec { token_file, .. }) = (&self.hec_channel, &self.api)
         else {
             return Answer::retry("an acknowledgement id from an API without them");
         };
-        let deadline = Instant::now() + ACK_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         let mut wait = FIRST_ACK_POLL;
         let mut last_problem = String::from("not indexed yet");
         loop {
@@ -443,7 +443,7 @@ impl HttpSender {
             }
             if Instant::now() + wait > deadline {
                 return Answer::retry(format!(
-                    "HEC did not acknowledge id {ack_id} within {ACK_TIMEOUT:?} ({last_problem}); sending again"
+                    "HEC did not acknowledge id {ack_id} within {timeout:?} ({last_problem}); sending again"
                 ));
             }
             wait = (wait * 2).min(MAX_ACK_POLL);
@@ -1025,6 +1025,47 @@ mod tests {
         assert_eq!(
             HttpApi::hec_ack_url("https://splunk:8088/services/collector/event?x=1").unwrap(),
             "https://splunk:8088/services/collector/ack"
+        );
+    }
+
+    /// HEC's acknowledgement endpoint on a loopback port: id 7 is indexed
+    /// once asked about twice, any other never.
+    #[tokio::test]
+    async fn an_acknowledgement_is_awaited_and_one_that_never_comes_means_sending_again() {
+        use axum::{http::HeaderMap, routing::post};
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ack = {
+            let asked = asked.clone();
+            post(move |headers: HeaderMap, body: String| async move {
+                assert!(headers.contains_key("x-splunk-request-channel"));
+                assert_eq!(headers["authorization"], "Splunk secret");
+                let query: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let id = query["acks"][0].as_u64().unwrap();
+                let n = asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                axum::Json(serde_json::json!({"acks": {id.to_string(): id == 7 && n >= 1}}))
+            })
+        };
+        // As main does; another test may have done it already.
+        let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+        let app = axum::Router::new().route("/services/collector/ack", ack);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let token_file = std::env::temp_dir().join(format!("hec-token-{}", std::process::id()));
+        std::fs::write(&token_file, "secret\n").unwrap();
+        let api = HttpApi::SplunkHec {
+            url: format!("http://{addr}/services/collector/event"),
+            token_file: token_file.clone(),
+            index: None,
+        };
+        let mut sender = HttpSender::new("hec", api, false, None).unwrap();
+        let taken = sender.acknowledged(7, Duration::from_secs(10)).await;
+        let never = sender.acknowledged(8, Duration::from_millis(500)).await;
+        std::fs::remove_file(token_file).unwrap();
+        assert_eq!(taken, Answer::Taken { rejected: 0 });
+        assert!(
+            matches!(&never, Answer::Retry { reason, .. } if reason.contains("did not acknowledge id 8")),
+            "{never:?}"
         );
     }
 
