@@ -18,7 +18,7 @@ use tollgate_policy::{
 
 use crate::{
     recording::{Answer, Evidence, Flow, Recording, Source, SourceKind, Verdict, Workload},
-    replay::{Effect, decisions, replay},
+    replay::{Effect, candidate_set, decisions, replay},
     suggest::{Options, collapse_names, cover_addresses, is_internal, render, suggest},
 };
 
@@ -361,4 +361,28 @@ fn a_suggestion_reads_as_a_commented_policy() {
         text.contains("kind: ClusterEgressPolicy"),
         "a host's: {text}"
     );
+}
+
+#[test]
+fn candidates_replace_the_policies_of_their_name_beside_the_others() {
+    let policy = |name: &str, cidr: &str| {
+        let text = format!(
+            "apiVersion: policy.tollgate.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: {name}}}\nspec:\n  cgroupSelector: {{paths: [/app]}}\n  egress: [{{to: [{{cidr: {cidr}}}]}}]\n"
+        );
+        parse_documents(name, &text).unwrap().remove(0).policy
+    };
+    let in_force = [policy("a", "10.0.0.0/8"), policy("b", "10.1.0.0/16")];
+    let set = candidate_set(&in_force, &[policy("b", "10.2.0.0/16")]).unwrap();
+    let rules: Vec<String> = set
+        .iter()
+        .map(|p| format!("{} {:?}", p.key, p.rules[0].to))
+        .collect();
+    assert_eq!(set.len(), 2, "{rules:?}");
+    assert!(
+        rules[1].starts_with("b ") && rules[1].contains("10.2.0.0/16"),
+        "{rules:?}"
+    );
+
+    let errors = candidate_set(&in_force, &[policy("c", "10.0.0.0/33")]).unwrap_err();
+    assert_eq!(errors[0].document.source, "candidates", "{errors:?}");
 }

@@ -221,6 +221,18 @@ fn a_suggested_policy_enforced_allows_what_was_recorded_and_nothing_else() {
         by_agent.stdout
     );
     assert!(!by_agent.success && !from_file.success);
+    // And suggest reads the agent's recent flows as it reads them from a file.
+    assert_eq!(
+        env.ctl(&["suggest", "--collapse-threshold", "3"]).ok(),
+        env.ctl(&[
+            "suggest",
+            "--from-file",
+            flows_only.path.to_str().unwrap(),
+            "--collapse-threshold",
+            "3",
+        ])
+        .ok()
+    );
 
     // Enforced, the suggestion allows the workload everything it did...
     let enforced = TempFile::new(
