@@ -19,7 +19,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use tollgate_common::protocol;
+use tollgate_common::{MAX_PORT_RULES, protocol};
 use tollgate_policy::{
     model::FqdnPattern,
     validate::{API_VERSION, CLUSTER_KIND, KIND},
@@ -192,7 +192,7 @@ fn workload_policy(
             name: name.clone(),
             action: "allow".into(),
             to: vec![peer],
-            ports: ports.into_iter().map(egress_port).collect(),
+            ports: egress_ports(&ports),
         });
         evidence.push((name, seen));
     }
@@ -303,12 +303,27 @@ fn port_seen(flow: &Flow) -> PortSeen {
     }
 }
 
-fn egress_port((protocol, port): PortSeen) -> api::EgressPort {
-    api::EgressPort {
-        port: port.map(u32::from),
-        end_port: None,
-        protocol: protocol.into(),
+/// The ports seen as a rule's `ports`: consecutive ports of one protocol
+/// as one range, which holds no port that was not seen.
+fn egress_ports(seen: &BTreeSet<PortSeen>) -> Vec<api::EgressPort> {
+    let mut ports: Vec<api::EgressPort> = Vec::new();
+    for &(protocol, port) in seen {
+        let port = port.map(u32::from);
+        if let Some(last) = ports.last_mut()
+            && last.protocol == protocol
+            && let (Some(next), Some(first)) = (port, last.port)
+            && next == last.end_port.unwrap_or(first) + 1
+        {
+            last.end_port = Some(next);
+            continue;
+        }
+        ports.push(api::EgressPort {
+            port,
+            end_port: None,
+            protocol: protocol.into(),
+        });
     }
+    ports
 }
 
 /// Names as patterns: exact names, and a wildcard for a parent when at
@@ -466,6 +481,17 @@ pub fn render(suggestions: &Suggestions) -> Result<String, serde_yaml_ng::Error>
         if suggestion.evidence.len() > CLUSTER_RULE_LIMIT {
             out.push_str(&format!(
                 "# More than the {CLUSTER_RULE_LIMIT} rules a cluster resource may have: raise the collapse threshold or the prefix limits, or apply it locally\n"
+            ));
+        }
+        let spec = suggestion.policy.spec.clone().unwrap_or_default();
+        for rule in spec
+            .egress
+            .iter()
+            .filter(|r| r.ports.len() > MAX_PORT_RULES)
+        {
+            out.push_str(&format!(
+                "# {} has more than the {MAX_PORT_RULES} port rules a prefix may have: the agent refuses it\n",
+                rule.name
             ));
         }
         // YAML's mappings keep the messages' field order.

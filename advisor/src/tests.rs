@@ -386,3 +386,24 @@ fn candidates_replace_the_policies_of_their_name_beside_the_others() {
     let errors = candidate_set(&in_force, &[policy("c", "10.0.0.0/33")]).unwrap_err();
     assert_eq!(errors[0].document.source, "candidates", "{errors:?}");
 }
+
+#[test]
+fn consecutive_ports_become_ranges() {
+    let seen: Vec<Seen> = [80u16, 81, 82, 443, 8080]
+        .iter()
+        .map(|&port| Seen {
+            workload: (Workload::Cgroup("/tgtest/app".into()), SourceKind::Host, 1),
+            ip: IpAddr::from([10, 231, 1, 2]),
+            name: None,
+            protocol: 6,
+            port,
+        })
+        .collect();
+    let (text, policies) = suggested_policies(&recording(&seen), &Options::default());
+    let ports: Vec<_> = policies[0].rules[0]
+        .ports
+        .iter()
+        .map(|p| (p.ports.first, p.ports.last))
+        .collect();
+    assert_eq!(ports, [(80, 82), (443, 443), (8080, 8080)], "{text}");
+}
