@@ -513,6 +513,12 @@ async fn read_recording(
             recording.lost
         );
     }
+    if recording.unplaced > 0 {
+        eprintln!(
+            "{} flow records left out: their cgroup was gone when they were made",
+            recording.unplaced
+        );
+    }
     Ok(recording)
 }
 
