@@ -191,11 +191,35 @@ fn rules_count_their_hits_exactly_across_switches_and_restarts() {
     assert_eq!(counts(web), (5, 0, 0), "counted while the agent was down");
 
     // A restarted agent (the saved set, no --policy) keeps every count.
-    let _agent = AgentProcess::start(&env, &[]);
+    let port = tollgate_tests::free_port();
+    let _agent = AgentProcess::start(&env, &["--metrics-listen", &format!("127.0.0.1:{port}")]);
     let restarted = rules(&env, &[]);
     assert_eq!(counts(&restarted["web"]), (5, 0, 0), "{restarted:#?}");
     assert_eq!(counts(&restarted[""]), (0, 2, 0), "{restarted:#?}");
     assert_eq!(id_of(&restarted["web"]), id_of(&moved["web"]));
+    let (code, metrics) = tollgate_tests::http_get(port, "/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    let sample = |name: &str| tollgate_tests::metric_sample(&metrics, name);
+    assert_eq!(
+        sample(r#"tollgate_rule_hits_total{policy="hits",rule="web",verdict="allowed"}"#),
+        5,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(r#"tollgate_rule_hits_total{policy="hits",rule="default",verdict="denied"}"#),
+        2
+    );
+    assert_eq!(
+        sample(r#"tollgate_policy_hits_total{policy="hits",verdict="allowed"}"#),
+        5
+    );
+    assert!(
+        metrics.contains(r#"tollgate_rule_last_hit_timestamp_seconds{policy="hits",rule="web"}"#)
+    );
+    assert!(
+        !metrics
+            .contains(r#"tollgate_rule_last_hit_timestamp_seconds{policy="hits",rule="extra"}"#)
+    );
 
     // Observe mode: the default's denials become audit.
     env.ctl(&["mode", "observe", "--policy", "hits"]).ok();
