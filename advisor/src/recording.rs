@@ -7,14 +7,15 @@
 //! need, and ignore the rest, so records of newer agents still read.
 
 use std::{
-    borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
 use serde::Deserialize;
-use tollgate_common::protocol;
-use tollgate_policy::select::{Identity, Labels};
+use tollgate_policy::{
+    record_protocol,
+    select::{Identity, Labels},
+};
 use tollgate_proto::v1 as api;
 
 /// Flows and DNS answers, from one source or several.
@@ -226,7 +227,7 @@ impl Recording {
             "audit" => Verdict::Audit,
             other => return Err(format!("unknown verdict {other:?}")),
         };
-        let protocol = protocol_number(&line.protocol)
+        let protocol = record_protocol::number(&line.protocol)
             .ok_or_else(|| format!("unknown protocol {:?}", line.protocol))?;
         let ip = line
             .dst
@@ -334,31 +335,6 @@ impl Source {
             (SourceKind::UnknownPod, _) => Identity::UnknownPod,
             _ => Identity::Host,
         }
-    }
-}
-
-/// The IP protocol number of a record's `protocol`.
-pub fn protocol_number(name: &str) -> Option<u8> {
-    match name {
-        "tcp" => Some(protocol::TCP),
-        "udp" => Some(protocol::UDP),
-        "sctp" => Some(protocol::SCTP),
-        "icmp" => Some(protocol::ICMP),
-        "icmpv6" => Some(protocol::ICMPV6),
-        other => other.strip_prefix("ip-")?.parse().ok(),
-    }
-}
-
-/// A record's `protocol` for an IP protocol number: the inverse of
-/// [`protocol_number`].
-pub fn protocol_name(number: u8) -> Cow<'static, str> {
-    match number {
-        protocol::TCP => Cow::Borrowed("tcp"),
-        protocol::UDP => Cow::Borrowed("udp"),
-        protocol::SCTP => Cow::Borrowed("sctp"),
-        protocol::ICMP => Cow::Borrowed("icmp"),
-        protocol::ICMPV6 => Cow::Borrowed("icmpv6"),
-        other => Cow::Owned(format!("ip-{other}")),
     }
 }
 

@@ -19,12 +19,13 @@ use tollgate_policy::{
     document::{DocumentRef, FieldError, SourcedPolicy},
     evaluate::{Outcome, evaluate},
     model::{Action, Peer, Policy, PolicyMode},
+    record_protocol,
     select::{Endpoint, Labels, select_endpoints},
     validate::validate_all,
 };
 use tollgate_proto::v1 as api;
 
-use crate::recording::{Recording, Workload, protocol_name};
+use crate::recording::{Recording, Workload};
 
 /// Whether a connection goes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -203,7 +204,7 @@ pub fn to_api(report: &Report) -> api::DryRunReport {
             .iter()
             .map(|change| api::FlowChange {
                 workload: change.workload.to_string(),
-                protocol: protocol_name(change.protocol).into_owned(),
+                protocol: record_protocol::name(change.protocol).into_owned(),
                 ip: change.ip.to_string(),
                 port: change.port.into(),
                 names: change.names.clone(),

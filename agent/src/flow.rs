@@ -13,10 +13,8 @@ use crate::pods::{
     directory::{PodMeta, Workload},
     kubelet::PodCgroup,
 };
-use tollgate_common::{
-    FlowEvent, Hook, Mode, RULE_ID_DEFAULT, Verdict, event_kind, family, protocol,
-};
-use tollgate_policy::select::Labels;
+use tollgate_common::{FlowEvent, Hook, Mode, RULE_ID_DEFAULT, Verdict, event_kind, family};
+use tollgate_policy::{record_protocol, select::Labels};
 
 /// Decodes one ring buffer record; `None` for anything that is not a
 /// complete flow event.
@@ -192,7 +190,7 @@ impl<'a> FlowRecord<'a> {
                 Some(Mode::Enforce) => "enforce",
                 _ => "observe",
             },
-            protocol: protocol_name(event.protocol),
+            protocol: record_protocol::name(event.protocol),
             hook: hook_name(event.hook),
             src: Source {
                 pid: (event.pid_tgid >> 32) as u32,
@@ -278,17 +276,6 @@ fn hook_name(hook: u8) -> &'static str {
     }
 }
 
-fn protocol_name(number: u8) -> Cow<'static, str> {
-    match number {
-        protocol::TCP => Cow::Borrowed("tcp"),
-        protocol::UDP => Cow::Borrowed("udp"),
-        protocol::ICMP => Cow::Borrowed("icmp"),
-        protocol::ICMPV6 => Cow::Borrowed("icmpv6"),
-        protocol::SCTP => Cow::Borrowed("sctp"),
-        other => Cow::Owned(format!("ip-{other}")),
-    }
-}
-
 /// Converts the kernel's CLOCK_MONOTONIC timestamps to wall-clock time, by
 /// the offset between the two clocks taken once at start.
 #[derive(Clone, Copy, Debug)]
@@ -345,6 +332,7 @@ pub fn rfc3339_nanos(unix_nanos: i128) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_common::protocol;
 
     fn event() -> FlowEvent {
         let mut comm = [0u8; 16];

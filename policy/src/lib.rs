@@ -12,6 +12,7 @@ pub mod document;
 pub mod evaluate;
 pub mod fqdn;
 pub mod model;
+pub mod record_protocol;
 pub mod select;
 pub mod validate;
 

@@ -9,13 +9,14 @@ use serde::Serialize;
 
 use super::{
     ArrayOf, AsString, LabelList, LossMessage, Severity, Verdict, event_name, label_list,
-    loss_reason, protocol_number, put_json, transport_name,
+    loss_reason, put_json, transport_name,
 };
 use crate::{
     export::record::{DnsAnswer, DnsRecord, LossRecord, Record},
     flow::{FlowRecord, Source},
     pods::directory::Workload,
 };
+use tollgate_policy::record_protocol;
 
 const ECS_VERSION: &str = "8.11.0";
 
@@ -351,7 +352,7 @@ fn flow_document<'a>(flow: &'a FlowRecord<'a>, base: Base) -> Document<'a, FlowF
     });
     document.network = Some(Network {
         transport: transport_name(&flow.protocol),
-        iana_number: protocol_number(&flow.protocol).map(AsString),
+        iana_number: record_protocol::number(&flow.protocol).map(AsString),
         protocol: None,
         kind: ip_version(flow.dst.ip),
         direction: "egress",

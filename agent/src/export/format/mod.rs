@@ -192,15 +192,6 @@ fn parse_rfc3339_nanos(rfc3339: &str) -> Option<i128> {
     )
 }
 
-/// The IANA protocol number of a flow's `protocol` (`tcp`, `udp`, `ip-N`).
-fn protocol_number(protocol: &str) -> Option<u8> {
-    match protocol {
-        "tcp" => Some(6),
-        "udp" => Some(17),
-        other => other.strip_prefix("ip-")?.parse().ok(),
-    }
-}
-
 /// The IANA keyword of a flow's transport, where the record names it.
 fn transport_name(protocol: &str) -> Option<&str> {
     matches!(protocol, "tcp" | "udp").then_some(protocol)

@@ -13,13 +13,14 @@ use serde::Serialize;
 
 use super::{
     ArrayOf, AsString, LabelList, LossMessage, Severity, Verdict, event_title, label_list,
-    loss_reason, policies_with_sources, protocol_number, put_json, transport_name, unix_millis,
+    loss_reason, policies_with_sources, put_json, transport_name, unix_millis,
 };
 use crate::{
     export::record::{DnsAnswer, DnsRecord, LossRecord, Record},
     flow::{FlowRecord, Source},
     pods::directory::Workload,
 };
+use tollgate_policy::record_protocol;
 
 const OCSF_VERSION: &str = "1.3.0";
 
@@ -709,7 +710,7 @@ fn network_activity<'a>(
         ]),
         connection_info: ConnectionInfo {
             protocol_name: transport_name(&flow.protocol),
-            protocol_num: protocol_number(&flow.protocol),
+            protocol_num: record_protocol::number(&flow.protocol),
             protocol_ver_id: if flow.dst.ip.is_ipv4() { 4 } else { 6 },
             protocol_ver: if flow.dst.ip.is_ipv4() {
                 "Internet Protocol version 4 (IPv4)"

@@ -14,7 +14,7 @@ mod ocsf;
 
 use std::{env, fs, path::Path};
 
-use super::{Format, policies_with_sources, protocol_number, unix_millis, write};
+use super::{Format, policies_with_sources, unix_millis, write};
 
 const GOLDEN: &[(Format, &str, &str)] = &[
     (
@@ -242,15 +242,6 @@ fn record_times_round_trip_through_rfc3339_nanos() {
         let text = crate::flow::rfc3339_nanos(nanos);
         assert_eq!(i128::from(unix_millis(&text)), nanos / 1_000_000, "{text}");
     }
-}
-
-#[test]
-fn protocol_numbers() {
-    assert_eq!(protocol_number("tcp"), Some(6));
-    assert_eq!(protocol_number("udp"), Some(17));
-    assert_eq!(protocol_number("ip-1"), Some(1));
-    assert_eq!(protocol_number("ip-999"), None);
-    assert_eq!(protocol_number("sctp"), None);
 }
 
 #[test]
