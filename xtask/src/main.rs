@@ -316,26 +316,26 @@ fn lint(root: &Path) -> anyhow::Result<()> {
     ]))
 }
 
-/// The policy core stays free of BPF, the async runtime and the gRPC
-/// transport: a dependency that brings one in fails the lint, not a review.
+/// The pure crates (the policy core, and the advisor built on it) stay free
+/// of BPF, the async runtime and the gRPC transport: a dependency that
+/// brings one in fails the lint, not a review.
 fn check_policy_core_is_pure(root: &Path) -> anyhow::Result<()> {
+    for core in ["tollgate-policy", "tollgate-advisor"] {
+        check_crate_is_pure(root, core)?;
+    }
+    Ok(())
+}
+
+fn check_crate_is_pure(root: &Path, core: &str) -> anyhow::Result<()> {
     const FORBIDDEN: [&str; 6] = ["aya", "tokio", "tonic", "mio", "hyper", "libc"];
     let output = Command::new("cargo")
         .current_dir(root)
-        .args([
-            "tree",
-            "-p",
-            "tollgate-policy",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-        ])
+        .args(["tree", "-p", core, "-e", "normal", "--prefix", "none"])
         .output()
         .context("running cargo tree")?;
     if !output.status.success() {
         bail!(
-            "cargo tree -p tollgate-policy failed: {}",
+            "cargo tree -p {core} failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
     }
@@ -346,7 +346,7 @@ fn check_policy_core_is_pure(root: &Path) -> anyhow::Result<()> {
         .filter(|name| FORBIDDEN.contains(name))
         .collect();
     if !found.is_empty() {
-        bail!("tollgate-policy must stay pure, but depends on {found:?}");
+        bail!("{core} must stay pure, but depends on {found:?}");
     }
     Ok(())
 }
