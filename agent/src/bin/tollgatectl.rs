@@ -104,7 +104,7 @@ enum Command {
         /// Destination prefix or address.
         #[arg(long)]
         dst: Option<String>,
-        /// Destination DNS name.
+        /// Destination DNS name: the name the address was learned under.
         #[arg(long)]
         dst_name: Option<String>,
         #[arg(long)]

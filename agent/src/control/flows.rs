@@ -102,27 +102,15 @@ pub struct Filter {
     policy: Option<String>,
 }
 
-/// Why a filter cannot be used.
+/// Why a filter cannot be used: the field and what is wrong with it.
 #[derive(Debug, PartialEq, Eq)]
-pub enum FilterError {
-    Invalid(String),
-    /// It asks for fields no record of this agent has yet.
-    Unsupported(String),
-}
+pub struct InvalidFilter(pub String);
 
 impl Filter {
-    pub fn new(filter: &FlowFilter) -> Result<Self, FilterError> {
-        // No record has a destination name yet: such a filter would match
-        // nothing and, with follow, wait forever.
-        if !filter.destination_name.is_empty() {
-            return Err(FilterError::Unsupported(
-                "destination name filters need DNS learning, which this agent does not have yet"
-                    .into(),
-            ));
-        }
+    pub fn new(filter: &FlowFilter) -> Result<Self, InvalidFilter> {
         for verdict in &filter.verdicts {
             if !["allowed", "denied", "audit"].contains(&verdict.as_str()) {
-                return Err(FilterError::Invalid(format!(
+                return Err(InvalidFilter(format!(
                     "verdicts: {verdict:?} is not one of \"allowed\", \"denied\", \"audit\""
                 )));
             }
@@ -133,9 +121,7 @@ impl Filter {
                 text.parse::<IpNet>()
                     .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
                     .map_err(|_| {
-                        FilterError::Invalid(format!(
-                            "destinationCidr: {text:?} is not a valid prefix"
-                        ))
+                        InvalidFilter(format!("destinationCidr: {text:?} is not a valid prefix"))
                     })?,
             ),
         };
@@ -239,7 +225,7 @@ mod tests {
             dst: Some(FlowDestination {
                 ip: ip.into(),
                 port: 443,
-                fqdn: None,
+                fqdn: (ip == "10.9.9.9").then(|| "api.example.com".into()),
             }),
             policy: policy.map(Into::into),
             ..Default::default()
@@ -289,27 +275,29 @@ mod tests {
     #[test]
     fn bad_filters_say_what_is_wrong() {
         let filter = |f: FlowFilter| Filter::new(&f).err().unwrap();
-        let FilterError::Invalid(err) = filter(FlowFilter {
+        let InvalidFilter(err) = filter(FlowFilter {
             verdicts: vec!["blocked".into()],
             ..Default::default()
-        }) else {
-            panic!("invalid")
-        };
+        });
         assert!(err.starts_with("verdicts: \"blocked\""), "{err}");
         assert_eq!(
             filter(FlowFilter {
                 destination_cidr: "10.0.0.0/99".into(),
                 ..Default::default()
             }),
-            FilterError::Invalid("destinationCidr: \"10.0.0.0/99\" is not a valid prefix".into())
+            InvalidFilter("destinationCidr: \"10.0.0.0/99\" is not a valid prefix".into())
         );
-        assert!(matches!(
-            filter(FlowFilter {
-                destination_name: "api.example.com".into(),
-                ..Default::default()
-            }),
-            FilterError::Unsupported(_)
-        ));
+    }
+
+    #[test]
+    fn destination_names_match_the_name_the_address_was_learned_under() {
+        let by_name = Filter::new(&FlowFilter {
+            destination_name: "API.example.com.".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(by_name.matches(&flow("allowed", "10.9.9.9", None)));
+        assert!(!by_name.matches(&flow("allowed", "10.1.2.3", None)));
     }
 
     #[test]

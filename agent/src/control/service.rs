@@ -17,7 +17,7 @@ use tracing::debug;
 
 use super::{
     controller::{Command, ControlError},
-    flows::{Filter, FilterError, FlowSubscriptions},
+    flows::{Filter, FlowSubscriptions, InvalidFilter},
     store::StoreError,
 };
 use crate::{
@@ -235,10 +235,8 @@ impl FlowService for Api {
     ) -> Result<Response<FlowStream>, Status> {
         self.observed("StreamFlows", async {
             let request = request.into_inner();
-            let filter = Filter::new(&request).map_err(|e| match e {
-                FilterError::Invalid(message) => Status::invalid_argument(message),
-                FilterError::Unsupported(message) => Status::unimplemented(message),
-            })?;
+            let filter = Filter::new(&request)
+                .map_err(|InvalidFilter(message)| Status::invalid_argument(message))?;
             let (past, live) = self
                 .flows
                 .subscribe(Duration::from_secs(u64::from(request.since_seconds)));
