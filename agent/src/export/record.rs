@@ -9,6 +9,22 @@ use serde::Serialize;
 
 use crate::flow::{FlowRecord, Source};
 
+/// `<node>-<instance>-<seq>`: a record's id across sinks and resends. The
+/// same record, resent, keeps it, and no other record has it, as `seq`
+/// restarts only with a new instance (a run of the agent). OCSF's
+/// `metadata.uid` and the Elastic sink's `_id` are this string.
+pub struct RecordUid<'a> {
+    pub node: &'a str,
+    pub instance: &'a str,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for RecordUid<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}-{}", self.node, self.instance, self.seq)
+    }
+}
+
 /// One record, borrowed for formatting.
 #[derive(Clone, Copy, Debug)]
 pub enum Record<'r, 'a> {

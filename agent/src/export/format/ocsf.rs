@@ -16,7 +16,7 @@ use super::{
     loss_reason, policies_with_sources, put_json, transport_name, unix_millis,
 };
 use crate::{
-    export::record::{DnsAnswer, DnsRecord, LossRecord, Record},
+    export::record::{DnsAnswer, DnsRecord, LossRecord, Record, RecordUid},
     flow::{FlowRecord, Source},
     pods::directory::Workload,
 };
@@ -262,21 +262,6 @@ struct Metadata<'a> {
     /// named by.
     #[serde(skip_serializing_if = "Option::is_none")]
     uid: Option<AsString<RecordUid<'a>>>,
-}
-
-/// `<node>-<instance>-<seq>`: the same record, resent, keeps it (the
-/// Elastic sink's `_id` is the same string), and no other record has it,
-/// as `seq` restarts only with a new instance.
-struct RecordUid<'a> {
-    node: &'a str,
-    instance: &'a str,
-    seq: u64,
-}
-
-impl Display for RecordUid<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}-{}", self.node, self.instance, self.seq)
-    }
 }
 
 #[derive(Serialize)]

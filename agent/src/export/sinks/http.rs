@@ -15,6 +15,7 @@ use reqwest::{StatusCode, header};
 use tracing::warn;
 
 use super::{RecordMeta, SendError, Settled};
+use crate::export::record::RecordUid;
 
 /// Which API, and how to authenticate to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,7 +121,14 @@ impl HttpApi {
                     let _ = write!(
                         out,
                         ",\"_id\":{}",
-                        serde_json::Value::from(format!("{}-{instance}-{seq}", meta.node))
+                        serde_json::Value::from(
+                            RecordUid {
+                                node: meta.node,
+                                instance,
+                                seq
+                            }
+                            .to_string()
+                        )
                     );
                 }
                 out.extend_from_slice(b"}}\n");
