@@ -6,17 +6,14 @@ use std::{
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-use tollgate_common::{FlowEvent, LEARNED_SLOTS, Mode, dns_flags, flow_flags};
+use tollgate_common::Mode;
 use tollgate_proto::v1 as api;
 use tracing::{info, warn};
-
-use prometheus_client::metrics::{counter::Counter, family::Family};
 
 use crate::{
     cgroup_watch::CgroupWatcher,
@@ -29,25 +26,23 @@ use crate::{
         server::{self, Listen, ServeError},
         service::Api,
     },
-    datapath::{Datapath, DatapathError, DatapathOptions, Event, EventReader, events::DnsMessage},
+    datapath::{Datapath, DatapathError, DatapathOptions},
     enforce::{EndpointOptions, Enforcer},
     export::{
-        aggregate::{Aggregate, Aggregator, Offered},
+        aggregate::Aggregator,
         config::SinkConfig,
         delivery::{ExportError, Exporter},
-        record::{DnsAnswer, DnsRecord, DnsResolver, LossReason, LossRecord, Record, Summary},
-        sinks::{RecordMeta, Severity},
     },
-    flow::{Enrichment, FlowRecord, Source, WallClock, monotonic_ns, rfc3339_nanos},
+    flow::WallClock,
     kubernetes::{self, ApiSource, WatchError},
     log_level::LogLevel,
-    names::{LearnedAddresses, Limits, Messages, NameCache, expiry_ns, matching_patterns},
+    names::{LearnedAddresses, Limits, Messages, NameCache},
     pods::{
         UnknownPodAction,
         directory::{IdentityUpdate, PodDirectory},
         watch,
     },
-    telemetry::{self, LimitLabels, RecordLabels, Telemetry},
+    telemetry::{self, Telemetry},
 };
 
 /// Everything the run needs, resolved from flags before the runtime starts.
@@ -126,6 +121,9 @@ const LEARNED_SWEEP: Duration = Duration::from_secs(10);
 const CGROUP_RESCAN: Duration = Duration::from_secs(30);
 
 const BATCH: usize = 512;
+
+mod publish;
+use publish::{FqdnMetrics, Printer, RecordCounters};
 
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let (commands_tx, mut commands) = mpsc::channel(64);
@@ -442,16 +440,6 @@ impl IdentityLists {
     }
 }
 
-/// The destination of a flow event.
-fn dst_ip(event: &FlowEvent) -> std::net::IpAddr {
-    if event.family == tollgate_common::family::INET6 {
-        std::net::IpAddr::from(event.dst_addr)
-    } else {
-        let [a, b, c, d, ..] = event.dst_addr;
-        std::net::IpAddr::from([a, b, c, d])
-    }
-}
-
 /// Puts the policies in force for the endpoints there are now.
 fn refresh(controller: &mut Controller, datapath: &mut Datapath) {
     let enforcer = controller.enforcer_mut();
@@ -491,426 +479,5 @@ fn save_pods(path: &Path, pods: &PodDirectory) {
     let json = serde_json::to_vec(pods).expect("pod metadata serializes");
     if let Err(error) = crate::state_file::write_atomic(path, &json) {
         warn!(%error, path = %path.display(), "cannot save pod metadata");
-    }
-}
-
-struct FqdnMetrics {
-    learned_addresses: prometheus_client::metrics::gauge::Gauge,
-    limit_evictions: Family<LimitLabels, Counter>,
-}
-
-struct RecordCounters {
-    records: Family<RecordLabels, Counter>,
-    decisions: Family<RecordLabels, Counter>,
-}
-
-struct Printer {
-    exporter: Exporter,
-    /// The kernel's count of ring buffer reservation failures already reported.
-    kernel_losses_seen: u64,
-    cgroups: CgroupPaths,
-    clock: WallClock,
-    node: String,
-    seq: u64,
-    flows: FlowHub,
-    /// Counted when metrics are served.
-    record_counters: Option<RecordCounters>,
-    /// Allowed flows are reported as interval aggregates (else one by one,
-    /// or as the kernel's first of each interval).
-    aggregator: Option<Aggregator>,
-    /// Aggregates closed and not yet published (kept for its allocation).
-    closed: Vec<Aggregate>,
-    /// The DNS messages of DNS events (TCP streams reassembled).
-    messages: Messages,
-    /// The names endpoints resolved addresses from, for `dst.fqdn`.
-    names: NameCache,
-    /// Learned addresses, kept within the limits.
-    learned: LearnedAddresses,
-    fqdn_metrics: FqdnMetrics,
-    /// The datapath's bounds of a learned address's lifetime, in seconds.
-    ttl_bounds: (u32, u32),
-}
-
-impl Printer {
-    /// Prints every event the ring buffer holds now, without waiting (the
-    /// programs wake the reader only once events pile up). Called before
-    /// every rule switch, so that records are named while their
-    /// generation's names are kept.
-    fn print_available(
-        &mut self,
-        reader: &mut EventReader,
-        events: &mut Vec<Event>,
-        enforcer: &Enforcer,
-        datapath: &mut Datapath,
-    ) {
-        while reader.read_available(events, BATCH) > 0 {
-            self.print(events, enforcer, datapath);
-            events.clear();
-        }
-        // Open aggregates whose names the coming switch may forget go now.
-        if let (Some(aggregator), Some(generation)) =
-            (&mut self.aggregator, enforcer.generation_named_last_time())
-        {
-            aggregator.close_generation(generation, &mut self.closed);
-            self.publish_closed(enforcer);
-        }
-    }
-
-    fn print(&mut self, events: &[Event], enforcer: &Enforcer, datapath: &mut Datapath) {
-        // Taken anew per batch, so a step of the wall clock (NTP) shows at once.
-        self.clock = WallClock::now();
-        for event in events {
-            let event = match event {
-                Event::Flow(event) => event,
-                Event::Dns(message) => {
-                    self.on_dns(message, enforcer, datapath);
-                    continue;
-                }
-            };
-            let offered = match &mut self.aggregator {
-                Some(aggregator) => aggregator.offer(event, &mut self.closed),
-                None => Offered::ReportNow,
-            };
-            self.publish_closed(enforcer);
-            if offered == Offered::ReportNow {
-                self.publish(event, None, enforcer);
-            }
-        }
-    }
-
-    /// Publishes the aggregates whose interval has ended by now: quiet
-    /// flows are reported on time too.
-    fn close_due_aggregates(&mut self, enforcer: &Enforcer) {
-        if let Some(aggregator) = &mut self.aggregator {
-            aggregator.close_due(monotonic_ns(), &mut self.closed);
-            self.clock = WallClock::now();
-            self.publish_closed(enforcer);
-        }
-    }
-
-    fn close_all_aggregates(&mut self, enforcer: &Enforcer) {
-        if let Some(aggregator) = &mut self.aggregator {
-            aggregator.close_all(&mut self.closed);
-            self.publish_closed(enforcer);
-        }
-    }
-
-    fn publish_closed(&mut self, enforcer: &Enforcer) {
-        if self.closed.is_empty() {
-            return;
-        }
-        let mut closed = std::mem::take(&mut self.closed);
-        for aggregate in closed.drain(..) {
-            self.publish(&aggregate.first, Some(&aggregate), enforcer);
-        }
-        self.closed = closed;
-    }
-
-    /// Enriches one event (an aggregate's first) and hands it to the sinks
-    /// and the flow service.
-    fn publish(&mut self, event: &FlowEvent, aggregate: Option<&Aggregate>, enforcer: &Enforcer) {
-        self.seq += 1;
-        let cgroup = self.cgroups.resolve(event.cgroup_id);
-        let (cgroup, pod) = (
-            cgroup.map(|c| c.path.as_str()),
-            cgroup.and_then(|c| c.pod.as_ref()),
-        );
-        let pod_meta = pod.and_then(|p| enforcer.pods().pod(&p.pod_uid));
-        if event.flags & flow_flags::UNJUDGED != 0 {
-            warn!(
-                cgroup_id = event.cgroup_id,
-                "a connection was decided without its rules: every decision slot of its CPU \
-                 was held by a preempted decision (a fully preemptible kernel); it was denied \
-                 if a policy selects its endpoint"
-            );
-        }
-        let attribution = (event.flags & flow_flags::ENDPOINT_KNOWN != 0)
-            .then(|| enforcer.attribute(event.generation, event.set_id, event.rule_id))
-            .flatten();
-        let enrichment = Enrichment {
-            seq: self.seq,
-            node: &self.node,
-            cgroup,
-            pod,
-            pod_meta,
-            clock: self.clock,
-            attribution,
-            dst_fqdn: self.names.get(event.cgroup_id, dst_ip(event), event.ts_ns),
-        };
-        let mut record = FlowRecord::new(event, enrichment);
-        record.summary = aggregate.map(|aggregate| Summary {
-            count: aggregate.count,
-            first_time: record.time.clone(),
-            last_time: rfc3339_nanos(self.clock.unix_nanos(aggregate.last_ts_ns)),
-        });
-        let meta = RecordMeta {
-            kind: FlowRecord::KIND,
-            time: &record.time,
-            unix_nanos: self.clock.unix_nanos(event.ts_ns),
-            node: &self.node,
-            severity: match record.verdict {
-                "denied" => Severity::Warning,
-                "audit" => Severity::Notice,
-                _ => Severity::Info,
-            },
-            seq: Some(self.seq),
-        };
-        self.exporter.publish(Record::Flow(&record), &meta);
-        self.flows.publish(&record);
-        if let Some(counters) = &self.record_counters {
-            let labels = RecordLabels {
-                verdict: record.verdict.to_owned(),
-                policy: record.policy.unwrap_or_default().to_owned(),
-                namespace: record.src.namespace.unwrap_or_default().to_owned(),
-            };
-            counters.records.get_or_create(&labels).inc();
-            let decisions = record.summary.as_ref().map_or(1, |s| s.count);
-            counters.decisions.get_or_create(&labels).inc_by(decisions);
-        }
-    }
-
-    /// Learns from one DNS event: remembers the names of its addresses,
-    /// installs the addresses of answers the kernel left to the agent, and
-    /// publishes a DNS record for each answer.
-    fn on_dns(&mut self, message: &DnsMessage, enforcer: &Enforcer, datapath: &mut Datapath) {
-        let header = &message.header;
-        for bytes in self.messages.of(message, Instant::now()) {
-            let answer = match tollgate_dns::full::decode(&bytes) {
-                Ok(answer) => answer,
-                Err(error) => {
-                    tracing::debug!(%error, cgroup_id = header.cgroup_id, "undecodable DNS answer");
-                    continue;
-                }
-            };
-            let mut learned = header.flags & dns_flags::LEARNED != 0;
-            // An answer the kernel found unasked for names nothing either:
-            // its addresses could be anyone's choosing.
-            let refused = refusal(header.flags).or_else(|| {
-                let unparsed_udp = header.flags & dns_flags::TO_USERSPACE != 0
-                    && header.flags & dns_flags::TCP == 0;
-                (unparsed_udp
-                    && !datapath.take_query(
-                        header.socket_cookie,
-                        answer.id,
-                        &answer.name,
-                        answer.qtype,
-                    ))
-                .then_some("not-asked")
-            });
-            if answer.rcode == tollgate_common::dns::RCODE_NOERROR && refused.is_none() {
-                let to_install = if header.flags & dns_flags::TO_USERSPACE != 0
-                    && enforcer.has_fqdn_rules(header.cgroup_id)
-                {
-                    matching_patterns(enforcer.fqdn_patterns(), &answer.name, LEARNED_SLOTS)
-                } else {
-                    Vec::new()
-                };
-                let name: Arc<str> = answer.name.as_str().into();
-                let now = monotonic_ns();
-                for (ip, ttl) in answer.addresses() {
-                    let expires_ns = expiry_ns(header.ts_ns, ttl, self.ttl_bounds);
-                    self.names
-                        .insert(header.cgroup_id, ip, name.clone(), expires_ns, now);
-                    if to_install.is_empty() {
-                        continue;
-                    }
-                    let expires_ns = expiry_ns(now, ttl, self.ttl_bounds);
-                    match datapath.install_learned(
-                        header.cgroup_id,
-                        ip,
-                        &to_install,
-                        now,
-                        expires_ns,
-                    ) {
-                        Ok(_) => learned = true,
-                        Err(error) => warn!(%error, %ip, "cannot install a learned address"),
-                    }
-                }
-            }
-            let limit = if learned {
-                self.keep_within_limits(header, &answer, datapath)
-            } else {
-                None
-            };
-            self.publish_dns(header, &answer, learned, limit, refused, enforcer);
-        }
-    }
-
-    /// Records an answer's learned addresses and forgets, in the kernel
-    /// too, those the limits leave no room for; returns the limit that was
-    /// hit, if any.
-    fn keep_within_limits(
-        &mut self,
-        header: &tollgate_common::DnsEvent,
-        answer: &tollgate_dns::full::Decoded,
-        datapath: &mut Datapath,
-    ) -> Option<&'static str> {
-        let name: Arc<str> = answer.name.as_str().into();
-        let mut hit = None;
-        for (ip, ttl) in answer.addresses() {
-            let expires_ns = expiry_ns(header.ts_ns, ttl, self.ttl_bounds);
-            let forget = self
-                .learned
-                .learned(header.cgroup_id, ip, name.clone(), expires_ns);
-            for (gone, limit) in forget {
-                let key = crate::datapath::learned::learned_key(header.cgroup_id, gone);
-                if let Err(error) = datapath.remove_learned(&key) {
-                    warn!(%error, ip = %gone, "cannot forget a learned address");
-                }
-                self.fqdn_metrics
-                    .limit_evictions
-                    .get_or_create(&LimitLabels {
-                        limit: limit.name(),
-                    })
-                    .inc();
-                hit = Some(limit.name());
-            }
-        }
-        if let Some(limit) = hit {
-            warn!(cgroup_id = header.cgroup_id, name = %answer.name, limit, "learned addresses over a limit: those expiring first were forgotten");
-        }
-        hit
-    }
-
-    /// Removes learned addresses whose every pattern expired, counts the
-    /// live ones, and forgets expired names.
-    fn sweep_learned(&mut self, datapath: &mut Datapath) {
-        let now = monotonic_ns();
-        let entries = match datapath.learned() {
-            Ok(entries) => entries,
-            Err(error) => {
-                warn!(%error, "cannot read the learned addresses");
-                return;
-            }
-        };
-        let mut live = 0;
-        for (key, value) in entries {
-            if crate::datapath::learned::all_expired(&value, now) {
-                if let Err(error) = datapath.remove_learned(&key) {
-                    warn!(%error, "cannot remove an expired learned address");
-                }
-            } else {
-                live += 1;
-            }
-        }
-        self.fqdn_metrics.learned_addresses.set(live);
-        self.names.expire(now);
-        self.learned.expire(now);
-    }
-
-    fn publish_dns(
-        &mut self,
-        header: &tollgate_common::DnsEvent,
-        answer: &tollgate_dns::full::Decoded,
-        learned: bool,
-        limit: Option<&'static str>,
-        refused: Option<&'static str>,
-        enforcer: &Enforcer,
-    ) {
-        use tollgate_dns::full::{RecordData, rcode_name, rtype_name};
-        self.seq += 1;
-        let cgroup = self.cgroups.resolve(header.cgroup_id);
-        let (cgroup, pod) = (
-            cgroup.map(|c| c.path.as_str()),
-            cgroup.and_then(|c| c.pod.as_ref()),
-        );
-        let enrichment = Enrichment {
-            seq: self.seq,
-            node: &self.node,
-            cgroup,
-            pod,
-            pod_meta: pod.and_then(|p| enforcer.pods().pod(&p.pod_uid)),
-            clock: self.clock,
-            attribution: None,
-            dst_fqdn: None,
-        };
-        let resolver_ip = if header.family == tollgate_common::family::INET6 {
-            std::net::IpAddr::from(header.resolver_addr)
-        } else {
-            let [a, b, c, d, ..] = header.resolver_addr;
-            std::net::IpAddr::from([a, b, c, d])
-        };
-        let time = rfc3339_nanos(self.clock.unix_nanos(header.ts_ns));
-        let record = DnsRecord {
-            kind: DnsRecord::KIND,
-            time: time.clone(),
-            seq: self.seq,
-            node: &self.node,
-            src: Source::endpoint(header.cgroup_id, &enrichment),
-            resolver: DnsResolver {
-                ip: resolver_ip,
-                port: header.resolver_port,
-            },
-            query: answer.name.as_str().into(),
-            query_type: rtype_name(answer.qtype),
-            rcode: rcode_name(answer.rcode),
-            answers: answer
-                .answers
-                .iter()
-                .filter_map(|record| {
-                    let (kind, data) = match &record.data {
-                        RecordData::Address(ip) if ip.is_ipv4() => ("A", ip.to_string()),
-                        RecordData::Address(ip) => ("AAAA", ip.to_string()),
-                        RecordData::Name(target) => ("CNAME", target.clone()),
-                        RecordData::Other => return None,
-                    };
-                    Some(DnsAnswer {
-                        name: record.name.as_str().into(),
-                        kind,
-                        data: data.into(),
-                        ttl: record.ttl,
-                    })
-                })
-                .collect(),
-            learned,
-            limit,
-            refused,
-        };
-        let meta = RecordMeta {
-            kind: DnsRecord::KIND,
-            time: &time,
-            unix_nanos: self.clock.unix_nanos(header.ts_ns),
-            node: &self.node,
-            severity: Severity::Info,
-            seq: Some(self.seq),
-        };
-        self.exporter.publish(Record::Dns(&record), &meta);
-    }
-
-    /// Turns new kernel ring buffer reservation failures (events that never
-    /// reached the agent) into a loss marker for every sink.
-    fn report_kernel_losses(&mut self, failed_so_far: u64) {
-        let lost = failed_so_far.saturating_sub(self.kernel_losses_seen);
-        self.kernel_losses_seen = failed_so_far;
-        if lost == 0 {
-            return;
-        }
-        warn!(lost, "the kernel's ring buffer was full: events lost");
-        self.seq += 1;
-        let unix_nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
-        let marker = LossRecord {
-            kind: LossRecord::KIND,
-            time: rfc3339_nanos(unix_nanos),
-            seq: Some(self.seq),
-            node: self.node.clone(),
-            count: lost,
-            reason: LossReason::KernelRingbuf,
-            sink: None,
-            first_seq: None,
-            last_seq: None,
-        };
-        let meta = RecordMeta::of_loss(&marker, unix_nanos);
-        self.exporter.publish(Record::Loss(&marker), &meta);
-    }
-}
-
-/// Why the kernel refused to learn from a DNS answer, as DNS records say.
-fn refusal(flags: u16) -> Option<&'static str> {
-    if flags & dns_flags::VIA_LOOPBACK != 0 {
-        Some("via-loopback")
-    } else if flags & dns_flags::NOT_ASKED != 0 {
-        Some("not-asked")
-    } else {
-        None
     }
 }
