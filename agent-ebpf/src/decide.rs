@@ -76,6 +76,8 @@ pub struct Judgement {
     pub generation: u32,
     /// The config's report intervals (0: report every decision).
     pub allowed_report_interval_ns: u64,
+    /// The config's [`tollgate_common::allowed_counts`].
+    pub allowed_counts: u8,
     pub packet_report_interval_ns: u64,
 }
 
@@ -94,6 +96,7 @@ pub fn judge(cgroup_id: u64, dst: &Destination) -> Judgement {
             hits_id: RULE_ID_DEFAULT,
             generation: 0,
             allowed_report_interval_ns: 0,
+            allowed_counts: 0,
             packet_report_interval_ns: 0,
         };
     };
@@ -173,6 +176,7 @@ pub fn judge(cgroup_id: u64, dst: &Destination) -> Judgement {
         generation: word as u32,
         // SAFETY: plain reads of the config value.
         allowed_report_interval_ns: unsafe { (*config).allowed_report_interval_ns },
+        allowed_counts: unsafe { (*config).allowed_counts },
         packet_report_interval_ns: unsafe { (*config).packet_report_interval_ns },
     }
 }
@@ -213,7 +217,7 @@ fn release_slot(s: *mut DecideScratch) {
 /// An atomic add whose result is not used: the BPF_XADD instruction, which
 /// every kernel has (the forms that return the old value came in 5.12).
 #[inline(always)]
-fn add_atomic(target: *mut u64, value: u64) {
+pub fn add_atomic(target: *mut u64, value: u64) {
     // SAFETY: `target` points into a map value, aligned for a u64.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(

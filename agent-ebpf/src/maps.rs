@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use tollgate_common::{
-    Config, DecideScratch, DnsScratch, EndpointKey, EndpointValue, FlowDedupKey, FqdnName,
-    FqdnNameIds, FqdnRuleKey, LearnedKey, LearnedValue, QueryKey, QueryValue, ResolverKey,
-    RuleHits, RuleKeyV4, RuleKeyV6, RuleList, capacity, counter,
+    AllowedCount, Config, DecideScratch, DnsScratch, EndpointKey, EndpointValue, FlowDedupKey,
+    FqdnName, FqdnNameIds, FqdnRuleKey, LearnedKey, LearnedValue, QueryKey, QueryValue,
+    ResolverKey, RuleHits, RuleKeyV4, RuleKeyV6, RuleList, capacity, counter,
 };
 
 #[map]
@@ -37,6 +37,17 @@ pub static TG_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0
 #[map]
 pub static TG_FLOW_DEDUP: LruHashMap<FlowDedupKey, u64> =
     LruHashMap::pinned(capacity::FLOW_DEDUP, 0);
+
+/// The two halves allowed decisions are counted in (aggregate mode), by
+/// flow: the programs count in the one `Config::allowed_counts` names while
+/// the agent reads and empties the other. No preallocation: a half holds
+/// what one interval's flows need.
+#[map]
+pub static TG_ALLOWED_A: HashMap<FlowDedupKey, AllowedCount> =
+    HashMap::pinned(capacity::ALLOWED_COUNTS, BPF_F_NO_PREALLOC);
+#[map]
+pub static TG_ALLOWED_B: HashMap<FlowDedupKey, AllowedCount> =
+    HashMap::pinned(capacity::ALLOWED_COUNTS, BPF_F_NO_PREALLOC);
 
 /// FQDN rule names -> the patterns built on them. Not per generation:
 /// pattern ids are stable, and the agent removes a name only after no

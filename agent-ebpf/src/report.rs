@@ -1,22 +1,29 @@
 //! Counting and reporting decisions. At the sock_addr hooks, denied and
-//! audit decisions are always reported, allowed ones at most once per
-//! interval per source cgroup, destination, port, protocol and rule. At the
-//! packet hooks, where a flood is one decision per packet, every verdict is
-//! reported once per flow and interval. Every event the ring buffer cannot
-//! take is counted.
+//! audit decisions are always reported; allowed ones are either counted
+//! per flow in the kernel (the aggregate mode: the first of a flow in an
+//! interval is reported, the agent reads the counts when the interval
+//! ends), or reported at most once per interval per flow, or all reported.
+//! A flow is a source cgroup, destination, port, protocol, rule and
+//! verdict. At the packet hooks, where a flood is one decision per packet,
+//! every verdict is reported once per flow and interval. Every event the
+//! ring buffer cannot take is counted.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::bpf_get_current_comm,
     },
+    maps::HashMap,
 };
-use tollgate_common::{FlowDedupKey, FlowEvent, Hook, Verdict, counter, event_kind};
+use tollgate_common::{
+    AllowedCount, FlowDedupKey, FlowEvent, Hook, Verdict, allowed_counts, counter, event_kind,
+    flow_flags,
+};
 
 use crate::{
-    decide::{Destination, Judgement},
-    maps::{TG_COUNTERS, TG_EVENTS, TG_FLOW_DEDUP, TG_RULE_HITS},
+    decide::{Destination, Judgement, add_atomic},
+    maps::{TG_ALLOWED_A, TG_ALLOWED_B, TG_COUNTERS, TG_EVENTS, TG_FLOW_DEDUP, TG_RULE_HITS},
 };
 
 /// Unread ring-buffer bytes (about 600 events) from which a submit wakes
@@ -75,20 +82,36 @@ pub fn decision(origin: &Origin, judgement: &Judgement, dst: &Destination) {
     let now = unsafe { bpf_ktime_get_ns() };
     count_rule_hit(judgement, now);
 
-    let interval_ns = if origin.is_packet_hook() {
-        judgement.packet_report_interval_ns
-    } else if judgement.verdict == Verdict::Allowed {
-        judgement.allowed_report_interval_ns
-    } else {
-        0
-    };
-    if interval_ns != 0 && recently_reported(origin, judgement, dst, now, interval_ns) {
-        count(if judgement.verdict == Verdict::Allowed {
-            counter::ALLOWED_DEDUPLICATED
+    let mut flags = judgement.flags;
+    let counting = !origin.is_packet_hook() && judgement.verdict == Verdict::Allowed;
+    if counting && judgement.allowed_counts != allowed_counts::OFF {
+        let key = flow_key(origin, judgement, dst, true);
+        let (half, in_b) = if judgement.allowed_counts == allowed_counts::IN_B {
+            (&TG_ALLOWED_B, flow_flags::COUNTED_IN_B)
         } else {
-            counter::PACKETS_DEDUPLICATED
-        });
-        return;
+            (&TG_ALLOWED_A, 0)
+        };
+        match count_allowed(half, &key, now) {
+            Counted::Again => return,
+            Counted::First => flags |= flow_flags::COUNTED | in_b,
+            Counted::Full => count(counter::ALLOWED_COUNTS_FULL),
+        }
+    } else {
+        let interval_ns = if origin.is_packet_hook() {
+            judgement.packet_report_interval_ns
+        } else if counting {
+            judgement.allowed_report_interval_ns
+        } else {
+            0
+        };
+        if interval_ns != 0 && recently_reported(origin, judgement, dst, now, interval_ns) {
+            count(if counting {
+                counter::ALLOWED_DEDUPLICATED
+            } else {
+                counter::PACKETS_DEDUPLICATED
+            });
+            return;
+        }
     }
 
     let Some(mut entry) = TG_EVENTS.reserve::<FlowEvent>(0) else {
@@ -105,7 +128,7 @@ pub fn decision(origin: &Origin, judgement: &Judgement, dst: &Destination) {
         (*event).mode = judgement.mode as u8;
         (*event).family = dst.family;
         (*event).protocol = dst.protocol;
-        (*event).flags = judgement.flags;
+        (*event).flags = flags;
         (*event).dst_port = dst.port;
         (*event).rule_id = judgement.rule_id;
         (*event).set_id = judgement.set_id;
@@ -169,6 +192,81 @@ pub fn batched_wakeup() -> u64 {
     wakeup.into()
 }
 
+/// What counting an allowed decision in the counting half did.
+enum Counted {
+    /// Its flow was counted already this interval: one more.
+    Again,
+    /// It opened its flow's count: to be reported (the agent takes the
+    /// flow's details from it).
+    First,
+    /// The half is full: reported by an event of its own.
+    Full,
+}
+
+#[inline(always)]
+fn count_allowed(
+    half: &HashMap<FlowDedupKey, AllowedCount>,
+    key: &FlowDedupKey,
+    now: u64,
+) -> Counted {
+    let again = |value: *mut AllowedCount| {
+        // SAFETY: value pointer from a successful lookup, aligned; the
+        // count is added to atomically (other CPUs may count the same
+        // flow), the time stored plainly (a racing store leaves one of two
+        // nearly equal times).
+        unsafe {
+            add_atomic(core::ptr::addr_of_mut!((*value).count), 1);
+            (*value).last_ns = now;
+        }
+        Counted::Again
+    };
+    if let Some(value) = half.get_ptr_mut(key) {
+        return again(value);
+    }
+    let first = AllowedCount {
+        count: 1,
+        first_ns: now,
+        last_ns: now,
+    };
+    if half.insert(key, &first, BPF_NOEXIST.into()).is_ok() {
+        return Counted::First;
+    }
+    // Another CPU opened the flow first, or the half is full.
+    match half.get_ptr_mut(key) {
+        Some(value) => again(value),
+        None => Counted::Full,
+    }
+}
+
+/// A decision's flow; `counted` keys carry its mode, flags and generation.
+#[inline(always)]
+fn flow_key(
+    origin: &Origin,
+    judgement: &Judgement,
+    dst: &Destination,
+    counted: bool,
+) -> FlowDedupKey {
+    let mut dst_addr = [0u8; 16];
+    let [a, b, c, d] = dst.addr;
+    dst_addr[0..4].copy_from_slice(&a.to_ne_bytes());
+    dst_addr[4..8].copy_from_slice(&b.to_ne_bytes());
+    dst_addr[8..12].copy_from_slice(&c.to_ne_bytes());
+    dst_addr[12..16].copy_from_slice(&d.to_ne_bytes());
+    FlowDedupKey {
+        cgroup_id: origin.cgroup_id,
+        dst_addr,
+        dst_port: dst.port,
+        protocol: dst.protocol,
+        family: dst.family,
+        rule_id: judgement.rule_id,
+        hook: origin.hook as u8,
+        verdict: judgement.verdict as u8,
+        mode: if counted { judgement.mode as u8 } else { 0 },
+        flags: if counted { judgement.flags } else { 0 },
+        generation: if counted { judgement.generation } else { 0 },
+    }
+}
+
 /// True if the same flow was reported less than an interval ago;
 /// otherwise records `now` as its last report.
 #[inline(always)]
@@ -179,23 +277,7 @@ fn recently_reported(
     now: u64,
     interval_ns: u64,
 ) -> bool {
-    let mut dst_addr = [0u8; 16];
-    let [a, b, c, d] = dst.addr;
-    dst_addr[0..4].copy_from_slice(&a.to_ne_bytes());
-    dst_addr[4..8].copy_from_slice(&b.to_ne_bytes());
-    dst_addr[8..12].copy_from_slice(&c.to_ne_bytes());
-    dst_addr[12..16].copy_from_slice(&d.to_ne_bytes());
-    let key = FlowDedupKey {
-        cgroup_id: origin.cgroup_id,
-        dst_addr,
-        dst_port: dst.port,
-        protocol: dst.protocol,
-        family: dst.family,
-        rule_id: judgement.rule_id,
-        hook: origin.hook as u8,
-        verdict: judgement.verdict as u8,
-        _pad: [0; 6],
-    };
+    let key = flow_key(origin, judgement, dst, false);
     if let Some(last) = TG_FLOW_DEDUP.get_ptr_mut(key) {
         // SAFETY: value pointer from a successful lookup; a racing update
         // only makes a report more or less likely, never unsafe.

@@ -6,7 +6,7 @@ use std::{
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::{sync::mpsc, task::JoinSet};
@@ -29,7 +29,7 @@ use crate::{
     datapath::{Datapath, DatapathError, DatapathOptions},
     enforce::{EndpointOptions, Enforcer},
     export::{
-        aggregate::Aggregator,
+        aggregate::{Aggregator, CountedFlows},
         config::SinkConfig,
         delivery::{ExportError, Exporter},
     },
@@ -123,7 +123,7 @@ const CGROUP_RESCAN: Duration = Duration::from_secs(30);
 const BATCH: usize = 512;
 
 mod publish;
-use publish::{FqdnMetrics, Printer, RecordCounters};
+use publish::{FqdnMetrics, KernelCounts, Printer, RecordCounters};
 
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let (commands_tx, mut commands) = mpsc::channel(64);
@@ -143,7 +143,8 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     datapath.set_trusted_resolvers(&config.dns_resolvers)?;
     datapath.set_learned_ttl_bounds(config.learned_ttl.0, config.learned_ttl.1)?;
     info!(resolvers = ?config.dns_resolvers, ttl = ?config.learned_ttl, "learning FQDN rules' addresses from DNS answers");
-    // Aggregates count every connection, so the kernel suppresses none.
+    // In the aggregate mode the kernel counts allowed flows itself
+    // (Printer::start_counting) and suppresses no report.
     let aggregate = config.allowed_flows == AllowedFlows::Aggregate
         && !config.allowed_report_interval.is_zero();
     datapath.set_allowed_report_interval(if aggregate {
@@ -300,10 +301,19 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                 MAX_OPEN_AGGREGATES,
             )
         }),
+        kernel_counts: KernelCounts {
+            halves: datapath
+                .take_allowed_counts()
+                .expect("a fresh datapath has its counting halves"),
+            flows: CountedFlows::default(),
+            interval: aggregate.then_some(config.allowed_report_interval),
+            last_switch: Instant::now(),
+        },
         closed: Vec::new(),
     };
-    telemetry.set_ready(true);
     let mut events = Vec::with_capacity(BATCH);
+    printer.start_counting(&mut reader, &mut events, controller.enforcer(), &mut datapath)?;
+    telemetry.set_ready(true);
     let mut rescan = tokio::time::interval(CGROUP_RESCAN);
     let mut loss_check = tokio::time::interval(LOSS_CHECK);
     let mut learned_sweep = tokio::time::interval(LEARNED_SWEEP);
@@ -355,11 +365,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                 refresh(&mut controller, &mut datapath);
             }
             _ = loss_check.tick() => {
-                printer.close_due_aggregates(controller.enforcer());
-                match datapath.counters() {
-                    Ok(counters) => printer.report_kernel_losses(counters.ringbuf_reserve_failed),
-                    Err(e) => warn!(error = %e, "cannot read counters"),
-                }
+                printer.tick(&mut reader, &mut events, controller.enforcer(), &mut datapath);
             }
             _ = learned_sweep.tick() => printer.sweep_learned(&mut datapath),
             _ = rescan.tick() => {
@@ -378,7 +384,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         controller.enforcer(),
         &mut datapath,
     );
-    printer.close_all_aggregates(controller.enforcer());
+    printer.close_all_aggregates(
+        &mut reader,
+        &mut events,
+        controller.enforcer(),
+        &mut datapath,
+    );
     if let Ok(counters) = datapath.counters() {
         printer.report_kernel_losses(counters.ringbuf_reserve_failed);
     }

@@ -13,7 +13,7 @@
 pub mod dns;
 
 /// Version of the pinned map layout; part of the bpffs pin directory name.
-pub const PIN_LAYOUT_VERSION: u32 = 7;
+pub const PIN_LAYOUT_VERSION: u32 = 8;
 
 /// Map names (at most 15 bytes: the kernel truncates longer object names).
 pub mod map_names {
@@ -35,6 +35,8 @@ pub mod map_names {
     pub const ENDPOINT_NETNS: &str = "TG_ENDPOINT_NETNS";
     pub const POD_LINKS: &str = "TG_POD_LINKS";
     pub const RULE_HITS: &str = "TG_RULE_HITS";
+    pub const ALLOWED_COUNTS_A: &str = "TG_ALLOWED_A";
+    pub const ALLOWED_COUNTS_B: &str = "TG_ALLOWED_B";
 }
 
 /// Default capacities; the agent may override them at load time.
@@ -67,6 +69,10 @@ pub mod capacity {
     /// Decision slots per CPU: one for a decision, one more for a decision
     /// made while it is preempted (agent-ebpf/src/decide.rs).
     pub const DECIDE_SLOTS: u32 = 2;
+    /// Allowed flows counted in each half of `TG_ALLOWED_A`/`_B` per
+    /// interval (allocated as used); beyond, a new flow is reported by an
+    /// event of its own (`counter::ALLOWED_COUNTS_FULL`).
+    pub const ALLOWED_COUNTS: u32 = 65_536;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 4 << 20;
 }
@@ -169,6 +175,12 @@ pub mod flow_flags {
     /// Every decision slot of the CPU was held by a preempted decision: a
     /// selected endpoint was denied without its rules being evaluated.
     pub const UNJUDGED: u8 = 1 << 2;
+    /// An allowed decision that opened its flow's count in the counting
+    /// half (`allowed_counts`): the kernel counts the flow's further
+    /// decisions there instead of reporting them.
+    pub const COUNTED: u8 = 1 << 3;
+    /// With `COUNTED`: the half is `TG_ALLOWED_B` (else `TG_ALLOWED_A`).
+    pub const COUNTED_IN_B: u8 = 1 << 4;
 }
 
 /// Indexes of the per-CPU counters in `TG_COUNTERS`.
@@ -219,7 +231,10 @@ pub mod counter {
     /// Decisions whose rule id has no slot in `TG_RULE_HITS` (more rules
     /// in force than it holds): not counted per rule.
     pub const RULE_HITS_UNCOUNTED: u32 = 19;
-    pub const COUNT: u32 = 20;
+    /// Allowed decisions of a new flow that found the counting half full:
+    /// reported by an event of their own instead (nothing is lost).
+    pub const ALLOWED_COUNTS_FULL: u32 = 20;
+    pub const COUNT: u32 = 21;
 }
 
 /// Singleton in `TG_CONFIG[0]`.
@@ -263,7 +278,11 @@ pub struct Config {
     /// (`tollgate_packet_plain`), where answers are tied to their socket
     /// only.
     pub queries_recorded: u8,
-    pub _pad2: [u8; 7],
+    /// Where allowed decisions of the sock_addr hooks are counted (the
+    /// aggregate mode): [`allowed_counts`]. Not in the state word, so that
+    /// switching halves never makes a decision re-run.
+    pub allowed_counts: u8,
+    pub _pad2: [u8; 6],
 }
 
 /// Distinct ports the trusted resolvers may listen on.
@@ -412,8 +431,18 @@ pub struct FlowEvent {
     pub comm: [u8; 16],
 }
 
-/// Key of `TG_FLOW_DEDUP` (LRU): what makes two reported decisions the
-/// same flow within an interval.
+/// Values of [`Config::allowed_counts`].
+pub mod allowed_counts {
+    /// Not counted: each allowed decision is reported (or deduplicated).
+    pub const OFF: u8 = 0;
+    /// Counted in `TG_ALLOWED_A`.
+    pub const IN_A: u8 = 1;
+    /// Counted in `TG_ALLOWED_B`.
+    pub const IN_B: u8 = 2;
+}
+
+/// Key of `TG_FLOW_DEDUP` (LRU) and of `TG_ALLOWED_A`/`_B`: what makes two
+/// decisions the same flow within an interval.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowDedupKey {
@@ -428,7 +457,26 @@ pub struct FlowDedupKey {
     /// [`Verdict`]: a flow that turns from audit to denied is reported at
     /// once.
     pub verdict: u8,
-    pub _pad: [u8; 6],
+    /// The decision's [`Mode`], [`flow_flags`] and generation, in the
+    /// counting halves only (0 in `TG_FLOW_DEDUP`): a count never mixes
+    /// two generations' rules, and a flow whose first decision's event was
+    /// lost can still be reported from its key.
+    pub mode: u8,
+    pub flags: u8,
+    pub generation: u32,
+}
+
+/// Value of `TG_ALLOWED_A`/`_B`: the flow's allowed decisions in the
+/// interval, and the time of the last one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowedCount {
+    /// Added to atomically: the flow's decisions may run on several CPUs.
+    pub count: u64,
+    /// CLOCK_MONOTONIC ns of the first decision, and of the last (a racing
+    /// decision may leave a slightly earlier one).
+    pub first_ns: u64,
+    pub last_ns: u64,
 }
 
 /// Key of `TG_FQDN_NAMES`: a DNS name in wire form (length-prefixed
@@ -713,6 +761,7 @@ mod pod {
     unsafe impl aya::Pod for QueryKey {}
     unsafe impl aya::Pod for QueryValue {}
     unsafe impl aya::Pod for RuleHits {}
+    unsafe impl aya::Pod for AllowedCount {}
 }
 
 // The layouts are part of the pinned ABI: fail the build if one drifts.
@@ -733,6 +782,8 @@ const _: () = {
     assert!(core::mem::offset_of!(FlowEvent, comm) == 80);
     assert!(core::mem::offset_of!(Config, allowed_report_interval_ns) == 8);
     assert!(core::mem::size_of::<FlowDedupKey>() == 40);
+    assert!(core::mem::offset_of!(FlowDedupKey, generation) == 36);
+    assert!(core::mem::size_of::<AllowedCount>() == 24);
     assert!(core::mem::size_of::<FqdnNameIds>() == 16);
     assert!(core::mem::size_of::<FqdnRuleKey>() == 8);
     assert!(core::mem::size_of::<LearnedKey>() == 32);

@@ -1067,6 +1067,15 @@ impl AgentProcess {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
     }
 
+    /// Every flow record the agent prints until it prints none for `quiet`.
+    pub fn records_until_quiet(&self, quiet: Duration) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| self.stdout.recv_timeout(quiet).ok())
+            .map(|line| {
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+            })
+            .collect()
+    }
+
     /// SIGKILL: no chance to clean up anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -162,6 +162,110 @@ fn allowed_flows_are_aggregated_per_interval_and_denials_reported_at_once() {
     );
 }
 
+/// Sums the connections that the allowed records to `port` stand for,
+/// reading records until none comes for a while; also returns the records.
+fn allowed_to(agent: &AgentProcess, port: u16) -> (u64, Vec<serde_json::Value>) {
+    let records: Vec<_> = agent
+        .records_until_quiet(Duration::from_secs(3))
+        .into_iter()
+        .filter(|r| r["verdict"] == "allowed" && r["dst"]["port"] == port)
+        .collect();
+    let count = records
+        .iter()
+        .map(|r| r["summary"]["count"].as_u64().unwrap_or(1))
+        .sum();
+    (count, records)
+}
+
+/// The aggregate mode counts allowed flows in the kernel: every allowed
+/// connection is in exactly one record's count, across intervals, a rule
+/// switch, a graceful restart (connections while the agent is away
+/// included) and a crash.
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn kernel_counted_allowed_connections_are_each_reported_once() {
+    let mut env = TestEnv::new("counted");
+    let host = env.add_host(18, &[8080]).v4;
+    let first = TempFile::new(
+        "counted-first.yaml",
+        &host_policy("counted", &env.cgroup.relative, "enforce", host),
+    );
+    let second = TempFile::new(
+        "counted-second.yaml",
+        &format!(
+            "{}  - name: other\n    to: [{{cidr: {host}/32}}]\n    ports: [{{port: 9090, protocol: TCP}}]\n",
+            host_policy("counted", &env.cgroup.relative, "enforce", host)
+        ),
+    );
+    let args = [
+        "--mode",
+        "enforce",
+        "--allowed-report-interval",
+        "1s",
+        "--policy",
+        first.path.to_str().unwrap(),
+    ];
+    let connect = |count: usize| {
+        let run = env.probe(&[
+            "--count",
+            &count.to_string(),
+            "connect",
+            "tcp",
+            &format!("{host}:8080"),
+        ]);
+        assert!(run.results.iter().all(Result::is_ok), "{:?}", run.results);
+        run
+    };
+
+    let mut agent = AgentProcess::start(&env, &args);
+    let opened = connect(20);
+    env.ctl(&["apply", "-f", second.path.to_str().unwrap()])
+        .ok();
+    connect(15);
+    std::thread::sleep(Duration::from_millis(1500));
+    connect(10);
+    agent.terminate();
+    let (count, records) = allowed_to(&agent, 8080);
+    assert_eq!(count, 45, "{records:#?}");
+    assert!(
+        records.len() >= 2,
+        "the rule switch and the interval close counts: {records:#?}"
+    );
+    assert_eq!(
+        records[0]["src"]["pid"], opened.pid,
+        "the first connection's"
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r["rule"] == "web" && r["policy"] == "counted"),
+        "{records:#?}"
+    );
+
+    // While no agent runs, the kernel counts on; the next agent reports it.
+    let away = connect(5);
+    let mut agent = AgentProcess::start(&env, &args);
+    connect(7);
+    // A crash before the interval closes: the counts stay in the kernel.
+    agent.kill();
+    let (crashed, records) = allowed_to(&agent, 8080);
+    let mut agent = AgentProcess::start(&env, &args);
+    agent.terminate();
+    let (after, later) = allowed_to(&agent, 8080);
+    assert_eq!(
+        crashed + after,
+        12,
+        "reported before the crash: {records:#?}, after: {later:#?}"
+    );
+    assert!(
+        records
+            .iter()
+            .chain(&later)
+            .any(|r| r["src"]["pid"] == away.pid),
+        "the first connection while away is named from its event"
+    );
+}
+
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
 fn enforcement_holds_while_the_agent_is_killed_and_after_it_restarts() {

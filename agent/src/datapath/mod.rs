@@ -17,6 +17,7 @@
 //! new maps hold the rules; `take_over_older_layouts` then swaps the new
 //! programs into them, moves their pins here and removes the older layout.
 
+mod counts;
 pub mod events;
 mod frames;
 mod hits;
@@ -39,6 +40,7 @@ use aya::{
         ProgramInfo, SchedClassifier, links::FdLink, links::PinnedLink, loaded_programs,
     },
 };
+pub use counts::{AllowedCounts, Half};
 pub use events::{Event, EventReader};
 pub use frames::{AttachFailure, FRAME_PROGRAM, PodLink, remove_filters as remove_frame_filters};
 pub use hits::{RuleHitCount, RuleHitsMap, monotonic_to_unix_ns};
@@ -199,6 +201,8 @@ pub enum DatapathError {
     },
     #[error("loading the BPF object: {0}")]
     Load(#[from] aya::EbpfError),
+    #[error("waiting for running programs (a map-of-maps update): {0}")]
+    Barrier(std::io::Error),
     #[error("the BPF object has no program {0}")]
     MissingProgram(&'static str),
     #[error("the BPF object has no map {0}")]
@@ -346,6 +350,7 @@ pub struct Counters {
     pub dns_via_loopback: u64,
     pub dns_foreign_netns: u64,
     pub dns_spoofed: u64,
+    pub allowed_counts_full: u64,
 }
 
 /// The loaded (or adopted) datapath.
@@ -368,6 +373,7 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     rule_hits: RuleHitsMap,
     events: Option<RingBuf<MapData>>,
+    allowed_counts: Option<AllowedCounts>,
     /// The frame hook on pods' links, with the loaded object.
     frames: frames::FrameHook,
     attachments: Vec<(&'static str, Attachment)>,
@@ -440,6 +446,10 @@ impl Datapath {
         let counters = take_map(&mut ebpf, map_names::COUNTERS)?;
         let rule_hits = RuleHitsMap::new(take_map(&mut ebpf, map_names::RULE_HITS)?);
         let events = take_map(&mut ebpf, map_names::EVENTS)?;
+        let allowed_counts = AllowedCounts::new(
+            take_map(&mut ebpf, map_names::ALLOWED_COUNTS_A)?,
+            take_map(&mut ebpf, map_names::ALLOWED_COUNTS_B)?,
+        )?;
         let frames = frames::FrameHook::load(ebpf, &links_dir)?;
         // Unknown until the agent configures it: observe, never a surprise block.
         if Mode::from_u8(state.global_mode).is_none() {
@@ -466,6 +476,7 @@ impl Datapath {
             counters,
             rule_hits,
             events: Some(events),
+            allowed_counts: Some(allowed_counts),
             frames,
             attachments: Vec::new(),
             hooks: Vec::new(),
@@ -634,6 +645,41 @@ impl Datapath {
         self.frames.set(wanted)
     }
 
+    /// Where allowed decisions are counted now (None: they are not).
+    pub fn allowed_counts_half(&self) -> Option<Half> {
+        Half::of_config(self.state.allowed_counts)
+    }
+
+    /// Makes the programs count allowed decisions in `half` from now on
+    /// (None: not at all).
+    ///
+    /// This runs every interval, not only at a switch, so it changes this
+    /// field alone and leaves the rest as the kernel has it: a config
+    /// written by another datapath handle since (a test's, an older
+    /// agent's during a takeover) is never rolled back.
+    pub fn set_allowed_counts_half(&mut self, half: Option<Half>) -> Result<(), DatapathError> {
+        let allowed_counts = half.map_or(tollgate_common::allowed_counts::OFF, Half::config_value);
+        let in_kernel = self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))?;
+        self.config
+            .set(
+                0,
+                Config {
+                    allowed_counts,
+                    ..in_kernel
+                },
+                0,
+            )
+            .map_err(map_err(map_names::CONFIG))?;
+        self.state.allowed_counts = allowed_counts;
+        Ok(())
+    }
+
+    /// The counting halves; there is one handle, and the first caller gets
+    /// it.
+    pub fn take_allowed_counts(&mut self) -> Option<AllowedCounts> {
+        self.allowed_counts.take()
+    }
+
     /// The ring buffer reader; there is one, and the first caller gets it.
     pub fn take_event_reader(&mut self) -> std::io::Result<Option<EventReader>> {
         self.events.take().map(EventReader::new).transpose()
@@ -667,6 +713,7 @@ impl Datapath {
             dns_via_loopback: sum(counter::DNS_VIA_LOOPBACK)?,
             dns_foreign_netns: sum(counter::DNS_FOREIGN_NETNS)?,
             dns_spoofed: sum(counter::DNS_SPOOFED)?,
+            allowed_counts_full: sum(counter::ALLOWED_COUNTS_FULL)?,
         })
     }
 

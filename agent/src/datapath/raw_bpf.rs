@@ -2,7 +2,8 @@
 //! and tcx links (the kernel swaps the program behind a link in one step, so an
 //! upgrade never leaves a connection unjudged or judged twice), and
 //! BPF_OBJ_GET and BPF_OBJ_PIN on the link fds its typed links do not hand
-//! out, and the interface of a tcx link.
+//! out, the interface of a tcx link, and a map-of-maps made only to wait
+//! for running programs ([`ProgramsBarrier`]).
 
 use std::{
     ffi::CString,
@@ -14,6 +15,8 @@ use std::{
     path::Path,
 };
 
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -37,6 +40,30 @@ struct ObjAttr {
     file_flags: u32,
     path_fd: i32,
     _pad: u32,
+}
+
+/// `union bpf_attr` for BPF_MAP_CREATE (the fields up to `map_name`).
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+    numa_node: u32,
+    map_name: [u8; 16],
+}
+
+/// `union bpf_attr` for BPF_MAP_UPDATE_ELEM.
+#[repr(C)]
+struct MapUpdateAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
 }
 
 /// `union bpf_attr` for BPF_LINK_UPDATE.
@@ -133,4 +160,62 @@ pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     };
     // SAFETY: ObjAttr is BPF_OBJ_PIN's prefix; the path outlives the call.
     unsafe { bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
+}
+
+/// Waits until every program that was running has returned. The kernel
+/// does exactly that (`synchronize_rcu`) after each update of a map-of-maps
+/// element, before the syscall returns (kernel/bpf/syscall.c,
+/// `maybe_wait_bpf_programs`), so that its caller knows no program still
+/// uses the old value; this array of one map is updated for that wait
+/// alone. A program that read a value (a counting half) before the wait
+/// has finished with it after.
+pub struct ProgramsBarrier {
+    outer: OwnedFd,
+    inner: OwnedFd,
+}
+
+impl ProgramsBarrier {
+    pub fn new() -> io::Result<Self> {
+        const BPF_MAP_TYPE_ARRAY: u32 = 2;
+        const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+        let create = |map_type, inner_map_fd, name: &[u8]| {
+            let mut attr = MapCreateAttr {
+                map_type,
+                key_size: 4,
+                value_size: 4,
+                max_entries: 1,
+                inner_map_fd,
+                ..MapCreateAttr::default()
+            };
+            attr.map_name[..name.len()].copy_from_slice(name);
+            // SAFETY: MapCreateAttr is BPF_MAP_CREATE's prefix; no pointers.
+            let fd = unsafe { bpf(BPF_MAP_CREATE, &mut attr)? };
+            // SAFETY: BPF_MAP_CREATE returned a new fd that nothing else owns.
+            Ok::<_, io::Error>(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        };
+        let inner = create(BPF_MAP_TYPE_ARRAY, 0, b"tg_barrier_in")?;
+        let outer = create(
+            BPF_MAP_TYPE_ARRAY_OF_MAPS,
+            inner.as_raw_fd() as u32,
+            b"tg_barrier",
+        )?;
+        Ok(Self { outer, inner })
+    }
+
+    /// Returns once every program running at the call has returned (an RCU
+    /// grace period: milliseconds).
+    pub fn wait(&self) -> io::Result<()> {
+        let key = 0u32;
+        let value = self.inner.as_raw_fd() as u32;
+        let mut attr = MapUpdateAttr {
+            map_fd: self.outer.as_raw_fd() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(&key) as u64,
+            value: std::ptr::from_ref(&value) as u64,
+            flags: 0,
+        };
+        // SAFETY: MapUpdateAttr is BPF_MAP_UPDATE_ELEM's attr; key and
+        // value outlive the call.
+        unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr) }.map(drop)
+    }
 }

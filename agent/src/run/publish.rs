@@ -3,7 +3,10 @@
 //! and the names they teach, and loss markers, handed to the sinks and the
 //! flow service.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use tollgate_common::{FlowEvent, LEARNED_SLOTS, dns_flags, flow_flags};
@@ -13,10 +16,12 @@ use super::BATCH;
 use crate::{
     cgroups::CgroupPaths,
     control::flows::FlowHub,
-    datapath::{Datapath, Event, EventReader, events::DnsMessage},
+    datapath::{
+        AllowedCounts, Datapath, DatapathError, Event, EventReader, Half, events::DnsMessage,
+    },
     enforce::Enforcer,
     export::{
-        aggregate::{Aggregate, Aggregator, Offered},
+        aggregate::{Aggregate, Aggregator, CountedFlows, Offered},
         delivery::Exporter,
         record::{DnsAnswer, DnsRecord, DnsResolver, LossReason, LossRecord, Record, Summary},
         sinks::{RecordMeta, Severity},
@@ -50,6 +55,9 @@ pub(super) struct Printer {
     /// Allowed flows are reported as interval aggregates (else one by one,
     /// or as the kernel's first of each interval).
     pub(super) aggregator: Option<Aggregator>,
+    /// The kernel's counting of allowed flows (aggregate mode), and the
+    /// flows it counts.
+    pub(super) kernel_counts: KernelCounts,
     /// Aggregates closed and not yet published (kept for its allocation).
     pub(super) closed: Vec<Aggregate>,
     /// The DNS messages of DNS events (TCP streams reassembled).
@@ -63,7 +71,109 @@ pub(super) struct Printer {
     pub(super) ttl_bounds: (u32, u32),
 }
 
+/// Allowed flows the kernel counts: its halves, the flows counted in
+/// each, and when the halves switch.
+pub(super) struct KernelCounts {
+    pub(super) halves: AllowedCounts,
+    pub(super) flows: CountedFlows,
+    /// The aggregate mode's interval: the halves switch this often (None:
+    /// the kernel does not count).
+    pub(super) interval: Option<Duration>,
+    pub(super) last_switch: Instant,
+}
+
 impl Printer {
+    /// Puts the kernel's counting as configured: counting in a half that
+    /// this agent closes (or not counting), and every half another agent
+    /// counted in closed now, so that no count from before is lost.
+    pub(super) fn start_counting(
+        &mut self,
+        reader: &mut EventReader,
+        events: &mut Vec<Event>,
+        enforcer: &Enforcer,
+        datapath: &mut Datapath,
+    ) -> Result<(), DatapathError> {
+        let counting = self
+            .kernel_counts
+            .interval
+            .map(|_| datapath.allowed_counts_half().map_or(Half::A, Half::other));
+        self.switch_halves(counting, reader, events, enforcer, datapath)
+    }
+
+    /// Makes the kernel count in `next` (None: not at all), waits until no
+    /// program counts in the other halves, reads the events they reported
+    /// until then and closes those halves with their counts.
+    fn switch_halves(
+        &mut self,
+        next: Option<Half>,
+        reader: &mut EventReader,
+        events: &mut Vec<Event>,
+        enforcer: &Enforcer,
+        datapath: &mut Datapath,
+    ) -> Result<(), DatapathError> {
+        datapath.set_allowed_counts_half(next)?;
+        self.kernel_counts.last_switch = Instant::now();
+        self.kernel_counts.halves.wait_for_programs()?;
+        self.read_available(reader, events, enforcer, datapath);
+        for half in [Half::A, Half::B] {
+            if Some(half) == next {
+                continue;
+            }
+            let counts = self.kernel_counts.halves.take(half)?;
+            self.kernel_counts
+                .flows
+                .close(half.index(), counts, &mut self.closed);
+        }
+        self.publish_closed(enforcer);
+        Ok(())
+    }
+
+    /// Once a second: aggregates whose interval ended go out, the kernel
+    /// switches counting halves once an interval, and events the kernel
+    /// could not report are reported lost.
+    pub(super) fn tick(
+        &mut self,
+        reader: &mut EventReader,
+        events: &mut Vec<Event>,
+        enforcer: &Enforcer,
+        datapath: &mut Datapath,
+    ) {
+        self.close_due_aggregates(enforcer);
+        if let (Some(interval), Some(counting)) =
+            (self.kernel_counts.interval, datapath.allowed_counts_half())
+            && self.kernel_counts.last_switch.elapsed() >= interval
+            && let Err(error) =
+                self.switch_halves(Some(counting.other()), reader, events, enforcer, datapath)
+        {
+            warn!(%error, "cannot close the kernel's allowed-flow counts; retrying next interval");
+        }
+        match datapath.counters() {
+            Ok(counters) => self.report_kernel_losses(counters.ringbuf_reserve_failed),
+            Err(e) => warn!(error = %e, "cannot read counters"),
+        }
+    }
+
+    /// At a stop: every aggregate goes out, and the kernel counts on in the
+    /// other half for the next agent to close.
+    pub(super) fn close_all_aggregates(
+        &mut self,
+        reader: &mut EventReader,
+        events: &mut Vec<Event>,
+        enforcer: &Enforcer,
+        datapath: &mut Datapath,
+    ) {
+        if let Some(counting) = datapath.allowed_counts_half()
+            && let Err(error) =
+                self.switch_halves(Some(counting.other()), reader, events, enforcer, datapath)
+        {
+            warn!(%error, "cannot close the kernel's allowed-flow counts; the next agent will");
+        }
+        if let Some(aggregator) = &mut self.aggregator {
+            aggregator.close_all(&mut self.closed);
+            self.publish_closed(enforcer);
+        }
+    }
+
     /// Prints every event the ring buffer holds now, without waiting (the
     /// programs wake the reader only once events pile up). Called before
     /// every rule switch, so that records are named while their
@@ -75,16 +185,34 @@ impl Printer {
         enforcer: &Enforcer,
         datapath: &mut Datapath,
     ) {
+        self.read_available(reader, events, enforcer, datapath);
+        // Open aggregates whose names the coming switch may forget go now.
+        let Some(generation) = enforcer.generation_named_last_time() else {
+            return;
+        };
+        if let Some(aggregator) = &mut self.aggregator {
+            aggregator.close_generation(generation, &mut self.closed);
+            self.publish_closed(enforcer);
+        }
+        if self.kernel_counts.flows.holds_generation(generation)
+            && let Some(counting) = datapath.allowed_counts_half()
+            && let Err(error) =
+                self.switch_halves(Some(counting.other()), reader, events, enforcer, datapath)
+        {
+            warn!(%error, "cannot close the kernel's allowed-flow counts before a rule switch");
+        }
+    }
+
+    fn read_available(
+        &mut self,
+        reader: &mut EventReader,
+        events: &mut Vec<Event>,
+        enforcer: &Enforcer,
+        datapath: &mut Datapath,
+    ) {
         while reader.read_available(events, BATCH) > 0 {
             self.print(events, enforcer, datapath);
             events.clear();
-        }
-        // Open aggregates whose names the coming switch may forget go now.
-        if let (Some(aggregator), Some(generation)) =
-            (&mut self.aggregator, enforcer.generation_named_last_time())
-        {
-            aggregator.close_generation(generation, &mut self.closed);
-            self.publish_closed(enforcer);
         }
     }
 
@@ -99,6 +227,10 @@ impl Printer {
                     continue;
                 }
             };
+            if let Some(half) = Half::of_event_flags(event.flags) {
+                self.kernel_counts.flows.first(half.index(), event);
+                continue;
+            }
             let offered = match &mut self.aggregator {
                 Some(aggregator) => aggregator.offer(event, &mut self.closed),
                 None => Offered::ReportNow,
@@ -112,17 +244,10 @@ impl Printer {
 
     /// Publishes the aggregates whose interval has ended by now: quiet
     /// flows are reported on time too.
-    pub(super) fn close_due_aggregates(&mut self, enforcer: &Enforcer) {
+    fn close_due_aggregates(&mut self, enforcer: &Enforcer) {
         if let Some(aggregator) = &mut self.aggregator {
             aggregator.close_due(monotonic_ns(), &mut self.closed);
             self.clock = WallClock::now();
-            self.publish_closed(enforcer);
-        }
-    }
-
-    pub(super) fn close_all_aggregates(&mut self, enforcer: &Enforcer) {
-        if let Some(aggregator) = &mut self.aggregator {
-            aggregator.close_all(&mut self.closed);
             self.publish_closed(enforcer);
         }
     }
