@@ -120,6 +120,13 @@ const CORE_TESTS: [CoreTest; 14] = [
         target: "rules",
         name: "rules_count_their_hits_exactly_across_switches_and_restarts",
     },
+    // Allowed flows counted in the kernel: the insert with BPF_NOEXIST and
+    // the atomic add in the programs, the wait for running programs (a
+    // map-of-maps update) in the agent, exact across switches and restarts.
+    CoreTest {
+        target: "agent",
+        name: "kernel_counted_allowed_connections_are_each_reported_once",
+    },
     // A refused DNS parser: the agent still enforces, says so, and learns
     // names through the fallback program.
     CoreTest {
