@@ -142,7 +142,13 @@ fn bench(root: &Path, smoke: bool) -> anyhow::Result<()> {
     if smoke {
         bench.arg("--smoke");
     }
-    run(&mut bench)
+    // How long the benchmarks themselves take (the build before not
+    // counted), so that a change to their plan shows in what it costs.
+    let started = std::time::Instant::now();
+    run(&mut bench)?;
+    let took = started.elapsed().as_secs();
+    println!("benchmarks: {} min {} s", took / 60, took % 60);
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {
