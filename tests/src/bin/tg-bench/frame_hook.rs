@@ -19,7 +19,7 @@
 //! The kernel's own statistics (`BPF_ENABLE_STATS`) over one more turn give
 //! the program's mean run time, and the same turn over a third pair, with a
 //! program that only returns 1 attached the same way, the floor to read it
-//! against (see packet_hook.rs). tcx takes a return other than TC_ACT_OK,
+//! against (see bpf_stats.rs). tcx takes a return other than TC_ACT_OK,
 //! TC_ACT_SHOT or TC_ACT_REDIRECT as TC_ACT_UNSPEC ("on to what comes
 //! next", `tcx_action_code`), so alone on its link that program lets
 //! frames go the way `tollgate_frame` does.
@@ -36,8 +36,9 @@ use tollgate_tests::{TestEnv, sh};
 
 use crate::{
     Netns, Place, Plan, Remote,
+    bpf_stats::{alternate, load_object, stats_over},
     load::LoadResult,
-    packet_hook::{WORKLOADS, alternate, stats_over},
+    packet_hook::WORKLOADS,
     report::{PacketHookRow, Report},
 };
 
@@ -184,7 +185,7 @@ struct FrameHook {
 
 impl FrameHook {
     fn attach(env: &TestEnv, node: &Netns, interface: &str) -> Self {
-        let mut ebpf = crate::packet_hook::load_object(env);
+        let mut ebpf = load_object(env);
         let program: &mut SchedClassifier = ebpf
             .program_mut(FRAME_PROGRAM)
             .expect("tollgate_frame in the object")

@@ -7,9 +7,13 @@
 //! DIR/bench.json; `tg-bench load ...` is the load worker it spawns;
 //! `tg-bench packet-hook [--smoke] [--seconds S] [--rounds N] [--out DIR]`
 //! runs the packet hook section alone and prints its figures as JSON;
-//! `tg-bench frame-hook` (same options) does the same for the frame hook.
+//! `tg-bench frame-hook` (same options) does the same for the frame hook;
+//! `tg-bench connect [--smoke] [--seconds S] [--rounds N] [--sizes N,N]
+//! [--out DIR]` the connect and sendto comparisons.
 
+mod bpf_stats;
 mod cluster;
+mod connect;
 mod control;
 mod frame_hook;
 mod learned;
@@ -26,8 +30,8 @@ use std::{
 };
 
 use load::{LoadResult, LoadSpec, Workload};
-use report::{Comparison, Report};
-use tollgate_tests::{AgentProcess, TempFile, TestCgroup, TestEnv, sh};
+use report::Report;
+use tollgate_tests::sh;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -72,11 +76,7 @@ fn main() {
         // The frame hook benchmark alone, the same way.
         [section @ ("packet-hook" | "frame-hook"), rest @ ..] => {
             let mut plan = Plan::new(rest.contains(&"--smoke"));
-            let option = |name: &str| {
-                rest.iter()
-                    .position(|a| *a == name)
-                    .and_then(|i| rest.get(i + 1))
-            };
+            let option = |name: &str| option(rest, name);
             if let Some(seconds) = option("--seconds") {
                 plan.hook_seconds = seconds.parse().expect("--seconds S");
             }
@@ -104,36 +104,74 @@ fn main() {
                 report.write(Path::new(out));
             }
         }
+        // The connect and sendto comparisons alone: their rows as JSON
+        // (and with --out DIR, a report of them alone, beside the run
+        // before in DIR). --seconds and --rounds set the turns' length
+        // and number, --sizes the rule counts (comma-separated).
+        ["connect", rest @ ..] => {
+            let mut plan = Plan::new(rest.contains(&"--smoke"));
+            let option = |name: &str| option(rest, name);
+            if let Some(seconds) = option("--seconds") {
+                plan.connect_seconds = seconds.parse().expect("--seconds S");
+            }
+            if let Some(rounds) = option("--rounds") {
+                plan.connect_rounds = rounds.parse().expect("--rounds N");
+            }
+            if let Some(sizes) = option("--sizes") {
+                plan.sizes = sizes
+                    .split(',')
+                    .map(|n| n.parse().expect("--sizes N,N,..."))
+                    .collect();
+            }
+            let mut report = Report::new(plan.smoke);
+            connect::measure(&plan, &mut report);
+            println!("{}", serde_json::to_string_pretty(&report.connect).unwrap());
+            if let Some(out) = option("--out") {
+                std::fs::create_dir_all(out).unwrap();
+                report.write(Path::new(out));
+            }
+        }
         ["dns-rtt", cgroup, resolver, rounds] => {
             learned::rtt(cgroup, resolver, rounds.parse().expect("rounds"))
         }
         ["run", rest @ ..] => {
             let smoke = rest.contains(&"--smoke");
-            let out = rest
-                .iter()
-                .position(|a| *a == "--out")
-                .and_then(|i| rest.get(i + 1))
-                .map(PathBuf::from)
-                .expect("--out DIR");
+            let out = option(rest, "--out").map(PathBuf::from).expect("--out DIR");
             run(&Plan::new(smoke), &out);
         }
         _ => {
             eprintln!(
-                "usage: tg-bench run [--smoke] --out DIR | tg-bench packet-hook|frame-hook [--smoke] [--seconds S] [--rounds N] [--out DIR]"
+                "usage: tg-bench run [--smoke] --out DIR | tg-bench packet-hook|frame-hook [--smoke] [--seconds S] [--rounds N] [--out DIR] | tg-bench connect [--smoke] [--seconds S] [--rounds N] [--sizes N,N,...] [--out DIR]"
             );
             std::process::exit(2);
         }
     }
 }
 
+/// The word after `name` in `args`, if `name` is there.
+fn option<'a>(args: &[&'a str], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| *a == name)
+        .and_then(|i| args.get(i + 1))
+        .copied()
+}
+
+/// A section of the benchmarks: what it measures, into the report.
+type Section = fn(&Plan, &mut Report);
+
 /// How much to measure.
 pub struct Plan {
     pub smoke: bool,
     /// Rule counts for the connect comparison.
     pub sizes: Vec<usize>,
-    /// Seconds per measurement, and turns per comparison.
+    /// Seconds per measurement (and per turn with the kernel's statistics
+    /// on), and turns per comparison of DNS latency.
     pub seconds: f64,
     pub rounds: usize,
+    /// Connect and sendto comparisons: seconds per turn, and rounds of a
+    /// turn of each side per row.
+    pub connect_seconds: f64,
+    pub connect_rounds: usize,
     /// Aimed event rates for the pipeline (0: as fast as the sender goes).
     pub rates: Vec<u64>,
     /// Control path: endpoints, and rules across them.
@@ -159,6 +197,8 @@ impl Plan {
                 sizes: vec![0, 100],
                 seconds: 0.2,
                 rounds: 1,
+                connect_seconds: 0.1,
+                connect_rounds: 2,
                 rates: vec![20_000],
                 endpoints: 20,
                 control_rules: 200,
@@ -174,6 +214,8 @@ impl Plan {
                 sizes: vec![0, 100, 10_000, 100_000],
                 seconds: 1.0,
                 rounds: 5,
+                connect_seconds: 0.25,
+                connect_rounds: 30,
                 rates: vec![50_000, 100_000, 200_000, 300_000, 0],
                 endpoints: 1_000,
                 control_rules: 10_000,
@@ -190,13 +232,23 @@ impl Plan {
 fn run(plan: &Plan, out: &Path) {
     std::fs::create_dir_all(out).unwrap();
     let mut report = Report::new(plan.smoke);
-    connect_costs(plan, &mut report);
-    packet_hook::measure(plan, &mut report);
-    frame_hook::measure(plan, &mut report);
-    learned::learning_rate(plan, &mut report);
-    pipeline::measure(plan, &mut report);
-    control::measure(plan, &mut report);
-    cluster::measure(plan, &mut report);
+    let sections: [(&str, Section); 7] = [
+        ("connect and sendto", connect::measure),
+        ("packet hook", packet_hook::measure),
+        ("frame hook", frame_hook::measure),
+        ("DNS learning", learned::learning_rate),
+        ("event pipeline", pipeline::measure),
+        ("control path", control::measure),
+        ("cluster", cluster::measure),
+    ];
+    for (name, measure) in sections {
+        let started = std::time::Instant::now();
+        measure(plan, &mut report);
+        eprintln!(
+            "tg-bench: {name} took {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     report.write(out);
     eprintln!("tg-bench: wrote {}", out.join("BENCHMARKS.md").display());
 }
@@ -291,141 +343,4 @@ pub fn load_to(
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).expect("the worker's result")
-}
-
-/// The subject and its baseline in turns; each side's runs merged.
-fn compare(plan: &Plan, baseline: Place, subject: Place, workload: Workload) -> Comparison {
-    let mut base = Vec::new();
-    let mut with = Vec::new();
-    for _ in 0..plan.rounds {
-        base.push(load(baseline, workload, plan.seconds, 0));
-        with.push(load(subject, workload, plan.seconds, 0));
-    }
-    Comparison::new(&base, &with)
-}
-
-/// Connect and sendto cost: nothing, Tollgate (observe, enforce at each
-/// size), nftables sets and iptables chains of the same rules.
-fn connect_costs(plan: &Plan, report: &mut Report) {
-    let env = TestEnv::new("bench");
-    let outside = TestCgroup::new("bench-base");
-    let plain = Netns::new("plain");
-    let nft = Netns::new("nft");
-    let ipt = Netns::new("ipt");
-    let glob = env.cgroup.relative.clone();
-    let baseline = Place {
-        cgroup: &outside.path,
-        netns: &plain,
-    };
-    let tollgate = Place {
-        cgroup: &env.cgroup.path,
-        netns: &plain,
-    };
-    let largest = *plan.sizes.iter().max().unwrap();
-    let all_prefixes = rules::prefixes(largest.max(100));
-    let policy_file = |mode: &str, n: usize| {
-        TempFile::new(
-            &format!("bench-{mode}-{n}.yaml"),
-            &rules::policy("bench", &glob, mode, &all_prefixes[..n]),
-        )
-    };
-
-    let first = policy_file("observe", 100);
-    let agent = AgentProcess::start(&env, &["--policy", first.path.to_str().unwrap()]);
-    for workload in [Workload::Tcp, Workload::Udp] {
-        eprintln!("tg-bench: {workload:?}: Tollgate observe, 100 rules");
-        env.ctl(&["apply", "-f", first.path.to_str().unwrap()]).ok();
-        report.connect(
-            workload,
-            "Tollgate observe",
-            100,
-            compare(plan, baseline, tollgate, workload),
-        );
-        for &n in &plan.sizes {
-            eprintln!("tg-bench: {workload:?}: Tollgate enforce, {n} rules");
-            let file = policy_file("enforce", n);
-            env.ctl(&["apply", "-f", file.path.to_str().unwrap()]).ok();
-            report.connect(
-                workload,
-                "Tollgate enforce",
-                n,
-                compare(plan, baseline, tollgate, workload),
-            );
-        }
-        for &n in &plan.sizes {
-            eprintln!("tg-bench: {workload:?}: nftables set, {n} rules");
-            nft.exec("nft", &["-f", "-"], "flush ruleset\n");
-            nft.exec("nft", &["-f", "-"], &rules::nftables(&all_prefixes[..n]));
-            let subject = Place {
-                cgroup: &outside.path,
-                netns: &nft,
-            };
-            report.connect(
-                workload,
-                "nftables set",
-                n,
-                compare(plan, baseline, subject, workload),
-            );
-            eprintln!("tg-bench: {workload:?}: iptables chain, {n} rules");
-            ipt.exec(
-                "iptables-restore",
-                &[],
-                &rules::iptables(&all_prefixes[..n]),
-            );
-            let subject = Place {
-                cgroup: &outside.path,
-                netns: &ipt,
-            };
-            report.connect(
-                workload,
-                "iptables chain",
-                n,
-                compare(plan, baseline, subject, workload),
-            );
-        }
-    }
-    drop(agent);
-
-    // Loopback allowed by a name rule, with 1k addresses learned for it.
-    let by_name = TempFile::new(
-        "bench-by-name.yaml",
-        &rules::policy_by_name("bench", &glob, &all_prefixes[..100]),
-    );
-    let agent = AgentProcess::start(&env, &["--policy", by_name.path.to_str().unwrap()]);
-    learned::install(&env, learned::LEARNED_IN_COMPARISON);
-    for workload in [Workload::Tcp, Workload::Udp] {
-        eprintln!("tg-bench: {workload:?}: Tollgate enforce, 100 rules, loopback by name");
-        report.connect(
-            workload,
-            learned::SUBJECT,
-            100,
-            compare(plan, baseline, tollgate, workload),
-        );
-    }
-    drop(agent);
-
-    // The kernel's own suppression instead of a per-connection event: what
-    // the aggregate mode's events cost.
-    let n = plan.sizes[plan.sizes.len().min(3) - 1];
-    let file = policy_file("enforce", n);
-    let agent = AgentProcess::start(
-        &env,
-        &[
-            "--policy",
-            file.path.to_str().unwrap(),
-            "--allowed-flows",
-            "first",
-        ],
-    );
-    for workload in [Workload::Tcp, Workload::Udp] {
-        eprintln!("tg-bench: {workload:?}: Tollgate enforce, --allowed-flows first, {n} rules");
-        report.connect(
-            workload,
-            "Tollgate enforce, allowed-flows first",
-            n,
-            compare(plan, baseline, tollgate, workload),
-        );
-    }
-    drop(agent);
-    env.cleanup_pins();
 }
