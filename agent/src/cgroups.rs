@@ -3,8 +3,10 @@
 use crate::pods::kubelet::{self, PodCgroup};
 use foldhash::{HashMap, HashMapExt};
 use std::{
+    collections::BTreeMap,
     os::unix::fs::{DirEntryExt, MetadataExt},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -73,6 +75,119 @@ impl CgroupPaths {
     }
 }
 
+/// Every cgroup of the tree by id, as the cgroup watcher
+/// ([`crate::cgroup_watch::CgroupWatcher`]) sees it: filled by its first
+/// walk, kept by the creations and removals inotify reports, replaced
+/// whole by its rescans. The enforcer selects endpoints from it instead of
+/// walking the tree on each change. A handle: clones share one index.
+#[derive(Clone, Debug, Default)]
+pub struct CgroupIndex(Arc<Mutex<IndexedCgroups>>);
+
+#[derive(Debug, Default)]
+pub struct IndexedCgroups {
+    by_id: BTreeMap<u64, CgroupInfo>,
+    by_path: HashMap<String, u64>,
+    /// Moves on with every change, so that what was worked out from the
+    /// index can be known to be current.
+    version: u64,
+}
+
+impl IndexedCgroups {
+    /// Every cgroup, by id.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &CgroupInfo)> + Clone {
+        self.by_id.iter().map(|(&id, info)| (id, info))
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn insert(&mut self, id: u64, path: String) {
+        if self.by_id.get(&id).is_some_and(|known| known.path == path) {
+            return;
+        }
+        // A path reused by a new cgroup, or an id by a new path.
+        if let Some(old) = self.by_path.remove(&path) {
+            self.by_id.remove(&old);
+        }
+        if let Some(old) = self.by_id.remove(&id) {
+            self.by_path.remove(&old.path);
+        }
+        self.by_path.insert(path.clone(), id);
+        self.by_id.insert(
+            id,
+            CgroupInfo {
+                pod: kubelet::parse(&path),
+                path,
+            },
+        );
+        self.version += 1;
+    }
+
+    fn remove_path(&mut self, path: &str) {
+        if let Some(id) = self.by_path.remove(path) {
+            self.by_id.remove(&id);
+            self.version += 1;
+        }
+    }
+}
+
+impl CgroupIndex {
+    /// The index as it is now; changes wait until the guard is dropped.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, IndexedCgroups> {
+        // Nothing panics while holding it with the index half changed.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds cgroups found (id, path relative to the cgroup2 mount).
+    pub fn insert(&self, found: impl IntoIterator<Item = (u64, String)>) {
+        let mut index = self.lock();
+        for (id, path) in found {
+            index.insert(id, path);
+        }
+    }
+
+    /// Forgets the cgroup at `path` (relative to the cgroup2 mount).
+    pub fn remove(&self, path: &str) {
+        self.lock().remove_path(path);
+    }
+
+    /// Makes the index hold exactly `found`.
+    pub fn replace(&self, found: Vec<(u64, String)>) {
+        let mut index = self.lock();
+        let keep: std::collections::HashSet<u64> = found.iter().map(|(id, _)| *id).collect();
+        let gone: Vec<String> = index
+            .by_id
+            .iter()
+            .filter(|(id, _)| !keep.contains(id))
+            .map(|(_, info)| info.path.clone())
+            .collect();
+        for path in gone {
+            index.remove_path(&path);
+        }
+        for (id, path) in found {
+            index.insert(id, path);
+        }
+    }
+}
+
+/// The path of `dir` relative to `root`, as the index and [`walk`] give
+/// it ("/" for the root itself).
+pub fn relative_path(root: &Path, dir: &Path) -> String {
+    let relative = dir.strip_prefix(root).unwrap_or(dir);
+    format!("/{}", relative.display())
+}
+
 /// Every cgroup below `root` (included), as (id, path relative to `root`).
 pub fn walk(root: &Path) -> Vec<(u64, String)> {
     let mut found = Vec::new();
@@ -83,8 +198,7 @@ pub fn walk(root: &Path) -> Vec<(u64, String)> {
     // each entry its node's inode number, so no stat per cgroup.
     let mut stack = vec![(meta.ino(), root.to_path_buf())];
     while let Some((id, dir)) = stack.pop() {
-        let relative = dir.strip_prefix(root).unwrap_or(&dir);
-        found.push((id, format!("/{}", relative.display())));
+        found.push((id, relative_path(root, &dir)));
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };

@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use tollgate_common::Mode;
@@ -14,11 +15,11 @@ use tollgate_common::Mode;
 use tollgate_policy::{
     compile::{CompileError, Compiler, Names, RuleIdTable},
     model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, Selector},
-    select::{Endpoint, Identity, select_endpoints},
+    select::{Endpoint, Identity, selects},
 };
 
 use crate::{
-    cgroups,
+    cgroups::{self, CgroupIndex, CgroupInfo},
     datapath::{Datapath, DatapathError, PodLink, RuleHitCount},
     flow::{Attribution, PolicySource},
     netns::{self, NetnsCookies},
@@ -80,6 +81,26 @@ pub struct Enforcer {
     /// Where the rule ids in force are saved (`rules.json` in the state
     /// directory), if anywhere.
     rules_file: Option<PathBuf>,
+    /// The cgroups as the watcher sees them; without, each selection walks
+    /// the tree.
+    cgroups: Option<CgroupIndex>,
+    /// Each policy's selection, kept while the cgroups and pods it was
+    /// worked out from stay the same.
+    selections: std::sync::Mutex<Selections>,
+    /// Moves on whenever what is known of pods changes.
+    pods_version: u64,
+    /// Whether `rules_file` holds the rule ids in force.
+    rule_ids_saved: bool,
+    /// How long the last compilation took.
+    last_compile: Duration,
+}
+
+/// The cgroups each policy selected, by policy; for the cgroup index
+/// version and pods version in `basis`.
+#[derive(Debug, Default)]
+struct Selections {
+    basis: Option<(u64, u64)>,
+    by_policy: HashMap<PolicyKey, (Selector, Arc<[u64]>)>,
 }
 
 /// What `rules.json` holds: the compiler's rule ids, which a restarted
@@ -283,7 +304,19 @@ impl Enforcer {
             cluster_policies: BTreeSet::new(),
             names: VecDeque::new(),
             rules_file: None,
+            cgroups: None,
+            selections: std::sync::Mutex::default(),
+            pods_version: 0,
+            rule_ids_saved: true,
+            last_compile: Duration::ZERO,
         }
+    }
+
+    /// Selects endpoints from `index` (the cgroup watcher's) instead of a
+    /// walk of the tree, which must be the one under the cgroup root given
+    /// to [`Self::new`].
+    pub fn use_cgroup_index(&mut self, index: CgroupIndex) {
+        self.cgroups = Some(index);
     }
 
     /// Saves the rule ids in force to `path` at every switch, and takes
@@ -395,16 +428,45 @@ impl Enforcer {
         mode: Mode,
         datapath: &mut Datapath,
     ) -> Result<u32, EnforceError> {
+        let started = Instant::now();
         let policies = self.with_unknown_pod_policy(policies);
         let (endpoints, pods) = self.select(&policies);
+        let selected = started.elapsed();
         let generation = self.switch(&policies, &endpoints, &cluster, mode, datapath)?;
+        let switched = started.elapsed();
         set_endpoint_netns(&endpoints, &pods, &mut self.netns, datapath)?;
         set_pod_links(&endpoints, &pods, datapath)?;
         self.policies = Some(policies);
         self.endpoints = Some(endpoints);
         self.cluster_policies = cluster;
-        self.save_rule_ids();
+        self.rule_ids_saved = false;
+        tracing::debug!(
+            generation,
+            endpoints = self.endpoint_count(),
+            select_us = selected.as_micros() as u64,
+            compile_us = self.last_compile.as_micros() as u64,
+            switch_us = (switched - selected - self.last_compile).as_micros() as u64,
+            netns_links_us = (started.elapsed() - switched).as_micros() as u64,
+            sets_compiled = self.compiler.last_stats().sets_compiled,
+            sets_reused = self.compiler.last_stats().sets_reused,
+            "apply: in force"
+        );
         Ok(generation)
+    }
+
+    /// Saves the rule ids in force if a switch changed them since the last
+    /// save. Called once the change is answered: the file only keeps hit
+    /// counts in their slots across a restart.
+    pub fn save_rule_ids_if_changed(&mut self) {
+        if !self.rule_ids_saved {
+            let started = Instant::now();
+            self.save_rule_ids();
+            self.rule_ids_saved = true;
+            tracing::debug!(
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "rule ids saved"
+            );
+        }
     }
 
     /// Looks for endpoints anew; when they changed, puts the policies in
@@ -434,6 +496,8 @@ impl Enforcer {
 
     /// Takes in what the Kubernetes API says; `refresh` puts it in force.
     pub fn update_pods(&mut self, update: IdentityUpdate) -> bool {
+        // Selections are worked out anew after any update, changed or not.
+        self.pods_version += 1;
         self.pods.apply(update)
     }
 
@@ -459,44 +523,100 @@ impl Enforcer {
 
     /// Which of `policies` select which cgroups, as the tree and the pod
     /// directory are now; and which cgroups are pods', with the pod's
-    /// cgroup directory.
+    /// cgroup directory. With the watcher's index, a policy's selection is
+    /// worked out again only when the policy's selector, the cgroups or the
+    /// pods changed.
     fn select(&self, policies: &[Policy]) -> (BTreeMap<u64, Vec<usize>>, BTreeMap<u64, PathBuf>) {
-        let cgroups = cgroups::walk(&self.cgroup_root);
-        let pod_uids: Vec<Option<String>> = cgroups
-            .iter()
-            .map(|(_, path)| {
-                self.options
-                    .kubernetes
-                    .then(|| kubelet::parse(path).map(|pod| pod.pod_uid))
-                    .flatten()
-            })
-            .collect();
-        let endpoints = cgroups
-            .iter()
-            .zip(&pod_uids)
-            .map(|((id, path), uid)| Endpoint {
-                cgroup_id: *id,
-                path,
-                identity: uid
-                    .as_deref()
-                    .map_or(Identity::Host, |uid| self.pods.identity(uid)),
-            });
+        let Some(index) = &self.cgroups else {
+            let walked: Vec<(u64, CgroupInfo)> = cgroups::walk(&self.cgroup_root)
+                .into_iter()
+                .map(|(id, path)| {
+                    let pod = self
+                        .options
+                        .kubernetes
+                        .then(|| kubelet::parse(&path))
+                        .flatten();
+                    (id, CgroupInfo { path, pod })
+                })
+                .collect();
+            let mut none = Selections::default();
+            return self.select_from(
+                policies,
+                walked.iter().map(|(id, c)| (*id, c)),
+                0,
+                &mut none,
+            );
+        };
+        let index = index.lock();
+        let mut selections = self
+            .selections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.select_from(policies, index.iter(), index.version(), &mut selections)
+    }
+
+    fn select_from<'a>(
+        &self,
+        policies: &[Policy],
+        cgroups: impl Iterator<Item = (u64, &'a CgroupInfo)> + Clone,
+        cgroups_version: u64,
+        selections: &mut Selections,
+    ) -> (BTreeMap<u64, Vec<usize>>, BTreeMap<u64, PathBuf>) {
+        let basis = (cgroups_version, self.pods_version);
+        if selections.basis != Some(basis) {
+            selections.by_policy.clear();
+            selections.basis = Some(basis);
+        }
+        let pod_uid = |info: &'a CgroupInfo| -> Option<&'a str> {
+            self.options
+                .kubernetes
+                .then_some(info.pod.as_ref())
+                .flatten()
+                .map(|pod| pod.pod_uid.as_str())
+        };
+        let endpoint = |(id, info): (u64, &'a CgroupInfo)| Endpoint {
+            cgroup_id: id,
+            path: &info.path,
+            identity: pod_uid(info).map_or(Identity::Host, |uid| self.pods.identity(uid)),
+        };
         let unknown_pod_policy = policies
             .last()
             .filter(|p| p.key.namespace.is_none() && p.key.name == UNKNOWN_POD_POLICY)
             .map(|_| policies.len() - 1);
+        let mut selected: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        let mut kept = HashMap::new();
+        for (i, policy) in policies.iter().enumerate() {
+            if Some(i) == unknown_pod_policy {
+                for endpoint in cgroups.clone().map(endpoint) {
+                    if endpoint.identity == Identity::UnknownPod {
+                        selected.entry(endpoint.cgroup_id).or_default().push(i);
+                    }
+                }
+                continue;
+            }
+            let ids = match selections.by_policy.remove(&policy.key) {
+                Some((selector, ids)) if selector == policy.selector => ids,
+                _ => cgroups
+                    .clone()
+                    .map(endpoint)
+                    .filter(|endpoint| selects(policy, endpoint))
+                    .map(|endpoint| endpoint.cgroup_id)
+                    .collect(),
+            };
+            for &id in ids.iter() {
+                selected.entry(id).or_default().push(i);
+            }
+            kept.insert(policy.key.clone(), (policy.selector.clone(), ids));
+        }
+        // Only the policies of this selection are kept for the next.
+        selections.by_policy = kept;
         let pods = cgroups
-            .iter()
-            .zip(&pod_uids)
-            .filter_map(|((id, path), uid)| {
-                let pod = pod_dir(path, uid.as_deref()?);
-                Some((*id, self.cgroup_root.join(pod.trim_start_matches('/'))))
+            .filter_map(|(id, info)| {
+                let pod = pod_dir(&info.path, pod_uid(info)?);
+                Some((id, self.cgroup_root.join(pod.trim_start_matches('/'))))
             })
             .collect();
-        (
-            select_endpoints(policies, endpoints, unknown_pod_policy),
-            pods,
-        )
+        (selected, pods)
     }
 
     fn switch(
@@ -513,7 +633,9 @@ impl Enforcer {
         if !self.fqdn_ids_adopted {
             adopt_kernel_fqdn_ids(&mut compiler, datapath)?;
         }
+        let compiling = Instant::now();
         let compiled = compiler.compile(policies, endpoints)?;
+        self.last_compile = compiling.elapsed();
         // A rule id new to force counts from zero (it may be one handed out
         // before, or counted by a switch that failed); one that leaves
         // force is zeroed once out of force.

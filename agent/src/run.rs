@@ -203,7 +203,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         Some(_) => load_pods(&pods_file),
         None => PodDirectory::default(),
     };
-    let enforcer = Enforcer::new(
+    let mut enforcer = Enforcer::new(
         &config.cgroup2_mount,
         EndpointOptions {
             kubernetes: config.kubernetes.is_some(),
@@ -211,6 +211,8 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         },
         pods,
     );
+    // Endpoints are selected from what the watcher sees, not a walk each time.
+    enforcer.use_cgroup_index(cgroups.index());
     // The saved and given policies are in force before the agent is ready.
     let mut controller = Controller::start(
         &mut datapath,
@@ -377,6 +379,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     }
     drop(pod_updates_tx);
     telemetry.set_ready(false);
+    controller.stop();
     // What the kernel reported before the stop still goes out.
     printer.print_available(
         &mut reader,

@@ -61,7 +61,9 @@ pub fn select_endpoints<'a>(
     selected
 }
 
-fn selects(policy: &Policy, endpoint: &Endpoint) -> bool {
+/// Whether `policy` selects `endpoint` (by its cgroup path or its pod's
+/// labels); [`select_endpoints`] of one policy.
+pub fn selects(policy: &Policy, endpoint: &Endpoint) -> bool {
     let by_path = policy
         .selector
         .cgroups

@@ -2,15 +2,21 @@
 //! one writer of the kernel maps. A change is planned in the store, put in
 //! force in the kernel, then committed and persisted; if putting it in force
 //! fails, neither the store nor the kernel changes.
+//! A change is saved as one record appended to the state journal
+//! (`persist`).
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
 
 use tokio::sync::oneshot;
 use tollgate_common::Mode;
 use tollgate_proto::v1 as api;
 
-use super::store::{
-    ClusterDocument, Conflict, ModePlan, PersistedState, PolicyStore, StoreError, key_of, mode_name,
+use super::{
+    persist::{SavedState, load_state},
+    store::{ClusterDocument, Conflict, ModePlan, PolicyStore, StoreError, key_of, mode_name},
 };
 use crate::{
     datapath::{Attachment, Datapath, DatapathError},
@@ -80,7 +86,7 @@ pub struct Controller {
     /// if it changes nothing in the store.
     kernel_matches_store: bool,
     enforcer: Enforcer,
-    state_file: PathBuf,
+    saved: SavedState,
     attach_cgroup: PathBuf,
 }
 
@@ -101,26 +107,17 @@ impl Controller {
         documents: Vec<api::EgressPolicy>,
         mode_flag: Option<Mode>,
     ) -> Result<Self, ControlError> {
-        let state_file = state_dir.join("state.json");
+        let saved = SavedState::new(state_dir);
         let mut enforcer = enforcer;
         enforcer.keep_rule_ids_in(state_dir.join(RULES_FILE));
-        let mut store = match std::fs::read(&state_file) {
-            Ok(bytes) => {
-                let load_err = |message: String| ControlError::LoadState {
-                    path: state_file.clone(),
-                    message,
-                };
-                let state: PersistedState =
-                    serde_json::from_slice(&bytes).map_err(|e| load_err(e.to_string()))?;
-                PolicyStore::from_persisted(state).map_err(|e| load_err(e.to_string()))?
+        let mut store = match load_state(state_dir)? {
+            Some(state) => {
+                PolicyStore::from_persisted(state).map_err(|e| ControlError::LoadState {
+                    path: saved.state_file().to_owned(),
+                    message: e.to_string(),
+                })?
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => PolicyStore::default(),
-            Err(source) => {
-                return Err(ControlError::LoadState {
-                    path: state_file,
-                    message: source.to_string(),
-                });
-            }
+            None => PolicyStore::default(),
         };
         // A file must not stop the agent from starting because the cluster
         // has taken over a policy of the same name since: the cluster's wins.
@@ -149,7 +146,7 @@ impl Controller {
             store,
             kernel_matches_store: manage,
             enforcer,
-            state_file,
+            saved,
             attach_cgroup: attach_cgroup.to_owned(),
         };
         // Rules and mode change in one write: no decision pairs the old
@@ -164,9 +161,18 @@ impl Controller {
         } else {
             datapath.set_global_mode(mode)?;
         }
-        controller.persist()?;
+        controller.enforcer.save_rule_ids_if_changed();
+        // What was read, and what start changed, in one snapshot.
+        controller.saved.write_snapshot(&controller.store)?;
         release_freed_memory();
         Ok(controller)
+    }
+
+    /// At a stop: the whole state into the snapshot, so that `state.json`
+    /// alone has it (for an agent older than the journal).
+    pub fn stop(&mut self) {
+        self.enforcer.save_rule_ids_if_changed();
+        self.saved.compact_if_any(&self.store);
     }
 
     pub fn enforcer(&self) -> &Enforcer {
@@ -187,14 +193,22 @@ impl Controller {
     }
 
     pub fn handle(&mut self, command: Command, datapath: &mut Datapath) {
+        self.answer(command, datapath);
+        // Once answered: what only a restart needs, or that can wait.
+        self.enforcer.save_rule_ids_if_changed();
+    }
+
+    fn answer(&mut self, command: Command, datapath: &mut Datapath) {
         // A requester that went away does not care about the answer.
         match command {
             Command::Apply(request, reply) => {
                 let _ = reply.send(self.apply(request, datapath));
+                self.saved.compact_if_due(&self.store);
                 release_freed_memory();
             }
             Command::Delete(request, reply) => {
                 let _ = reply.send(self.delete(request, datapath));
+                self.saved.compact_if_due(&self.store);
                 release_freed_memory();
             }
             Command::List(reply) => {
@@ -209,6 +223,7 @@ impl Controller {
             }
             Command::SetMode(request, reply) => {
                 let _ = reply.send(self.set_mode(request, datapath));
+                self.saved.compact_if_due(&self.store);
                 release_freed_memory();
             }
             Command::Status(reply) => {
@@ -219,6 +234,7 @@ impl Controller {
             }
             Command::Cluster(desired, reply) => {
                 let _ = reply.send(self.apply_cluster(desired, datapath));
+                self.saved.compact_if_due(&self.store);
                 release_freed_memory();
             }
         }
@@ -252,9 +268,17 @@ impl Controller {
         request: api::ApplyPoliciesRequest,
         datapath: &mut Datapath,
     ) -> Result<api::PolicyChanges, ControlError> {
+        let started = Instant::now();
+        let documents = request.policies.len();
         let plan = self
             .store
             .plan_apply(request.policies, request.expected_generation)?;
+        tracing::debug!(
+            documents,
+            changed = plan.changed_keys().len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "apply: validated and planned"
+        );
         self.put_plan_in_force(plan, request.dry_run, datapath)
     }
 
@@ -300,8 +324,11 @@ impl Controller {
             datapath,
         )?;
         self.kernel_matches_store = true;
+        let changed = plan.changed_keys();
         self.store.commit(plan);
-        self.persist()?;
+        if !changed.is_empty() {
+            self.saved.save(&self.store, &changed)?;
+        }
         Ok(api::PolicyChanges {
             generation: self.store.generation(),
             changes,
@@ -327,7 +354,7 @@ impl Controller {
             }
         }
         self.store.commit_mode(plan);
-        self.persist()?;
+        self.saved.save(&self.store, &[])?;
         Ok(self.store.mode_settings())
     }
 
@@ -423,17 +450,6 @@ impl Controller {
             .map(api::RuleStats::from)
             .collect();
         Ok(api::ListRuleStatsResponse { rules })
-    }
-
-    fn persist(&self) -> Result<(), ControlError> {
-        let state = self.store.to_persisted();
-        crate::state_file::write_atomic_with(&self.state_file, |file| {
-            serde_json::to_writer_pretty(file, &state).map_err(std::io::Error::from)
-        })
-        .map_err(|source| ControlError::Persist {
-            path: self.state_file.clone(),
-            source,
-        })
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod controller;
 pub mod flows;
+pub mod persist;
 pub mod rule_stats;
 pub mod server;
 pub mod service;

@@ -103,6 +103,15 @@ impl Plan {
         self.changes.iter().any(|c| c.change != "unchanged")
     }
 
+    /// The policies the plan creates, changes or deletes.
+    pub fn changed_keys(&self) -> Vec<PolicyKey> {
+        self.changes
+            .iter()
+            .filter(|c| c.change != "unchanged")
+            .map(|c| parse_key(&c.policy))
+            .collect()
+    }
+
     /// The plan's policies that are cluster resources.
     pub fn cluster_policies(&self) -> BTreeSet<PolicyKey> {
         cluster_keys(&self.next)
@@ -132,6 +141,65 @@ pub struct PersistedState<Documents = Vec<api::EgressPolicy>> {
     /// are local.
     #[serde(default)]
     pub cluster: BTreeMap<String, ClusterOrigin>,
+}
+
+/// One change to the saved state, as the state journal records it: the
+/// new values of what changed (the generation, the modes, each policy put
+/// or deleted), never a difference to the value before, so that replaying
+/// a record on a state that already has it changes nothing.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StateDelta {
+    pub generation: u64,
+    pub global_mode: Option<String>,
+    #[serde(default)]
+    pub policy_modes: BTreeMap<String, String>,
+    /// Policies created or changed, as they are now.
+    #[serde(default)]
+    pub put: Vec<PutPolicy>,
+    /// Policies deleted, by name.
+    #[serde(default)]
+    pub deleted: Vec<String>,
+}
+
+/// A policy as a [`StateDelta`] puts it.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PutPolicy {
+    pub document: api::EgressPolicy,
+    /// None: a local policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterOrigin>,
+}
+
+impl PersistedState {
+    /// The state with `deltas` made, in order.
+    pub fn replay(mut self, deltas: impl IntoIterator<Item = StateDelta>) -> Self {
+        let mut documents: BTreeMap<PolicyKey, api::EgressPolicy> =
+            std::mem::take(&mut self.policies)
+                .into_iter()
+                .map(|document| (key_of(&document), document))
+                .collect();
+        for delta in deltas {
+            self.generation = delta.generation;
+            self.global_mode = delta.global_mode;
+            self.policy_modes = delta.policy_modes;
+            for name in delta.deleted {
+                documents.remove(&parse_key(&name));
+                self.cluster.remove(&name);
+            }
+            for put in delta.put {
+                let key = key_of(&put.document);
+                match put.cluster {
+                    Some(origin) => self.cluster.insert(key.to_string(), origin),
+                    None => self.cluster.remove(&key.to_string()),
+                };
+                documents.insert(key, put.document);
+            }
+        }
+        self.policies = documents.into_values().collect();
+        self
+    }
 }
 
 /// The store's documents, serialized as a list without a decoded copy of
@@ -215,47 +283,67 @@ impl PolicyStore {
         (self.policies.len() - cluster, cluster)
     }
 
-    /// Validates `documents` (all of them; every error) and works out what
-    /// applying them would change.
+    /// Validates `documents` and works out what applying them would change.
+    /// A document equal to the one in force under its name is not
+    /// validated again (it was when it was applied); the others are, all of
+    /// them, with every error.
     pub fn plan_apply(
         &self,
         documents: Vec<api::EgressPolicy>,
         expected: Option<u64>,
     ) -> Result<Plan, StoreError> {
         self.check_generation(expected)?;
-        let sourced: Vec<SourcedPolicy> = documents
-            .into_iter()
-            .enumerate()
-            .map(|(i, policy)| SourcedPolicy {
+        let keys: Vec<PolicyKey> = documents.iter().map(key_of).collect();
+        // A name given twice is refused by validation, which sees them all.
+        let distinct = keys.iter().collect::<BTreeSet<_>>().len() == keys.len();
+        let mut next = self.policies.clone();
+        let mut changes = Vec::with_capacity(documents.len());
+        let mut sourced: Vec<SourcedPolicy> = Vec::new();
+        let mut encodings: Vec<prost::bytes::Bytes> = Vec::new();
+        for (i, (document, key)) in documents.into_iter().zip(keys).enumerate() {
+            let encoded: prost::bytes::Bytes = document.encode_to_vec().into();
+            let old = self.policies.get(&key);
+            // Decoded, not only compared encoded: label maps encode in any
+            // order.
+            let unchanged = distinct
+                && old.is_some_and(|old| {
+                    old.origin.is_none() && (old.document == encoded || old.document() == document)
+                });
+            if unchanged {
+                changes.push(PolicyChange {
+                    policy: key.to_string(),
+                    change: "unchanged".into(),
+                });
+                continue;
+            }
+            changes.push(PolicyChange {
+                policy: key.to_string(),
+                change: if old.is_some() {
+                    "configured"
+                } else {
+                    "created"
+                }
+                .into(),
+            });
+            sourced.push(SourcedPolicy {
                 document: DocumentRef {
                     source: "request".into(),
                     index: i + 1,
                 },
-                policy,
-            })
-            .collect();
+                policy: document,
+            });
+            encodings.push(encoded);
+        }
         let validated = validate_all(&sourced).map_err(StoreError::Invalid)?;
+        drop(sourced);
         for policy in &validated {
             self.check_local(&policy.key)?;
         }
-        let mut next = self.policies.clone();
-        let mut changes = Vec::new();
-        for (item, policy) in sourced.into_iter().zip(validated) {
-            let key = policy.key.clone();
-            // Decoded, not compared encoded: label maps encode in any order.
-            let change = match next.get(&key) {
-                None => "created",
-                Some(old) if old.document() == item.policy => "unchanged",
-                Some(_) => "configured",
-            };
-            changes.push(PolicyChange {
-                policy: key.to_string(),
-                change: change.into(),
-            });
+        for (encoded, policy) in encodings.into_iter().zip(validated) {
             next.insert(
-                key,
+                policy.key.clone(),
                 Stored {
-                    document: item.policy.encode_to_vec().into(),
+                    document: encoded,
                     policy,
                     origin: None,
                 },
@@ -443,11 +531,7 @@ impl PolicyStore {
     pub fn mode_settings(&self) -> api::ModeSettings {
         api::ModeSettings {
             global: mode_name(self.global_mode.unwrap_or(Mode::Observe)).into(),
-            policy_overrides: self
-                .overrides
-                .iter()
-                .map(|(k, m)| (k.to_string(), mode_name(*m).into()))
-                .collect(),
+            policy_overrides: self.policy_modes().into_iter().collect(),
         }
     }
 
@@ -478,15 +562,40 @@ impl PolicyStore {
         }
     }
 
+    /// The per-policy mode overrides, by policy name.
+    fn policy_modes(&self) -> BTreeMap<String, String> {
+        self.overrides
+            .iter()
+            .map(|(k, m)| (k.to_string(), mode_name(*m).into()))
+            .collect()
+    }
+
+    /// What the journal records of a change to the `changed` policies (and
+    /// to the generation and modes), made already.
+    pub fn delta(&self, changed: &[PolicyKey]) -> StateDelta {
+        let mut delta = StateDelta {
+            generation: self.generation,
+            global_mode: self.global_mode.map(|m| mode_name(m).into()),
+            policy_modes: self.policy_modes(),
+            ..StateDelta::default()
+        };
+        for key in changed {
+            match self.policies.get(key) {
+                Some(stored) => delta.put.push(PutPolicy {
+                    document: stored.document(),
+                    cluster: stored.origin.clone(),
+                }),
+                None => delta.deleted.push(key.to_string()),
+            }
+        }
+        delta
+    }
+
     pub fn to_persisted(&self) -> PersistedState<StoredDocuments<'_>> {
         PersistedState {
             generation: self.generation,
             global_mode: self.global_mode.map(|m| mode_name(m).into()),
-            policy_modes: self
-                .overrides
-                .iter()
-                .map(|(k, m)| (k.to_string(), mode_name(*m).into()))
-                .collect(),
+            policy_modes: self.policy_modes(),
             policies: StoredDocuments(&self.policies),
             cluster: self
                 .cluster_origins()
@@ -573,6 +682,8 @@ fn policy_mode(mode: Mode) -> PolicyMode {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use tollgate_policy::document::parse_documents;
 
@@ -675,6 +786,39 @@ mod tests {
             (2, "spec.mode")
         );
         assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn only_changed_documents_are_validated_and_errors_keep_their_request_index() {
+        let mut store = PolicyStore::default();
+        store.commit(store.plan_apply(docs(&["a", "b", "c"]), None).unwrap());
+        let mut changed = docs(&["a", "b", "c"]);
+        changed[2].spec.as_mut().unwrap().mode = "block".into();
+        let StoreError::Invalid(errors) = store.plan_apply(changed, None).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(
+            errors
+                .iter()
+                .map(|e| (e.document.index, e.path.as_str()))
+                .collect::<Vec<_>>(),
+            [(3, "spec.mode")]
+        );
+        // Unchanged documents keep the policy validated when they were
+        // applied: the very same rules.
+        let before = store.effective_policies();
+        let plan = store.plan_apply(docs(&["a", "b", "c"]), None).unwrap();
+        assert!(!plan.changes_anything());
+        store.commit(plan);
+        for (old, new) in before.iter().zip(store.effective_policies()) {
+            assert!(Arc::ptr_eq(&old.rules, &new.rules), "{}", old.key);
+        }
+        // A name given twice is still refused, unchanged or not.
+        let StoreError::Invalid(errors) = store.plan_apply(docs(&["a", "a"]), None).unwrap_err()
+        else {
+            panic!()
+        };
+        assert_eq!(errors[0].document.index, 2);
     }
 
     #[test]
