@@ -99,8 +99,8 @@ pub struct Compiler {
     /// left the policies stay until their TTL, and must not count for the
     /// pattern that would get its id.
     last_fqdn_id: u32,
-    /// Member policies (in key order, with their contents) -> compiled set.
-    sets: HashMap<Vec<Policy>, CompiledSet>,
+    /// Member policies (in key order) -> compiled set.
+    sets: HashMap<SetKey, CompiledSet>,
     last_stats: CompileStats,
 }
 
@@ -153,6 +153,41 @@ pub struct PolicyKeyOwned {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     pub name: String,
+}
+
+/// The member policies of a set, as the cache of compiled sets knows them:
+/// each one's key, mode and default, and its rules by identity (the `Arc`
+/// the store, the plans and the enforcer share). Comparing and hashing the
+/// rules' contents cost more than compiling a small set; a policy whose
+/// rules are equal but not the same allocation (validated again) only
+/// compiles its sets once more. The key holds the rules, so their address
+/// is not reused while the key is in the cache.
+#[derive(Clone, Debug)]
+struct SetKey(Vec<Policy>);
+
+impl PartialEq for SetKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(&other.0).all(|(a, b)| {
+                a.key == b.key
+                    && a.mode == b.mode
+                    && a.default_action == b.default_action
+                    && Arc::ptr_eq(&a.rules, &b.rules)
+            })
+    }
+}
+
+impl Eq for SetKey {}
+
+impl std::hash::Hash for SetKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        for policy in &self.0 {
+            policy.key.hash(state);
+            policy.mode.hash(state);
+            policy.default_action.hash(state);
+            Arc::as_ptr(&policy.rules).cast::<Rule>().hash(state);
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -292,7 +327,7 @@ impl Compiler {
         }
 
         let mut stats = CompileStats::default();
-        let mut used: HashMap<Vec<Policy>, CompiledSet> = HashMap::new();
+        let mut used: HashMap<SetKey, CompiledSet> = HashMap::new();
         let mut rules = RuleSet::default();
         let mut set_of: HashMap<Vec<usize>, u32> = HashMap::new();
         for (&cgroup_id, selecting) in endpoints {
@@ -306,7 +341,7 @@ impl Compiler {
                 rules.endpoints.insert(cgroup_id, set);
                 continue;
             }
-            let contents: Vec<Policy> = members.iter().map(|&i| policies[i].clone()).collect();
+            let contents = SetKey(members.iter().map(|&i| policies[i].clone()).collect());
             let compiled = match self
                 .sets
                 .get(&contents)
