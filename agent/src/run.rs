@@ -314,7 +314,12 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         closed: Vec::new(),
     };
     let mut events = Vec::with_capacity(BATCH);
-    printer.start_counting(&mut reader, &mut events, controller.enforcer(), &mut datapath)?;
+    printer.start_counting(
+        &mut reader,
+        &mut events,
+        controller.enforcer(),
+        &mut datapath,
+    )?;
     telemetry.set_ready(true);
     let mut rescan = tokio::time::interval(CGROUP_RESCAN);
     let mut loss_check = tokio::time::interval(LOSS_CHECK);
