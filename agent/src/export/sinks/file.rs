@@ -40,6 +40,8 @@ pub struct RotatingFile {
     max_files: u32,
     file: File,
     size: u64,
+    /// A batch's lines, written with one call; kept from batch to batch.
+    buffer: Vec<u8>,
 }
 
 impl RotatingFile {
@@ -55,24 +57,32 @@ impl RotatingFile {
             max_files,
             file,
             size,
+            buffer: Vec::new(),
         })
     }
 
     pub fn write_batch(&mut self, records: &[Vec<u8>]) -> io::Result<()> {
-        let mut buffer = Vec::new();
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.clear();
+        let written = self.write_lines(records, &mut buffer);
+        self.buffer = buffer;
+        written
+    }
+
+    fn write_lines(&mut self, records: &[Vec<u8>], buffer: &mut Vec<u8>) -> io::Result<()> {
         for record in records {
             let line = record.len() as u64 + 1;
             if self.size > 0 && self.size + buffer.len() as u64 + line > self.max_bytes {
-                self.file.write_all(&buffer)?;
+                self.file.write_all(buffer)?;
                 buffer.clear();
                 self.rotate()?;
             }
             buffer.extend_from_slice(record);
             buffer.push(b'\n');
         }
-        self.file.write_all(&buffer)?;
+        self.file.write_all(buffer)?;
         self.size += buffer.len() as u64;
-        self.file.flush()
+        Ok(())
     }
 
     fn rotated(&self, n: u32) -> PathBuf {
