@@ -36,6 +36,10 @@ const MAX_SEGMENT_BYTES: u64 = 64 << 20;
 /// acknowledged since.
 const CURSOR_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 const IO_BUFFER_BYTES: usize = 64 << 10;
+/// Record buffers kept for reuse: a batch's worth at the usual batch sizes
+/// (500 records, Azure's 1,000), none larger than an ordinary record.
+const MAX_SPARE_BUFFERS: usize = 1024;
+const MAX_SPARE_BUFFER_BYTES: usize = 16 << 10;
 const CURSOR_FILE: &str = "cursor.json";
 const SEGMENT_SUFFIX: &str = ".seg";
 
@@ -97,6 +101,9 @@ pub struct Spool {
     peeked_ends: Vec<Position>,
     /// How many of `peeked` the caller was given, so may acknowledge.
     returned: usize,
+    /// Buffers of acknowledged records, for the next reads: at full rate
+    /// the spool reads a batch after every acknowledgement.
+    spare: Vec<Vec<u8>>,
     records: usize,
     /// Framed size (header and record) of the unacknowledged records: the
     /// amount `max_bytes` bounds.
@@ -257,6 +264,7 @@ impl Spool {
             peeked: Vec::new(),
             peeked_ends: Vec::new(),
             returned: 0,
+            spare: Vec::new(),
             records,
             bytes,
             dropped,
@@ -453,8 +461,8 @@ impl Spool {
                 ));
             }
             let room = segment.end - self.read.offset;
+            let mut record = self.spare.pop().unwrap_or_default();
             let reader = self.reader_at(self.read)?;
-            let mut record = Vec::new();
             match read_record(reader, room, &mut record) {
                 Ok(Ok(framed)) => {
                     self.segments[index].unread -= 1;
@@ -535,11 +543,13 @@ impl Spool {
             return Ok(());
         }
         self.acked = self.peeked_ends[n - 1];
-        let freed: u64 = self
-            .peeked
-            .drain(..n)
-            .map(|record| framed_len(record.len()))
-            .sum();
+        let mut freed = 0;
+        for record in self.peeked.drain(..n) {
+            freed += framed_len(record.len());
+            if self.spare.len() < MAX_SPARE_BUFFERS && record.capacity() <= MAX_SPARE_BUFFER_BYTES {
+                self.spare.push(record);
+            }
+        }
         self.peeked_ends.drain(..n);
         self.returned -= n;
         self.records -= n;
