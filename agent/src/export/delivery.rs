@@ -9,15 +9,12 @@ use std::{
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use tokio::{
-    sync::{Notify, mpsc},
-    task::JoinSet,
-};
+use tokio::{sync::Notify, task::JoinSet};
 use tracing::{info, warn};
 
 use super::{
@@ -43,8 +40,12 @@ pub enum ExportError {
 }
 
 /// Records a sink's queue holds before the publisher counts drops: about a
-/// second at full rate, so a spool write stall does not lose records.
+/// third of a second at 200,000 records/s, so a spool write stall does not
+/// lose records.
 const QUEUE_RECORDS: usize = 65_536;
+/// Queue buffer kept between intakes: a few milliseconds at full rate. A
+/// burst grows it; the intake gives the excess back afterwards.
+const QUEUE_KEPT_BYTES: usize = 1 << 20;
 /// How often the intake makes the spool durable.
 const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -106,15 +107,71 @@ impl Lost {
     }
 }
 
-/// What a sink's queue carries: the encoded record and its `seq`.
-type Queued = (Option<u64>, Vec<u8>);
+/// Records waiting for a sink's intake: their wire forms end to end in one
+/// buffer, so queueing a record allocates nothing, and the intake takes
+/// all of them at once.
+#[derive(Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    /// Per record: its `seq` and where it ends in `bytes`.
+    ends: Vec<(Option<u64>, usize)>,
+}
+
+impl Queued {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Option<u64>, &[u8])> {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, end)| end));
+        self.ends
+            .iter()
+            .zip(starts)
+            .map(|(&(seq, end), start)| (seq, &self.bytes[start..end]))
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+}
+
+/// A sink's queue, between the publisher and the sink's intake.
+#[derive(Default)]
+struct Queue {
+    queued: Mutex<Queued>,
+    /// Rung when a record arrives in an empty queue, and at the close.
+    arrived: Notify,
+    /// The publisher is gone: nothing more will come.
+    closed: AtomicBool,
+}
+
+impl Queue {
+    /// Swaps what is queued into `taken` (which must be empty); true when
+    /// the queue is closed and `taken` holds the last of it.
+    fn take(&self, taken: &mut Queued) -> bool {
+        // Read first: whatever came before the close is in this take.
+        let closed = self.closed.load(Ordering::Acquire);
+        std::mem::swap(&mut *self.queued.lock().expect("not poisoned"), taken);
+        closed
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.arrived.notify_one();
+    }
+}
 
 struct SinkInput {
     name: String,
     format: Format,
     filter: SinkFilter,
     encoder: Encoder,
-    queue: mpsc::Sender<Queued>,
+    queue: Arc<Queue>,
     /// Shared with the intake, which reports it.
     lost: Arc<Mutex<Lost>>,
     stats: Arc<SinkStats>,
@@ -126,7 +183,14 @@ pub struct Exporter {
     sinks: Vec<SinkInput>,
     instance: String,
     payload: Vec<u8>,
-    wire: Vec<u8>,
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        for sink in &self.sinks {
+            sink.queue.close();
+        }
+    }
 }
 
 /// The sinks' tasks, to wait for after the exporter is dropped.
@@ -207,7 +271,7 @@ impl Exporter {
                     ),
                 ),
             };
-            let (queue, queued) = mpsc::channel(QUEUE_RECORDS);
+            let queue = Arc::new(Queue::default());
             let lost = Arc::new(Mutex::new(Lost::default()));
             let stats = Arc::new(SinkStats::default());
             let worker = SinkWorker {
@@ -221,7 +285,7 @@ impl Exporter {
                 batch_records: config.batch_records,
             };
             if config.spool_bytes == 0 {
-                tasks.spawn(worker.deliver_from_queue(queued, transport));
+                tasks.spawn(worker.deliver_from_queue(queue.clone(), transport));
             } else {
                 let dir = state_dir.join("spool").join(&config.name);
                 let spool =
@@ -241,7 +305,7 @@ impl Exporter {
                 let worker = Arc::new(worker);
                 let (intake_done_tx, intake_done) = tokio::sync::watch::channel(false);
                 tasks.spawn(worker.clone().intake(
-                    queued,
+                    queue.clone(),
                     spool.clone(),
                     arrived.clone(),
                     intake_done_tx,
@@ -264,7 +328,6 @@ impl Exporter {
                 sinks: inputs,
                 instance,
                 payload: Vec::with_capacity(2048),
-                wire: Vec::with_capacity(2048),
             },
             SinkTasks(tasks),
             stats_by_sink,
@@ -294,19 +357,34 @@ impl Exporter {
                 format::write(sink.format, record, &self.instance, &mut self.payload);
                 formatted = Some(sink.format);
             }
-            self.wire.clear();
+            let mut queued = sink.queue.queued.lock().expect("not poisoned");
+            if queued.len() >= QUEUE_RECORDS {
+                drop(queued);
+                sink.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                let mut lost = sink.lost.lock().expect("not poisoned");
+                lost.note(LossReason::QueueFull, 1, meta.seq);
+                continue;
+            }
+            // Encoded straight into the queue.
             let encoded = sink.encoder.encode(
                 meta,
                 &self.payload,
                 sink.format != Format::Cef,
                 &self.instance,
-                &mut self.wire,
+                &mut queued.bytes,
             );
+            let end = queued.bytes.len();
+            queued.ends.push((meta.seq, end));
+            let records = queued.len();
+            drop(queued);
             sink.stats.note(encoded);
-            if sink.queue.try_send((meta.seq, self.wire.clone())).is_err() {
-                sink.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                let mut lost = sink.lost.lock().expect("not poisoned");
-                lost.note(LossReason::QueueFull, 1, meta.seq);
+            sink.stats
+                .queued_records
+                .store(records as u64, Ordering::Relaxed);
+            // The intake takes the whole queue: one wakeup for all records
+            // that arrive before it runs.
+            if records == 1 {
+                sink.queue.arrived.notify_one();
             }
         }
     }
@@ -373,7 +451,7 @@ impl SinkWorker {
     /// reported just before the next record that gets in, or at the stop.
     async fn intake(
         self: Arc<Self>,
-        mut queued: mpsc::Receiver<Queued>,
+        queue: Arc<Queue>,
         spool: Arc<Mutex<Spool>>,
         arrived: Arc<Notify>,
         done: tokio::sync::watch::Sender<bool>,
@@ -381,16 +459,20 @@ impl SinkWorker {
         // Damage found on opening is reported before anything else.
         self.report_loss(&mut spool.lock().expect("not poisoned"));
         let mut sync = tokio::time::interval(SYNC_INTERVAL);
-        let mut batch = Vec::with_capacity(1024);
+        let mut taken = Queued::default();
         loop {
             tokio::select! {
-                received = queued.recv_many(&mut batch, 1024) => {
-                    if received == 0 {
+                () = queue.arrived.notified() => {
+                    let closed = self.take(&queue, &mut taken);
+                    if !taken.is_empty() {
+                        self.spool_batch(&spool, &taken);
+                        arrived.notify_one();
+                    }
+                    taken.clear();
+                    taken.bytes.shrink_to(QUEUE_KEPT_BYTES);
+                    if closed {
                         break;
                     }
-                    self.spool_batch(&spool, batch.drain(..));
-                    self.stats.queued_records.store(queued.len() as u64, Ordering::Relaxed);
-                    arrived.notify_one();
                 }
                 _ = sync.tick() => self.sync(&spool),
             }
@@ -401,14 +483,22 @@ impl SinkWorker {
         arrived.notify_one();
     }
 
-    fn spool_batch(&self, spool: &Mutex<Spool>, records: impl Iterator<Item = Queued>) {
+    /// Takes what is queued into `taken`; true when the queue is closed
+    /// and this was the last of it.
+    fn take(&self, queue: &Queue, taken: &mut Queued) -> bool {
+        let closed = queue.take(taken);
+        self.stats.queued_records.store(0, Ordering::Relaxed);
+        closed
+    }
+
+    fn spool_batch(&self, spool: &Mutex<Spool>, records: &Queued) {
         let mut spool = spool.lock().expect("not poisoned");
-        for (seq, record) in records {
+        for (seq, record) in records.iter() {
             // The reserve keeps room for the marker of the gap this record
             // would open.
             let stored = if spool.fits(record.len() + LOSS_MARKER_RESERVE) {
                 self.report_loss(&mut spool);
-                match spool.push(&record) {
+                match spool.push(record) {
                     Ok(pushed) => Ok(pushed == Pushed::Stored),
                     Err(e) => {
                         warn!(sink = self.name, error = %e, "cannot spool a record");
@@ -466,17 +556,21 @@ impl SinkWorker {
         mut transport: Transport,
     ) {
         let mut backoff = FIRST_BACKOFF;
+        // The batch being sent: a copy, as the spool stays with the intake
+        // meanwhile; its buffers are reused from batch to batch.
+        let mut copies = Vec::new();
         loop {
-            let batch = {
+            let records = {
                 let mut spool = spool.lock().expect("not poisoned");
                 match spool.peek(self.batch_records, 1 << 20) {
-                    Ok(batch) => batch.to_vec(),
+                    Ok(batch) => copy_into(&mut copies, batch.iter().map(Vec::as_slice)),
                     Err(e) => {
                         warn!(sink = self.name, error = %e, "cannot read the spool");
-                        Vec::new()
+                        0
                     }
                 }
             };
+            let batch = &copies[..records];
             if batch.is_empty() {
                 if *intake_done.borrow() {
                     return;
@@ -484,7 +578,7 @@ impl SinkWorker {
                 arrived.notified().await;
                 continue;
             }
-            match transport.send(&batch).await {
+            match transport.send(batch).await {
                 Ok(rejected) => {
                     backoff = FIRST_BACKOFF;
                     self.acknowledge(&spool, batch.len(), rejected);
@@ -535,40 +629,63 @@ impl SinkWorker {
     }
 
     /// A sink without a spool (stdout): batches straight from the queue.
-    async fn deliver_from_queue(
-        self,
-        mut queued: mpsc::Receiver<Queued>,
-        mut transport: Transport,
-    ) {
-        let mut batch: Vec<Queued> = Vec::with_capacity(self.batch_records);
+    async fn deliver_from_queue(self, queue: Arc<Queue>, mut transport: Transport) {
+        let mut taken = Queued::default();
+        let mut copies = Vec::new();
         loop {
-            if queued.recv_many(&mut batch, self.batch_records).await == 0 {
-                return;
+            queue.arrived.notified().await;
+            let closed = self.take(&queue, &mut taken);
+            let marker = self.take_loss_marker();
+            let mut records = marker
+                .iter()
+                .map(Vec::as_slice)
+                .chain(taken.iter().map(|(_, r)| r));
+            loop {
+                let count = copy_into(&mut copies, records.by_ref().take(self.batch_records));
+                if count == 0 {
+                    break;
+                }
+                let batch = &copies[..count];
+                match transport.send(batch).await {
+                    Ok(_) => {
+                        self.stats
+                            .delivered
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // Nowhere to keep them: counted, and reported with the next batch.
+                        warn!(sink = self.name, error = %e, "cannot write records");
+                        self.stats
+                            .dropped
+                            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        let mut lost = self.lost.lock().expect("not poisoned");
+                        lost.note(LossReason::WriteFailed, batch.len() as u64, None);
+                    }
+                }
             }
-            self.stats
-                .queued_records
-                .store(queued.len() as u64, Ordering::Relaxed);
-            let mut records: Vec<Vec<u8>> = Vec::with_capacity(batch.len() + 1);
-            records.extend(self.take_loss_marker());
-            records.extend(batch.drain(..).map(|(_, r)| r));
-            match transport.send(&records).await {
-                Ok(_) => {
-                    self.stats
-                        .delivered
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    // Nowhere to keep them: counted, and reported with the next batch.
-                    warn!(sink = self.name, error = %e, "cannot write records");
-                    self.stats
-                        .dropped
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
-                    let mut lost = self.lost.lock().expect("not poisoned");
-                    lost.note(LossReason::WriteFailed, records.len() as u64, None);
-                }
+            drop(records);
+            taken.clear();
+            taken.bytes.shrink_to(QUEUE_KEPT_BYTES);
+            if closed {
+                return;
             }
         }
     }
+}
+
+/// Copies `records` into the first buffers of `copies`, reusing them, and
+/// returns how many there were. Transports take a slice of buffers.
+fn copy_into<'r>(copies: &mut Vec<Vec<u8>>, records: impl Iterator<Item = &'r [u8]>) -> usize {
+    let mut count = 0;
+    for record in records {
+        if count == copies.len() {
+            copies.push(Vec::new());
+        }
+        copies[count].clear();
+        copies[count].extend_from_slice(record);
+        count += 1;
+    }
+    count
 }
 
 async fn wait_until_done(mut done: tokio::sync::watch::Receiver<bool>) {
