@@ -330,6 +330,11 @@ impl Telemetry {
             counter(counters.packets_deduplicated),
         );
         registry.register(
+            "allowed_counts_full",
+            "Allowed decisions of new flows reported one by one because the kernel's counting half was full",
+            counter(counters.allowed_counts_full),
+        );
+        registry.register(
             "ringbuf_reserve_failures",
             "Events lost because the ring buffer was full",
             counter(counters.ringbuf_reserve_failed),

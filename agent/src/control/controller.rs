@@ -398,6 +398,7 @@ impl Controller {
                 dns_answers_via_loopback: counters.dns_via_loopback,
                 dns_queries_foreign_netns: counters.dns_foreign_netns,
                 dns_spoofed_dropped: counters.dns_spoofed,
+                allowed_counts_full: counters.allowed_counts_full,
             }),
             policy_generation: self.store.generation(),
             datapath_generation: datapath.generation(),
