@@ -48,7 +48,7 @@ struct CoreTest {
 /// What every kernel runs. Software emulation makes a test some ten times
 /// slower than on the host, so this is one test per thing an old kernel can
 /// break, not the suite.
-const CORE_TESTS: [CoreTest; 14] = [
+const CORE_TESTS: [CoreTest; 15] = [
     // Every program loads and the verifier's work stays within budget.
     CoreTest {
         target: "fqdn",
