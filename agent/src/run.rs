@@ -288,6 +288,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         record_counters: config.metrics_listen.map(|_| RecordCounters {
             records: telemetry.flow_records.clone(),
             decisions: telemetry.reported_decisions.clone(),
+            by_labels: Default::default(),
         }),
         messages: Messages::default(),
         names: NameCache::default(),
@@ -344,6 +345,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                 read.map_err(RunError::Events)?;
                 printer.print(&events, controller.enforcer(), &mut datapath);
                 events.clear();
+                // A busy ring buffer is always ready: without a yield, tokio's
+                // budget would let this loop publish 128 batches (as many
+                // records as a sink's queue holds) before a sink takes any.
+                tokio::task::yield_now().await;
             }
             Some(command) = commands.recv() => {
                 // A command may switch the rules: the events of the current

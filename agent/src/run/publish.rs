@@ -4,10 +4,12 @@
 //! flow service.
 
 use std::{
+    hash::BuildHasher,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use foldhash::HashMap;
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use tollgate_common::{FlowEvent, LEARNED_SLOTS, dns_flags, flow_flags};
 use tracing::warn;
@@ -39,6 +41,41 @@ pub(super) struct FqdnMetrics {
 pub(super) struct RecordCounters {
     pub(super) records: Family<RecordLabels, Counter>,
     pub(super) decisions: Family<RecordLabels, Counter>,
+    /// The two counters of each label set seen, by a hash of its labels:
+    /// a record costs that hash, not three Strings and the families'
+    /// lookups (which at 200k records/s was a tenth of the agent's time).
+    pub(super) by_labels: HashMap<u64, Vec<(RecordLabels, Counter, Counter)>>,
+}
+
+impl RecordCounters {
+    fn count(&mut self, verdict: &str, policy: &str, namespace: &str, decisions: u64) {
+        let hash = self
+            .by_labels
+            .hasher()
+            .hash_one((verdict, policy, namespace));
+        let same = |labels: &RecordLabels| {
+            labels.verdict == verdict && labels.policy == policy && labels.namespace == namespace
+        };
+        let bucket = self.by_labels.entry(hash).or_default();
+        let index = match bucket.iter().position(|(labels, ..)| same(labels)) {
+            Some(index) => index,
+            None => {
+                let labels = RecordLabels {
+                    verdict: verdict.to_owned(),
+                    policy: policy.to_owned(),
+                    namespace: namespace.to_owned(),
+                };
+                // Counters share their value with the family's.
+                let records = self.records.get_or_create(&labels).clone();
+                let decided = self.decisions.get_or_create(&labels).clone();
+                bucket.push((labels, records, decided));
+                bucket.len() - 1
+            }
+        };
+        let (_, records, decided) = &bucket[index];
+        records.inc();
+        decided.inc_by(decisions);
+    }
 }
 
 pub(super) struct Printer {
@@ -314,15 +351,14 @@ impl Printer {
         };
         self.exporter.publish(Record::Flow(&record), &meta);
         self.flows.publish(&record);
-        if let Some(counters) = &self.record_counters {
-            let labels = RecordLabels {
-                verdict: record.verdict.to_owned(),
-                policy: record.policy.unwrap_or_default().to_owned(),
-                namespace: record.src.namespace.unwrap_or_default().to_owned(),
-            };
-            counters.records.get_or_create(&labels).inc();
+        if let Some(counters) = &mut self.record_counters {
             let decisions = record.summary.as_ref().map_or(1, |s| s.count);
-            counters.decisions.get_or_create(&labels).inc_by(decisions);
+            counters.count(
+                record.verdict,
+                record.policy.unwrap_or_default(),
+                record.src.namespace.unwrap_or_default(),
+                decisions,
+            );
         }
     }
 
