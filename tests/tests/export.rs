@@ -391,7 +391,9 @@ fn azure_bodies_stay_under_the_limit_and_one_refused_as_too_large_is_split() {
 
     assert_eq!(check_complete(&agent, &roomy, 1, 2000), 0);
     assert_eq!(roomy.too_large(), 0, "bodies are cut below 1 MB");
-    assert!(roomy.requests() >= 3, "{} requests", roomy.requests());
+    // About 2 MB in all: at least two bodies, however the records were
+    // spooled into batches when the receiver came back.
+    assert!(roomy.requests() >= 2, "{} requests", roomy.requests());
     assert_eq!(check_complete(&agent, &tight, 1, 2000), 0);
     assert!(tight.too_large() > 0);
 }

@@ -451,8 +451,12 @@ impl Drop for Processes {
 /// A process in `cgroup` and `netns` that sleeps as 65535, the user a
 /// pod's sandbox (pause) runs as, so the agent needs what the DaemonSet
 /// grants it to open its namespace.
+///
+/// Returns once the process is in the cgroup and the namespace (it joins
+/// both on its own, after the spawn): what a test then asks of the agent
+/// must not depend on how fast a loaded machine starts a shell.
 fn sleeper(cgroup: &std::path::Path, netns: &str) -> std::process::Child {
-    std::process::Command::new("sh")
+    let child = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
             "echo $$ > {}/cgroup.procs && exec ip netns exec {netns} \
@@ -460,7 +464,35 @@ fn sleeper(cgroup: &std::path::Path, netns: &str) -> std::process::Child {
             cgroup.display()
         ))
         .spawn()
+        .unwrap();
+    wait_until_joined(child.id(), cgroup, netns);
+    child
+}
+
+/// Waits until process `pid` is in `cgroup` and the network namespace
+/// `netns`.
+fn wait_until_joined(pid: u32, cgroup: &std::path::Path, netns: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let target = std::fs::metadata(format!("/run/netns/{netns}"))
         .unwrap()
+        .ino();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let in_cgroup = std::fs::read_to_string(cgroup.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .any(|line| line == pid.to_string());
+        let in_netns = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .is_ok_and(|namespace| namespace.ino() == target);
+        if in_cgroup && in_netns {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} did not reach its cgroup and namespace"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// A payments pod (`n` numbers it) whose sandbox, its first process,
