@@ -130,11 +130,9 @@ pub fn replace_program(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Res
     unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }
 
-/// The interface a tcx link is attached to; 0 once the interface is gone
-/// (`struct bpf_link_info`: type, id, prog_id, then the union, 8-aligned,
-/// whose tcx member starts with the ifindex).
-pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
-    const BPF_LINK_TYPE_TCX: u32 = 11;
+/// `struct bpf_link_info` of `link` as words: type, id, prog_id, then the
+/// union, 8-aligned (from word 4), whose member depends on the type.
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<[u32; 16]> {
     let mut info = [0u32; 16];
     let mut attr = InfoAttr {
         bpf_fd: link.as_raw_fd() as u32,
@@ -144,6 +142,14 @@ pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: InfoAttr is BPF_OBJ_GET_INFO_BY_FD's attr; the kernel writes
     // at most info_len bytes to `info`, which outlives the call.
     unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+    Ok(info)
+}
+
+/// The interface a tcx link is attached to; 0 once the interface is gone
+/// (the union's tcx member starts with the ifindex).
+pub fn tcx_link_ifindex(link: BorrowedFd<'_>) -> io::Result<u32> {
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    let info = link_info(link)?;
     if info[0] != BPF_LINK_TYPE_TCX {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "not a tcx link"));
     }

@@ -192,28 +192,11 @@ struct CgroupLinkInfo {
     attach_type: u32,
 }
 
-/// `struct bpf_link_info` of a cgroup link: type, id, prog_id, then the
-/// union, 8-aligned, whose cgroup member is the cgroup's id (u64) and the
-/// attach type.
+/// The program and attach type of a cgroup link (`struct bpf_link_info`:
+/// the union's cgroup member is the cgroup's id, u64, then the attach type).
 fn cgroup_link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_LINK_TYPE_CGROUP: u32 = 3;
-    /// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut info = [0u32; 16];
-    let mut attr = InfoAttr {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: InfoAttr is BPF_OBJ_GET_INFO_BY_FD's attr; the kernel writes
-    // at most info_len bytes to `info`, which outlives the call.
-    unsafe { raw_bpf::bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
+    let info = raw_bpf::link_info(link)?;
     if info[0] != BPF_LINK_TYPE_CGROUP {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
