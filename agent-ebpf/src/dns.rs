@@ -333,41 +333,42 @@ fn output(scratch: &DnsScratch, payload_len: u32) {
 }
 
 /// The IP and UDP/TCP headers of an ingress packet (`skb->data` is the
-/// network header for cgroup programs). IPv6 extension headers are not
-/// walked: such answers are not learned from.
+/// network header for cgroup programs), or `None` for a packet no resolver
+/// could have sent. IPv6 extension headers are not walked: such answers
+/// are not learned from.
+///
+/// The program runs on every packet an endpoint receives, so it reads the
+/// source port before anything else and leaves at once unless the port is
+/// 53 (counted when untrusted) or a trusted resolver's: the agent writes
+/// every trusted resolver's port to `Config::dns_ports` before it trusts
+/// the resolver.
 #[inline(always)]
 fn segment(ctx: &SkBuffContext) -> Option<Segment> {
-    let first: u8 = ctx.load(0).ok()?;
-    let (family, protocol, source, transport) = match first >> 4 {
-        4 => {
-            let ihl = ((first & 0x0f) as u32) * 4;
-            let protocol: u8 = ctx.load(9).ok()?;
-            let source: [u8; 4] = ctx.load(12).ok()?;
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&source);
-            (family::INET, protocol, addr, ihl)
-        }
-        6 => {
-            let protocol: u8 = ctx.load(6).ok()?;
-            let source: [u8; 16] = ctx.load(8).ok()?;
-            (family::INET6, protocol, source, 40)
-        }
-        _ => return None,
-    };
-    let source_port = u16::from_be(ctx.load::<u16>(transport as usize).ok()?);
-    let (payload_offset, tcp_seq, tcp_syn) = match protocol {
-        protocol::UDP => (transport + 8, 0, false),
-        protocol::TCP => {
-            let seq = u32::from_be(ctx.load::<u32>(transport as usize + 4).ok()?);
-            let data_offset: u8 = ctx.load(transport as usize + 12).ok()?;
-            let flags: u8 = ctx.load(transport as usize + 13).ok()?;
-            (
-                transport + ((data_offset >> 4) as u32) * 4,
-                seq,
-                flags & TCP_FLAG_SYN != 0,
-            )
-        }
-        _ => return None,
+    let (family, protocol, transport, source_port) = transport_port(ctx, 0)?;
+    if protocol != protocol::UDP && protocol != protocol::TCP {
+        return None;
+    }
+    if source_port != DNS_PORT && !is_dns_port(&dns_ports()?, source_port) {
+        return None;
+    }
+    let mut source = [0u8; 16];
+    if family == family::INET {
+        let v4: [u8; 4] = ctx.load(12).ok()?;
+        source[..4].copy_from_slice(&v4);
+    } else {
+        source = ctx.load(8).ok()?;
+    }
+    let (payload_offset, tcp_seq, tcp_syn) = if protocol == protocol::UDP {
+        (transport + 8, 0, false)
+    } else {
+        let seq = u32::from_be(ctx.load::<u32>(transport as usize + 4).ok()?);
+        let data_offset: u8 = ctx.load(transport as usize + 12).ok()?;
+        let flags: u8 = ctx.load(transport as usize + 13).ok()?;
+        (
+            transport + ((data_offset >> 4) as u32) * 4,
+            seq,
+            flags & TCP_FLAG_SYN != 0,
+        )
     };
     let payload_len = ctx.len().checked_sub(payload_offset)?;
     if payload_len == 0 && !tcp_syn {
@@ -383,6 +384,80 @@ fn segment(ctx: &SkBuffContext) -> Option<Segment> {
         tcp_seq,
         tcp_syn,
     })
+}
+
+/// The family, IP protocol and transport header offset of an IP packet,
+/// with the port at `port_at` in its transport header (0: the source port,
+/// 2: the destination port), in host order.
+///
+/// These programs run on every packet an endpoint sends or receives, and
+/// most leave after this. So where the headers are in the packet's linear
+/// part at fixed offsets (IPv6, or IPv4 without options), they are read in
+/// place after one bounds check, instead of a `skb_load_bytes` call each.
+#[inline(always)]
+fn transport_port(ctx: &SkBuffContext, port_at: usize) -> Option<(u8, u8, u32, u16)> {
+    if let Some(ip) = linear::<{ IPV4_HEADER + 4 }>(ctx) {
+        // Each family's reads are written out with constant offsets: the
+        // verifier follows a bounds check to reads at known offsets only.
+        // SAFETY (each read): inside the checked window; `port_at` is 0 or 2.
+        let first = unsafe { *ip };
+        if first == 0x45 {
+            let protocol = unsafe { *ip.add(9) };
+            let port = unsafe { ip.add(IPV4_HEADER + port_at).cast::<u16>().read_unaligned() };
+            return Some((
+                family::INET,
+                protocol,
+                IPV4_HEADER as u32,
+                u16::from_be(port),
+            ));
+        }
+        if first >> 4 == 6
+            && let Some(ip) = linear::<{ IPV6_HEADER + 4 }>(ctx)
+        {
+            let protocol = unsafe { *ip.add(6) };
+            let port = unsafe { ip.add(IPV6_HEADER + port_at).cast::<u16>().read_unaligned() };
+            return Some((
+                family::INET6,
+                protocol,
+                IPV6_HEADER as u32,
+                u16::from_be(port),
+            ));
+        }
+    }
+    let first: u8 = ctx.load(0).ok()?;
+    let (family, protocol_at, transport) = match first >> 4 {
+        4 => (family::INET, 9, ((first & 0x0f) as u32) * 4),
+        6 => (family::INET6, 6, IPV6_HEADER as u32),
+        _ => return None,
+    };
+    let protocol = ctx.load(protocol_at).ok()?;
+    let port = ctx.load::<u16>(transport as usize + port_at).ok()?;
+    Some((family, protocol, transport, u16::from_be(port)))
+}
+
+const IPV4_HEADER: usize = 20;
+const IPV6_HEADER: usize = 40;
+
+/// The network header, if the packet's linear part holds its first `LEN`
+/// bytes. `LEN` is a constant so that the verifier can follow the check.
+#[inline(always)]
+fn linear<const LEN: usize>(ctx: &SkBuffContext) -> Option<*const u8> {
+    let skb = ctx.skb.skb;
+    // SAFETY: `data` and `data_end` are context fields the verifier allows
+    // cgroup_skb programs to read.
+    let (start, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    if start + LEN > end {
+        return None;
+    }
+    Some(start as *const u8)
+}
+
+/// The trusted resolvers' ports (`Config::dns_ports`).
+#[inline(always)]
+fn dns_ports() -> Option<[u16; DNS_PORTS]> {
+    let config = TG_CONFIG.get_ptr(0)?;
+    // SAFETY: plain read of the config value.
+    Some(unsafe { (*config).dns_ports })
 }
 
 /// What a learning step tells its caller.
@@ -832,39 +907,27 @@ pub fn note_resolver_socket(ctx: &SockAddrContext, cgroup_id: u64, dst: &Destina
 
 /// Records the question of a DNS query that a noted socket sends to a
 /// trusted resolver (the packet hook calls it for each datagram of a UDP
-/// socket; all but datagrams to a resolver port leave after two loads).
+/// socket; all but datagrams to a resolver port leave once their port is
+/// read, `transport_port`).
 #[inline(always)]
 pub fn record_query(ctx: &SkBuffContext) {
-    let Some(config) = TG_CONFIG.get_ptr(0) else {
+    let Some((family, _, transport, port)) = transport_port(ctx, 2) else {
         return;
     };
-    let Ok(first) = ctx.load::<u8>(0) else {
+    if !dns_ports().is_some_and(|ports| is_dns_port(&ports, port)) {
         return;
-    };
-    let (family, transport, addr) = match first >> 4 {
-        4 => {
-            let Ok(daddr) = ctx.load::<[u8; 4]>(16) else {
-                return;
-            };
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&daddr);
-            (family::INET, ((first & 0x0f) as u32) * 4, addr)
-        }
-        6 => {
-            let Ok(addr) = ctx.load::<[u8; 16]>(24) else {
-                return;
-            };
-            (family::INET6, 40, addr)
-        }
-        _ => return,
-    };
-    let Ok(port) = ctx.load::<u16>(transport as usize + 2) else {
-        return;
-    };
-    let port = u16::from_be(port);
-    // SAFETY: plain read of the config value.
-    if !is_dns_port(unsafe { &(*config).dns_ports }, port) {
-        return;
+    }
+    let mut addr = [0u8; 16];
+    if family == family::INET {
+        let Ok(daddr) = ctx.load::<[u8; 4]>(16) else {
+            return;
+        };
+        addr[..4].copy_from_slice(&daddr);
+    } else {
+        let Ok(daddr) = ctx.load::<[u8; 16]>(24) else {
+            return;
+        };
+        addr = daddr;
     }
     let skb = ctx.as_ptr() as *mut aya_ebpf::bindings::__sk_buff;
     // SAFETY: helper without preconditions beyond a valid skb.
@@ -933,9 +996,6 @@ pub extern "C" fn tg_dns_record_query() -> u32 {
 /// resolver's name.
 #[inline(always)]
 pub fn spoofs_resolver(skb: &SkBuff, ip: usize) -> bool {
-    let Some(config) = TG_CONFIG.get_ptr(0) else {
-        return false;
-    };
     let Ok(first) = skb.load::<u8>(ip) else {
         return false;
     };
@@ -972,8 +1032,7 @@ pub fn spoofs_resolver(skb: &SkBuff, ip: usize) -> bool {
         return false;
     };
     let port = u16::from_be(port);
-    // SAFETY: plain read of the config value.
-    if !is_dns_port(unsafe { &(*config).dns_ports }, port) {
+    if !dns_ports().is_some_and(|ports| is_dns_port(&ports, port)) {
         return false;
     }
     let resolver = ResolverKey {

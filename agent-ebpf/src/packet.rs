@@ -9,9 +9,9 @@
 //!
 //! TCP and UDP sockets were judged at connect or sendmsg, so their packets
 //! leave after two loads and two comparisons; a UDP datagram is first
-//! looked at for a DNS query to record (`dns::record_query`: two
-//! `skb_load_bytes` and four comparisons unless it goes to a resolver
-//! port). A packet of
+//! looked at for a DNS query to record (`dns::record_query`: its header's
+//! first bytes read in place and four comparisons unless it goes to a
+//! resolver port). A packet of
 //! the other sockets that claims to come from a trusted resolver is
 //! dropped whatever the policy says (`dns::spoofs_resolver`).
 

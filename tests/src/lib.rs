@@ -468,6 +468,11 @@ impl TestHost {
     /// Starts dnsmasq on this host's IPv4 address, port 53, answering
     /// `zone` and refusing everything else (it never forwards).
     pub fn serve_dns(&mut self, zone: &Zone) {
+        self.serve_dns_on(zone, 53);
+    }
+
+    /// Serves `zone` on UDP and TCP `port` of the host's address.
+    pub fn serve_dns_on(&mut self, zone: &Zone, port: u16) {
         let hosts = std::env::temp_dir().join(format!("tollgate-{}.hosts", self.netns));
         let lines: String = zone
             .addresses
@@ -491,12 +496,8 @@ impl TestHost {
                 "--no-hosts",
                 "--no-poll",
             ])
-            .args([
-                "--bind-interfaces",
-                "--port=53",
-                "--pid-file=",
-                "--user=root",
-            ])
+            .args(["--bind-interfaces", "--pid-file=", "--user=root"])
+            .arg(format!("--port={port}"))
             .arg(format!("--listen-address={}", self.v4))
             .arg(format!("--local-ttl={}", zone.ttl))
             .arg(format!("--addn-hosts={}", hosts.display()))
@@ -517,6 +518,8 @@ impl TestHost {
                     "+time=1",
                     "+tries=1",
                     "+short",
+                    "-p",
+                    &port.to_string(),
                     &format!("@{}", self.v4),
                     "ready.invalid",
                 ])

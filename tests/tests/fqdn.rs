@@ -5,7 +5,7 @@
 //! These tests need root and the BPF object: `cargo xtask test` runs them.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -95,10 +95,22 @@ fn resolve_connect(
     name: &str,
     qtype: &str,
 ) -> String {
+    resolve_connect_via(env, transport, SocketAddr::new(resolver, 53), name, qtype)
+}
+
+/// Resolves `name` at `resolver` over `transport`, then connects to the
+/// first address of the answer on the HTTPS port: "ok", "EPERM" or the errno.
+fn resolve_connect_via(
+    env: &TestEnv,
+    transport: &str,
+    resolver: SocketAddr,
+    name: &str,
+    qtype: &str,
+) -> String {
     let run = env.probe(&[
         "resolve-connect",
         transport,
-        &format!("{resolver}:53"),
+        &resolver.to_string(),
         name,
         qtype,
         &HTTPS.to_string(),
@@ -460,6 +472,65 @@ fn answers_from_resolvers_that_are_not_trusted_are_ignored() {
         "EPERM"
     );
     drop(_agent);
+    env.cleanup_pins();
+}
+
+/// A resolver on a port other than 53 is trusted on that port alone. The
+/// ingress program leaves at once for any packet whose source port is
+/// neither 53 nor a trusted resolver's, so this holds that early exit to
+/// both: answers from the resolver's port teach, and answers from port 53
+/// of the same address are counted as untrusted and teach nothing.
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn a_resolver_on_another_port_is_trusted_on_that_port_alone() {
+    let mut env = TestEnv::new("fqdn-port");
+    let resolver = env.add_host(118, &[HTTPS]).v4;
+    let zone = one_name("myreg.azurecr.io", resolver, 60);
+    env.hosts[0].serve_dns_on(&zone, 5353);
+    env.hosts[0].serve_dns(&zone);
+    let policy = aks_policy(
+        &env,
+        resolver.into(),
+        &format!(
+            "  - name: dns-5353
+    to: [{{cidr: {resolver}/32}}]
+    ports: [{{port: 5353, protocol: UDP}}, {{port: 5353, protocol: TCP}}]
+"
+        ),
+    );
+    let metrics = free_port();
+    let agent = AgentProcess::start(
+        &env,
+        &[
+            "--policy",
+            policy.path.to_str().unwrap(),
+            "--dns-resolver",
+            &format!("{resolver}:5353"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+        ],
+    );
+    let at = |port| SocketAddr::new(IpAddr::V4(resolver), port);
+
+    assert_eq!(
+        resolve_connect_via(&env, "udp", at(53), "myreg.azurecr.io", "A"),
+        "EPERM",
+        "an answer from port 53 of a resolver trusted on 5353"
+    );
+    assert_eq!(
+        dns_counter(metrics, "tollgate_dns_answers_untrusted_total"),
+        1
+    );
+    assert_eq!(
+        resolve_connect_via(&env, "udp", at(5353), "myreg.azurecr.io", "A"),
+        "ok",
+        "learned in the kernel from the trusted port"
+    );
+    assert_eq!(
+        dns_counter(metrics, "tollgate_dns_answers_untrusted_total"),
+        1
+    );
+    drop(agent);
     env.cleanup_pins();
 }
 

@@ -48,11 +48,17 @@ struct CoreTest {
 /// What every kernel runs. Software emulation makes a test some ten times
 /// slower than on the host, so this is one test per thing an old kernel can
 /// break, not the suite.
-const CORE_TESTS: [CoreTest; 15] = [
+const CORE_TESTS: [CoreTest; 16] = [
     // Every program loads and the verifier's work stays within budget.
     CoreTest {
         target: "fqdn",
         name: "every_program_verifies_well_inside_the_budget",
+    },
+    // The ingress program reads headers in place (direct packet access) and
+    // leaves early by the trusted resolvers' ports.
+    CoreTest {
+        target: "fqdn",
+        name: "a_resolver_on_another_port_is_trusted_on_that_port_alone",
     },
     // connect4 denies with EPERM and a rule allows.
     CoreTest {
