@@ -24,10 +24,11 @@ pub const STATE_FILE: &str = "state.json";
 /// The changes since the snapshot, one record each.
 pub const JOURNAL_FILE: &str = "state.journal";
 
-/// A record of the state journal.
+/// A record of the state journal. `Delta` is what is read back; saving
+/// writes a delta of the store's documents (see [`PolicyStore::delta`]).
 #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-enum JournalRecord {
+enum JournalRecord<Delta = StateDelta> {
     /// The first record: which snapshot the journal continues, by its
     /// length and CRC-32. A journal of another snapshot (left by a crash
     /// between writing a snapshot and starting the journal anew) holds
@@ -36,7 +37,7 @@ enum JournalRecord {
         len: u64,
         crc32: u32,
     },
-    Change(StateDelta),
+    Change(Delta),
 }
 
 /// Reads the saved state: the snapshot, and the changes the journal
@@ -191,7 +192,7 @@ impl SavedState {
             source,
         })?;
         self.snapshot_len = len;
-        let header = JournalRecord::Snapshot {
+        let header = JournalRecord::<StateDelta>::Snapshot {
             len,
             crc32: crc.finalize(),
         };

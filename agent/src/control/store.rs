@@ -146,17 +146,19 @@ pub struct PersistedState<Documents = Vec<api::EgressPolicy>> {
 /// One change to the saved state, as the state journal records it: the
 /// new values of what changed (the generation, the modes, each policy put
 /// or deleted), never a difference to the value before, so that replaying
-/// a record on a state that already has it changes nothing.
+/// a record on a state that already has it changes nothing. `Puts` is what
+/// is read back; saving writes [`StoredPuts`] in its place, decoding one
+/// document at a time.
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct StateDelta {
+pub struct StateDelta<Puts = Vec<PutPolicy>> {
     pub generation: u64,
     pub global_mode: Option<String>,
     #[serde(default)]
     pub policy_modes: BTreeMap<String, String>,
     /// Policies created or changed, as they are now.
     #[serde(default)]
-    pub put: Vec<PutPolicy>,
+    pub put: Puts,
     /// Policies deleted, by name.
     #[serde(default)]
     pub deleted: Vec<String>,
@@ -209,6 +211,20 @@ pub struct StoredDocuments<'a>(&'a BTreeMap<PolicyKey, Stored>);
 impl Serialize for StoredDocuments<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(self.0.values().map(Stored::document))
+    }
+}
+
+/// The store's policies a change put, serialized as [`PutPolicy`]s: an
+/// apply of 100k rules decoded all its documents at once only to write
+/// them, and that was its peak (64 MB of small allocations).
+pub struct StoredPuts<'a>(Vec<&'a Stored>);
+
+impl Serialize for StoredPuts<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|stored| PutPolicy {
+            document: stored.document(),
+            cluster: stored.origin.clone(),
+        }))
     }
 }
 
@@ -304,10 +320,13 @@ impl PolicyStore {
             let encoded: prost::bytes::Bytes = document.encode_to_vec().into();
             let old = self.policies.get(&key);
             // Decoded, not only compared encoded: label maps encode in any
-            // order.
+            // order, though to the same length, so only documents of one
+            // length are decoded to compare.
             let unchanged = distinct
                 && old.is_some_and(|old| {
-                    old.origin.is_none() && (old.document == encoded || old.document() == document)
+                    old.origin.is_none()
+                        && (old.document == encoded
+                            || (old.document.len() == encoded.len() && old.document() == document))
                 });
             if unchanged {
                 changes.push(PolicyChange {
@@ -572,19 +591,17 @@ impl PolicyStore {
 
     /// What the journal records of a change to the `changed` policies (and
     /// to the generation and modes), made already.
-    pub fn delta(&self, changed: &[PolicyKey]) -> StateDelta {
+    pub fn delta(&self, changed: &[PolicyKey]) -> StateDelta<StoredPuts<'_>> {
         let mut delta = StateDelta {
             generation: self.generation,
             global_mode: self.global_mode.map(|m| mode_name(m).into()),
             policy_modes: self.policy_modes(),
-            ..StateDelta::default()
+            put: StoredPuts(Vec::new()),
+            deleted: Vec::new(),
         };
         for key in changed {
             match self.policies.get(key) {
-                Some(stored) => delta.put.push(PutPolicy {
-                    document: stored.document(),
-                    cluster: stored.origin.clone(),
-                }),
+                Some(stored) => delta.put.0.push(stored),
                 None => delta.deleted.push(key.to_string()),
             }
         }
