@@ -51,7 +51,7 @@ pub fn measure(plan: &Plan, report: &mut Report) {
     let resolver = env.add_host(91, &[]).v4;
     let netns = env.hosts[0].netns.clone();
     let resolver_arg = resolver.to_string();
-    let agent_args = [
+    let mut agent_args = vec![
         "--mode",
         "enforce",
         "--dns-resolver",
@@ -59,6 +59,9 @@ pub fn measure(plan: &Plan, report: &mut Report) {
         "--fqdn-max-addresses-per-endpoint",
         "20000",
     ];
+    if let Some(filter) = &plan.agent_log {
+        agent_args.extend(["--log-level", filter]);
+    }
     // Endpoint cgroups ep-<j><nn>: the tenth selected by policy group-j.
     let per_group = plan.endpoints / 10;
     for j in 0..10 {
@@ -101,26 +104,33 @@ pub fn measure(plan: &Plan, report: &mut Report) {
     ];
     let full_applies: Vec<Duration> = (0..6).map(|i| apply(variants[i % 2].clone())).collect();
 
-    // One rule more or less in one policy.
+    // One rule more or less in one policy. Only that policy is sent, as a
+    // user changing it would: an apply creates or replaces the policies
+    // it names and leaves the others as they are.
     let base = variants[0].clone();
-    let mut one_more = base.clone();
     let extra = rules::policy(
         "group-0",
         &format!("{glob}/ep-0*"),
         "enforce",
         &rules::prefixes(plan.control_rules / 10 + 1),
     );
-    one_more[0] = parse_documents("bench", &extra).unwrap().remove(0).policy;
+    let one_more = parse_documents("bench", &extra).unwrap().remove(0).policy;
     apply(base.clone());
     let one_rule: Vec<Duration> = (0..20)
         .map(|i| {
-            apply(if i % 2 == 0 {
+            let changed = if i % 2 == 0 {
                 one_more.clone()
             } else {
-                base.clone()
-            })
+                base[0].clone()
+            };
+            apply(vec![changed])
         })
         .collect();
+    if plan.agent_log.is_some() {
+        for line in agent.log_so_far() {
+            eprintln!("agent: {line}");
+        }
+    }
 
     // A restart with the saved set: adopt, restore, ready.
     agent.terminate();

@@ -9,7 +9,9 @@
 //! runs the packet hook section alone and prints its figures as JSON;
 //! `tg-bench frame-hook` (same options) does the same for the frame hook;
 //! `tg-bench connect [--smoke] [--seconds S] [--rounds N] [--sizes N,N]
-//! [--out DIR]` the connect and sendto comparisons.
+//! [--out DIR]` the connect and sendto comparisons; `tg-bench control
+//! [--smoke] [--agent-log FILTER] [--out DIR]` the control path (applies, a one-rule change,
+//! starts, memory at scale).
 
 mod bpf_stats;
 mod cluster;
@@ -131,6 +133,22 @@ fn main() {
                 report.write(Path::new(out));
             }
         }
+        // The control path alone: its figures as JSON (and with --out
+        // DIR, a report of it alone, beside the run before in DIR).
+        // --agent-log FILTER: the agent logs at that level (`debug` gives
+        // each apply's steps and their times), and its lines up to the end
+        // of the one-rule changes go to stderr.
+        ["control", rest @ ..] => {
+            let mut plan = Plan::new(rest.contains(&"--smoke"));
+            plan.agent_log = option(rest, "--agent-log").map(str::to_owned);
+            let mut report = Report::new(plan.smoke);
+            control::measure(&plan, &mut report);
+            println!("{}", serde_json::to_string_pretty(&report.control).unwrap());
+            if let Some(out) = option(rest, "--out") {
+                std::fs::create_dir_all(out).unwrap();
+                report.write(Path::new(out));
+            }
+        }
         ["dns-rtt", cgroup, resolver, rounds] => {
             learned::rtt(cgroup, resolver, rounds.parse().expect("rounds"))
         }
@@ -141,7 +159,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: tg-bench run [--smoke] --out DIR | tg-bench packet-hook|frame-hook [--smoke] [--seconds S] [--rounds N] [--out DIR] | tg-bench connect [--smoke] [--seconds S] [--rounds N] [--sizes N,N,...] [--out DIR]"
+                "usage: tg-bench run [--smoke] --out DIR | tg-bench packet-hook|frame-hook [--smoke] [--seconds S] [--rounds N] [--out DIR] | tg-bench connect [--smoke] [--seconds S] [--rounds N] [--sizes N,N,...] [--out DIR] | tg-bench control [--smoke] [--agent-log FILTER] [--out DIR]"
             );
             std::process::exit(2);
         }
@@ -178,6 +196,9 @@ pub struct Plan {
     pub endpoints: usize,
     pub control_rules: usize,
     pub memory_rules: usize,
+    /// The agent's log filter in the control path, when its lines are
+    /// wanted.
+    pub agent_log: Option<String>,
     /// Simulated cluster sizes, and policy changes measured at each.
     pub cluster_nodes: Vec<usize>,
     pub cluster_changes: usize,
@@ -203,6 +224,7 @@ impl Plan {
                 endpoints: 20,
                 control_rules: 200,
                 memory_rules: 1_000,
+                agent_log: None,
                 cluster_nodes: vec![10, 20],
                 cluster_changes: 1,
                 hook_seconds: 0.1,
@@ -220,6 +242,7 @@ impl Plan {
                 endpoints: 1_000,
                 control_rules: 10_000,
                 memory_rules: 100_000,
+                agent_log: None,
                 cluster_nodes: vec![100, 1_000],
                 cluster_changes: 5,
                 hook_seconds: 0.25,
