@@ -13,7 +13,7 @@ use std::{
 use tollgate_common::Mode;
 
 use tollgate_policy::{
-    compile::{CompileError, Compiler, Names, RuleIdTable},
+    compile::{CompileError, Compiler, Names, PolicyRuleIds, RuleIdSnapshot, RuleIdTable},
     model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, Selector},
     select::{Endpoint, Identity, selects},
 };
@@ -42,6 +42,11 @@ pub enum EnforceError {
     #[error(transparent)]
     Datapath(#[from] DatapathError),
 }
+
+/// How long the writer of `rules.json` waits for another change before it
+/// writes, and at most after the first it has not written.
+const RULES_FILE_SETTLE: Duration = Duration::from_millis(500);
+const RULES_FILE_MAX_DELAY: Duration = Duration::from_secs(5);
 
 /// Generations whose names are kept, for events still in flight. Events of
 /// the oldest are read (and its open aggregates closed) before a switch
@@ -78,9 +83,13 @@ pub struct Enforcer {
     /// local.
     cluster_policies: BTreeSet<PolicyKey>,
     names: VecDeque<GenerationNames>,
-    /// Where the rule ids in force are saved (`rules.json` in the state
-    /// directory), if anywhere.
-    rules_file: Option<PathBuf>,
+    /// The rules' names over the generations in `names`.
+    rule_names: RuleNamesById,
+    /// Switches that named a generation, so far.
+    switches: u64,
+    /// Saves the rule ids in force (`rules.json` in the state directory),
+    /// if anywhere.
+    rules_file: Option<RulesFileWriter>,
     /// The cgroups as the watcher sees them; without, each selection walks
     /// the tree.
     cgroups: Option<CgroupIndex>,
@@ -198,75 +207,317 @@ struct DefaultNames {
     sources: Cow<'static, str>,
 }
 
-/// The names of one generation's rules, rendered once for every record.
+/// The names of one generation's set defaults, rendered once for every
+/// record; its rules' names are in [`RuleNamesById`].
 struct GenerationNames {
     generation: u32,
-    /// rule id -> (policy, rule); the names are shared with the generation
-    /// before wherever they did not change.
-    rules: foldhash::HashMap<u32, RuleNames>,
+    /// The switch that put it in force (rule names are kept by switch).
+    switch: u64,
     /// set id -> the policies owning its default
     defaults: foldhash::HashMap<u32, DefaultNames>,
 }
 
 impl GenerationNames {
-    /// `set_ids`: the kernel's id of each set, by set index. `cluster`: the
-    /// policies that are cluster resources.
+    /// `set_ids`: the kernel's id of each set, by set index.
     fn new(
         generation: u32,
-        names: Names,
+        switch: u64,
+        set_defaults: &[Vec<PolicyKey>],
         set_ids: &[u32],
         cluster: &BTreeSet<PolicyKey>,
-        previous: Option<&GenerationNames>,
     ) -> Self {
-        let source_of = |key: &PolicyKey| {
-            if cluster.contains(key) {
-                PolicySource::Cluster
-            } else {
-                PolicySource::Local
-            }
-        };
-        let mut policies: HashMap<PolicyKey, Arc<PolicyName>> = HashMap::new();
-        let rules = names
-            .rules
-            .into_iter()
-            .map(|(id, r)| {
-                let kept = previous
-                    .and_then(|p| p.rules.get(&id))
-                    .filter(|kept| *kept.rule == *r.rule);
-                let policy = policies.entry(r.policy).or_insert_with_key(|key| {
-                    Arc::new(PolicyName {
-                        name: key.to_string().into(),
-                        source: source_of(key),
-                    })
-                });
-                let names = match kept {
-                    Some(kept) if *kept.policy == **policy => kept.clone(),
-                    _ => RuleNames {
-                        policy: policy.clone(),
-                        rule: r.rule.into(),
-                    },
+        let defaults = set_ids
+            .iter()
+            .zip(set_defaults)
+            .map(|(&id, owners)| {
+                let names = DefaultNames {
+                    owners: owners
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    sources: owner_sources(owners.iter().map(|key| source_of(cluster, key))),
                 };
                 (id, names)
             })
             .collect();
         Self {
             generation,
-            rules,
-            defaults: set_ids
-                .iter()
-                .zip(&names.set_defaults)
-                .map(|(&id, owners)| {
-                    let names = DefaultNames {
-                        owners: owners
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(","),
-                        sources: owner_sources(owners.iter().map(source_of)),
+            switch,
+            defaults,
+        }
+    }
+}
+
+fn source_of(cluster: &BTreeSet<PolicyKey>, key: &PolicyKey) -> PolicySource {
+    if cluster.contains(key) {
+        PolicySource::Cluster
+    } else {
+        PolicySource::Local
+    }
+}
+
+/// The names of the rules of every generation kept, by rule id. A rule id
+/// names one (policy, rule) from the switch that put it in force under
+/// that name to the one that took it out, so one span serves every
+/// generation in between, and a switch looks rule by rule only at the
+/// policies it changed.
+#[derive(Default)]
+struct RuleNamesById {
+    /// rule id -> its spans, oldest first
+    spans: foldhash::HashMap<u32, Vec<NameSpan>>,
+    /// The switches that ended spans, oldest first, with the ids whose
+    /// spans they ended: those spans go once no kept generation is older.
+    ended: VecDeque<(u64, Vec<u32>)>,
+    /// The policies of the latest generation, as named.
+    policies: HashMap<PolicyKey, NamedPolicy>,
+}
+
+struct NameSpan {
+    /// The switch that put the id in force under these names.
+    from: u64,
+    /// The switch that took it out (or renamed it), if any yet.
+    until: Option<u64>,
+    names: RuleNames,
+}
+
+struct NamedPolicy {
+    ids: Arc<PolicyRuleIds>,
+    name: Arc<PolicyName>,
+}
+
+impl RuleNamesById {
+    /// Takes in the rule ids switch `switch` put in force: a policy with
+    /// the same ids (the very allocation) and source as before is passed
+    /// over; the rules of the others are compared by id and name.
+    fn switched(
+        &mut self,
+        switch: u64,
+        policies: Vec<Arc<PolicyRuleIds>>,
+        cluster: &BTreeSet<PolicyKey>,
+    ) {
+        let mut before = std::mem::take(&mut self.policies);
+        let mut ended = Vec::new();
+        let mut started = Vec::new();
+        for ids in policies {
+            let source = source_of(cluster, &ids.key);
+            // A policy of the same name from another source is another
+            // policy: none of its names carry over.
+            let old = match before.remove(&ids.key) {
+                Some(old) if old.name.source != source => {
+                    ended.extend(old.ids.ids.iter().copied());
+                    None
+                }
+                old => old,
+            };
+            if let Some(old) = old.as_ref().filter(|old| Arc::ptr_eq(&old.ids, &ids)) {
+                let name = Arc::clone(&old.name);
+                self.policies
+                    .insert(ids.key.clone(), NamedPolicy { ids, name });
+                continue;
+            }
+            let name = match &old {
+                Some(old) => Arc::clone(&old.name),
+                None => Arc::new(PolicyName {
+                    name: ids.key.to_string().into(),
+                    source,
+                }),
+            };
+            let was: HashMap<u32, &str> = old
+                .as_ref()
+                .map(|old| old.ids.named_ids().map(|(rule, id)| (id, rule)).collect())
+                .unwrap_or_default();
+            let mut kept = std::collections::HashSet::new();
+            for (rule, id) in ids.named_ids() {
+                if was.get(&id) == Some(&rule) {
+                    kept.insert(id);
+                } else {
+                    let names = RuleNames {
+                        policy: Arc::clone(&name),
+                        rule: rule.into(),
                     };
-                    (id, names)
-                })
+                    started.push((id, names));
+                }
+            }
+            ended.extend(was.keys().filter(|id| !kept.contains(id)));
+            self.policies
+                .insert(ids.key.clone(), NamedPolicy { ids, name });
+        }
+        // Gone.
+        for old in before.into_values() {
+            ended.extend(old.ids.ids.iter().copied());
+        }
+        for &id in &ended {
+            if let Some(span) = self.spans.get_mut(&id).and_then(|s| s.last_mut())
+                && span.until.is_none()
+            {
+                span.until = Some(switch);
+            }
+        }
+        for (id, names) in started {
+            self.spans.entry(id).or_default().push(NameSpan {
+                from: switch,
+                until: None,
+                names,
+            });
+        }
+        if !ended.is_empty() {
+            self.ended.push_back((switch, ended));
+        }
+    }
+
+    /// Forgets the spans that ended at or before switch `oldest`, that of
+    /// the oldest generation kept.
+    fn forget_before(&mut self, oldest: u64) {
+        while self
+            .ended
+            .front()
+            .is_some_and(|(switch, _)| *switch <= oldest)
+        {
+            let (_, ids) = self.ended.pop_front().expect("checked above");
+            for id in ids {
+                if let Some(spans) = self.spans.get_mut(&id) {
+                    spans.retain(|span| span.until.is_none_or(|until| until > oldest));
+                    if spans.is_empty() {
+                        self.spans.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The names of rule `id` in the generation switch `switch` put in force.
+    fn get(&self, switch: u64, id: u32) -> Option<&RuleNames> {
+        self.spans
+            .get(&id)?
+            .iter()
+            .rev()
+            .find(|span| span.from <= switch && span.until.is_none_or(|until| switch < until))
+            .map(|span| &span.names)
+    }
+}
+
+/// Writes `rules.json` on a thread of its own: a change is answered
+/// without waiting for the file (tens of thousands of rules take
+/// milliseconds to write out), and a burst of changes is saved once, as
+/// the latest, when it settles: its write and sync then do not compete
+/// with the changes' own journal records for the disk.
+///
+/// A stop waits for it ([`Drop`]); a crash before it loses only the ids of
+/// rules new since the last save, whose slots are zeroed anyway before a
+/// restarted agent hands their ids out.
+struct RulesFileWriter {
+    queue: Option<std::sync::mpsc::Sender<RulesSnapshot>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What `rules.json` is made from, taken at a switch: each policy's ids
+/// are shared with the compiler.
+struct RulesSnapshot {
+    ids: RuleIdSnapshot,
+    policies: Vec<PolicyInForce>,
+}
+
+struct PolicyInForce {
+    ids: Arc<PolicyRuleIds>,
+    default_action: Action,
+    source: PolicySource,
+}
+
+impl RulesSnapshot {
+    fn saved(&self) -> SavedRules {
+        SavedRules {
+            ids: self.ids.table(),
+            rules: self
+                .policies
+                .iter()
+                .flat_map(PolicyInForce::rules)
                 .collect(),
+        }
+    }
+}
+
+impl PolicyInForce {
+    /// Its rules and default, with their ids.
+    fn rules(&self) -> impl Iterator<Item = SavedRule> + '_ {
+        let policy = self.ids.key.to_string();
+        let action = |a: Action| match a {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        };
+        let source = self.source.as_str();
+        let rules = self.ids.rules.iter().zip(&self.ids.ids);
+        let default = SavedRule {
+            policy: policy.clone(),
+            rule: None,
+            action: action(self.default_action).into(),
+            source: source.into(),
+            id: self.ids.default,
+        };
+        rules
+            .map(move |(rule, &id)| SavedRule {
+                policy: policy.clone(),
+                rule: Some(rule.name.clone()),
+                action: action(rule.action).into(),
+                source: source.into(),
+                id,
+            })
+            .chain(std::iter::once(default))
+    }
+}
+
+impl RulesFileWriter {
+    fn new(path: PathBuf) -> Self {
+        let (queue, snapshots) = std::sync::mpsc::channel::<RulesSnapshot>();
+        let thread = std::thread::Builder::new()
+            .name("rules-file".into())
+            .spawn(move || {
+                while let Ok(mut snapshot) = snapshots.recv() {
+                    // Only the latest matters, once changes settle (or
+                    // have gone on for long).
+                    let deadline = Instant::now() + RULES_FILE_MAX_DELAY;
+                    while let Some(wait) = deadline
+                        .checked_duration_since(Instant::now())
+                        .map(|left| left.min(RULES_FILE_SETTLE))
+                        && let Ok(later) = snapshots.recv_timeout(wait)
+                    {
+                        snapshot = later;
+                    }
+                    let started = Instant::now();
+                    let saved = snapshot.saved();
+                    let written = crate::state_file::write_atomic_with(&path, |file| {
+                        serde_json::to_writer(file, &saved).map_err(std::io::Error::from)
+                    });
+                    match written {
+                        Ok(()) => tracing::debug!(
+                            elapsed_us = started.elapsed().as_micros() as u64,
+                            "rule ids saved"
+                        ),
+                        Err(error) => tracing::warn!(path = %path.display(), %error, "rule ids not saved; after a restart, rules changed since the last save count their hits anew"),
+                    }
+                }
+            })
+            .expect("spawning the rules file writer");
+        Self {
+            queue: Some(queue),
+            thread: Some(thread),
+        }
+    }
+
+    fn save(&self, snapshot: RulesSnapshot) {
+        if let Some(queue) = &self.queue {
+            // The thread ends only when the queue is dropped.
+            let _ = queue.send(snapshot);
+        }
+    }
+}
+
+impl Drop for RulesFileWriter {
+    /// Waits until what was handed over is written.
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -303,6 +554,8 @@ impl Enforcer {
             fqdn_patterns: BTreeMap::new(),
             cluster_policies: BTreeSet::new(),
             names: VecDeque::new(),
+            rule_names: RuleNamesById::default(),
+            switches: 0,
             rules_file: None,
             cgroups: None,
             selections: std::sync::Mutex::default(),
@@ -332,47 +585,32 @@ impl Enforcer {
                 "saved rule ids unreadable; rules get new ids and their hit counts start over"
             ),
         }
-        self.rules_file = Some(path);
+        self.rules_file = Some(RulesFileWriter::new(path));
     }
 
     /// The rules (and defaults) in force, with their ids.
     pub fn rules_in_force(&self) -> Vec<SavedRule> {
+        self.policies_in_force()
+            .iter()
+            .flat_map(PolicyInForce::rules)
+            .collect()
+    }
+
+    /// Each policy in force with its rule ids.
+    fn policies_in_force(&self) -> Vec<PolicyInForce> {
         let Some(policies) = &self.policies else {
             return Vec::new();
         };
-        let mut rules = Vec::new();
-        for policy in policies {
-            let Some(ids) = self.compiler.policy_ids(&policy.key) else {
-                continue;
-            };
-            let source = if self.cluster_policies.contains(&policy.key) {
-                PolicySource::Cluster
-            } else {
-                PolicySource::Local
-            };
-            let name = policy.key.to_string();
-            let action = |a: Action| match a {
-                Action::Allow => "allow",
-                Action::Deny => "deny",
-            };
-            for (rule, id) in policy.rules.iter().zip(ids.by_position(policy)) {
-                rules.push(SavedRule {
-                    policy: name.clone(),
-                    rule: Some(rule.name.clone()),
-                    action: action(rule.action).into(),
-                    source: source.as_str().into(),
-                    id,
-                });
-            }
-            rules.push(SavedRule {
-                policy: name,
-                rule: None,
-                action: action(policy.default_action).into(),
-                source: source.as_str().into(),
-                id: ids.default,
-            });
-        }
-        rules
+        policies
+            .iter()
+            .filter_map(|policy| {
+                Some(PolicyInForce {
+                    ids: Arc::clone(self.compiler.policy_ids(&policy.key)?),
+                    default_action: policy.default_action,
+                    source: source_of(&self.cluster_policies, &policy.key),
+                })
+            })
+            .collect()
     }
 
     /// The rules in force (of `policy` only, if given) with their hits.
@@ -384,22 +622,6 @@ impl Enforcer {
         rule_stats(&self.rules_in_force(), policy, |ids| {
             datapath.rule_hits(ids)
         })
-    }
-
-    fn save_rule_ids(&self) {
-        let Some(path) = &self.rules_file else {
-            return;
-        };
-        let saved = SavedRules {
-            ids: self.compiler.rule_id_table(),
-            rules: self.rules_in_force(),
-        };
-        let written = crate::state_file::write_atomic_with(path, |file| {
-            serde_json::to_writer(file, &saved).map_err(std::io::Error::from)
-        });
-        if let Err(error) = written {
-            tracing::warn!(path = %path.display(), %error, "rule ids not saved; after a restart, rules changed since the last save count their hits anew");
-        }
     }
 
     /// Checks that `policies` would compile for the endpoints they select
@@ -455,18 +677,21 @@ impl Enforcer {
     }
 
     /// Saves the rule ids in force if a switch changed them since the last
-    /// save. Called once the change is answered: the file only keeps hit
-    /// counts in their slots across a restart.
+    /// save: hands them to the writer of `rules.json`, which writes them
+    /// while the agent goes on. The file only keeps hit counts in their
+    /// slots across a restart (and names them while no agent runs); a stop
+    /// waits until it is written.
     pub fn save_rule_ids_if_changed(&mut self) {
-        if !self.rule_ids_saved {
-            let started = Instant::now();
-            self.save_rule_ids();
-            self.rule_ids_saved = true;
-            tracing::debug!(
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "rule ids saved"
-            );
+        if self.rule_ids_saved {
+            return;
         }
+        if let Some(writer) = &self.rules_file {
+            writer.save(RulesSnapshot {
+                ids: self.compiler.rule_id_snapshot(),
+                policies: self.policies_in_force(),
+            });
+        }
+        self.rule_ids_saved = true;
     }
 
     /// Looks for endpoints anew; when they changed, puts the policies in
@@ -639,9 +864,8 @@ impl Enforcer {
         // A rule id new to force counts from zero (it may be one handed out
         // before, or counted by a switch that failed); one that leaves
         // force is zeroed once out of force.
-        let ids_before = self.compiler.rule_ids_in_use();
-        let ids_after = compiler.rule_ids_in_use();
-        datapath.zero_rule_hits(ids_after.difference(&ids_before).copied())?;
+        let moved = compiler.rule_id_changes(&self.compiler);
+        datapath.zero_rule_hits(moved.came.iter().copied())?;
         let generation = match datapath.switch_rules_with_mode(&compiled.rules, mode) {
             Ok(generation) => generation,
             Err(e) => {
@@ -649,24 +873,47 @@ impl Enforcer {
                 return Err(e.into());
             }
         };
-        if let Err(error) = datapath.zero_rule_hits(ids_before.difference(&ids_after).copied()) {
+        if let Err(error) = datapath.zero_rule_hits(moved.left.iter().copied()) {
             tracing::warn!(%error, "hit counters of removed rules not all zeroed; they are zeroed before their ids are used again");
         }
         self.compiler = compiler;
         self.fqdn_ids_adopted = true;
         self.fqdn_patterns = compiled.rules.fqdn_patterns.clone();
+        self.name_generation(generation, compiled.names, datapath.set_ids(), cluster);
+        Ok(generation)
+    }
+
+    /// Keeps the names of the generation just put in force (`set_ids`: the
+    /// kernel's id of each set, by set index), forgetting the oldest's
+    /// when the window is full.
+    fn name_generation(
+        &mut self,
+        generation: u32,
+        names: Names,
+        set_ids: &[u32],
+        cluster: &BTreeSet<PolicyKey>,
+    ) {
+        self.switches += 1;
+        let switch = self.switches;
         if self.names.len() == NAMED_GENERATIONS {
             self.names.pop_front();
         }
-        let names = GenerationNames::new(
+        self.rule_names.switched(switch, names.policies, cluster);
+        self.names.push_back(GenerationNames::new(
             generation,
-            compiled.names,
-            datapath.set_ids(),
+            switch,
+            &names.set_defaults,
+            set_ids,
             cluster,
-            self.names.back(),
-        );
-        self.names.push_back(names);
-        Ok(generation)
+        ));
+        let oldest = self.names.front().map_or(switch, |n| n.switch);
+        self.rule_names.forget_before(oldest);
+    }
+
+    /// Waits until the rule ids handed to the writer of `rules.json` are
+    /// written; nothing is saved after.
+    pub fn finish_saving(&mut self) {
+        drop(self.rules_file.take());
     }
 
     /// The generation whose names the next switch forgets, if the kept
@@ -717,7 +964,7 @@ impl Enforcer {
                 source: &default.sources,
             });
         }
-        let names = names.rules.get(&rule_id)?;
+        let names = self.rule_names.get(names.switch, rule_id)?;
         Some(Attribution {
             policy: &names.policy.name,
             rule: Some(&names.rule),
@@ -836,25 +1083,27 @@ fn set_pod_links(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tollgate_policy::compile::RuleRef;
+    use tollgate_policy::model::Rule;
 
     fn key(name: &str) -> PolicyKey {
         crate::control::store::parse_key(name)
     }
 
-    fn names(rules: &[(u32, &str, &str)], set_defaults: &[&[&str]]) -> Names {
-        Names {
+    /// A policy allowing anything, with rules of these names.
+    fn policy(name: &str, rules: &[&str]) -> Policy {
+        Policy {
+            key: key(name),
+            mode: PolicyMode::Inherit,
+            default_action: Action::Deny,
+            selector: Selector::default(),
             rules: rules
                 .iter()
-                .map(|&(id, policy, rule)| {
-                    let policy = key(policy);
-                    let rule = rule.into();
-                    (id, RuleRef { policy, rule })
+                .map(|rule| Rule {
+                    name: (*rule).into(),
+                    action: Action::Allow,
+                    to: vec![],
+                    ports: vec![],
                 })
-                .collect(),
-            set_defaults: set_defaults
-                .iter()
-                .map(|owners| owners.iter().map(|o| key(o)).collect())
                 .collect(),
         }
     }
@@ -863,9 +1112,53 @@ mod tests {
         keys.iter().map(|k| key(k)).collect()
     }
 
-    fn rule(names: &GenerationNames, id: u32) -> (&str, &str, PolicySource) {
-        let r = &names.rules[&id];
-        (&r.policy.name, &r.rule, r.policy.source)
+    /// An enforcer that only names generations, and the compiler that
+    /// numbers their rules.
+    struct Naming {
+        enforcer: Enforcer,
+        compiler: Compiler,
+        generation: u32,
+    }
+
+    impl Naming {
+        fn new() -> Self {
+            Self {
+                enforcer: Enforcer::new(
+                    Path::new("/nonexistent"),
+                    EndpointOptions::default(),
+                    PodDirectory::default(),
+                ),
+                compiler: Compiler::default(),
+                generation: 0,
+            }
+        }
+
+        /// Names the next generation, of `policies` each selecting an
+        /// endpoint of its own; returns the generation.
+        fn switch(&mut self, policies: &[Policy], cluster: &BTreeSet<PolicyKey>) -> u32 {
+            let endpoints = (0..policies.len()).map(|p| (p as u64, vec![p])).collect();
+            let compiled = self.compiler.compile(policies, &endpoints).unwrap();
+            self.generation += 1;
+            let set_ids: Vec<u32> = (1..=compiled.rules.sets.len() as u32).collect();
+            self.enforcer
+                .name_generation(self.generation, compiled.names, &set_ids, cluster);
+            self.generation
+        }
+
+        fn id(&self, policy: &str, rule: &str) -> u32 {
+            let ids = self.compiler.policy_ids(&key(policy)).unwrap();
+            ids.named_ids().find(|(name, _)| *name == rule).unwrap().1
+        }
+
+        /// (policy, rule, source) of a rule id in a generation.
+        fn rule(&self, generation: u32, id: u32) -> Option<(String, String, String)> {
+            let a = self.enforcer.attribute(generation, 0, id)?;
+            Some((a.policy.into(), a.rule?.into(), a.source.into()))
+        }
+    }
+
+    fn named(policy: &str, rule: &str, source: &str) -> Option<(String, String, String)> {
+        Some((policy.into(), rule.into(), source.into()))
     }
 
     #[test]
@@ -886,86 +1179,93 @@ mod tests {
     }
 
     #[test]
-    fn generations_share_the_names_that_did_not_change() {
+    fn each_generation_names_its_rules_and_unchanged_ones_are_shared() {
+        let mut naming = Naming::new();
         let none = BTreeSet::new();
-        let first = GenerationNames::new(
-            1,
-            names(&[(1, "a", "web"), (2, "b", "db")], &[]),
-            &[],
-            &none,
-            None,
-        );
-        let second = GenerationNames::new(
-            2,
-            names(&[(1, "a", "web"), (2, "b", "cache"), (3, "c", "dns")], &[]),
-            &[],
-            &none,
-            Some(&first),
-        );
-        let shared = |id: u32| {
-            let (r1, r2) = (&first.rules[&id], &second.rules[&id]);
-            Arc::ptr_eq(&r1.policy, &r2.policy) && Arc::ptr_eq(&r1.rule, &r2.rule)
-        };
-        assert!(shared(1), "unchanged rule");
-        assert!(!shared(2), "renamed rule");
+        let a = policy("a", &["web"]);
+        let first = naming.switch(&[a.clone(), policy("b", &["db"])], &none);
+        let (web, db) = (naming.id("a", "web"), naming.id("b", "db"));
+        // `a` as it was (its rules the same allocation), `b` renamed its
+        // rule, `c` is new.
+        let second = naming.switch(&[a, policy("b", &["cache"]), policy("c", &["dns"])], &none);
+        let (cache, dns) = (naming.id("b", "cache"), naming.id("c", "dns"));
+        assert_eq!(naming.rule(second, web), named("a", "web", "local"));
         assert_eq!(
-            rule(&second, 2),
-            ("b", "cache", PolicySource::Local),
-            "renamed rule"
+            naming.enforcer.rule_names.spans[&web].len(),
+            1,
+            "one span serves both generations of the unchanged rule"
         );
-        assert_eq!(rule(&second, 3), ("c", "dns", PolicySource::Local));
+        assert_eq!(naming.rule(second, cache), named("b", "cache", "local"));
+        assert_eq!(naming.rule(second, dns), named("c", "dns", "local"));
+        assert_eq!(naming.rule(second, db), None, "out of force");
+        // Records of the generation before still get its names.
+        assert_eq!(naming.rule(first, db), named("b", "db", "local"));
+        assert_eq!(naming.rule(first, cache), None, "not in force yet");
+    }
+
+    #[test]
+    fn names_of_a_generation_go_with_it() {
+        let mut naming = Naming::new();
+        let none = BTreeSet::new();
+        let first = naming.switch(&[policy("p", &["old"])], &none);
+        let old = naming.id("p", "old");
+        let mut generations = vec![first];
+        for _ in 0..NAMED_GENERATIONS {
+            generations.push(naming.switch(&[policy("p", &["new"])], &none));
+        }
+        assert_eq!(naming.enforcer.attribute(first, 0, old), None);
+        assert!(
+            !naming.enforcer.rule_names.spans.contains_key(&old),
+            "no kept generation needs it"
+        );
+        let new = naming.id("p", "new");
+        for &generation in &generations[1..] {
+            assert_eq!(naming.rule(generation, new), named("p", "new", "local"));
+        }
     }
 
     #[test]
     fn rules_carry_the_source_of_their_policy() {
-        let first = GenerationNames::new(
-            1,
-            names(&[(1, "prod/web", "https"), (2, "baseline", "dns")], &[]),
-            &[],
-            &cluster(&["prod/web"]),
-            None,
-        );
+        let mut naming = Naming::new();
+        let policies = [policy("prod/web", &["https"]), policy("baseline", &["dns"])];
+        let first = naming.switch(&policies, &cluster(&["prod/web"]));
+        let (https, dns) = (naming.id("prod/web", "https"), naming.id("baseline", "dns"));
         assert_eq!(
-            rule(&first, 1),
-            ("prod/web", "https", PolicySource::Cluster)
+            naming.rule(first, https),
+            named("prod/web", "https", "cluster")
         );
-        assert_eq!(rule(&first, 2), ("baseline", "dns", PolicySource::Local));
+        assert_eq!(naming.rule(first, dns), named("baseline", "dns", "local"));
         // The local `baseline` gone, a cluster resource of that name in its
-        // place: same names, new source, nothing shared.
-        let second = GenerationNames::new(
-            2,
-            names(&[(1, "prod/web", "https"), (2, "baseline", "dns")], &[]),
-            &[],
-            &cluster(&["prod/web", "baseline"]),
-            Some(&first),
+        // place, with the same rules: same names, new source.
+        let second = naming.switch(&policies, &cluster(&["prod/web", "baseline"]));
+        assert_eq!(
+            naming.rule(second, dns),
+            named("baseline", "dns", "cluster")
         );
-        assert!(Arc::ptr_eq(
-            &first.rules[&1].policy,
-            &second.rules[&1].policy
-        ));
-        assert!(!Arc::ptr_eq(
-            &first.rules[&2].policy,
-            &second.rules[&2].policy
-        ));
-        assert_eq!(rule(&second, 2), ("baseline", "dns", PolicySource::Cluster));
+        assert_eq!(naming.rule(first, dns), named("baseline", "dns", "local"));
+        assert_eq!(
+            naming.rule(second, https),
+            named("prod/web", "https", "cluster")
+        );
+        let spans = &naming.enforcer.rule_names.spans[&dns];
+        assert_eq!(spans.len(), 2);
+        assert_eq!(spans[0].until, Some(spans[1].from), "the local one's ended");
     }
 
     #[test]
     fn defaults_name_their_owners_and_sources() {
+        let owners = |keys: &[&str]| keys.iter().map(|k| key(k)).collect::<Vec<_>>();
         let generation = GenerationNames::new(
             1,
-            names(
-                &[],
-                &[
-                    &["prod/web"],
-                    &["baseline"],
-                    &["prod/web", "prod/db"],
-                    &["baseline", "prod/web", "node"],
-                ],
-            ),
+            1,
+            &[
+                owners(&["prod/web"]),
+                owners(&["baseline"]),
+                owners(&["prod/web", "prod/db"]),
+                owners(&["baseline", "prod/web", "node"]),
+            ],
             &[10, 11, 12, 13],
             &cluster(&["prod/web", "prod/db"]),
-            None,
         );
         let default = |set: u32| {
             let d = &generation.defaults[&set];
@@ -1036,24 +1336,16 @@ mod tests {
 
     #[test]
     fn attribution_gives_policy_rule_and_source_in_one_lookup() {
-        let mut enforcer = Enforcer::new(
-            Path::new("/nonexistent"),
-            EndpointOptions::default(),
-            PodDirectory::default(),
-        );
-        enforcer.names.push_back(GenerationNames::new(
-            7,
-            names(
-                &[(1, "prod/web", "https"), (2, "baseline", "dns")],
-                &[&["baseline"]],
-            ),
-            &[3],
+        let mut naming = Naming::new();
+        let generation = naming.switch(
+            &[policy("baseline", &["dns"]), policy("prod/web", &["https"])],
             &cluster(&["prod/web"]),
-            None,
-        ));
-        let attribution = |set, rule| enforcer.attribute(7, set, rule);
+        );
+        let (https, dns) = (naming.id("prod/web", "https"), naming.id("baseline", "dns"));
+        let enforcer = &naming.enforcer;
+        let attribution = |set, rule| enforcer.attribute(generation, set, rule);
         assert_eq!(
-            attribution(3, 1),
+            attribution(1, https),
             Some(Attribution {
                 policy: "prod/web",
                 rule: Some("https"),
@@ -1061,21 +1353,26 @@ mod tests {
             })
         );
         assert_eq!(
-            attribution(3, 2),
+            attribution(1, dns),
             Some(Attribution {
                 policy: "baseline",
                 rule: Some("dns"),
                 source: "local",
             })
         );
+        // Set 1 is the endpoint of `baseline`, the first policy.
         assert_eq!(
-            attribution(3, tollgate_common::RULE_ID_DEFAULT),
+            attribution(1, tollgate_common::RULE_ID_DEFAULT),
             Some(Attribution {
                 policy: "baseline",
                 rule: None,
                 source: "local",
             })
         );
-        assert_eq!(enforcer.attribute(8, 3, 1), None, "an unknown generation");
+        assert_eq!(
+            enforcer.attribute(generation + 1, 1, https),
+            None,
+            "an unknown generation"
+        );
     }
 }

@@ -14,7 +14,8 @@
 //! whose excepts contains B. Addresses under no boundary get the default.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -24,19 +25,69 @@ use tollgate_common::MAX_PORT_RULES;
 use super::model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, PortSpec, Rule};
 use crate::compiled::{PortRuleSpec, RuleSet, SetRules};
 
-/// What a rule id stands for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RuleRef {
-    pub policy: PolicyKey,
-    pub rule: String,
+/// One policy's rules with the ids a compilation gave them. Later
+/// compilations share it (and so do the names of their generations) for as
+/// long as the policy's rules are the same allocation: an unchanged policy
+/// costs no work per rule.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PolicyRuleIds {
+    pub key: PolicyKey,
+    pub rules: Arc<[Rule]>,
+    /// The id of each rule, by position.
+    pub ids: Vec<u32>,
+    /// The id its default decisions are counted under.
+    pub default: u32,
+    /// The FQDN patterns its rules name, each once.
+    fqdn_patterns: Vec<FqdnPattern>,
 }
 
-/// How flow records name what decided: rule ids, and for each set the
-/// policies that own its default decision.
+impl PolicyRuleIds {
+    /// Each rule's name with its id, in rule order.
+    pub fn named_ids(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.rules
+            .iter()
+            .map(|rule| rule.name.as_str())
+            .zip(self.ids.iter().copied())
+    }
+
+    /// Every id it uses: its rules' and its default's.
+    fn all_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        std::iter::once(self.default).chain(self.ids.iter().copied())
+    }
+
+    /// Its ids in the form they are saved in: by rule key.
+    fn by_key(&self) -> PolicyIds {
+        PolicyIds {
+            default: self.default,
+            rules: rule_keys(&self.rules)
+                .map(Cow::into_owned)
+                .zip(self.ids.iter().copied())
+                .collect(),
+        }
+    }
+}
+
+/// How flow records name what decided: each policy's rules with their
+/// ids, and for each set the policies that own its default decision.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Names {
-    pub rules: HashMap<u32, RuleRef>,
+    /// In the order of the policies compiled; a policy whose rules did not
+    /// change since the compilation before has the very same `Arc`.
+    pub policies: Vec<Arc<PolicyRuleIds>>,
     pub set_defaults: Vec<Vec<PolicyKey>>,
+}
+
+impl Names {
+    /// The policy and name of the rule with id `id`. A walk of every rule:
+    /// for tests and tools, not for each record.
+    pub fn rule(&self, id: u32) -> Option<(&PolicyKey, &str)> {
+        self.policies.iter().find_map(|policy| {
+            policy
+                .named_ids()
+                .find(|&(_, rule_id)| rule_id == id)
+                .map(|(name, _)| (&policy.key, name))
+        })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -84,12 +135,14 @@ pub fn compile(
 
 /// Compiles again and again, doing only the work a change needs: rule ids
 /// stay the same for a (policy, rule name) as long as the policy has the
-/// rule (the kernel counts each rule's hits by its id), and the set of every combination of policies whose contents did not
-/// change is reused as it was.
+/// rule (the kernel counts each rule's hits by its id); a policy whose rules
+/// are the same allocation as at the compilation before keeps its ids
+/// without a look at its rules; and the set of every combination of
+/// policies whose contents did not change is reused as it was.
 #[derive(Clone, Debug, Default)]
 pub struct Compiler {
-    /// Rule ids of each policy, by rule name, and of its default.
-    rule_ids: HashMap<PolicyKey, PolicyIds>,
+    /// Rule ids of each policy of the last compilation (or adopted).
+    policies: HashMap<PolicyKey, PolicyEntry>,
     next_rule_id: u32,
     /// FQDN pattern ids: kept while a policy uses the pattern, because the
     /// kernel's learned addresses refer to them.
@@ -104,7 +157,57 @@ pub struct Compiler {
     last_stats: CompileStats,
 }
 
-/// The rule ids of one policy: each rule's, by its name, and its
+/// What the compiler knows of a policy's rule ids.
+#[derive(Clone, Debug)]
+enum PolicyEntry {
+    /// Saved by an earlier agent; not compiled by this one yet.
+    Adopted(PolicyIds),
+    Compiled(Arc<PolicyRuleIds>),
+}
+
+impl PolicyEntry {
+    fn all_ids(&self) -> Box<dyn Iterator<Item = u32> + '_> {
+        match self {
+            Self::Adopted(ids) => {
+                Box::new(std::iter::once(ids.default).chain(ids.rules.values().copied()))
+            }
+            Self::Compiled(ids) => Box::new(ids.all_ids()),
+        }
+    }
+
+    fn default_id(&self) -> u32 {
+        match self {
+            Self::Adopted(ids) => ids.default,
+            Self::Compiled(ids) => ids.default,
+        }
+    }
+
+    /// Rule ids by rule key.
+    fn by_key(&self) -> HashMap<Cow<'_, str>, u32> {
+        match self {
+            Self::Adopted(ids) => ids
+                .rules
+                .iter()
+                .map(|(key, &id)| (Cow::Borrowed(key.as_str()), id))
+                .collect(),
+            Self::Compiled(ids) => rule_keys(&ids.rules).zip(ids.ids.iter().copied()).collect(),
+        }
+    }
+
+    /// The compiled ids, if they are for exactly `rules`.
+    fn for_rules(&self, rules: &Arc<[Rule]>) -> Option<&Arc<PolicyRuleIds>> {
+        match self {
+            Self::Compiled(ids) if Arc::ptr_eq(&ids.rules, rules) => Some(ids),
+            _ => None,
+        }
+    }
+
+    fn is_same(&self, other: &Self) -> bool {
+        matches!((self, other), (Self::Compiled(a), Self::Compiled(b)) if Arc::ptr_eq(a, b))
+    }
+}
+
+/// The rule ids of one policy as saved: each rule's, by its name, and its
 /// default's (the slot its default decisions are counted in).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PolicyIds {
@@ -114,27 +217,17 @@ pub struct PolicyIds {
     pub rules: BTreeMap<String, u32>,
 }
 
-impl PolicyIds {
-    /// The id of each rule of `policy`, by position (0 for a rule it has
-    /// no id for).
-    pub fn by_position(&self, policy: &Policy) -> Vec<u32> {
-        rule_keys(policy)
-            .map(|key| self.rules.get(&key).copied().unwrap_or(0))
-            .collect()
-    }
-}
-
 /// The keys rules are given ids by: the name, made unique within the
 /// policy (validation makes names unique; policies built in code may not).
-fn rule_keys(policy: &Policy) -> impl Iterator<Item = String> + '_ {
+fn rule_keys(rules: &[Rule]) -> impl Iterator<Item = Cow<'_, str>> {
     let mut seen: HashMap<&str, usize> = HashMap::new();
-    policy.rules.iter().map(move |rule| {
+    rules.iter().map(move |rule| {
         let n = seen.entry(rule.name.as_str()).or_insert(0);
         *n += 1;
         if *n == 1 {
-            rule.name.clone()
+            Cow::Borrowed(rule.name.as_str())
         } else {
-            format!("{}#{}", rule.name, n)
+            Cow::Owned(format!("{}#{}", rule.name, n))
         }
     })
 }
@@ -153,6 +246,47 @@ pub struct PolicyKeyOwned {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     pub name: String,
+}
+
+/// A compiler's rule ids as they were at one moment.
+#[derive(Clone, Debug)]
+pub struct RuleIdSnapshot {
+    next: u32,
+    policies: Vec<(PolicyKey, PolicyEntry)>,
+}
+
+impl RuleIdSnapshot {
+    /// The rule ids to save.
+    pub fn table(&self) -> RuleIdTable {
+        let mut policies: Vec<_> = self
+            .policies
+            .iter()
+            .map(|(key, entry)| {
+                let ids = match entry {
+                    PolicyEntry::Adopted(ids) => ids.clone(),
+                    PolicyEntry::Compiled(ids) => ids.by_key(),
+                };
+                let key = PolicyKeyOwned {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                };
+                (key, ids)
+            })
+            .collect();
+        policies.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+        RuleIdTable {
+            next: self.next,
+            policies,
+        }
+    }
+}
+
+/// The rule and default ids one compilation put in force that the one
+/// before did not (`came`), and those it took out (`left`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuleIdChanges {
+    pub came: BTreeSet<u32>,
+    pub left: BTreeSet<u32>,
 }
 
 /// The member policies of a set, as the cache of compiled sets knows them:
@@ -196,14 +330,10 @@ struct CompiledSet {
     defaults: Vec<PolicyKey>,
 }
 
-/// Rule ids for one compilation: by policy index, then rule position; and
-/// the table (without policies that are gone) and counter to keep after it.
-#[derive(Default)]
+/// Rule ids for one compilation: each policy's, by index; and the counter
+/// and FQDN pattern ids to keep after it.
 struct RuleIds {
-    by_position: Vec<Vec<u32>>,
-    /// Default id by policy index.
-    defaults: Vec<u32>,
-    table: HashMap<PolicyKey, PolicyIds>,
+    policies: Vec<Arc<PolicyRuleIds>>,
     next: u32,
     /// Every pattern the policies use.
     fqdn: BTreeMap<FqdnPattern, u32>,
@@ -215,6 +345,9 @@ struct RuleIds {
 pub struct CompileStats {
     pub sets_compiled: usize,
     pub sets_reused: usize,
+    /// Policies whose rules were numbered (new or changed rules); the
+    /// others kept their ids as they were.
+    pub policies_numbered: usize,
 }
 
 impl Compiler {
@@ -223,37 +356,49 @@ impl Compiler {
     }
 
     /// The rule ids of a policy of the last compilation.
-    pub fn policy_ids(&self, key: &PolicyKey) -> Option<&PolicyIds> {
-        self.rule_ids.get(key)
+    pub fn policy_ids(&self, key: &PolicyKey) -> Option<&Arc<PolicyRuleIds>> {
+        match self.policies.get(key)? {
+            PolicyEntry::Compiled(ids) => Some(ids),
+            PolicyEntry::Adopted(_) => None,
+        }
     }
 
-    /// Every rule and default id of the last compilation.
-    pub fn rule_ids_in_use(&self) -> std::collections::BTreeSet<u32> {
-        self.rule_ids
-            .values()
-            .flat_map(|ids| std::iter::once(ids.default).chain(ids.rules.values().copied()))
-            .collect()
+    /// The ids this compiler's last compilation put in force and took out,
+    /// against `before`'s: only policies whose ids are not shared with
+    /// `before` are looked at (ids are unique across policies, and an
+    /// unchanged policy keeps exactly its own).
+    pub fn rule_id_changes(&self, before: &Compiler) -> RuleIdChanges {
+        let mut now = BTreeSet::new();
+        let mut then = BTreeSet::new();
+        for (key, entry) in &self.policies {
+            match before.policies.get(key) {
+                Some(old) if old.is_same(entry) => continue,
+                Some(old) => then.extend(old.all_ids()),
+                None => {}
+            }
+            now.extend(entry.all_ids());
+        }
+        for (key, old) in &before.policies {
+            if !self.policies.contains_key(key) {
+                then.extend(old.all_ids());
+            }
+        }
+        RuleIdChanges {
+            came: now.difference(&then).copied().collect(),
+            left: then.difference(&now).copied().collect(),
+        }
     }
 
-    /// The rule ids to save.
-    pub fn rule_id_table(&self) -> RuleIdTable {
-        let mut policies: Vec<_> = self
-            .rule_ids
-            .iter()
-            .map(|(key, ids)| {
-                (
-                    PolicyKeyOwned {
-                        namespace: key.namespace.clone(),
-                        name: key.name.clone(),
-                    },
-                    ids.clone(),
-                )
-            })
-            .collect();
-        policies.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
-        RuleIdTable {
+    /// The rule ids to save, cheap to take (each policy's ids are shared):
+    /// [`RuleIdSnapshot::table`] makes the table, wherever it is written.
+    pub fn rule_id_snapshot(&self) -> RuleIdSnapshot {
+        RuleIdSnapshot {
             next: self.next_rule_id,
-            policies,
+            policies: self
+                .policies
+                .iter()
+                .map(|(key, entry)| (key.clone(), entry.clone()))
+                .collect(),
         }
     }
 
@@ -267,17 +412,15 @@ impl Compiler {
             .max()
             .unwrap_or(0);
         self.next_rule_id = table.next.max(highest);
-        self.rule_ids = table
+        self.policies = table
             .policies
             .into_iter()
             .map(|(key, ids)| {
-                (
-                    PolicyKey {
-                        namespace: key.namespace,
-                        name: key.name,
-                    },
-                    ids,
-                )
+                let key = PolicyKey {
+                    namespace: key.namespace,
+                    name: key.name,
+                };
+                (key, PolicyEntry::Adopted(ids))
             })
             .collect();
     }
@@ -311,22 +454,16 @@ impl Compiler {
     ) -> Result<Compiled, CompileError> {
         // Nothing of `self` changes unless the whole compilation succeeds:
         // a cached set must never outlive the rule ids built into it.
-        let assigned = self.assign_rule_ids(policies)?;
-        let rule_ids = &assigned.by_position;
-        let mut names = Names::default();
-        for (p, policy) in policies.iter().enumerate() {
-            for (r, rule) in policy.rules.iter().enumerate() {
-                names.rules.insert(
-                    rule_ids[p][r],
-                    RuleRef {
-                        policy: policy.key.clone(),
-                        rule: rule.name.clone(),
-                    },
-                );
-            }
-        }
+        let (assigned, policies_numbered) = self.assign_rule_ids(policies)?;
+        let mut names = Names {
+            policies: assigned.policies.clone(),
+            set_defaults: Vec::new(),
+        };
 
-        let mut stats = CompileStats::default();
+        let mut stats = CompileStats {
+            policies_numbered,
+            ..CompileStats::default()
+        };
         let mut used: HashMap<SetKey, CompiledSet> = HashMap::new();
         let mut rules = RuleSet::default();
         let mut set_of: HashMap<Vec<usize>, u32> = HashMap::new();
@@ -354,10 +491,11 @@ impl Compiler {
                 }
                 None => {
                     stats.sets_compiled += 1;
-                    let members_ref: Vec<(usize, &Policy)> =
-                        members.iter().map(|&i| (i, &policies[i])).collect();
-                    let (rules, defaults) =
-                        compile_set(&members_ref, rule_ids, &assigned.defaults, &assigned.fqdn)?;
+                    let members_ref: Vec<(&Policy, &PolicyRuleIds)> = members
+                        .iter()
+                        .map(|&i| (&policies[i], &*assigned.policies[i]))
+                        .collect();
+                    let (rules, defaults) = compile_set(&members_ref, &assigned.fqdn)?;
                     CompiledSet {
                         rules: Arc::new(rules),
                         defaults,
@@ -378,7 +516,11 @@ impl Compiler {
             .collect();
         // Only what this compilation used is kept for the next.
         self.sets = used;
-        self.rule_ids = assigned.table;
+        self.policies = assigned
+            .policies
+            .into_iter()
+            .map(|ids| (ids.key.clone(), PolicyEntry::Compiled(ids)))
+            .collect();
         self.next_rule_id = assigned.next;
         self.fqdn_ids = assigned.fqdn;
         self.last_fqdn_id = assigned.last_fqdn;
@@ -386,85 +528,109 @@ impl Compiler {
         Ok(Compiled { rules, names })
     }
 
-    /// Ids by (index into `policies`, rule position) and of each policy's
-    /// default: existing ones kept (by policy and rule name), new ones
-    /// after the highest so far, rules before defaults, in policy key
-    /// order. Ids stay below the kernel's hit counter slots
-    /// (`capacity::RULE_HITS`) while they can: past them, the lowest id
-    /// neither in use nor in use before is handed out (the agent zeroes a
-    /// slot when its id leaves force, and before it is handed out again).
-    /// Nothing changes in `self`; the caller keeps the new table only if
-    /// the compilation succeeds.
-    fn assign_rule_ids(&self, policies: &[Policy]) -> Result<RuleIds, CompileError> {
+    /// Each policy's rule ids, and how many policies were numbered anew. A
+    /// policy whose rules are the allocation its ids were worked out for
+    /// keeps them as they are. Otherwise existing ids are kept (by policy
+    /// and rule key), and new ones go after the highest so far, rules
+    /// before defaults, in policy key order. Ids stay below the kernel's
+    /// hit counter slots (`capacity::RULE_HITS`) while they can: past
+    /// them, the lowest id neither in use nor in use before is handed out
+    /// (the agent zeroes a slot when its id leaves force, and before it is
+    /// handed out again). Nothing changes in `self`; the caller keeps the
+    /// new ids only if the compilation succeeds.
+    fn assign_rule_ids(&self, policies: &[Policy]) -> Result<(RuleIds, usize), CompileError> {
         let mut by_key: Vec<usize> = (0..policies.len()).collect();
         by_key.sort_by(|&a, &b| policies[a].key.cmp(&policies[b].key));
-        let mut ids = RuleIds {
-            by_position: vec![Vec::new(); policies.len()],
-            defaults: vec![0; policies.len()],
-            next: self.next_rule_id,
-            ..RuleIds::default()
-        };
-        // Kept ids first: a new id must not take one a later policy keeps.
-        let mut taken: std::collections::BTreeSet<u32> = self
-            .rule_ids
-            .values()
-            .flat_map(|ids| std::iter::once(ids.default).chain(ids.rules.values().copied()))
-            .collect();
+        let mut next = self.next_rule_id;
         let mut new_ids = IdAllocator {
-            next: &mut ids.next,
-            taken: &mut taken,
+            next: &mut next,
+            taken: None,
+            handed_out: Vec::new(),
+            before: &self.policies,
         };
-        let mut tables: Vec<PolicyIds> = vec![PolicyIds::default(); policies.len()];
+        let mut kept: Vec<Option<Arc<PolicyRuleIds>>> = vec![None; policies.len()];
+        // Rule ids by position of the policies numbered anew.
+        let mut numbered: Vec<Option<Vec<u32>>> = vec![None; policies.len()];
         for &p in &by_key {
-            let known = self.rule_ids.get(&policies[p].key);
-            let mut positions = Vec::with_capacity(policies[p].rules.len());
-            for key in rule_keys(&policies[p]) {
-                let id = match known.and_then(|k| k.rules.get(&key)) {
+            let policy = &policies[p];
+            let known = self.policies.get(&policy.key);
+            if let Some(ids) = known.and_then(|k| k.for_rules(&policy.rules)) {
+                kept[p] = Some(Arc::clone(ids));
+                continue;
+            }
+            let known = known.map(PolicyEntry::by_key).unwrap_or_default();
+            let mut positions = Vec::with_capacity(policy.rules.len());
+            for key in rule_keys(&policy.rules) {
+                positions.push(match known.get(&key) {
                     Some(&id) => id,
                     None => new_ids.next()?,
-                };
-                tables[p].rules.insert(key, id);
-                positions.push(id);
+                });
             }
-            ids.by_position[p] = positions;
+            numbered[p] = Some(positions);
         }
+        let mut policies_numbered = 0;
         for &p in &by_key {
-            let id = match self.rule_ids.get(&policies[p].key) {
-                Some(known) if known.default != 0 => known.default,
+            let Some(positions) = numbered[p].take() else {
+                continue;
+            };
+            policies_numbered += 1;
+            let policy = &policies[p];
+            let default = match self.policies.get(&policy.key).map(PolicyEntry::default_id) {
+                Some(known) if known != 0 => known,
                 _ => new_ids.next()?,
             };
-            tables[p].default = id;
-            ids.defaults[p] = id;
+            let fqdn_patterns: BTreeSet<&FqdnPattern> = policy
+                .rules
+                .iter()
+                .flat_map(|r| &r.to)
+                .filter_map(|peer| match peer {
+                    Peer::Fqdn(pattern) => Some(pattern),
+                    Peer::Cidr { .. } => None,
+                })
+                .collect();
+            kept[p] = Some(Arc::new(PolicyRuleIds {
+                key: policy.key.clone(),
+                rules: Arc::clone(&policy.rules),
+                ids: positions,
+                default,
+                fqdn_patterns: fqdn_patterns.into_iter().cloned().collect(),
+            }));
         }
-        for (p, table) in tables.into_iter().enumerate() {
-            ids.table.insert(policies[p].key.clone(), table);
-        }
-        let patterns: std::collections::BTreeSet<&FqdnPattern> = policies
-            .iter()
-            .flat_map(|p| p.rules.iter())
-            .flat_map(|r| &r.to)
-            .filter_map(|peer| match peer {
-                Peer::Fqdn(pattern) => Some(pattern),
-                Peer::Cidr { .. } => None,
-            })
+        let policy_ids: Vec<Arc<PolicyRuleIds>> = kept
+            .into_iter()
+            .map(|ids| ids.expect("every policy kept or numbered"))
             .collect();
-        ids.last_fqdn = self.last_fqdn_id;
+        let patterns: BTreeSet<&FqdnPattern> =
+            policy_ids.iter().flat_map(|p| &p.fqdn_patterns).collect();
+        let mut last_fqdn = self.last_fqdn_id;
+        let mut fqdn = BTreeMap::new();
         for pattern in patterns {
             let id = match self.fqdn_ids.get(pattern) {
                 Some(&id) => id,
-                None => next_id(&mut ids.last_fqdn, "FQDN pattern")?,
+                None => next_id(&mut last_fqdn, "FQDN pattern")?,
             };
-            ids.fqdn.insert(pattern.clone(), id);
+            fqdn.insert(pattern.clone(), id);
         }
-        Ok(ids)
+        let ids = RuleIds {
+            policies: policy_ids,
+            next,
+            fqdn,
+            last_fqdn,
+        };
+        Ok((ids, policies_numbered))
     }
 }
 
 /// Hands out rule ids: the next one while it has a hit counter slot, then
-/// the lowest one not `taken`.
+/// the lowest one neither in use before this compilation nor handed out
+/// in it.
 struct IdAllocator<'a> {
     next: &'a mut u32,
-    taken: &'a mut std::collections::BTreeSet<u32>,
+    /// Worked out only once ids run past the counter slots.
+    taken: Option<BTreeSet<u32>>,
+    handed_out: Vec<u32>,
+    /// The ids of the compilation before, by policy.
+    before: &'a HashMap<PolicyKey, PolicyEntry>,
 }
 
 impl IdAllocator<'_> {
@@ -472,18 +638,29 @@ impl IdAllocator<'_> {
         let id = if *self.next + 1 < tollgate_common::capacity::RULE_HITS {
             next_id(self.next, "rule")?
         } else {
-            match (1..tollgate_common::capacity::RULE_HITS).find(|id| !self.taken.contains(id)) {
+            let (before, handed_out) = (self.before, &self.handed_out);
+            let taken = self.taken.get_or_insert_with(|| {
+                before
+                    .values()
+                    .flat_map(PolicyEntry::all_ids)
+                    .chain(handed_out.iter().copied())
+                    .collect()
+            });
+            match (1..tollgate_common::capacity::RULE_HITS).find(|id| !taken.contains(id)) {
                 Some(id) => id,
                 None => loop {
                     // More ids in use than slots: counted as uncounted.
                     let id = next_id(self.next, "rule")?;
-                    if !self.taken.contains(&id) {
+                    if !taken.contains(&id) {
                         break id;
                     }
                 },
             }
         };
-        self.taken.insert(id);
+        if let Some(taken) = &mut self.taken {
+            taken.insert(id);
+        }
+        self.handed_out.push(id);
         Ok(id)
     }
 }
@@ -518,18 +695,16 @@ struct OrderedRule<'a> {
 
 /// `members` are in policy key order.
 fn compile_set(
-    members: &[(usize, &Policy)],
-    rule_ids: &[Vec<u32>],
-    default_ids: &[u32],
+    members: &[(&Policy, &PolicyRuleIds)],
     fqdn_ids: &BTreeMap<FqdnPattern, u32>,
 ) -> Result<(SetRules, Vec<PolicyKey>), CompileError> {
-    let in_order = members.iter().flat_map(|&(p, policy)| {
+    let in_order = members.iter().flat_map(|&(policy, ids)| {
         policy
             .rules
             .iter()
-            .enumerate()
-            .map(move |(r, rule)| OrderedRule {
-                id: rule_ids[p][r],
+            .zip(&ids.ids)
+            .map(move |(rule, &id)| OrderedRule {
+                id,
                 rule,
                 mode: policy.mode,
                 order: 0,
@@ -546,7 +721,7 @@ fn compile_set(
     let policy_names = || {
         members
             .iter()
-            .map(|(_, p)| p.key.to_string())
+            .map(|(p, _)| p.key.to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -583,13 +758,13 @@ fn compile_set(
 
     let deny_defaults: Vec<&Policy> = members
         .iter()
-        .map(|(_, p)| *p)
+        .map(|(p, _)| *p)
         .filter(|p| p.default_action == Action::Deny)
         .collect();
     // A default several policies own counts its hits under one of them:
     // the first (in key order) of those whose mode decides.
     set.default_hits_id = if deny_defaults.is_empty() {
-        members.first().map_or(0, |&(p, _)| default_ids[p])
+        members.first().map_or(0, |(_, ids)| ids.default)
     } else {
         let strongest = deny_defaults
             .iter()
@@ -598,11 +773,11 @@ fn compile_set(
             .expect("not empty");
         members
             .iter()
-            .find(|(_, p)| p.default_action == Action::Deny && mode_rank(p.mode) == strongest)
-            .map_or(0, |&(p, _)| default_ids[p])
+            .find(|(p, _)| p.default_action == Action::Deny && mode_rank(p.mode) == strongest)
+            .map_or(0, |(_, ids)| ids.default)
     };
     let defaults = if deny_defaults.is_empty() {
-        members.iter().map(|(_, p)| p.key.clone()).collect()
+        members.iter().map(|(p, _)| p.key.clone()).collect()
     } else {
         set.default_action = Action::Deny;
         // Enforced when any of them enforces (under the global mode, for
@@ -663,6 +838,16 @@ fn prefix_lists(ordered: &[OrderedRule]) -> Result<Vec<PrefixList>, (IpNet, usiz
     let mut boundaries: Vec<IpNet> = marks.keys().copied().collect();
     // Shorter first, so a boundary's ancestors are done before it.
     boundaries.sort_by_key(|b| (b.prefix_len(), *b));
+    // An ancestor is a boundary, so only the lengths boundaries of the
+    // family have need a look (a few, where every length up to 64 or 128
+    // would be looked up otherwise).
+    let mut lengths: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    for boundary in &boundaries {
+        let family = &mut lengths[usize::from(matches!(boundary, IpNet::V6(_)))];
+        if family.last() != Some(&boundary.prefix_len()) {
+            family.push(boundary.prefix_len()); // sorted: boundaries are
+        }
+    }
 
     let mut lists: HashMap<IpNet, Vec<PortRuleSpec>> = HashMap::new();
     let mut needed = Vec::new();
@@ -670,7 +855,11 @@ fn prefix_lists(ordered: &[OrderedRule]) -> Result<Vec<PrefixList>, (IpNet, usiz
         let mut covering: HashSet<(usize, usize)> = HashSet::new();
         let mut excepted: HashSet<(usize, usize)> = HashSet::new();
         let mut nearest_ancestor: Option<IpNet> = None;
-        for len in 0..=boundary.prefix_len() {
+        let family = &lengths[usize::from(matches!(boundary, IpNet::V6(_)))];
+        for &len in family
+            .iter()
+            .take_while(|&&len| len <= boundary.prefix_len())
+        {
             let ancestor = IpNet::new(boundary.addr(), len)
                 .expect("len within the family")
                 .trunc();
@@ -785,14 +974,26 @@ mod rule_id_tests {
         }
     }
 
+    fn key(name: &str) -> PolicyKey {
+        PolicyKey {
+            namespace: None,
+            name: name.into(),
+        }
+    }
+
     fn ids(compiler: &Compiler, name: &str) -> PolicyIds {
+        compiler.policy_ids(&key(name)).unwrap().by_key()
+    }
+
+    /// Every id in use, as saved.
+    fn in_use(compiler: &Compiler) -> BTreeSet<u32> {
         compiler
-            .policy_ids(&PolicyKey {
-                namespace: None,
-                name: name.into(),
-            })
-            .unwrap()
-            .clone()
+            .rule_id_snapshot()
+            .table()
+            .policies
+            .iter()
+            .flat_map(|(_, ids)| std::iter::once(ids.default).chain(ids.rules.values().copied()))
+            .collect()
     }
 
     #[test]
@@ -826,8 +1027,83 @@ mod rule_id_tests {
             after.rules["c"], 4,
             "a freed id is not handed out again at once"
         );
-        assert!(!compiler.rule_ids_in_use().contains(&1));
-        assert_eq!(after.by_position(&second[0]), vec![2, 4]);
+        assert!(!in_use(&compiler).contains(&1));
+        assert_eq!(compiler.policy_ids(&key("p")).unwrap().ids, vec![2, 4]);
+    }
+
+    #[test]
+    fn a_policy_whose_rules_did_not_change_keeps_its_ids_and_names_without_numbering() {
+        let endpoints = BTreeMap::from([(1, vec![0]), (2, vec![1])]);
+        let rules = |names: &[&str]| -> Vec<Rule> {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| allow(name, &format!("10.{i}.0.0/16")))
+                .collect()
+        };
+        let first = vec![
+            policy("p", Action::Deny, PolicyMode::Inherit, rules(&["a", "b"])),
+            policy("q", Action::Deny, PolicyMode::Inherit, rules(&["x", "y"])),
+        ];
+        let mut compiler = Compiler::default();
+        let before = compiler.compile(&first, &endpoints).unwrap();
+        assert_eq!(compiler.last_stats().policies_numbered, 2);
+        let q_before = ids(&compiler, "q");
+
+        // `p`: the same rules (a new mode does not touch its ids). `q`: `x`
+        // goes, `y` stays, `z` is new.
+        let mut second = first.clone();
+        second[0].mode = PolicyMode::Enforce;
+        second[1].rules = Arc::from(rules(&["y", "z"]));
+        let previous = compiler.clone();
+        let after = compiler.compile(&second, &endpoints).unwrap();
+        assert_eq!(
+            compiler.last_stats().policies_numbered,
+            1,
+            "only `q` is numbered"
+        );
+        assert!(
+            Arc::ptr_eq(&before.names.policies[0], &after.names.policies[0]),
+            "`p`'s ids and names are shared, not worked out again"
+        );
+        let q_after = ids(&compiler, "q");
+        assert_eq!(q_after.rules["y"], q_before.rules["y"]);
+        assert_eq!(q_after.default, q_before.default);
+        let z = q_after.rules["z"];
+        assert!(!in_use(&previous).contains(&z), "a new name, a new id");
+        assert_eq!(
+            compiler.rule_id_changes(&previous),
+            RuleIdChanges {
+                came: BTreeSet::from([z]),
+                left: BTreeSet::from([q_before.rules["x"]]),
+            }
+        );
+        assert_eq!(after.names.rule(z), Some((&key("q"), "z")));
+
+        // Equal rules in another allocation (validated again): numbered
+        // again, to the same ids.
+        let mut third = second.clone();
+        third[1].rules = Arc::from(rules(&["y", "z"]));
+        let previous = compiler.clone();
+        compiler.compile(&third, &endpoints).unwrap();
+        assert_eq!(compiler.last_stats().policies_numbered, 1);
+        assert_eq!(ids(&compiler, "q"), q_after);
+        assert_eq!(
+            compiler.rule_id_changes(&previous),
+            RuleIdChanges::default()
+        );
+
+        // A policy that goes takes all its ids out.
+        let previous = compiler.clone();
+        compiler
+            .compile(&third[..1], &BTreeMap::from([(1, vec![0])]))
+            .unwrap();
+        let changes = compiler.rule_id_changes(&previous);
+        assert!(changes.came.is_empty());
+        assert_eq!(
+            changes.left,
+            BTreeSet::from([q_after.rules["y"], z, q_after.default])
+        );
     }
 
     #[test]
@@ -853,7 +1129,7 @@ mod rule_id_tests {
             .compile(&policies[1..], &BTreeMap::from([(1, vec![0])]))
             .unwrap();
         let compiled = compiler.compile(&policies, &endpoints).unwrap();
-        let table = compiler.rule_id_table();
+        let table = compiler.rule_id_snapshot().table();
         let json = serde_json::to_string(&table).unwrap();
         let mut restarted = Compiler::default();
         restarted.adopt_rule_ids(serde_json::from_str(&json).unwrap());

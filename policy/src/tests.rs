@@ -116,8 +116,11 @@ fn decide(
     let reference = evaluate(&refs, ip, port, protocol, global, &[]);
     let (outcome, rule_id) = kernel_outcome(compiled, ip, port, protocol, global);
     let kernel_rule = (rule_id != 0).then(|| {
-        let r = &compiled.names.rules[&rule_id];
-        format!("{}/{}", r.policy, r.rule)
+        let (policy, rule) = compiled
+            .names
+            .rule(rule_id)
+            .expect("every rule id is named");
+        format!("{policy}/{rule}")
     });
     let reference_rule = reference
         .rule
@@ -335,7 +338,8 @@ fn a_change_to_one_policy_recompiles_only_the_sets_it_is_in() {
         compiler.last_stats(),
         super::compile::CompileStats {
             sets_compiled: 3,
-            sets_reused: 0
+            sets_reused: 0,
+            policies_numbered: 3,
         }
     );
 
@@ -350,7 +354,8 @@ fn a_change_to_one_policy_recompiles_only_the_sets_it_is_in() {
         compiler.last_stats(),
         super::compile::CompileStats {
             sets_compiled: 1,
-            sets_reused: 2
+            sets_reused: 2,
+            policies_numbered: 1,
         }
     );
     // Untouched sets are the very same, rule ids included.
@@ -372,9 +377,8 @@ fn a_change_to_one_policy_recompiles_only_the_sets_it_is_in() {
                 (
                     action,
                     c.names
-                        .rules
-                        .get(&id)
-                        .map(|r| (r.policy.clone(), r.rule.clone())),
+                        .rule(id)
+                        .map(|(policy, rule)| (policy.clone(), rule.to_owned())),
                 )
             };
             assert_eq!(name(&second), name(&fresh), "endpoint {endpoint}, {ip}");
@@ -424,7 +428,7 @@ fn a_failed_compilation_changes_nothing_in_the_compiler() {
         let set = &compiled.rules.sets[compiled.rules.endpoints[&endpoint] as usize];
         let id = set.v4[0].1[0].rule_id;
         assert!(
-            compiled.names.rules.contains_key(&id),
+            compiled.names.rule(id).is_some(),
             "rule id {id} of endpoint {endpoint} has no name"
         );
     }
@@ -479,7 +483,12 @@ fn decide_learned(
     let set = &compiled.rules.sets[compiled.rules.endpoints[&1] as usize];
     let (outcome, rule_id) = outcome_of(set.decide(ip, 443, TCP, global, &ids), global);
     let kernel_rule = if rule_id != 0 {
-        compiled.names.rules[&rule_id].rule.clone()
+        compiled
+            .names
+            .rule(rule_id)
+            .expect("every rule id is named")
+            .1
+            .to_owned()
     } else {
         "default".into()
     };
@@ -991,7 +1000,7 @@ proptest! {
                 for global in [PolicyMode::Observe, PolicyMode::Enforce] {
                     let reference = evaluate(&refs, ip, port, protocol, global, &learned_refs);
                     let (outcome, rule_id) = outcome_of(set.decide(ip, port, protocol, global, &learned_ids), global);
-                    let kernel_rule = (rule_id != 0).then(|| &compiled.names.rules[&rule_id]).map(|r| (r.policy.clone(), r.rule.clone()));
+                    let kernel_rule = (rule_id != 0).then(|| compiled.names.rule(rule_id).expect("every rule id is named")).map(|(policy, rule)| (policy.clone(), rule.to_owned()));
                     let reference_rule = reference.rule.map(|(p, i)| (p.key.clone(), p.rules[i].name.clone()));
                     prop_assert_eq!((outcome, kernel_rule), (reference.outcome, reference_rule), "endpoint {} {} {}/{} under {:?}", endpoint, ip, port, protocol, global);
                 }

@@ -172,6 +172,7 @@ impl Controller {
     /// alone has it (for an agent older than the journal).
     pub fn stop(&mut self) {
         self.enforcer.save_rule_ids_if_changed();
+        self.enforcer.finish_saving();
         self.saved.compact_if_any(&self.store);
     }
 
