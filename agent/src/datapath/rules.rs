@@ -97,6 +97,13 @@ pub(super) struct Written {
     /// content may have several ids, one per set index that had it (flow
     /// records name a set's default owners by its id).
     by_content: HashMap<Arc<SetRules>, BTreeSet<u32>>,
+    /// The same ids by the address of the content's allocation: the
+    /// compiler hands an unchanged set over as the very `Arc` it was, and
+    /// finding it by address costs nothing per rule, where hashing and
+    /// comparing its contents costs a walk of every entry. (`content` of
+    /// each set holds the allocation, so its address is not reused while
+    /// it is here.)
+    by_allocation: HashMap<usize, BTreeSet<u32>>,
     /// What each generation half of `TG_ENDPOINTS` holds, by cgroup id. The
     /// half out of force keeps its entries until the next switch rewrites
     /// it: only what differs is written then.
@@ -107,6 +114,10 @@ pub(super) struct Written {
     /// The last set id handed out; the search for a free one goes on after
     /// it, so a freed id comes back only after the others.
     next_set_id: u32,
+    /// Entries written and deleted so far, of all the maps here: each
+    /// switch logs how many it made, which shows that it writes what
+    /// changed only.
+    map_writes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -329,8 +340,13 @@ fn plan_switch(written: &Written, rules: &RuleSet) -> Result<SwitchPlan, RuleSet
     let mut taken: BTreeSet<u32> = BTreeSet::new();
     let mut next_id = written.next_set_id;
     for (index, set) in rules.sets.iter().enumerate() {
-        let held = written.by_content.get(&**set);
-        if let Some(&id) = held.and_then(|ids| ids.iter().find(|id| !taken.contains(id))) {
+        let free = |ids: &BTreeSet<u32>| ids.iter().find(|id| !taken.contains(id)).copied();
+        let held = written
+            .by_allocation
+            .get(&allocation(set))
+            .and_then(free)
+            .or_else(|| written.by_content.get(&**set).and_then(free));
+        if let Some(id) = held {
             taken.insert(id);
             ids.push(id);
             continue;
@@ -375,6 +391,11 @@ fn plan_switch(written: &Written, rules: &RuleSet) -> Result<SwitchPlan, RuleSet
         endpoints,
         names,
     })
+}
+
+/// The address of a set's allocation, as `Written::by_allocation` knows it.
+fn allocation(set: &Arc<SetRules>) -> usize {
+    Arc::as_ptr(set) as usize
 }
 
 /// Set `index` of a rule set in kernel form, under set id `id`.
@@ -449,10 +470,14 @@ impl Datapath {
         rules: &RuleSet,
         mode: Mode,
     ) -> Result<u32, DatapathError> {
+        let started = std::time::Instant::now();
+        let writes_before = self.written.map_writes;
         let next_generation = self.state.generation.wrapping_add(1);
         let next_half = (next_generation & 1) as usize;
         let live_half = 1 - next_half;
         let plan = plan_switch(&self.written, rules)?;
+        let sets_written = plan.new_sets.len();
+        let planned = started.elapsed();
         self.check_capacity(&plan, live_half)?;
 
         // Sets neither in force nor wanted: the generation before the one
@@ -477,6 +502,7 @@ impl Datapath {
         // On error nothing is in force that was not; what was written goes
         // at the next switch.
         flipped?;
+        let flipped_at = started.elapsed();
         // The new rules are in force whatever happens now.
         self.written.live = plan.ids;
         let keep: BTreeSet<u32> = self.written.live.iter().copied().collect();
@@ -491,6 +517,15 @@ impl Datapath {
         if let Err(e) = self.write_names(plan.names) {
             tracing::warn!(error = %e, "FQDN names of old rules not all removed; they go at the next switch");
         }
+        tracing::debug!(
+            generation = next_generation,
+            sets_written,
+            map_writes = self.written.map_writes - writes_before,
+            plan_us = planned.as_micros() as u64,
+            flip_us = (flipped_at - planned).as_micros() as u64,
+            cleanup_us = (started.elapsed() - flipped_at).as_micros() as u64,
+            "switch: rules written"
+        );
         Ok(next_generation)
     }
 
@@ -569,6 +604,7 @@ impl Datapath {
     /// only once all of them are in.
     fn write_sets(&mut self, sets: Vec<NewSet>) -> Result<(), DatapathError> {
         for set in sets {
+            self.written.map_writes += (set.v4.len() + set.v6.len() + set.fqdn.len()) as u64;
             let written = self.written.sets.entry(set.id).or_default();
             for (key, list) in &set.v4 {
                 self.rules_v4
@@ -589,6 +625,8 @@ impl Datapath {
                 written.fqdn.push(*key);
             }
             written.content = Some(Arc::clone(&set.content));
+            let by_allocation = self.written.by_allocation.entry(allocation(&set.content));
+            by_allocation.or_default().insert(set.id);
             let ids = self.written.by_content.entry(set.content).or_default();
             ids.insert(set.id);
             self.written.next_set_id = set.id;
@@ -617,6 +655,7 @@ impl Datapath {
                     .insert(key(cgroup_id), value, 0)
                     .map_err(map_err(map_names::ENDPOINTS))?;
                 held.insert(cgroup_id, *value);
+                self.written.map_writes += 1;
             }
         }
         Ok(())
@@ -645,6 +684,7 @@ impl Datapath {
                 Err(e) => return Err(map_err(map_names::ENDPOINTS)(e)),
             }
             held.remove(&cgroup_id);
+            self.written.map_writes += 1;
         }
         Ok(())
     }
@@ -668,14 +708,21 @@ impl Datapath {
             .collect();
         for id in gone {
             let set = written.sets.get_mut(&id).expect("listed above");
-            if let Some(content) = set.content.take()
-                && let Some(ids) = written.by_content.get_mut(&content)
-            {
-                ids.remove(&id);
-                if ids.is_empty() {
-                    written.by_content.remove(&content);
+            if let Some(content) = set.content.take() {
+                if let Some(ids) = written.by_content.get_mut(&content) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        written.by_content.remove(&content);
+                    }
+                }
+                if let Some(ids) = written.by_allocation.get_mut(&allocation(&content)) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        written.by_allocation.remove(&allocation(&content));
+                    }
                 }
             }
+            let entries = set.counts().iter().sum::<usize>() as u64;
             delete_each(
                 &mut set.v4,
                 |(len, data)| rules_v4.remove(&Key::new(*len, *data)),
@@ -691,6 +738,7 @@ impl Datapath {
                 |key| fqdn_rules.remove(key),
                 map_names::FQDN_RULES,
             )?;
+            written.map_writes += entries;
             written.sets.remove(&id);
         }
         Ok(())
@@ -704,6 +752,7 @@ impl Datapath {
                     .insert(key, ids, 0)
                     .map_err(map_err(map_names::FQDN_NAMES))?;
                 self.fqdn_names.insert(*key, *ids);
+                self.written.map_writes += 1;
             }
         }
         let gone: Vec<FqdnName> = self
@@ -718,6 +767,7 @@ impl Datapath {
                 Err(e) => return Err(map_err(map_names::FQDN_NAMES)(e)),
             }
             self.fqdn_names.remove(&key);
+            self.written.map_writes += 1;
         }
         Ok(())
     }
