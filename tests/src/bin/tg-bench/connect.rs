@@ -1,7 +1,7 @@
 //! Connect and sendto cost: nothing, Tollgate (observe, enforce at each
 //! size, a destination allowed by a learned name, enforce with
 //! `--allowed-flows first`), nftables sets and iptables chains of the same
-//! rules.
+//! rules, and the floor: programs that only return 1 on the same hooks.
 //!
 //! Each row is many rounds of one short turn of the baseline and one of
 //! the subject, which side goes first alternating (as the packet hook's
@@ -34,6 +34,9 @@ pub const ENFORCE: &str = "Tollgate enforce";
 pub const FIRST: &str = "Tollgate enforce, allowed-flows first";
 pub const NFTABLES: &str = "nftables set";
 pub const IPTABLES: &str = "iptables chain";
+/// Programs that only return 1 on every hook the agent attaches to: what
+/// any design with these hooks costs before it decides anything.
+pub const EMPTY: &str = "empty programs on Tollgate's hooks";
 
 /// Every row, into the report.
 pub fn measure(plan: &Plan, report: &mut Report) {
@@ -86,6 +89,8 @@ pub fn measure(plan: &Plan, report: &mut Report) {
         eprintln!("tg-bench: {workload:?}: Tollgate observe, 100 rules");
         env.ctl(&["apply", "-f", first.path.to_str().unwrap()]).ok();
         report.connect(subject.tollgate(workload, OBSERVE, 100, &agent, &programs));
+        eprintln!("tg-bench: {workload:?}: empty programs on the same hooks");
+        report.connect(subject.other(workload, EMPTY, 0, subject.floor_place));
         for &n in &plan.sizes {
             eprintln!("tg-bench: {workload:?}: Tollgate enforce, {n} rules");
             let file = policy_file("enforce", n);

@@ -718,6 +718,13 @@ impl Report {
                         worst.rules,
                         self.cost_note(worst)
                     ));
+                    if let Some(floor) = self.rows(workload, crate::connect::EMPTY).next() {
+                        let (lo, median, hi) = floor.rounds.spread();
+                        notes.push(format!(
+                            "empty programs on the same hooks added {median:+.1}% (rounds \
+                             {lo:+.1}% to {hi:+.1}%), the floor of any design on these hooks here"
+                        ));
+                    }
                 }
                 let (target, measured, met) = if workload == Workload::Tcp {
                     let before: Vec<f64> = enforce
@@ -1090,8 +1097,10 @@ impl Report {
             };
             let _ = writeln!(
                 md,
-                "\n## {title}\n\nFrom a process in the benchmark's cgroup and network namespace. \
-                 Baseline: the same load with nothing attached. Each row is {} rounds of one {:.2} s \
+                "\n## {title}\n\nFrom a process in the benchmark's cgroup and network namespace, \
+                 its sending and receiving threads on one CPU. Baseline: the same load with nothing \
+                 attached. Empty programs on Tollgate's hooks: programs that only return 1 on every \
+                 hook the agent attaches to, the floor of any design on these hooks. Each row is {} rounds of one {:.2} s \
                  turn of the baseline and one of the subject (which side goes first alternates); a \
                  round's added cost is the throughput its subject turn lost against its baseline \
                  turn, and the targets judge the median of the rounds. ops/s: each side's turns \
@@ -1344,7 +1353,7 @@ impl Report {
                 md,
                 "\n## Control path and memory\n\n| figure | value |\n|---|---|\n\
                  | apply {} rules across {} endpoints (10 policies, every rule changed; median of 6) | {:.1} ms |\n\
-                 | one-rule change to the kernel (median / max of 20) | {:.2} / {:.2} ms |\n\
+                 | one-rule change to the kernel (the changed policy of 1,000 rules alone sent; median / max of 20) | {:.2} / {:.2} ms |\n\
                  | agent start to ready and enforcing, no pins | {:.0} ms |\n\
                  | agent restart to ready, {} rules saved | {:.0} ms |\n\
                  | agent RSS with {} rules across {} endpoints, {} addresses learned | {:.1} MiB |\n\
