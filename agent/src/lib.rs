@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod enforce;
 pub mod export;
 pub mod flow;
+pub mod heap;
 pub mod kubernetes;
 pub mod log_level;
 pub mod mounts;

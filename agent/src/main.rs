@@ -12,6 +12,7 @@ use tollgate_agent::{
         self,
         config::{ExportSpec, SinkSpec, SinkType},
     },
+    heap,
     kubernetes::ApiSource,
     log_level::LogLevel,
     mounts,
@@ -21,7 +22,7 @@ use tollgate_agent::{
 };
 
 fn main() -> anyhow::Result<()> {
-    keep_large_allocations_out_of_the_heap();
+    heap::keep_large_allocations_out_of_the_heap();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Configuration is complete and checked before anything starts.
@@ -59,21 +60,6 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
-    }
-}
-
-/// Serves every allocation of 128 KiB or more with a mapping of its own,
-/// returned to the kernel when freed. glibc starts at that threshold but
-/// raises it to the largest block freed so far (up to 32 MiB), so after
-/// one large apply the next one's buffers (requests, encoded documents,
-/// journal records: megabytes each) came from the heap, and the small
-/// allocations made between them kept its pages: at 100k rules that left
-/// the agent 10 MiB larger. Setting the threshold turns the raising off.
-fn keep_large_allocations_out_of_the_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets a parameter of the allocator, under its lock.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 

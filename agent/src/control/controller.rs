@@ -164,7 +164,7 @@ impl Controller {
         controller.enforcer.save_rule_ids_if_changed();
         // What was read, and what start changed, in one snapshot.
         controller.saved.write_snapshot(&controller.store)?;
-        release_freed_memory();
+        crate::heap::release_freed_memory();
         Ok(controller)
     }
 
@@ -205,12 +205,12 @@ impl Controller {
             Command::Apply(request, reply) => {
                 let _ = reply.send(self.apply(request, datapath));
                 self.saved.compact_if_due(&self.store);
-                release_freed_memory();
+                crate::heap::release_freed_memory();
             }
             Command::Delete(request, reply) => {
                 let _ = reply.send(self.delete(request, datapath));
                 self.saved.compact_if_due(&self.store);
-                release_freed_memory();
+                crate::heap::release_freed_memory();
             }
             Command::List(reply) => {
                 let _ = reply.send(api::ListPoliciesResponse {
@@ -225,7 +225,7 @@ impl Controller {
             Command::SetMode(request, reply) => {
                 let _ = reply.send(self.set_mode(request, datapath));
                 self.saved.compact_if_due(&self.store);
-                release_freed_memory();
+                crate::heap::release_freed_memory();
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status(datapath));
@@ -236,7 +236,7 @@ impl Controller {
             Command::Cluster(desired, reply) => {
                 let _ = reply.send(self.apply_cluster(desired, datapath));
                 self.saved.compact_if_due(&self.store);
-                release_freed_memory();
+                crate::heap::release_freed_memory();
             }
         }
     }
@@ -452,17 +452,5 @@ impl Controller {
             .map(api::RuleStats::from)
             .collect();
         Ok(api::ListRuleStatsResponse { rules })
-    }
-}
-
-/// Hands the memory a policy change freed back to the kernel. A large
-/// apply allocates its request, plan and encoded rules in many small
-/// pieces; glibc keeps the freed pages in its heap, and the agent's
-/// resident size would stay at that peak.
-fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap memory; no pointer is kept.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

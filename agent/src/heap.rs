@@ -1,0 +1,31 @@
+//! What the agent asks of glibc's allocator, so that its resident size
+//! follows what it holds rather than the peak of its largest change.
+
+/// Serves every allocation of 128 KiB or more with a mapping of its own,
+/// returned to the kernel when freed. glibc starts at that threshold but
+/// raises it to the largest block freed so far (up to 32 MiB), so after
+/// one large apply the next one's buffers (requests, encoded documents,
+/// journal records: megabytes each) came from the heap, and the small
+/// allocations made between them kept its pages: at 100k rules that left
+/// the agent 10 MiB larger. Setting the threshold turns the raising off.
+pub fn keep_large_allocations_out_of_the_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a parameter of the allocator, under its lock.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+/// Hands the memory a piece of work freed back to the kernel: the free
+/// pages inside every arena's heap (each thread that allocates has one),
+/// not only at its top. A large apply allocates its request, plan and
+/// encoded rules in many small pieces, as `rules.json`'s writer does its
+/// rules; glibc keeps freed pages, and the agent's resident size would
+/// stay at that peak.
+pub fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory; no pointer is kept.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
