@@ -749,6 +749,14 @@ fn compile_set(
         }
         set.fqdn.push((fqdn_ids[pattern], list));
     }
+    // Sized exactly: a set of 100k prefixes is kept for as long as it is
+    // in force, and doubling would leave up to half of it unused.
+    let v4 = lists
+        .iter()
+        .filter(|(p, _)| matches!(p, IpNet::V4(_)))
+        .count();
+    set.v4.reserve_exact(v4);
+    set.v6.reserve_exact(lists.len() - v4);
     for (prefix, list) in lists {
         match prefix {
             IpNet::V4(net) => set.v4.push((net, list)),

@@ -606,6 +606,10 @@ impl Datapath {
         for set in sets {
             self.written.map_writes += (set.v4.len() + set.v6.len() + set.fqdn.len()) as u64;
             let written = self.written.sets.entry(set.id).or_default();
+            // Kept while the set is: sized exactly, not by doubling.
+            written.v4.reserve_exact(set.v4.len());
+            written.v6.reserve_exact(set.v6.len());
+            written.fqdn.reserve_exact(set.fqdn.len());
             for (key, list) in &set.v4 {
                 self.rules_v4
                     .insert(key, list, 0)
