@@ -22,7 +22,7 @@ use tollgate_agent::{
 };
 
 fn main() -> anyhow::Result<()> {
-    heap::keep_large_allocations_out_of_the_heap();
+    heap::configure_allocator();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Configuration is complete and checked before anything starts.
