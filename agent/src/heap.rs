@@ -26,11 +26,10 @@ pub fn configure_allocator() {
 }
 
 /// Hands the memory a piece of work freed back to the kernel: the free
-/// pages inside every arena's heap (each thread that allocates has one),
-/// not only at its top. A large apply allocates its request, plan and
-/// encoded rules in many small pieces, as `rules.json`'s writer does its
-/// rules; glibc keeps freed pages, and the agent's resident size would
-/// stay at that peak.
+/// pages inside the heap, not only at its top. A large apply allocates its
+/// request, plan and encoded rules in many small pieces, as `rules.json`'s
+/// writer does its rules; glibc keeps freed pages, and the agent's
+/// resident size would stay at that peak.
 pub fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap memory; no pointer is kept.
