@@ -172,7 +172,7 @@ fn decide(
         Outcome::Denied | Outcome::Audit => Effect::Denied,
     };
     let (policy, rule) = match reference.rule {
-        Some((policy, index)) => (policy.key.to_string(), policy.rules[index].name.clone()),
+        Some((policy, index)) => (policy.key.to_string(), policy.rules[index].name.to_string()),
         None => {
             let owners: Vec<String> = selecting
                 .iter()

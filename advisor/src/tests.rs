@@ -285,7 +285,7 @@ proptest! {
         let before = decisions(&recording, &policies);
         let after = decisions(&recording, &candidate);
         for ((flow, before), after) in recording.flows.iter().zip(before).zip(after) {
-            if before.policy.as_deref() != Some(key.as_str()) || before.rule != rules[dropped].name {
+            if before.policy.as_deref() != Some(key.as_str()) || *before.rule != *rules[dropped].name {
                 prop_assert_eq!(before, after);
                 continue;
             }
@@ -294,7 +294,7 @@ proptest! {
                 prop_assert_eq!(&after.rule, "default");
                 denied_without += flow.evidence.count;
             } else {
-                prop_assert_ne!(&after.rule, &rules[dropped].name);
+                prop_assert_ne!(after.rule.as_str(), &*rules[dropped].name);
             }
         }
         prop_assert!(decided_by_rule > 0, "a suggested rule is made of what it allows");

@@ -282,9 +282,15 @@ struct RuleNamesById {
 struct NameSpan {
     /// The switch that put the id in force under these names.
     from: u64,
-    /// The switch that took it out (or renamed it), if any yet.
-    until: Option<u64>,
+    /// The switch that took it out (or renamed it); [`NameSpan::IN_FORCE`]
+    /// while none has. (A plain u64: one span per rule id, 100k at the
+    /// bench's size, is kept in a map whose buckets it sizes.)
+    until: u64,
     names: RuleNames,
+}
+
+impl NameSpan {
+    const IN_FORCE: u64 = u64::MAX;
 }
 
 struct NamedPolicy {
@@ -329,7 +335,7 @@ impl RuleNamesById {
                     source,
                 }),
             };
-            let was: HashMap<u32, &str> = old
+            let was: HashMap<u32, &Arc<str>> = old
                 .as_ref()
                 .map(|old| old.ids.named_ids().map(|(rule, id)| (id, rule)).collect())
                 .unwrap_or_default();
@@ -340,7 +346,7 @@ impl RuleNamesById {
                 } else {
                     let names = RuleNames {
                         policy: Arc::clone(&name),
-                        rule: rule.into(),
+                        rule: Arc::clone(rule),
                     };
                     started.push((id, names));
                 }
@@ -355,15 +361,15 @@ impl RuleNamesById {
         }
         for &id in &ended {
             if let Some(span) = self.latest.get_mut(&id)
-                && span.until.is_none()
+                && span.until == NameSpan::IN_FORCE
             {
-                span.until = Some(switch);
+                span.until = switch;
             }
         }
         for (id, names) in started {
             let span = NameSpan {
                 from: switch,
-                until: None,
+                until: NameSpan::IN_FORCE,
                 names,
             };
             if let Some(before) = self.latest.insert(id, span) {
@@ -384,7 +390,7 @@ impl RuleNamesById {
             .is_some_and(|(switch, _)| *switch <= oldest)
         {
             let (_, ids) = self.ended.pop_front().expect("checked above");
-            let needed = |span: &NameSpan| span.until.is_none_or(|until| until > oldest);
+            let needed = |span: &NameSpan| span.until > oldest;
             for id in ids {
                 if let Some(spans) = self.earlier.get_mut(&id) {
                     spans.retain(needed);
@@ -401,8 +407,7 @@ impl RuleNamesById {
 
     /// The names of rule `id` in the generation switch `switch` put in force.
     fn get(&self, switch: u64, id: u32) -> Option<&RuleNames> {
-        let covers =
-            |span: &&NameSpan| span.from <= switch && span.until.is_none_or(|until| switch < until);
+        let covers = |span: &&NameSpan| span.from <= switch && switch < span.until;
         let latest = self.latest.get(&id)?;
         if covers(&latest) {
             return Some(&latest.names);
@@ -483,7 +488,7 @@ impl PolicyInForce {
         rules
             .map(move |(rule, &id)| SavedRule {
                 policy: policy.clone(),
-                rule: Some(rule.name.clone()),
+                rule: Some(rule.name.to_string()),
                 action: action(rule.action).into(),
                 source: source.into(),
                 id,
@@ -1129,8 +1134,8 @@ mod tests {
                 .map(|rule| Rule {
                     name: (*rule).into(),
                     action: Action::Allow,
-                    to: vec![],
-                    ports: vec![],
+                    to: Default::default(),
+                    ports: Default::default(),
                 })
                 .collect(),
         }
@@ -1175,7 +1180,10 @@ mod tests {
 
         fn id(&self, policy: &str, rule: &str) -> u32 {
             let ids = self.compiler.policy_ids(&key(policy)).unwrap();
-            ids.named_ids().find(|(name, _)| *name == rule).unwrap().1
+            ids.named_ids()
+                .find(|(name, _)| &***name == rule)
+                .unwrap()
+                .1
         }
 
         /// (policy, rule, source) of a rule id in a generation.
@@ -1277,7 +1285,7 @@ mod tests {
         );
         let spans = naming.enforcer.rule_names.spans(dns);
         assert_eq!(spans.len(), 2);
-        assert_eq!(spans[0].until, Some(spans[1].from), "the local one's ended");
+        assert_eq!(spans[0].until, spans[1].from, "the local one's ended");
     }
 
     #[test]

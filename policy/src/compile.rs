@@ -43,10 +43,10 @@ pub struct PolicyRuleIds {
 
 impl PolicyRuleIds {
     /// Each rule's name with its id, in rule order.
-    pub fn named_ids(&self) -> impl Iterator<Item = (&str, u32)> {
+    pub fn named_ids(&self) -> impl Iterator<Item = (&Arc<str>, u32)> {
         self.rules
             .iter()
-            .map(|rule| rule.name.as_str())
+            .map(|rule| &rule.name)
             .zip(self.ids.iter().copied())
     }
 
@@ -85,7 +85,7 @@ impl Names {
             policy
                 .named_ids()
                 .find(|&(_, rule_id)| rule_id == id)
-                .map(|(name, _)| (&policy.key, name))
+                .map(|(name, _)| (&policy.key, &**name))
         })
     }
 }
@@ -222,10 +222,10 @@ pub struct PolicyIds {
 fn rule_keys(rules: &[Rule]) -> impl Iterator<Item = Cow<'_, str>> {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     rules.iter().map(move |rule| {
-        let n = seen.entry(rule.name.as_str()).or_insert(0);
+        let n = seen.entry(&rule.name).or_insert(0);
         *n += 1;
         if *n == 1 {
-            Cow::Borrowed(rule.name.as_str())
+            Cow::Borrowed(&*rule.name)
         } else {
             Cow::Owned(format!("{}#{}", rule.name, n))
         }
@@ -955,17 +955,17 @@ mod rule_id_tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::model::Selector;
+    use crate::model::{Selector, SmallVec, smallvec};
 
     fn allow(name: &str, net: &str) -> Rule {
         Rule {
             name: name.into(),
             action: Action::Allow,
-            to: vec![Peer::Cidr {
+            to: smallvec![Peer::Cidr {
                 net: net.parse().unwrap(),
-                except: vec![],
+                except: Box::default(),
             }],
-            ports: vec![],
+            ports: SmallVec::new(),
         }
     }
 

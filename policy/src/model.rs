@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use ipnet::IpNet;
+pub use smallvec::{SmallVec, smallvec};
 
 use tollgate_common::protocol;
 
@@ -65,15 +66,20 @@ pub enum LabelRequirement {
     DoesNotExist { key: String },
 }
 
+/// A policy holds one per rule for as long as it is in force, so a rule is
+/// compact: nearly every rule has one destination and a port or two, which
+/// sit inline, and its name is shared with the names flow records use. (At
+/// the bench's 100k rules, an allocation for each list and name made the
+/// agent's RSS 75 MiB rather than 61.)
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Rule {
     /// The rule's `name`, or `egress[<index>]`.
-    pub name: String,
+    pub name: Arc<str>,
     pub action: Action,
     /// Empty: any destination.
-    pub to: Vec<Peer>,
+    pub to: SmallVec<[Peer; 1]>,
     /// Empty: any port and protocol.
-    pub ports: Vec<PortSpec>,
+    pub ports: SmallVec<[PortSpec; 2]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -81,7 +87,7 @@ pub enum Peer {
     /// `net` minus every prefix in `except` (each inside `net`, longer).
     Cidr {
         net: IpNet,
-        except: Vec<IpNet>,
+        except: Box<[IpNet]>,
     },
     Fqdn(FqdnPattern),
 }

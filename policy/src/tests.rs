@@ -21,16 +21,16 @@ use tollgate_common::protocol::{ICMP, ICMPV6, SCTP, TCP, UDP, has_ports};
 fn cidr(text: &str) -> Peer {
     Peer::Cidr {
         net: text.parse().unwrap(),
-        except: vec![],
+        except: Box::default(),
     }
 }
 
 fn rule(action: Action, to: Vec<Peer>, ports: Vec<PortSpec>) -> Rule {
     Rule {
-        name: String::new(),
+        name: "".into(),
         action,
-        to,
-        ports,
+        to: to.into(),
+        ports: ports.into(),
     }
 }
 
@@ -46,7 +46,7 @@ fn policy(name: &str, default_action: Action, mode: PolicyMode, rules: Vec<Rule>
         .into_iter()
         .enumerate()
         .map(|(i, r)| Rule {
-            name: format!("egress[{i}]"),
+            name: format!("egress[{i}]").into(),
             ..r
         })
         .collect();
@@ -136,9 +136,9 @@ fn decide(
 #[test]
 fn except_blocks_carve_out_of_an_allow() {
     let mut allow = rule(Action::Allow, vec![], vec![]);
-    allow.to = vec![Peer::Cidr {
+    allow.to = smallvec![Peer::Cidr {
         net: "10.0.0.0/8".parse().unwrap(),
-        except: vec!["10.1.0.0/16".parse().unwrap()],
+        except: ["10.1.0.0/16".parse().unwrap()].into(),
     }];
     let policies = [policy("p", Action::Deny, PolicyMode::Enforce, vec![allow])];
     let compiled = compile_for_one(&policies).unwrap();
@@ -494,7 +494,7 @@ fn decide_learned(
     };
     let reference_rule = reference
         .rule
-        .map_or_else(|| "default".into(), |(p, i)| p.rules[i].name.clone());
+        .map_or_else(|| "default".into(), |(p, i)| p.rules[i].name.to_string());
     assert_eq!(
         (outcome, &kernel_rule),
         (reference.outcome, &reference_rule)
@@ -1001,7 +1001,7 @@ proptest! {
                     let reference = evaluate(&refs, ip, port, protocol, global, &learned_refs);
                     let (outcome, rule_id) = outcome_of(set.decide(ip, port, protocol, global, &learned_ids), global);
                     let kernel_rule = (rule_id != 0).then(|| compiled.names.rule(rule_id).expect("every rule id is named")).map(|(policy, rule)| (policy.clone(), rule.to_owned()));
-                    let reference_rule = reference.rule.map(|(p, i)| (p.key.clone(), p.rules[i].name.clone()));
+                    let reference_rule = reference.rule.map(|(p, i)| (p.key.clone(), p.rules[i].name.to_string()));
                     prop_assert_eq!((outcome, kernel_rule), (reference.outcome, reference_rule), "endpoint {} {} {}/{} under {:?}", endpoint, ip, port, protocol, global);
                 }
             }

@@ -346,17 +346,17 @@ fn validate_rule(
             Action::Allow
         }
     };
-    // Kept for as long as the policy is in force, one per rule: a
-    // filter_map collects into a capacity of at least four, so trim it
-    // (100k rules of one destination each: the agent's RSS 14 MB lower).
-    let mut to: Vec<Peer> = rule
+    // Kept for as long as the policy is in force, one per rule: lists
+    // longer than a rule holds inline are trimmed (a filter_map collects
+    // into a capacity of at least four).
+    let mut to: SmallVec<[Peer; 1]> = rule
         .to
         .iter()
         .enumerate()
         .filter_map(|(i, peer)| validate_peer(peer, &format!("{path}.to[{i}]"), problems))
         .collect();
     to.shrink_to_fit();
-    let mut ports: Vec<PortSpec> = rule
+    let mut ports: SmallVec<[PortSpec; 2]> = rule
         .ports
         .iter()
         .enumerate()
@@ -364,9 +364,9 @@ fn validate_rule(
         .collect();
     ports.shrink_to_fit();
     let name = if rule.name.is_empty() {
-        format!("egress[{index}]")
+        format!("egress[{index}]").into()
     } else {
-        rule.name.clone()
+        rule.name.as_str().into()
     };
     Rule {
         name,
@@ -548,22 +548,22 @@ mod tests {
             p.selector.pods.as_ref().unwrap().pods.match_labels["app"],
             "payments"
         );
-        assert_eq!(p.rules[0].name, "dns");
-        assert_eq!(p.rules[1].name, "egress[1]");
+        assert_eq!(&*p.rules[0].name, "dns");
+        assert_eq!(&*p.rules[1].name, "egress[1]");
         assert_eq!(p.rules[1].action, Action::Deny);
         assert_eq!(
-            p.rules[1].to,
-            vec![
+            p.rules[1].to[..],
+            [
                 Peer::Cidr {
                     net: "10.0.0.0/8".parse().unwrap(),
-                    except: vec!["10.1.0.0/16".parse().unwrap()]
+                    except: ["10.1.0.0/16".parse().unwrap()].into()
                 },
                 Peer::Fqdn(FqdnPattern::OneLabel("example.com".into()))
             ]
         );
         assert_eq!(
-            p.rules[1].ports,
-            vec![PortSpec {
+            p.rules[1].ports[..],
+            [PortSpec {
                 ports: PortRange {
                     first: 8000,
                     last: 9000
