@@ -6,6 +6,7 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     path::{Path, PathBuf},
+    rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -455,42 +456,69 @@ struct PolicyInForce {
     source: PolicySource,
 }
 
-impl RulesSnapshot {
-    fn saved(&self) -> SavedRules {
-        SavedRules {
-            ids: self.ids.table(),
-            rules: self
-                .policies
-                .iter()
-                .flat_map(PolicyInForce::rules)
-                .collect(),
+/// Written as the [`SavedRules`] it stands for, rule by rule as it goes
+/// out: collected first, 100k rules were 100k strings made and freed
+/// beside the agent's long-lived state (and its RSS the higher for it).
+impl serde::Serialize for RulesSnapshot {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let rules = self.policies.iter().flat_map(PolicyInForce::rules);
+        let mut saved = serializer.serialize_struct("SavedRules", 2)?;
+        saved.serialize_field("ids", &self.ids)?;
+        saved.serialize_field("rules", &tollgate_policy::serialize::Seq::new(rules))?;
+        saved.end()
+    }
+}
+
+/// A [`SavedRule`], borrowed from the policy it is of.
+#[derive(serde::Serialize)]
+struct SavedRuleRef<'a> {
+    /// Shared by the policy's rules.
+    policy: Rc<str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'a str>,
+    action: &'static str,
+    source: &'static str,
+    id: u32,
+}
+
+impl From<SavedRuleRef<'_>> for SavedRule {
+    fn from(rule: SavedRuleRef<'_>) -> Self {
+        Self {
+            policy: rule.policy.to_string(),
+            rule: rule.rule.map(str::to_owned),
+            action: rule.action.into(),
+            source: rule.source.into(),
+            id: rule.id,
         }
     }
 }
 
 impl PolicyInForce {
     /// Its rules and default, with their ids.
-    fn rules(&self) -> impl Iterator<Item = SavedRule> + '_ {
-        let policy = self.ids.key.to_string();
+    fn rules(&self) -> impl Iterator<Item = SavedRuleRef<'_>> + '_ {
+        let policy = Rc::<str>::from(self.ids.key.to_string());
         let action = |a: Action| match a {
             Action::Allow => "allow",
             Action::Deny => "deny",
         };
         let source = self.source.as_str();
-        let rules = self.ids.rules.iter().zip(&self.ids.ids);
-        let default = SavedRule {
-            policy: policy.clone(),
+        let default = SavedRuleRef {
+            policy: Rc::clone(&policy),
             rule: None,
-            action: action(self.default_action).into(),
-            source: source.into(),
+            action: action(self.default_action),
+            source,
             id: self.ids.default,
         };
-        rules
-            .map(move |(rule, &id)| SavedRule {
-                policy: policy.clone(),
-                rule: Some(rule.name.to_string()),
-                action: action(rule.action).into(),
-                source: source.into(),
+        self.ids
+            .rules
+            .iter()
+            .zip(&self.ids.ids)
+            .map(move |(rule, &id)| SavedRuleRef {
+                policy: Rc::clone(&policy),
+                rule: Some(&rule.name),
+                action: action(rule.action),
+                source,
                 id,
             })
             .chain(std::iter::once(default))
@@ -515,9 +543,8 @@ impl RulesFileWriter {
                         snapshot = later;
                     }
                     let started = Instant::now();
-                    let saved = snapshot.saved();
                     let written = crate::state_file::write_atomic_with(&path, |file| {
-                        serde_json::to_writer(file, &saved).map_err(std::io::Error::from)
+                        serde_json::to_writer(file, &snapshot).map_err(std::io::Error::from)
                     });
                     match written {
                         Ok(()) => tracing::debug!(
@@ -526,7 +553,7 @@ impl RulesFileWriter {
                         ),
                         Err(error) => tracing::warn!(path = %path.display(), %error, "rule ids not saved; after a restart, rules changed since the last save count their hits anew"),
                     }
-                    drop((saved, snapshot));
+                    drop(snapshot);
                     crate::heap::release_freed_memory();
                 }
             })
@@ -626,6 +653,7 @@ impl Enforcer {
         self.policies_in_force()
             .iter()
             .flat_map(PolicyInForce::rules)
+            .map(SavedRule::from)
             .collect()
     }
 
@@ -1195,6 +1223,77 @@ mod tests {
 
     fn named(policy: &str, rule: &str, source: &str) -> Option<(String, String, String)> {
         Some((policy.into(), rule.into(), source.into()))
+    }
+
+    /// rules.json is written as it goes out; it must read back as what
+    /// collecting it would have written: the compiler's id table (ids
+    /// adopted and not compiled yet, or compiled) and the rules in force,
+    /// rules of one name told apart as the table keys them.
+    #[test]
+    fn the_rules_file_reads_back_as_the_ids_and_rules_in_force() {
+        let mut compiler = Compiler::default();
+        let adopted = RuleIdTable {
+            next: 40,
+            policies: vec![(
+                tollgate_policy::compile::PolicyKeyOwned {
+                    namespace: Some("team".into()),
+                    name: "saved".into(),
+                },
+                tollgate_policy::compile::PolicyIds {
+                    default: 39,
+                    rules: [("kept".to_owned(), 38)].into(),
+                },
+            )],
+        };
+        compiler.adopt_rule_ids(adopted.clone());
+        // Before the first compilation: the ids adopted, as read.
+        let before = RulesSnapshot {
+            ids: compiler.rule_id_snapshot(),
+            policies: Vec::new(),
+        };
+        let read: SavedRules =
+            serde_json::from_slice(&serde_json::to_vec(&before).unwrap()).unwrap();
+        assert_eq!(read.ids, adopted);
+        assert!(read.rules.is_empty());
+
+        let policies = [policy("b", &["x", "y", "x"]), policy("team/a", &["z"])];
+        let endpoints = (0..policies.len()).map(|p| (p as u64, vec![p])).collect();
+        compiler.compile(&policies, &endpoints).unwrap();
+        let snapshot = RulesSnapshot {
+            ids: compiler.rule_id_snapshot(),
+            policies: policies
+                .iter()
+                .map(|p| PolicyInForce {
+                    ids: Arc::clone(compiler.policy_ids(&p.key).unwrap()),
+                    default_action: p.default_action,
+                    source: PolicySource::Cluster,
+                })
+                .collect(),
+        };
+
+        let written = serde_json::to_vec(&snapshot).unwrap();
+        let read: SavedRules = serde_json::from_slice(&written).unwrap();
+
+        let table = snapshot.ids.table();
+        assert_eq!(read.ids, table);
+        assert_eq!(table.policies.len(), 2);
+        assert!(
+            table
+                .policies
+                .iter()
+                .any(|(_, ids)| ids.rules.contains_key("x#2"))
+        );
+        let rules: Vec<SavedRule> = snapshot
+            .policies
+            .iter()
+            .flat_map(PolicyInForce::rules)
+            .map(SavedRule::from)
+            .collect();
+        assert_eq!(read.rules, rules);
+        assert_eq!(rules.len(), 6, "four rules and two defaults");
+        assert_eq!(rules[0].policy, "b");
+        assert_eq!(rules[0].source, "cluster");
+        assert_eq!(rules[3].rule, None, "b's default");
     }
 
     #[test]

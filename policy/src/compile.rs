@@ -23,7 +23,10 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tollgate_common::MAX_PORT_RULES;
 
 use super::model::{Action, FqdnPattern, Peer, Policy, PolicyKey, PolicyMode, PortSpec, Rule};
-use crate::compiled::{PortRuleSpec, RuleSet, SetRules};
+use crate::{
+    compiled::{PortRuleSpec, RuleSet, SetRules},
+    serialize,
+};
 
 /// One policy's rules with the ids a compilation gave them. Later
 /// compilations share it (and so do the names of their generations) for as
@@ -253,6 +256,56 @@ pub struct PolicyKeyOwned {
 pub struct RuleIdSnapshot {
     next: u32,
     policies: Vec<(PolicyKey, PolicyEntry)>,
+}
+
+/// Written as the [`RuleIdTable`] it stands for ([`RuleIdSnapshot::table`]
+/// reads back from it), policy by policy and rule by rule as it goes out:
+/// the table of 100k rules is 100k small allocations, which the agent's
+/// writer of `rules.json` would otherwise make beside its long-lived state.
+impl serde::Serialize for RuleIdSnapshot {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut policies: Vec<&(PolicyKey, PolicyEntry)> = self.policies.iter().collect();
+        policies.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+        let policies = policies.into_iter().map(|(key, entry)| {
+            let key = SavedKey {
+                namespace: key.namespace.as_deref(),
+                name: &key.name,
+            };
+            (key, SavedEntry(entry))
+        });
+        let mut table = serializer.serialize_struct("RuleIdTable", 2)?;
+        table.serialize_field("next", &self.next)?;
+        table.serialize_field("policies", &serialize::Seq::new(policies))?;
+        table.end()
+    }
+}
+
+/// A [`PolicyKeyOwned`] as written, borrowed.
+#[derive(serde::Serialize)]
+struct SavedKey<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<&'a str>,
+    name: &'a str,
+}
+
+/// A [`PolicyIds`] as written, from what the compiler holds.
+struct SavedEntry<'a>(&'a PolicyEntry);
+
+impl serde::Serialize for SavedEntry<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        match self.0 {
+            PolicyEntry::Adopted(ids) => ids.serialize(serializer),
+            PolicyEntry::Compiled(ids) => {
+                let rules = rule_keys(&ids.rules).zip(ids.ids.iter().copied());
+                let mut entry = serializer.serialize_struct("PolicyIds", 2)?;
+                entry.serialize_field("default", &ids.default)?;
+                entry.serialize_field("rules", &serialize::Map::new(rules))?;
+                entry.end()
+            }
+        }
+    }
 }
 
 impl RuleIdSnapshot {

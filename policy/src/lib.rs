@@ -14,6 +14,7 @@ pub mod fqdn;
 pub mod model;
 pub mod record_protocol;
 pub mod select;
+pub mod serialize;
 pub mod validate;
 
 #[cfg(test)]
