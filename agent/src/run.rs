@@ -354,7 +354,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
                 // A command may switch the rules: the events of the current
                 // generation are named first, while its names are surely kept.
                 printer.print_available(&mut reader, &mut events, controller.enforcer(), &mut datapath);
-                controller.handle(command, &mut datapath);
+                let answered = controller.handle(command, &mut datapath);
+                // The answer goes out (the API's task runs on this thread
+                // too) before what can wait for it.
+                tokio::task::yield_now().await;
+                controller.tidy(answered, &mut datapath);
             }
             Some(update) = pod_updates.recv() => {
                 // A burst (a relist, a rollout) is put in force once.
@@ -468,10 +472,14 @@ impl IdentityLists {
 fn refresh(controller: &mut Controller, datapath: &mut Datapath) {
     let enforcer = controller.enforcer_mut();
     match enforcer.refresh(datapath) {
-        Ok(Some(generation)) => info!(
-            endpoints = enforcer.endpoint_count(),
-            generation, "endpoints changed"
-        ),
+        Ok(Some(generation)) => {
+            // Nobody waits for an answer here.
+            datapath.remove_out_of_force();
+            info!(
+                endpoints = enforcer.endpoint_count(),
+                generation, "endpoints changed"
+            );
+        }
         Ok(None) => {}
         // The previous rules stay in force; the next change or rescan retries.
         Err(e) => warn!(error = %e, "cannot put the changed endpoints in force"),

@@ -668,35 +668,39 @@ impl TestEnv {
         self.pinned_hash_map(tollgate_common::map_names::ENDPOINT_NETNS)
     }
 
+    /// The pinned map `name` of the agent's layout.
+    fn pinned_map(&self, name: &str) -> aya::maps::MapData {
+        let path = self.datapath_options().pin_dir().join("maps").join(name);
+        aya::maps::MapData::from_pin(&path).unwrap_or_else(|e| panic!("the pinned map {name}: {e}"))
+    }
+
     /// The entries of the pinned hash map `name` of the agent's layout.
-    fn pinned_hash_map<K: aya::Pod + Ord, V: aya::Pod>(
+    pub fn pinned_hash_map<K: aya::Pod + Ord, V: aya::Pod>(
         &self,
         name: &str,
     ) -> std::collections::BTreeMap<K, V> {
-        let path = self.datapath_options().pin_dir().join("maps").join(name);
-        let map = aya::maps::Map::HashMap(
-            aya::maps::MapData::from_pin(&path)
-                .unwrap_or_else(|e| panic!("the pinned map {name}: {e}")),
-        );
+        let map = aya::maps::Map::HashMap(self.pinned_map(name));
         let map: aya::maps::HashMap<_, K, V> = map.try_into().unwrap();
         map.iter().map(|entry| entry.unwrap()).collect()
     }
 
+    /// The set id of each entry of the pinned IPv4 rules map.
+    pub fn v4_rule_set_ids(&self) -> Vec<u32> {
+        use tollgate_common::{RuleKeyV4, RuleList, map_names};
+        let map = aya::maps::Map::LpmTrie(self.pinned_map(map_names::RULES_V4));
+        let rules: aya::maps::LpmTrie<_, RuleKeyV4, RuleList> = map.try_into().unwrap();
+        rules
+            .keys()
+            .map(|key| u32::from_be(key.unwrap().data().set_id_be))
+            .collect()
+    }
+
     pub fn endpoint_cgroup_ids(&self) -> std::collections::BTreeSet<u64> {
-        let path = self
-            .datapath_options()
-            .pin_dir()
-            .join("maps")
-            .join(tollgate_common::map_names::ENDPOINTS);
-        let map = aya::maps::Map::HashMap(
-            aya::maps::MapData::from_pin(&path).expect("the pinned endpoint map"),
-        );
-        let endpoints: aya::maps::HashMap<
-            _,
+        let endpoints: std::collections::BTreeMap<
             tollgate_common::EndpointKey,
             tollgate_common::EndpointValue,
-        > = map.try_into().unwrap();
-        endpoints.keys().map(|k| k.unwrap().cgroup_id).collect()
+        > = self.pinned_hash_map(tollgate_common::map_names::ENDPOINTS);
+        endpoints.keys().map(|k| k.cgroup_id).collect()
     }
 
     pub fn cleanup_pins(&self) {

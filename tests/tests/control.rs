@@ -434,6 +434,43 @@ fn mutual_tls_refuses_clients_without_a_valid_certificate() {
     assert!(!stranger.is_empty());
 }
 
+/// A change is answered once its rules are in force, and what only the
+/// rules before it used leaves the kernel right after the answer, not at
+/// the next change: after each apply the IPv4 rules map soon holds the
+/// entries of the set in force and no others.
+#[test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+fn what_a_change_replaced_leaves_the_kernel_once_it_is_answered() {
+    let env = TestEnv::new("ctlremove");
+    let _agent = AgentProcess::start(&env, &["--mode", "enforce"]);
+    let policy = |prefixes: u8| {
+        let rules: String = (0..prefixes)
+            .map(|i| format!("  - {{name: r{i}, to: [{{cidr: 10.{i}.0.0/16}}]}}\n"))
+            .collect();
+        format!(
+            "apiVersion: policy.tollgate.dev/v1alpha1\nkind: EgressPolicy\nmetadata:\n  name: ranges\n\
+             spec:\n  cgroupSelector:\n    paths: [\"{}\"]\n  egress:\n{rules}",
+            env.cgroup.relative
+        )
+    };
+    for prefixes in [3, 5, 2, 4] {
+        let file = TempFile::new("ctlremove.yaml", &policy(prefixes));
+        env.ctl(&["apply", "-f", file.path.to_str().unwrap()]).ok();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut sets = env.v4_rule_set_ids();
+        while sets.len() != usize::from(prefixes) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            sets = env.v4_rule_set_ids();
+        }
+        sets.dedup();
+        assert_eq!(
+            (sets.len(), env.v4_rule_set_ids().len()),
+            (1, usize::from(prefixes)),
+            "after the apply of {prefixes} prefixes, one set of as many entries: {sets:?}"
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
 fn thousands_of_applies_never_leave_a_decision_outside_both_sets() {

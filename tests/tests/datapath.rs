@@ -574,27 +574,13 @@ async fn every_decision_during_rule_switches_belongs_to_one_generation() {
 /// (cgroup id, half) -> set id, as the pinned endpoints map holds them;
 /// and the set ids of the pinned IPv4 rules, one per entry.
 fn kernel_sets(env: &TestEnv) -> (BTreeMap<(u64, u32), u32>, Vec<u32>) {
-    use aya::maps::{HashMap, LpmTrie, Map, MapData};
-    use tollgate_common::{EndpointKey, EndpointValue, RuleKeyV4, RuleList, map_names};
-    let maps = env.datapath_options().pin_dir().join("maps");
-    let pinned = |name: &str| MapData::from_pin(maps.join(name)).unwrap();
-    let endpoints: HashMap<_, EndpointKey, EndpointValue> =
-        Map::HashMap(pinned(map_names::ENDPOINTS))
-            .try_into()
-            .unwrap();
-    let rules: LpmTrie<_, RuleKeyV4, RuleList> = Map::LpmTrie(pinned(map_names::RULES_V4))
-        .try_into()
-        .unwrap();
+    use tollgate_common::{EndpointKey, EndpointValue, map_names};
+    let endpoints: BTreeMap<EndpointKey, EndpointValue> = env.pinned_hash_map(map_names::ENDPOINTS);
     let endpoints = endpoints
-        .iter()
-        .map(|e| e.unwrap())
+        .into_iter()
         .map(|(k, v)| ((k.cgroup_id, k.half), v.set_id))
         .collect();
-    let rules = rules
-        .keys()
-        .map(|k| u32::from_be(k.unwrap().data().set_id_be))
-        .collect();
-    (endpoints, rules)
+    (endpoints, env.v4_rule_set_ids())
 }
 
 #[tokio::test]

@@ -52,6 +52,22 @@ pub enum Command {
     ),
 }
 
+/// A command answered, and [`Controller::tidy`] due once its answer has
+/// gone out.
+#[must_use = "tidy once the answer has gone out"]
+pub struct Answered;
+
+impl Command {
+    /// Whether answering it may change the policies or the mode (and so
+    /// the journal and the heap).
+    fn changes_state(&self) -> bool {
+        match self {
+            Self::Apply(..) | Self::Delete(..) | Self::SetMode(..) | Self::Cluster(..) => true,
+            Self::List(_) | Self::GetMode(_) | Self::Status(_) | Self::RuleStats(..) => false,
+        }
+    }
+}
+
 /// The cluster's policies are in force, but for the conflicts.
 #[derive(Debug)]
 pub struct ClusterApplied {
@@ -158,6 +174,7 @@ impl Controller {
                 mode,
                 datapath,
             )?;
+            datapath.remove_out_of_force();
         } else {
             datapath.set_global_mode(mode)?;
         }
@@ -193,9 +210,26 @@ impl Controller {
         self.store.cluster_documents()
     }
 
-    pub fn handle(&mut self, command: Command, datapath: &mut Datapath) {
+    /// Answers `command`. What can wait for the answer to go out is left
+    /// for [`Self::tidy`].
+    pub fn handle(&mut self, command: Command, datapath: &mut Datapath) -> Answered {
+        let changed_state = command.changes_state();
         self.answer(command, datapath);
-        // Once answered: what only a restart needs, or that can wait.
+        if changed_state {
+            // Before the answer goes out: a compaction writes the whole
+            // state, which at 100k rules is tens of MB allocated for a
+            // moment; done while the requester waits, nothing else
+            // allocates in between, and the heap is handed back whole.
+            self.saved.compact_if_due(&self.store);
+            crate::heap::release_freed_memory();
+        }
+        Answered
+    }
+
+    /// After an answer has gone out: removes what no decision reads any
+    /// more, and saves what only a restart needs.
+    pub fn tidy(&mut self, _answered: Answered, datapath: &mut Datapath) {
+        datapath.remove_out_of_force();
         self.enforcer.save_rule_ids_if_changed();
     }
 
@@ -204,13 +238,9 @@ impl Controller {
         match command {
             Command::Apply(request, reply) => {
                 let _ = reply.send(self.apply(request, datapath));
-                self.saved.compact_if_due(&self.store);
-                crate::heap::release_freed_memory();
             }
             Command::Delete(request, reply) => {
                 let _ = reply.send(self.delete(request, datapath));
-                self.saved.compact_if_due(&self.store);
-                crate::heap::release_freed_memory();
             }
             Command::List(reply) => {
                 let _ = reply.send(api::ListPoliciesResponse {
@@ -224,8 +254,6 @@ impl Controller {
             }
             Command::SetMode(request, reply) => {
                 let _ = reply.send(self.set_mode(request, datapath));
-                self.saved.compact_if_due(&self.store);
-                crate::heap::release_freed_memory();
             }
             Command::Status(reply) => {
                 let _ = reply.send(self.status(datapath));
@@ -235,8 +263,6 @@ impl Controller {
             }
             Command::Cluster(desired, reply) => {
                 let _ = reply.send(self.apply_cluster(desired, datapath));
-                self.saved.compact_if_due(&self.store);
-                crate::heap::release_freed_memory();
             }
         }
     }

@@ -6,7 +6,9 @@
 //! writes the sets that are new under fresh set ids, the endpoints into the
 //! inactive half of the endpoints map, flips the generation in one write,
 //! and deletes the sets only the old generation used; see `decide.rs` in
-//! agent-ebpf for why the kernel never mixes two generations.
+//! agent-ebpf for why the kernel never mixes two generations. The agent's
+//! controller leaves that deletion until the change is answered
+//! ([`Datapath::remove_out_of_force`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -118,6 +120,10 @@ pub(super) struct Written {
     /// switch logs how many it made, which shows that it writes what
     /// changed only.
     map_writes: u64,
+    /// The FQDN names of the rule set in force, while what only the
+    /// generation before it used is still to be removed
+    /// ([`Datapath::remove_out_of_force`]).
+    removal_due: Option<FqdnNames>,
 }
 
 #[derive(Debug, Default)]
@@ -453,18 +459,25 @@ fn encode_set(
 impl Datapath {
     /// Puts `rules` in force atomically: connections are decided wholly by
     /// the previous rule set until the switch, wholly by `rules` after it.
-    /// On error the previous rule set stays in force, untouched.
+    /// On error the previous rule set stays in force, untouched. Then
+    /// removes what only the previous rule set used.
     pub fn switch_rules(&mut self, rules: &RuleSet) -> Result<u32, DatapathError> {
-        self.switch_rules_with_mode(rules, self.global_mode())
+        let generation = self.switch_rules_with_mode(rules, self.global_mode())?;
+        self.remove_out_of_force();
+        Ok(generation)
     }
 
-    /// [`switch_rules`](Self::switch_rules), switching the global mode in
-    /// the same write, so no decision combines the new rules with the old
-    /// mode or the other way round.
+    /// Puts `rules` in force as [`switch_rules`](Self::switch_rules) does,
+    /// switching the global mode in the same write, so no decision
+    /// combines the new rules with the old mode or the other way round.
     ///
     /// Only what changed is written: sets the maps hold already keep their
     /// ids and entries, and of the endpoints' half out of force only the
-    /// entries that differ from the new ones are rewritten.
+    /// entries that differ from the new ones are rewritten. What only the
+    /// previous rule set used stays until [`remove_out_of_force`]
+    /// (Self::remove_out_of_force), or the next switch: no decision reads
+    /// it once the generation has moved, and deleting a replaced set entry
+    /// by entry would hold up the answer to the change that replaced it.
     pub fn switch_rules_with_mode(
         &mut self,
         rules: &RuleSet,
@@ -505,28 +518,47 @@ impl Datapath {
         let flipped_at = started.elapsed();
         // The new rules are in force whatever happens now.
         self.written.live = plan.ids;
-        let keep: BTreeSet<u32> = self.written.live.iter().copied().collect();
-        // Endpoints that are gone leave the old half now; the others stay
-        // there until the next switch writes what differs.
-        let cleared = self
-            .delete_sets_except(&keep)
-            .and_then(|()| self.delete_endpoints_except(live_half, &plan.endpoints));
-        if let Err(e) = cleared {
-            tracing::warn!(error = %e, "old rules not all removed; they are out of force and go at the next switch");
-        }
-        if let Err(e) = self.write_names(plan.names) {
-            tracing::warn!(error = %e, "FQDN names of old rules not all removed; they go at the next switch");
-        }
+        self.written.removal_due = Some(plan.names);
         tracing::debug!(
             generation = next_generation,
             sets_written,
             map_writes = self.written.map_writes - writes_before,
             plan_us = planned.as_micros() as u64,
             flip_us = (flipped_at - planned).as_micros() as u64,
-            cleanup_us = (started.elapsed() - flipped_at).as_micros() as u64,
             "switch: rules written"
         );
         Ok(next_generation)
+    }
+
+    /// Deletes what only rule sets out of force used, after a switch: their
+    /// sets, the entries of endpoints gone since in the endpoints' half out
+    /// of force (the others stay there until the next switch writes what
+    /// differs), and the FQDN names no rule in force has. What is not
+    /// deleted here goes at the next switch.
+    pub fn remove_out_of_force(&mut self) {
+        let Some(names) = self.written.removal_due.take() else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let writes_before = self.written.map_writes;
+        let live_half = (self.state.generation & 1) as usize;
+        let keep: BTreeSet<u32> = self.written.live.iter().copied().collect();
+        let live_endpoints = std::mem::take(&mut self.written.endpoints[live_half]);
+        let cleared = self
+            .delete_sets_except(&keep)
+            .and_then(|()| self.delete_endpoints_except(1 - live_half, &live_endpoints));
+        self.written.endpoints[live_half] = live_endpoints;
+        if let Err(e) = cleared {
+            tracing::warn!(error = %e, "old rules not all removed; they are out of force and go at the next switch");
+        }
+        if let Err(e) = self.write_names(names) {
+            tracing::warn!(error = %e, "FQDN names of old rules not all removed; they go at the next switch");
+        }
+        tracing::debug!(
+            map_writes = self.written.map_writes - writes_before,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "switch: rules out of force removed"
+        );
     }
 
     /// Whether `rules` could be switched to now (encoding and capacity),
