@@ -926,7 +926,7 @@ impl Report {
                 ),
                 met: Some(dns.learned_per_second() >= 50_000.0),
                 note: format!(
-                    "one socket asking over a veth, one resolver answering; each answer is learned \
+                    "one socket asking over a veth, 64 queries in flight, one resolver answering; each answer is learned \
                      only because the packet hook recorded its query first. Added latency per \
                      answer: {:+.1} µs at p50, {:+.1} µs at p99 (query/answer round trips, with and \
                      without the programs)",
@@ -1298,7 +1298,7 @@ impl Report {
             let _ = writeln!(
                 md,
                 "\n## DNS learning\n\nQueries from one socket of an endpoint whose policy has a name \
-                 rule matching them, sent as fast as it goes, each answered by a trusted resolver in a \
+                 rule matching them, sent as fast as the resolver answers (64 in flight, then their answers), each answered by a trusted resolver in a \
                  test host's namespace with one name and address; the packet hook records each query, \
                  the ingress program matches and learns each answer; counted by the kernel.\n\n\
                  | seconds | queries sent | answers seen by the kernel | addresses learned | learned/s |\n|---|---|---|---|---|\n\
