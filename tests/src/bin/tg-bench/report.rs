@@ -431,14 +431,15 @@ pub struct Target {
 /// instrumented run of the agent at this size (`tg-bench control
 /// --agent-log debug`), not measured by each run.
 const ONE_RULE_SPLIT: &str = "the change is a delta up to the kernel: only the changed policy \
-     is sent, validated and compiled, the others keep their rule ids and names, and one journal \
-     record is appended. Split of a one-rule change in a policy of 1,000 rules in one \
-     instrumented run at this size: validating and planning 0.8 ms, selecting endpoints 0.1 ms, \
-     compiling 0.9 ms, the kernel switch 3.0 ms (the changed set written whole under a new id, \
-     1,001 LPM trie inserts, and the old one deleted: 2,103 map writes), pods' namespace links \
-     0.2 ms, the journal record with its fdatasync 1.1 ms; the rest is gRPC. What would close \
-     it: a changed set updated in place, entry by entry (a decision reads one entry, the longest \
-     match), so a one-rule change writes a few entries instead of the set";
+     is sent, validated and compiled, the others keep their rule ids and names, one journal \
+     record is appended, and the set it replaced is deleted after the answer. Split of a \
+     one-rule change in a policy of 1,000 rules in one instrumented run at this size: \
+     validating and planning 0.7 ms, selecting endpoints 0.1 ms, compiling 1.0 ms, the kernel \
+     switch 2.3 ms (the changed set written whole under a new id: 1,001 LPM trie inserts and \
+     100 endpoints, 1,101 map writes), pods' namespace links 0.3 ms, the journal record with \
+     its fdatasync 1.1 ms; the rest is gRPC. What would close it: a changed set updated in \
+     place, entry by entry (a decision reads one entry, the longest match), so a one-rule \
+     change writes a few entries instead of the set";
 
 /// How much dearer than the cheapest size a decision may be and still
 /// count as flat across sizes: the spread between turns of one program's
@@ -990,14 +991,14 @@ impl Report {
                 note: if c.agent_rss_kib <= 64 * 1024 {
                     String::new()
                 } else {
-                    "a heap profile (heaptrack) at this size holds 42 MB live: the policies as validated \
-                     (14 MB: 80 bytes per rule, and an allocation for each rule's destinations and \
-                     name), the rule names kept for flow records (10 MB), the compiled sets (7 MB), \
-                     the documents in force, encoded (4 MB); glibc's header and rounding on each small \
-                     allocation, 10 MiB of program text and 8 MiB of mapped ring \
-                     buffer make the rest (docs/memory.md). What would close it: a compact rule \
-                     model (a rule's one destination inline, its name shared with the names kept \
-                     for flow records, a set's port lists in one allocation)"
+                    "a heap profile (heaptrack) at this size holds 37.5 MB live: the policies as validated \
+                     (12 MB: 96 bytes per rule and its name), the compiled sets (7 MB), the rule \
+                     names kept for flow records (6 MB), the documents in force, encoded (4 MB); \
+                     glibc's header and rounding on each small allocation, 9 MiB of program text \
+                     and the ring buffer's 4 MiB, mapped twice, make the rest, and the heap's free pages \
+                     between long-lived allocations, which depend on what else allocated during \
+                     the apply (docs/memory.md). What would close it: a policy's rule names in one \
+                     allocation, so that the rules in force hold few small allocations"
                         .into()
                 },
             });
