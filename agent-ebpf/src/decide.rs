@@ -12,6 +12,9 @@
 //! moved away from it, so if the two reads agree no lookup can have seen a
 //! deletion, and the decision is wholly that generation's. If they differ,
 //! it decides again with the new word, up to GENERATION_ATTEMPTS times.
+//! (One exception: a change that is one entry of a set in force is written
+//! over that entry before the flip. The kernel replaces the entry whole, so
+//! decisions meet that one write as they would meet the flip.)
 
 use core::sync::atomic::{Ordering, compiler_fence};
 

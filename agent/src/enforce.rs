@@ -368,8 +368,23 @@ impl RuleNamesById {
             }
         }
         for (id, names) in started {
+            // A set in force whose change is one entry is rewritten where
+            // it is before the generation moves (datapath `set_delta`), so
+            // a rule it gains can decide, and be recorded under, the
+            // generation before. An id new to force was in
+            // force under no name then (ids are not handed out again
+            // while in use), so its span starts a switch early.
+            let in_force_before = self
+                .latest
+                .get(&id)
+                .is_some_and(|span| span.until >= switch);
+            let from = if in_force_before {
+                switch
+            } else {
+                switch.saturating_sub(1)
+            };
             let span = NameSpan {
-                from: switch,
+                from,
                 until: NameSpan::IN_FORCE,
                 names,
             };
@@ -1335,7 +1350,11 @@ mod tests {
         assert_eq!(naming.rule(second, db), None, "out of force");
         // Records of the generation before still get its names.
         assert_eq!(naming.rule(first, db), named("b", "db", "local"));
-        assert_eq!(naming.rule(first, cache), None, "not in force yet");
+        assert_eq!(
+            naming.rule(first, cache),
+            named("b", "cache", "local"),
+            "new to force: named a generation early (a_rule_new_to_force_is_named_in_the_generation_before_too)"
+        );
     }
 
     #[test]
@@ -1357,6 +1376,28 @@ mod tests {
         for &generation in &generations[1..] {
             assert_eq!(naming.rule(generation, new), named("p", "new", "local"));
         }
+    }
+
+    /// A set whose change is one entry is rewritten in place before the
+    /// generation moves, so a rule new to force can decide under the
+    /// generation before; its records must carry its name all the same.
+    #[test]
+    fn a_rule_new_to_force_is_named_in_the_generation_before_too() {
+        let mut naming = Naming::new();
+        let none = BTreeSet::new();
+        let first = naming.switch(&[policy("p", &["kept", "gone"])], &none);
+        let gone = naming.id("p", "gone");
+        let second = naming.switch(&[policy("p", &["kept", "added"])], &none);
+        let (kept, added) = (naming.id("p", "kept"), naming.id("p", "added"));
+        assert_eq!(naming.rule(first, added), named("p", "added", "local"));
+        assert_eq!(naming.rule(second, added), named("p", "added", "local"));
+        assert_eq!(naming.rule(first, kept), named("p", "kept", "local"));
+        assert_eq!(naming.rule(first, gone), named("p", "gone", "local"));
+        assert_eq!(
+            naming.rule(second, gone),
+            None,
+            "a rule that left force is not named after"
+        );
     }
 
     #[test]

@@ -587,7 +587,7 @@ fn kernel_sets(env: &TestEnv) -> (BTreeMap<(u64, u32), u32>, Vec<u32>) {
 #[ignore = "needs root and the BPF object: cargo xtask test"]
 async fn a_switch_writes_only_the_sets_that_changed() {
     let mut env = TestEnv::new("incremental");
-    let host = env.add_host(2, &[8080]).v4;
+    let host = env.add_host(10, &[8080]).v4;
     let (mut dp, _events) = enforcing(&env);
     let other = env.cgroup.child("other");
     let other_id = tollgate_agent::cgroups::cgroup_id(&other).unwrap();
@@ -600,7 +600,7 @@ async fn a_switch_writes_only_the_sets_that_changed() {
         std::sync::Arc::new(set)
     };
     let rules = |second: std::sync::Arc<SetRules>| RuleSet {
-        sets: vec![allow(&["10.231.2.0/24"], 1), second],
+        sets: vec![allow(&["10.231.10.0/24"], 1), second],
         endpoints: BTreeMap::from([(env.cgroup.id, 0), (other_id, 1)]),
         ..RuleSet::default()
     };
@@ -610,14 +610,17 @@ async fn a_switch_writes_only_the_sets_that_changed() {
             .result()
     };
     let without_host = || allow(&["10.1.0.0/16"], 2);
-    let with_host = || allow(&["10.1.0.0/16", "10.231.2.0/24"], 2);
+    // Two entries differ (and one more): a change of one entry alone is
+    // rewritten in place (a_change_of_one_entry_is_rewritten_in_place).
+    let with_host = || allow(&["10.2.0.0/16", "10.231.10.0/24"], 2);
 
     let first = dp.switch_rules(&rules(without_host())).unwrap();
     let (endpoints, _) = kernel_sets(&env);
     let [kept, old] = [env.cgroup.id, other_id].map(|c| endpoints[&(c, first & 1)]);
     assert_eq!(connect(&other), Err(EPERM));
 
-    // The second set gains the host's prefix; the first is the same.
+    // The second set gains the host's prefix (and trades 10.1/16 for
+    // 10.2/16); the first is the same.
     let second = dp.switch_rules(&rules(with_host())).unwrap();
     let (endpoints, mut rule_sets) = kernel_sets(&env);
     let [now_kept, new] = [env.cgroup.id, other_id].map(|c| endpoints[&(c, second & 1)]);
@@ -650,6 +653,62 @@ async fn a_switch_writes_only_the_sets_that_changed() {
     assert_eq!(rule_sets, expected);
     assert_eq!(connect(&other), Err(EPERM));
     assert_eq!(connect(&env.cgroup.path), Ok(()));
+}
+
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn a_change_of_one_entry_is_rewritten_in_place() {
+    let mut env = TestEnv::new("in-place");
+    let host = env.add_host(9, &[8080]).v4;
+    let (mut dp, _events) = enforcing(&env);
+    let rules = |with_host: bool| {
+        let mut set = set(Action::Deny);
+        for i in 0..6u32 {
+            let any = rule(PortRange::ANY, Protocol::Any, Action::Allow, 1 + i);
+            set.v4
+                .push((format!("10.1.{i}.0/24").parse().unwrap(), vec![any]));
+        }
+        if with_host {
+            let to_host = rule(PortRange::single(8080), Protocol::Tcp, Action::Allow, 9);
+            set.v4
+                .push((format!("{host}/32").parse().unwrap(), vec![to_host]));
+        }
+        only_endpoint(env.cgroup.id, set)
+    };
+    let connect = || {
+        env.probe(&["connect", "tcp", &format!("{host}:8080")])
+            .result()
+    };
+
+    let first = dp.switch_rules(&rules(false)).unwrap();
+    let [set_id] = dp.set_ids() else {
+        panic!("one set")
+    };
+    let set_id = *set_id;
+    assert_eq!(env.v4_rule_set_ids(), vec![set_id; 6]);
+    assert_eq!(connect(), Err(EPERM));
+
+    let second = dp.switch_rules(&rules(true)).unwrap();
+    assert_ne!(second, first, "the generation moves all the same");
+    assert_eq!(dp.set_ids(), [set_id], "rewritten where it is");
+    let (endpoints, rule_sets) = kernel_sets(&env);
+    assert_eq!(
+        rule_sets,
+        vec![set_id; 7],
+        "one entry added, none written anew"
+    );
+    assert_eq!(endpoints[&(env.cgroup.id, second & 1)], set_id);
+    assert_eq!(connect(), Ok(()), "the added entry decides");
+
+    let third = dp.switch_rules(&rules(false)).unwrap();
+    assert_eq!(dp.set_ids(), [set_id]);
+    assert_eq!(
+        env.v4_rule_set_ids(),
+        vec![set_id; 6],
+        "the entry is gone again"
+    );
+    assert_eq!(kernel_sets(&env).0[&(env.cgroup.id, third & 1)], set_id);
+    assert_eq!(connect(), Err(EPERM));
 }
 
 // The packet hook: sockets the sock_addr hooks do not see, judged per

@@ -24,6 +24,7 @@ mod hits;
 pub mod learned;
 pub mod raw_bpf;
 mod rules;
+mod set_delta;
 
 use std::{
     fs,

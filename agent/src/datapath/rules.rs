@@ -8,14 +8,19 @@
 //! and deletes the sets only the old generation used; see `decide.rs` in
 //! agent-ebpf for why the kernel never mixes two generations. The agent's
 //! controller leaves that deletion until the change is answered
-//! ([`Datapath::remove_out_of_force`]).
+//! ([`Datapath::remove_out_of_force`]). A switch whose whole change is one
+//! entry of a set in force rewrites that entry where it is instead
+//! ([`super::set_delta`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
-use aya::maps::{IterableMap, lpm_trie::Key};
+use aya::{
+    Pod,
+    maps::{IterableMap, LpmTrie, MapData, lpm_trie::Key},
+};
 use ipnet::IpNet;
 use tollgate_common::{
     Config, EndpointKey, EndpointValue, FqdnName, FqdnNameIds, FqdnRuleKey, MAX_PORT_RULES,
@@ -29,7 +34,10 @@ use tollgate_policy::{
     model::{Action, FqdnPattern, PolicyMode, PortRange},
 };
 
-use super::{Datapath, DatapathError, map_err};
+use super::{
+    Datapath, DatapathError, map_err,
+    set_delta::{PrefixWrite, prefix_writes},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuleSetError {
@@ -142,6 +150,42 @@ impl WrittenSet {
 }
 
 impl Written {
+    /// Takes in a set rewritten in place: its keys and its content.
+    fn rewritten(&mut self, delta: SetDelta) {
+        let Some(set) = self.sets.get_mut(&delta.id) else {
+            return;
+        };
+        match &delta.entry {
+            PrefixEntry::V4(write) => keep_keys(&mut set.v4, write),
+            PrefixEntry::V6(write) => keep_keys(&mut set.v6, write),
+        }
+        if let Some(old) = set.content.replace(Arc::clone(&delta.content)) {
+            self.forget_content(&old, delta.id);
+        }
+        let by_allocation = self.by_allocation.entry(allocation(&delta.content));
+        by_allocation.or_default().insert(delta.id);
+        self.by_content
+            .entry(delta.content)
+            .or_default()
+            .insert(delta.id);
+    }
+
+    /// Drops set `id` from the ids known by `content`.
+    fn forget_content(&mut self, content: &Arc<SetRules>, id: u32) {
+        if let Some(ids) = self.by_content.get_mut(content) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_content.remove(content);
+            }
+        }
+        if let Some(ids) = self.by_allocation.get_mut(&allocation(content)) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_allocation.remove(&allocation(content));
+            }
+        }
+    }
+
     /// Sets a decision may read now: those of the rule set in force, and
     /// whatever the endpoints of the half in force point at.
     fn live_set_ids(&self, live_half: usize) -> BTreeSet<u32> {
@@ -164,6 +208,16 @@ impl Written {
     }
 }
 
+/// Makes a set's keys `(prefix length, data)` what they are after `write`.
+fn keep_keys<K: Pod + PartialEq>(keys: &mut Vec<(u32, K)>, write: &PrefixWrite<Key<K>, RuleList>) {
+    let held = (write.key.prefix_len(), write.key.data());
+    match (&write.old, &write.new) {
+        (None, Some(_)) => keys.push(held),
+        (Some(_), None) => keys.retain(|key| *key != held),
+        _ => {}
+    }
+}
+
 /// A rule set's switch worked out against what the maps hold; nothing is
 /// written yet.
 struct SwitchPlan {
@@ -171,6 +225,9 @@ struct SwitchPlan {
     ids: Vec<u32>,
     /// The sets to write, under fresh ids.
     new_sets: Vec<NewSet>,
+    /// The set in force rewritten where it is, when the switch's whole
+    /// change is one of its entries; empty otherwise.
+    in_place: Vec<SetDelta>,
     endpoints: BTreeMap<u64, EndpointValue>,
     /// Not per generation: the names map holds the patterns of every
     /// generation in force or about to be.
@@ -184,6 +241,32 @@ struct NewSet {
     v4: Vec<(Key<RuleKeyV4>, RuleList)>,
     v6: Vec<(Key<RuleKeyV6>, RuleList)>,
     fqdn: Vec<(FqdnRuleKey, RuleList)>,
+}
+
+/// A set in force whose change is one entry, in kernel form: the entry is
+/// rewritten where it is ([`super::set_delta`]).
+struct SetDelta {
+    id: u32,
+    content: Arc<SetRules>,
+    entry: PrefixEntry,
+}
+
+enum PrefixEntry {
+    V4(PrefixWrite<Key<RuleKeyV4>, RuleList>),
+    V6(PrefixWrite<Key<RuleKeyV6>, RuleList>),
+}
+
+impl SetDelta {
+    /// Entries it adds to the maps (less those it deletes): [v4, v6].
+    fn growth(&self) -> [isize; 2] {
+        fn growth<K, V>(write: &PrefixWrite<K, V>) -> isize {
+            write.new.is_some() as isize - write.old.is_some() as isize
+        }
+        match &self.entry {
+            PrefixEntry::V4(write) => [growth(write), 0],
+            PrefixEntry::V6(write) => [0, growth(write)],
+        }
+    }
 }
 
 fn encode_rules(
@@ -338,12 +421,43 @@ pub(super) fn decode_names(names: &FqdnNames) -> BTreeMap<FqdnPattern, u32> {
 
 /// Works out the switch to `rules`: which sets the maps already hold (same
 /// content, same id), which are new and get an id no set in the maps has,
-/// and every endpoint's value. Pure, so all of it is checked before a write.
-fn plan_switch(written: &Written, rules: &RuleSet) -> Result<SwitchPlan, RuleSetError> {
+/// and every endpoint's value; or, where the whole change is one entry of
+/// one set in force and `live_half` (the endpoints' half in force) is
+/// given, that entry's rewrite. Pure, so all of it is checked before a
+/// write.
+fn plan_switch(
+    written: &Written,
+    rules: &RuleSet,
+    live_half: Option<usize>,
+) -> Result<SwitchPlan, RuleSetError> {
+    if let Some(live_half) = live_half {
+        let plan = plan_sets(written, rules, Some(live_half))?;
+        let one_entry = plan.new_sets.is_empty()
+            && plan.in_place.len() == 1
+            && plan.endpoints == written.endpoints[live_half];
+        if one_entry || plan.in_place.is_empty() {
+            return Ok(plan);
+        }
+    }
+    plan_sets(written, rules, None)
+}
+
+/// [`plan_switch`], a set in force whose change is one entry rewritten in
+/// place with `live_half`, whatever else changes.
+fn plan_sets(
+    written: &Written,
+    rules: &RuleSet,
+    live_half: Option<usize>,
+) -> Result<SwitchPlan, RuleSetError> {
     let names = encode_names(&rules.fqdn_patterns)?;
     let mut ids = Vec::with_capacity(rules.sets.len());
     let mut new_sets: Vec<NewSet> = Vec::new();
+    let mut deltas: Vec<SetDelta> = Vec::new();
     let mut taken: BTreeSet<u32> = BTreeSet::new();
+    let in_force = match live_half {
+        Some(live_half) => sets_in_force_by_index(written, live_half, rules),
+        None => Vec::new(),
+    };
     let mut next_id = written.next_set_id;
     for (index, set) in rules.sets.iter().enumerate() {
         let free = |ids: &BTreeSet<u32>| ids.iter().find(|id| !taken.contains(id)).copied();
@@ -355,6 +469,22 @@ fn plan_switch(written: &Written, rules: &RuleSet) -> Result<SwitchPlan, RuleSet
         if let Some(id) = held {
             taken.insert(id);
             ids.push(id);
+            continue;
+        }
+        let rewrite = in_force
+            .get(index)
+            .copied()
+            .flatten()
+            .filter(|id| !taken.contains(id))
+            .and_then(|id| {
+                let old = written.sets.get(&id)?.content.as_ref()?;
+                plan_in_place(index as u32, id, old, set)
+            })
+            .transpose()?;
+        if let Some(delta) = rewrite {
+            taken.insert(delta.id);
+            ids.push(delta.id);
+            deltas.push(delta);
             continue;
         }
         // Ids only grow within a plan, so none of this plan's repeats.
@@ -394,9 +524,120 @@ fn plan_switch(written: &Written, rules: &RuleSet) -> Result<SwitchPlan, RuleSet
     Ok(SwitchPlan {
         ids,
         new_sets,
+        in_place: deltas,
         endpoints,
         names,
     })
+}
+
+/// For each set index of `rules`, the set in force (in the endpoints'
+/// `live_half`) that its endpoints, and no others, use: the one a change
+/// to the index's set may rewrite in place, which moves no endpoint.
+fn sets_in_force_by_index(
+    written: &Written,
+    live_half: usize,
+    rules: &RuleSet,
+) -> Vec<Option<u32>> {
+    let live = &written.endpoints[live_half];
+    let mut users: HashMap<u32, usize> = HashMap::new();
+    for value in live.values() {
+        *users.entry(value.set_id).or_default() += 1;
+    }
+    // Per index: not seen yet, one set id for this many endpoints, or
+    // endpoints that do not share one.
+    #[derive(Clone, Copy)]
+    enum Seen {
+        Nothing,
+        One(u32, usize),
+        Mixed,
+    }
+    let mut seen = vec![Seen::Nothing; rules.sets.len()];
+    for (cgroup_id, &index) in &rules.endpoints {
+        let Some(slot) = seen.get_mut(index as usize) else {
+            continue; // plan_switch reports it
+        };
+        *slot = match (*slot, live.get(cgroup_id).map(|v| v.set_id)) {
+            (Seen::Nothing, Some(id)) => Seen::One(id, 1),
+            (Seen::One(id, n), Some(held)) if held == id => Seen::One(id, n + 1),
+            _ => Seen::Mixed,
+        };
+    }
+    seen.into_iter()
+        .map(|slot| match slot {
+            Seen::One(id, n) if users.get(&id) == Some(&n) => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `set` (index `index`) as a rewrite of set `id` in force, which holds
+/// `old`, where the two differ in one prefix's entry alone. Defaults and
+/// FQDN lists must be equal: a decision reads them beside one prefix's
+/// list.
+fn plan_in_place(
+    index: u32,
+    id: u32,
+    old: &SetRules,
+    set: &Arc<SetRules>,
+) -> Option<Result<SetDelta, RuleSetError>> {
+    let same_frame = old.default_action == set.default_action
+        && old.default_mode == set.default_mode
+        && old.default_hits_id == set.default_hits_id
+        && old.fqdn == set.fqdn;
+    if !same_frame {
+        return None;
+    }
+    let v4 = prefix_writes(&old.v4, &set.v4);
+    let v6 = prefix_writes(&old.v6, &set.v6);
+    let set_id_be = id.to_be();
+    let encode = |net: IpNet, list: Option<&Vec<PortRuleSpec>>| {
+        list.map(|l| encode_rules(index, ListName::Prefix(net), l))
+            .transpose()
+    };
+    let entry = match (&v4[..], &v6[..]) {
+        ([write], []) => {
+            let net = IpNet::V4(write.key);
+            encode(net, write.old).and_then(|old| {
+                Ok(PrefixEntry::V4(PrefixWrite {
+                    key: v4_key(set_id_be, &write.key),
+                    old,
+                    new: encode(net, write.new)?,
+                }))
+            })
+        }
+        ([], [write]) => {
+            let net = IpNet::V6(write.key);
+            encode(net, write.old).and_then(|old| {
+                Ok(PrefixEntry::V6(PrefixWrite {
+                    key: v6_key(set_id_be, &write.key),
+                    old,
+                    new: encode(net, write.new)?,
+                }))
+            })
+        }
+        _ => return None,
+    };
+    Some(entry.map(|entry| SetDelta {
+        id,
+        content: Arc::clone(set),
+        entry,
+    }))
+}
+
+fn v4_key(set_id_be: u32, net: &ipnet::Ipv4Net) -> Key<RuleKeyV4> {
+    let data = RuleKeyV4 {
+        set_id_be,
+        addr: net.network().octets(),
+    };
+    Key::new(32 + u32::from(net.prefix_len()), data)
+}
+
+fn v6_key(set_id_be: u32, net: &ipnet::Ipv6Net) -> Key<RuleKeyV6> {
+    let data = RuleKeyV6 {
+        set_id_be,
+        addr: net.network().octets(),
+    };
+    Key::new(32 + u32::from(net.prefix_len()), data)
 }
 
 /// The address of a set's allocation, as `Written::by_allocation` knows it.
@@ -421,23 +662,11 @@ fn encode_set(
     };
     for (net, port_rules) in &set.v4 {
         let list = encode_rules(index, ListName::Prefix(IpNet::V4(*net)), port_rules)?;
-        let data = RuleKeyV4 {
-            set_id_be,
-            addr: net.network().octets(),
-        };
-        encoded
-            .v4
-            .push((Key::new(32 + u32::from(net.prefix_len()), data), list));
+        encoded.v4.push((v4_key(set_id_be, net), list));
     }
     for (net, port_rules) in &set.v6 {
         let list = encode_rules(index, ListName::Prefix(IpNet::V6(*net)), port_rules)?;
-        let data = RuleKeyV6 {
-            set_id_be,
-            addr: net.network().octets(),
-        };
-        encoded
-            .v6
-            .push((Key::new(32 + u32::from(net.prefix_len()), data), list));
+        encoded.v6.push((v6_key(set_id_be, net), list));
     }
     for (pattern_id, port_rules) in &set.fqdn {
         if !patterns.contains_key(pattern_id) {
@@ -472,8 +701,11 @@ impl Datapath {
     /// combines the new rules with the old mode or the other way round.
     ///
     /// Only what changed is written: sets the maps hold already keep their
-    /// ids and entries, and of the endpoints' half out of force only the
-    /// entries that differ from the new ones are rewritten. What only the
+    /// ids and entries, a switch whose whole change is one entry of a set
+    /// in force rewrites that entry where it is, before the flip (one write
+    /// is one moment for every decision, see [`super::set_delta`]), and of
+    /// the endpoints' half out of force only the entries that differ from
+    /// the new ones are rewritten. What only the
     /// previous rule set used stays until [`remove_out_of_force`]
     /// (Self::remove_out_of_force), or the next switch: no decision reads
     /// it once the generation has moved, and deleting a replaced set entry
@@ -488,8 +720,12 @@ impl Datapath {
         let next_generation = self.state.generation.wrapping_add(1);
         let next_half = (next_generation & 1) as usize;
         let live_half = 1 - next_half;
-        let plan = plan_switch(&self.written, rules)?;
+        // A decision reads the mode beside a set: an entry rewritten in
+        // place before the flip would meet the old mode.
+        let in_place = (mode == self.global_mode()).then_some(live_half);
+        let plan = plan_switch(&self.written, rules, in_place)?;
         let sets_written = plan.new_sets.len();
+        let sets_rewritten = plan.in_place.len();
         let planned = started.elapsed();
         self.check_capacity(&plan, live_half)?;
 
@@ -503,6 +739,7 @@ impl Datapath {
         // Rules before endpoints: an endpoint never points at a missing set.
         let flipped = self
             .write_sets(plan.new_sets)
+            .and_then(|()| self.rewrite_sets_in_place(plan.in_place))
             .and_then(|()| self.write_endpoints(next_half, &plan.endpoints))
             .and_then(|()| {
                 let next = Config {
@@ -522,6 +759,7 @@ impl Datapath {
         tracing::debug!(
             generation = next_generation,
             sets_written,
+            sets_rewritten,
             map_writes = self.written.map_writes - writes_before,
             plan_us = planned.as_micros() as u64,
             flip_us = (flipped_at - planned).as_micros() as u64,
@@ -565,7 +803,7 @@ impl Datapath {
     /// without writing anything.
     pub fn check_rules(&self, rules: &RuleSet) -> Result<(), DatapathError> {
         let live_half = (self.state.generation & 1) as usize;
-        let plan = plan_switch(&self.written, rules)?;
+        let plan = plan_switch(&self.written, rules, Some(live_half))?;
         self.check_capacity(&plan, live_half)
     }
 
@@ -593,6 +831,11 @@ impl Datapath {
                 .zip([set.v4.len(), set.v6.len(), set.fqdn.len()])
             {
                 *count += n;
+            }
+        }
+        for delta in &plan.in_place {
+            for (count, n) in new.iter_mut().zip(delta.growth()) {
+                *count = count.saturating_add_signed(n);
             }
         }
         let checks = [
@@ -666,6 +909,25 @@ impl Datapath {
             let ids = self.written.by_content.entry(set.content).or_default();
             ids.insert(set.id);
             self.written.next_set_id = set.id;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the one entry of a set in force that changed
+    /// ([`super::set_delta`]). A write that fails leaves the entry as it
+    /// was.
+    fn rewrite_sets_in_place(&mut self, deltas: Vec<SetDelta>) -> Result<(), DatapathError> {
+        for delta in deltas {
+            match &delta.entry {
+                PrefixEntry::V4(write) => {
+                    apply_write(&mut self.rules_v4, write).map_err(map_err(map_names::RULES_V4))?
+                }
+                PrefixEntry::V6(write) => {
+                    apply_write(&mut self.rules_v6, write).map_err(map_err(map_names::RULES_V6))?
+                }
+            }
+            self.written.map_writes += 1;
+            self.written.rewritten(delta);
         }
         Ok(())
     }
@@ -744,20 +1006,11 @@ impl Datapath {
             .collect();
         for id in gone {
             let set = written.sets.get_mut(&id).expect("listed above");
-            if let Some(content) = set.content.take() {
-                if let Some(ids) = written.by_content.get_mut(&content) {
-                    ids.remove(&id);
-                    if ids.is_empty() {
-                        written.by_content.remove(&content);
-                    }
-                }
-                if let Some(ids) = written.by_allocation.get_mut(&allocation(&content)) {
-                    ids.remove(&id);
-                    if ids.is_empty() {
-                        written.by_allocation.remove(&allocation(&content));
-                    }
-                }
+            let content = set.content.take();
+            if let Some(content) = content {
+                written.forget_content(&content, id);
             }
+            let set = written.sets.get_mut(&id).expect("listed above");
             let entries = set.counts().iter().sum::<usize>() as u64;
             delete_each(
                 &mut set.v4,
@@ -856,6 +1109,20 @@ impl Datapath {
     }
 }
 
+/// Writes or deletes one entry (deleting a missing entry counts as done).
+fn apply_write<K: Pod>(
+    map: &mut LpmTrie<MapData, K, RuleList>,
+    write: &PrefixWrite<Key<K>, RuleList>,
+) -> Result<(), aya::maps::MapError> {
+    match &write.new {
+        Some(list) => map.insert(&write.key, list, 0),
+        None => match map.remove(&write.key) {
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            other => other,
+        },
+    }
+}
+
 /// Deletes every key in `keys` (a missing one counts as deleted), dropping
 /// each from `keys` once it is gone; stops at the first error.
 fn delete_each<K>(
@@ -916,7 +1183,7 @@ mod tests {
     }
 
     fn plan(rules: &RuleSet) -> Result<SwitchPlan, RuleSetError> {
-        plan_switch(&Written::default(), rules)
+        plan_switch(&Written::default(), rules, None)
     }
 
     #[test]
@@ -979,7 +1246,7 @@ mod tests {
             endpoints: BTreeMap::from([(1, 0), (2, 1), (3, 2)]),
             fqdn_patterns: BTreeMap::new(),
         };
-        let plan = plan_switch(&written, &rules).unwrap();
+        let plan = plan_switch(&written, &rules, None).unwrap();
         // Equal contents at two indices still get an id each: flow records
         // name each set's default owners by its id.
         assert_eq!(plan.ids, [5, 7, 8], "held set kept; 6 is taken");
@@ -987,6 +1254,145 @@ mod tests {
         assert_eq!(new, [7, 8], "only sets the maps do not hold are written");
         let ids: Vec<u32> = plan.endpoints.values().map(|v| v.set_id).collect();
         assert_eq!(ids, [5, 7, 8]);
+    }
+
+    /// Written as a switch to `set` for endpoints 1 and 2 leaves it: set
+    /// id 3 in force in half 0.
+    fn written_in_force(set: &Arc<SetRules>) -> Written {
+        let mut written = Written {
+            next_set_id: 3,
+            live: vec![3],
+            ..Written::default()
+        };
+        let value = EndpointValue {
+            set_id: 3,
+            default_action: encode_action(set.default_action),
+            default_mode: encode_mode(set.default_mode),
+            ..EndpointValue::default()
+        };
+        written.endpoints[0] = BTreeMap::from([(1, value), (2, value)]);
+        let complete = WrittenSet {
+            content: Some(Arc::clone(set)),
+            ..WrittenSet::default()
+        };
+        written.sets.insert(3, complete);
+        written
+            .by_content
+            .insert(Arc::clone(set), BTreeSet::from([3]));
+        written
+    }
+
+    #[test]
+    fn a_set_in_force_changed_in_a_few_prefixes_is_rewritten_where_it_is() {
+        let prefixes = |n: u8, extra: Option<&str>| {
+            let mut v4: Vec<(Ipv4Net, Vec<PortRuleSpec>)> = (0..n)
+                .map(|i| {
+                    let net = format!("10.{i}.0.0/16").parse().unwrap();
+                    (
+                        net,
+                        vec![rule(PortRange::ANY, Action::Allow, 1 + u32::from(i))],
+                    )
+                })
+                .collect();
+            if let Some(net) = extra {
+                v4.push((
+                    net.parse().unwrap(),
+                    vec![rule(PortRange::ANY, Action::Allow, 99)],
+                ));
+            }
+            set(v4)
+        };
+        let old = prefixes(8, None);
+        let written = written_in_force(&old);
+        let rules = |set: Arc<SetRules>, endpoints: &[u64]| RuleSet {
+            sets: vec![set],
+            endpoints: endpoints.iter().map(|&e| (e, 0)).collect(),
+            fqdn_patterns: BTreeMap::new(),
+        };
+
+        let one_more = rules(prefixes(8, Some("10.200.1.0/24")), &[1, 2]);
+        let plan = plan_switch(&written, &one_more, Some(0)).unwrap();
+        assert_eq!(plan.ids, [3], "the set keeps its id");
+        assert!(plan.new_sets.is_empty());
+        let [delta] = &plan.in_place[..] else {
+            panic!("one set rewritten: {:?}", plan.in_place.len())
+        };
+        let PrefixEntry::V4(write) = &delta.entry else {
+            panic!("an IPv4 entry")
+        };
+        assert_eq!(
+            (write.key.prefix_len(), write.key.data().addr),
+            (56, [10, 200, 1, 0])
+        );
+        assert_eq!(u32::from_be(write.key.data().set_id_be), 3);
+        assert!(write.old.is_none() && write.new.is_some_and(|l| l.rules[0].rule_id == 99));
+        assert_eq!(plan.endpoints[&1].set_id, 3);
+
+        // Written whole under a new id: where the switch may not rewrite in
+        // place (a mode change), where an endpoint joins or leaves the
+        // set, where its default changes, where two entries change (each
+        // rewritten in place would decide before the other).
+        let whole = |plan: SwitchPlan| plan.in_place.is_empty() && plan.ids != [3];
+        assert!(whole(plan_switch(&written, &one_more, None).unwrap()));
+        let joined = rules(prefixes(8, Some("10.200.1.0/24")), &[1, 2, 5]);
+        assert!(whole(plan_switch(&written, &joined, Some(0)).unwrap()));
+        let left = rules(prefixes(8, Some("10.200.1.0/24")), &[1]);
+        assert!(whole(plan_switch(&written, &left, Some(0)).unwrap()));
+        let mut other_default = (*prefixes(8, Some("10.200.1.0/24"))).clone();
+        other_default.default_action = Action::Allow;
+        let other_default = rules(Arc::new(other_default), &[1, 2]);
+        assert!(whole(
+            plan_switch(&written, &other_default, Some(0)).unwrap()
+        ));
+        let mut moved = (*prefixes(8, None)).clone();
+        moved.v4[0].0 = "10.201.0.0/16".parse().unwrap();
+        let moved = rules(Arc::new(moved), &[1, 2]);
+        assert!(whole(plan_switch(&written, &moved, Some(0)).unwrap()));
+        // Unchanged: neither written nor rewritten.
+        let same = plan_switch(&written, &rules(Arc::clone(&old), &[1, 2]), Some(0)).unwrap();
+        assert!(same.in_place.is_empty() && same.new_sets.is_empty() && same.ids == [3]);
+    }
+
+    #[test]
+    fn taking_in_a_rewrite_moves_the_set_to_its_new_content() {
+        let net = |s: &str| -> Ipv4Net { s.parse().unwrap() };
+        let any = |id| vec![rule(PortRange::ANY, Action::Allow, id)];
+        let old = set((0..8)
+            .map(|i| (net(&format!("10.{i}.0.0/16")), any(1)))
+            .collect());
+        let mut written = written_in_force(&old);
+        for (n, _) in &old.v4 {
+            written.sets.get_mut(&3).unwrap().v4.push((
+                32 + u32::from(n.prefix_len()),
+                RuleKeyV4 {
+                    set_id_be: 3u32.to_be(),
+                    addr: n.network().octets(),
+                },
+            ));
+        }
+        let mut v4 = old.v4.clone();
+        v4.remove(0);
+        let new = set(v4);
+        let rules = RuleSet {
+            sets: vec![Arc::clone(&new)],
+            endpoints: BTreeMap::from([(1, 0), (2, 0)]),
+            fqdn_patterns: BTreeMap::new(),
+        };
+        let mut plan = plan_switch(&written, &rules, Some(0)).unwrap();
+        written.rewritten(plan.in_place.remove(0));
+        let mut held: Vec<[u8; 4]> = written.sets[&3].v4.iter().map(|(_, k)| k.addr).collect();
+        held.sort();
+        let expected: Vec<[u8; 4]> = (1..8).map(|i| [10, i, 0, 0]).collect();
+        assert_eq!(held, expected, "the key deleted is gone");
+        assert_eq!(written.by_content.get(&new), Some(&BTreeSet::from([3])));
+        assert!(
+            !written.by_content.contains_key(&old),
+            "the old content is no longer held"
+        );
+        assert_eq!(
+            written.by_allocation.get(&allocation(&new)),
+            Some(&BTreeSet::from([3]))
+        );
     }
 
     #[test]

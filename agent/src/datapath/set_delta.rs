@@ -1,0 +1,81 @@
+//! What a changed rule set changes, prefix by prefix. A switch whose whole
+//! change is one such entry of one set in force (a rule added for a prefix
+//! of its own, removed, or given other ports) rewrites that entry where it
+//! is instead of writing the set anew under a new id: one map write rather
+//! than the set's thousands, and still one moment at which every decision
+//! goes from the old rules to the new (the kernel replaces an entry whole).
+//! A change of two entries or more is written as a new set and switched to
+//! by generation: rewriting two entries in place would let a decision for
+//! one address see the new rules while another still sees the old.
+
+use std::{collections::HashMap, hash::Hash};
+
+/// One entry's change: `key`'s list goes from `old` to `new` (`None`: no
+/// entry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct PrefixWrite<K, V> {
+    pub key: K,
+    pub old: Option<V>,
+    pub new: Option<V>,
+}
+
+/// The entries whose lists differ between `old` and `new` (prefix ->
+/// list): those only `new` has, those both have with other lists, those
+/// only `old` has.
+pub(super) fn prefix_writes<'a, K, V>(
+    old: &'a [(K, V)],
+    new: &'a [(K, V)],
+) -> Vec<PrefixWrite<K, &'a V>>
+where
+    K: Copy + Eq + Hash,
+    V: PartialEq,
+{
+    let before: HashMap<K, &V> = old.iter().map(|(key, list)| (*key, list)).collect();
+    let mut writes = Vec::new();
+    let mut kept = std::collections::HashSet::with_capacity(new.len());
+    for (key, list) in new {
+        kept.insert(*key);
+        let was = before.get(key).copied();
+        if was != Some(list) {
+            writes.push(PrefixWrite {
+                key: *key,
+                old: was,
+                new: Some(list),
+            });
+        }
+    }
+    writes.extend(
+        old.iter()
+            .filter(|(key, _)| !kept.contains(key))
+            .map(|(key, list)| PrefixWrite {
+                key: *key,
+                old: Some(list),
+                new: None,
+            }),
+    );
+    writes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_differs_is_written() {
+        let old = [(1, 1), (2, 2), (3, 3)];
+        let new = [(1, 1), (2, 9), (4, 4)];
+        let writes: Vec<(u8, Option<u8>, Option<u8>)> = prefix_writes(&old, &new)
+            .iter()
+            .map(|w| (w.key, w.old.copied(), w.new.copied()))
+            .collect();
+        assert_eq!(
+            writes,
+            [
+                (2, Some(2), Some(9)),
+                (4, None, Some(4)),
+                (3, Some(3), None)
+            ]
+        );
+        assert!(prefix_writes(&old, &old).is_empty());
+    }
+}
