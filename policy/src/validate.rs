@@ -51,6 +51,42 @@ pub fn validate_all(sourced: &[SourcedPolicy]) -> Result<Vec<Policy>, Vec<FieldE
 #[derive(Default)]
 struct Problems(Vec<(String, String)>);
 
+/// Where a field is, spelled out only when a problem names it: a policy of
+/// thousands of rules is validated without formatting a path per rule,
+/// peer and port.
+#[derive(Clone, Copy)]
+enum FieldPath<'a> {
+    Root(&'a str),
+    Field(&'a FieldPath<'a>, &'a str),
+    Item(&'a FieldPath<'a>, &'a str, usize),
+}
+
+impl<'a> FieldPath<'a> {
+    fn field(&'a self, name: &'a str) -> Self {
+        Self::Field(self, name)
+    }
+
+    fn item(&'a self, name: &'a str, index: usize) -> Self {
+        Self::Item(self, name, index)
+    }
+}
+
+impl std::fmt::Display for FieldPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Root(name) => f.write_str(name),
+            Self::Field(parent, name) => write!(f, "{parent}.{name}"),
+            Self::Item(parent, name, index) => write!(f, "{parent}.{name}[{index}]"),
+        }
+    }
+}
+
+impl From<FieldPath<'_>> for String {
+    fn from(path: FieldPath<'_>) -> Self {
+        path.to_string()
+    }
+}
+
 impl Problems {
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push((path.into(), message.into()));
@@ -121,7 +157,14 @@ fn validate(policy: &api::EgressPolicy, problems: &mut Problems) -> Option<Polic
         .egress
         .iter()
         .enumerate()
-        .map(|(i, rule)| validate_rule(rule, &format!("spec.egress[{i}]"), i, problems))
+        .map(|(i, rule)| {
+            validate_rule(
+                rule,
+                &FieldPath::Root("spec").item("egress", i),
+                i,
+                problems,
+            )
+        })
         .collect();
 
     (problems.0.len() == before).then(|| Policy {
@@ -331,7 +374,7 @@ fn check_label(key: &str, value: &str, path: &str, problems: &mut Problems) {
 
 fn validate_rule(
     rule: &api::EgressRule,
-    path: &str,
+    path: &FieldPath<'_>,
     index: usize,
     problems: &mut Problems,
 ) -> Rule {
@@ -340,7 +383,7 @@ fn validate_rule(
         "deny" => Action::Deny,
         other => {
             problems.push(
-                format!("{path}.action"),
+                path.field("action"),
                 format!("{other:?} is not one of \"allow\", \"deny\""),
             );
             Action::Allow
@@ -353,14 +396,14 @@ fn validate_rule(
         .to
         .iter()
         .enumerate()
-        .filter_map(|(i, peer)| validate_peer(peer, &format!("{path}.to[{i}]"), problems))
+        .filter_map(|(i, peer)| validate_peer(peer, &path.item("to", i), problems))
         .collect();
     to.shrink_to_fit();
     let mut ports: SmallVec<[PortSpec; 2]> = rule
         .ports
         .iter()
         .enumerate()
-        .filter_map(|(i, port)| validate_port(port, &format!("{path}.ports[{i}]"), problems))
+        .filter_map(|(i, port)| validate_port(port, &path.item("ports", i), problems))
         .collect();
     ports.shrink_to_fit();
     let name = if rule.name.is_empty() {
@@ -376,24 +419,28 @@ fn validate_rule(
     }
 }
 
-fn validate_peer(peer: &api::EgressPeer, path: &str, problems: &mut Problems) -> Option<Peer> {
+fn validate_peer(
+    peer: &api::EgressPeer,
+    path: &FieldPath<'_>,
+    problems: &mut Problems,
+) -> Option<Peer> {
     match (peer.cidr.is_empty(), peer.fqdn.is_empty()) {
         (true, true) => {
-            problems.push(path, "needs cidr or fqdn");
+            problems.push(*path, "needs cidr or fqdn");
             None
         }
         (false, false) => {
-            problems.push(path, "has both cidr and fqdn; use one peer for each");
+            problems.push(*path, "has both cidr and fqdn; use one peer for each");
             None
         }
         (false, true) => {
-            let net = parse_prefix(&peer.cidr, &format!("{path}.cidr"), problems)?;
+            let net = parse_prefix(&peer.cidr, &path.field("cidr"), problems)?;
             let except = peer
                 .except
                 .iter()
                 .enumerate()
                 .filter_map(|(i, text)| {
-                    let path = format!("{path}.except[{i}]");
+                    let path = path.item("except", i);
                     let except = parse_prefix(text, &path, problems)?;
                     if !net.contains(&except) || except.prefix_len() <= net.prefix_len() {
                         problems.push(
@@ -410,13 +457,13 @@ fn validate_peer(peer: &api::EgressPeer, path: &str, problems: &mut Problems) ->
         // An except would be silently meaningless on a name: refused, as
         // the CRD's CEL rule refuses it at admission.
         (true, false) if !peer.except.is_empty() => {
-            problems.push(format!("{path}.except"), "applies to a cidr peer only");
+            problems.push(path.field("except"), "applies to a cidr peer only");
             None
         }
         (true, false) => match super::fqdn::parse_pattern(&peer.fqdn) {
             Ok(pattern) => Some(Peer::Fqdn(pattern)),
             Err(why) => {
-                problems.push(format!("{path}.fqdn"), format!("{:?} {why}", peer.fqdn));
+                problems.push(path.field("fqdn"), format!("{:?} {why}", peer.fqdn));
                 None
             }
         },
@@ -424,23 +471,27 @@ fn validate_peer(peer: &api::EgressPeer, path: &str, problems: &mut Problems) ->
 }
 
 /// A prefix, with any host bits cleared ("10.1.2.3/16" is 10.1.0.0/16).
-fn parse_prefix(text: &str, path: &str, problems: &mut Problems) -> Option<IpNet> {
+fn parse_prefix(text: &str, path: &FieldPath<'_>, problems: &mut Problems) -> Option<IpNet> {
     match text.parse::<IpNet>() {
         Ok(IpNet::V6(net))
             if net.prefix_len() >= 96 && net.network().to_ipv4_mapped().is_some() =>
         {
-            problems.push(path, format!("{text:?} is IPv4-mapped; such destinations are judged as IPv4, so write the IPv4 prefix"));
+            problems.push(*path, format!("{text:?} is IPv4-mapped; such destinations are judged as IPv4, so write the IPv4 prefix"));
             None
         }
         Ok(net) => Some(net.trunc()),
         Err(_) => {
-            problems.push(path, format!("{text:?} is not a valid prefix"));
+            problems.push(*path, format!("{text:?} is not a valid prefix"));
             None
         }
     }
 }
 
-fn validate_port(port: &api::EgressPort, path: &str, problems: &mut Problems) -> Option<PortSpec> {
+fn validate_port(
+    port: &api::EgressPort,
+    path: &FieldPath<'_>,
+    problems: &mut Problems,
+) -> Option<PortSpec> {
     let protocol = match port.protocol.to_ascii_uppercase().as_str() {
         "" | "ANY" => Protocol::Any,
         "TCP" => Protocol::Tcp,
@@ -450,7 +501,7 @@ fn validate_port(port: &api::EgressPort, path: &str, problems: &mut Problems) ->
         "ICMPV6" => Protocol::Icmpv6,
         _ => {
             problems.push(
-                format!("{path}.protocol"),
+                path.field("protocol"),
                 format!(
                     "{:?} is not one of \"TCP\", \"UDP\", \"SCTP\", \"ICMP\", \"ICMPv6\", \"ANY\"",
                     port.protocol
@@ -461,7 +512,7 @@ fn validate_port(port: &api::EgressPort, path: &str, problems: &mut Problems) ->
     };
     if !protocol.has_ports() && (port.port.is_some() || port.end_port.is_some()) {
         problems.push(
-            format!("{path}.port"),
+            path.field("port"),
             format!("{} has no ports; leave port and endPort out", port.protocol),
         );
         return None;
@@ -471,7 +522,7 @@ fn validate_port(port: &api::EgressPort, path: &str, problems: &mut Problems) ->
             Ok(v) if v != 0 => Some(v),
             _ => {
                 problems.push(
-                    format!("{path}.{field}"),
+                    path.field(field),
                     format!("{value} is not a port (1-65535)"),
                 );
                 None
@@ -481,7 +532,7 @@ fn validate_port(port: &api::EgressPort, path: &str, problems: &mut Problems) ->
     let ports = match (port.port, port.end_port) {
         (None, None) => PortRange::ANY,
         (None, Some(_)) => {
-            problems.push(format!("{path}.endPort"), "needs port");
+            problems.push(path.field("endPort"), "needs port");
             return None;
         }
         (Some(first), None) => PortRange::single(check(first, "port", problems)?),
@@ -492,7 +543,7 @@ fn validate_port(port: &api::EgressPort, path: &str, problems: &mut Problems) ->
             );
             if last < first {
                 problems.push(
-                    format!("{path}.endPort"),
+                    path.field("endPort"),
                     format!("{last} is below port {first}"),
                 );
                 return None;
