@@ -473,6 +473,87 @@ async fn a_full_ring_buffer_loses_nothing_silently() {
     );
 }
 
+/// Rules for `cgroup_id` one entry apart: six prefixes elsewhere, and
+/// `with_host`, rule 9 allowing TCP to `host`:8080; denied by default.
+fn one_entry_apart(cgroup_id: u64, host: std::net::Ipv4Addr, with_host: bool) -> RuleSet {
+    let mut set = set(Action::Deny);
+    for i in 0..6u32 {
+        let any = rule(PortRange::ANY, Protocol::Any, Action::Allow, 1 + i);
+        set.v4
+            .push((format!("10.1.{i}.0/24").parse().unwrap(), vec![any]));
+    }
+    if with_host {
+        let to_host = rule(PortRange::single(8080), Protocol::Tcp, Action::Allow, 9);
+        set.v4
+            .push((format!("{host}/32").parse().unwrap(), vec![to_host]));
+    }
+    only_endpoint(cgroup_id, set)
+}
+
+/// Switches `dp` between `odd` (to odd generations) and `even` while
+/// connecting to `host`:8080 from the test's cgroup in small batches,
+/// pausing between them; the switches go on until at least three batches
+/// ran meanwhile and the probes met both an allowed and a denied
+/// connection (on a loaded machine a switch can outlast a batch). So the
+/// two overlap by construction, and the ring buffer (read only afterwards)
+/// is never flooded. Returns every probe's (pid, result) and its event.
+async fn decisions_during_switches(
+    env: &TestEnv,
+    dp: &mut Datapath,
+    events: &mut EventReader,
+    host: std::net::Ipv4Addr,
+    [odd, even]: [&RuleSet; 2],
+) -> Vec<(FlowEvent, Result<(), i32>)> {
+    const SWITCHES: u32 = 2000;
+    let switching = AtomicBool::new(true);
+    let batches = AtomicUsize::new(0);
+    let (met_allow, met_deny) = (AtomicBool::new(false), AtomicBool::new(false));
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    let runs = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut n = 0;
+            while n < SWITCHES
+                || batches.load(SeqCst) < 3
+                || (!(met_allow.load(SeqCst) && met_deny.load(SeqCst))
+                    && std::time::Instant::now() < give_up)
+            {
+                let next = if (dp.generation() + 1) % 2 == 1 {
+                    odd
+                } else {
+                    even
+                };
+                dp.switch_rules(next).unwrap();
+                n += 1;
+            }
+            switching.store(false, SeqCst);
+        });
+        let mut runs = Vec::new();
+        while switching.load(SeqCst) {
+            let run = env.probe(&["--count", "100", "connect", "tcp", &format!("{host}:8080")]);
+            met_allow.fetch_or(run.results.contains(&Ok(())), SeqCst);
+            met_deny.fetch_or(run.results.contains(&Err(EPERM)), SeqCst);
+            runs.push(run);
+            batches.fetch_add(1, SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        runs
+    });
+
+    let attempts: usize = runs.iter().map(|r| r.results.len()).sum();
+    let got = collect_events(events, attempts, WAIT).await;
+    assert_eq!(got.len(), attempts);
+    let results = runs
+        .iter()
+        .flat_map(|r| r.results.iter().map(move |result| (r.pid, *result)));
+    got.into_iter()
+        .zip(results)
+        .map(|(event, (pid, result))| {
+            assert_eq!((event.pid_tgid >> 32) as u32, pid);
+            (event, result)
+        })
+        .collect()
+}
+
 #[tokio::test]
 #[ignore = "needs root and the BPF object: cargo xtask test"]
 async fn every_decision_during_rule_switches_belongs_to_one_generation() {
@@ -506,56 +587,15 @@ async fn every_decision_during_rule_switches_belongs_to_one_generation() {
 
     dp.switch_rules(&deny_rules).unwrap();
     assert_eq!(dp.generation() % 2, 1);
-
-    // The prober runs small batches, pausing between them, for as long as
-    // the switches go on; the switches go on until at least three batches
-    // ran meanwhile and the probes met both rule sets (on a loaded machine
-    // a switch can outlast a batch). So the two overlap by construction,
-    // and the ring buffer (read only afterwards) is never flooded.
-    const SWITCHES: u32 = 2000;
-    let switching = AtomicBool::new(true);
-    let batches = AtomicUsize::new(0);
-    let (met_allow, met_deny) = (AtomicBool::new(false), AtomicBool::new(false));
-    let give_up = std::time::Instant::now() + Duration::from_secs(30);
-    let runs = std::thread::scope(|scope| {
-        let dp = &mut dp;
-        scope.spawn(|| {
-            let mut n = 0;
-            while n < SWITCHES
-                || batches.load(SeqCst) < 3
-                || (!(met_allow.load(SeqCst) && met_deny.load(SeqCst))
-                    && std::time::Instant::now() < give_up)
-            {
-                let next = if (dp.generation() + 1) % 2 == 1 {
-                    &deny_rules
-                } else {
-                    &allow_rules
-                };
-                dp.switch_rules(next).unwrap();
-                n += 1;
-            }
-            switching.store(false, SeqCst);
-        });
-        let mut runs = Vec::new();
-        while switching.load(SeqCst) {
-            let run = env.probe(&["--count", "100", "connect", "tcp", &format!("{host}:8080")]);
-            met_allow.fetch_or(run.results.contains(&Ok(())), SeqCst);
-            met_deny.fetch_or(run.results.contains(&Err(EPERM)), SeqCst);
-            runs.push(run);
-            batches.fetch_add(1, SeqCst);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        runs
-    });
-
-    let attempts: usize = runs.iter().map(|r| r.results.len()).sum();
-    let got = collect_events(&mut events, attempts, WAIT).await;
-    assert_eq!(got.len(), attempts);
-    let results = runs
-        .iter()
-        .flat_map(|r| r.results.iter().map(move |result| (r.pid, result)));
-    for (event, (pid, result)) in got.iter().zip(results) {
-        assert_eq!((event.pid_tgid >> 32) as u32, pid);
+    let decisions = decisions_during_switches(
+        &env,
+        &mut dp,
+        &mut events,
+        host,
+        [&deny_rules, &allow_rules],
+    )
+    .await;
+    for (event, result) in &decisions {
         let expected_rule = if event.generation % 2 == 1 { 101 } else { 202 };
         assert_eq!(
             event.rule_id, expected_rule,
@@ -568,7 +608,37 @@ async fn every_decision_during_rule_switches_belongs_to_one_generation() {
         };
         assert_eq!(*result, expected_result, "{event:?}");
     }
-    assert!(got.iter().any(|e| e.rule_id == 101) && got.iter().any(|e| e.rule_id == 202));
+    assert!(decisions.iter().any(|(e, _)| e.rule_id == 101));
+    assert!(decisions.iter().any(|(e, _)| e.rule_id == 202));
+}
+
+/// The same under changes of one entry, rewritten in place: every decision
+/// is the old set's or the new one's whole, and its record says which (by
+/// rule id: a decision between the write and the flip carries the
+/// generation before).
+#[tokio::test]
+#[ignore = "needs root and the BPF object: cargo xtask test"]
+async fn every_decision_during_one_entry_rewrites_is_one_sets() {
+    let mut env = TestEnv::new("rewrite");
+    let host = env.add_host(11, &[8080]).v4;
+    let (mut dp, mut events) = enforcing(&env);
+    let rules = |with_host| one_entry_apart(env.cgroup.id, host, with_host);
+    let (without, with) = (rules(false), rules(true));
+    dp.switch_rules(&without).unwrap();
+    let set_ids = dp.set_ids().to_vec();
+    let decisions =
+        decisions_during_switches(&env, &mut dp, &mut events, host, [&with, &without]).await;
+    assert_eq!(dp.set_ids(), set_ids, "every switch was a rewrite in place");
+    for (event, result) in &decisions {
+        let expected = match event.rule_id {
+            9 => Ok(()),
+            RULE_ID_DEFAULT => Err(EPERM),
+            other => panic!("rule {other} cannot decide: {event:?}"),
+        };
+        assert_eq!(*result, expected, "{event:?}");
+    }
+    assert!(decisions.iter().any(|(e, _)| e.rule_id == 9));
+    assert!(decisions.iter().any(|(e, _)| e.rule_id == RULE_ID_DEFAULT));
 }
 
 /// (cgroup id, half) -> set id, as the pinned endpoints map holds them;
@@ -661,20 +731,7 @@ async fn a_change_of_one_entry_is_rewritten_in_place() {
     let mut env = TestEnv::new("in-place");
     let host = env.add_host(9, &[8080]).v4;
     let (mut dp, _events) = enforcing(&env);
-    let rules = |with_host: bool| {
-        let mut set = set(Action::Deny);
-        for i in 0..6u32 {
-            let any = rule(PortRange::ANY, Protocol::Any, Action::Allow, 1 + i);
-            set.v4
-                .push((format!("10.1.{i}.0/24").parse().unwrap(), vec![any]));
-        }
-        if with_host {
-            let to_host = rule(PortRange::single(8080), Protocol::Tcp, Action::Allow, 9);
-            set.v4
-                .push((format!("{host}/32").parse().unwrap(), vec![to_host]));
-        }
-        only_endpoint(env.cgroup.id, set)
-    };
+    let rules = |with_host| one_entry_apart(env.cgroup.id, host, with_host);
     let connect = || {
         env.probe(&["connect", "tcp", &format!("{host}:8080")])
             .result()

@@ -170,6 +170,27 @@ impl Written {
             .insert(delta.id);
     }
 
+    /// A set whose entry may be either version: no content is known, and
+    /// the entry's key is kept for deletion.
+    fn unknown_content(&mut self, delta: &SetDelta) {
+        let Some(set) = self.sets.get_mut(&delta.id) else {
+            return;
+        };
+        fn keep<K: Pod + PartialEq>(keys: &mut Vec<(u32, K)>, key: &Key<K>) {
+            let held = (key.prefix_len(), key.data());
+            if !keys.contains(&held) {
+                keys.push(held);
+            }
+        }
+        match &delta.entry {
+            PrefixEntry::V4(write) => keep(&mut set.v4, &write.key),
+            PrefixEntry::V6(write) => keep(&mut set.v6, &write.key),
+        }
+        if let Some(old) = set.content.take() {
+            self.forget_content(&old, delta.id);
+        }
+    }
+
     /// Drops set `id` from the ids known by `content`.
     fn forget_content(&mut self, content: &Arc<SetRules>, id: u32) {
         if let Some(ids) = self.by_content.get_mut(content) {
@@ -226,8 +247,8 @@ struct SwitchPlan {
     /// The sets to write, under fresh ids.
     new_sets: Vec<NewSet>,
     /// The set in force rewritten where it is, when the switch's whole
-    /// change is one of its entries; empty otherwise.
-    in_place: Vec<SetDelta>,
+    /// change is one of its entries.
+    in_place: Option<SetDelta>,
     endpoints: BTreeMap<u64, EndpointValue>,
     /// Not per generation: the names map holds the patterns of every
     /// generation in force or about to be.
@@ -430,29 +451,27 @@ fn plan_switch(
     rules: &RuleSet,
     live_half: Option<usize>,
 ) -> Result<SwitchPlan, RuleSetError> {
-    if let Some(live_half) = live_half {
-        let plan = plan_sets(written, rules, Some(live_half))?;
-        let one_entry = plan.new_sets.is_empty()
-            && plan.in_place.len() == 1
-            && plan.endpoints == written.endpoints[live_half];
-        if one_entry || plan.in_place.is_empty() {
-            return Ok(plan);
-        }
+    if let Some(live_half) = live_half
+        && let Some(plan) = plan_sets(written, rules, Some(live_half))?
+    {
+        return Ok(plan);
     }
-    plan_sets(written, rules, None)
+    Ok(plan_sets(written, rules, None)?.expect("a switch without rewrites always has a plan"))
 }
 
-/// [`plan_switch`], a set in force whose change is one entry rewritten in
-/// place with `live_half`, whatever else changes.
+/// [`plan_switch`]. With `live_half`, only a switch that writes no set
+/// whole, and moves no endpoint, is planned (None otherwise, as soon as
+/// that shows and before anything is encoded): at most one set in force
+/// rewritten in one entry.
 fn plan_sets(
     written: &Written,
     rules: &RuleSet,
     live_half: Option<usize>,
-) -> Result<SwitchPlan, RuleSetError> {
+) -> Result<Option<SwitchPlan>, RuleSetError> {
     let names = encode_names(&rules.fqdn_patterns)?;
     let mut ids = Vec::with_capacity(rules.sets.len());
     let mut new_sets: Vec<NewSet> = Vec::new();
-    let mut deltas: Vec<SetDelta> = Vec::new();
+    let mut in_place: Option<SetDelta> = None;
     let mut taken: BTreeSet<u32> = BTreeSet::new();
     let in_force = match live_half {
         Some(live_half) => sets_in_force_by_index(written, live_half, rules),
@@ -481,11 +500,16 @@ fn plan_sets(
                 plan_in_place(index as u32, id, old, set)
             })
             .transpose()?;
-        if let Some(delta) = rewrite {
+        if let Some(delta) = rewrite
+            && in_place.is_none()
+        {
             taken.insert(delta.id);
             ids.push(delta.id);
-            deltas.push(delta);
+            in_place = Some(delta);
             continue;
+        }
+        if live_half.is_some() {
+            return Ok(None);
         }
         // Ids only grow within a plan, so none of this plan's repeats.
         let id = loop {
@@ -521,13 +545,18 @@ fn plan_sets(
         };
         endpoints.insert(cgroup_id, value);
     }
-    Ok(SwitchPlan {
+    if let Some(live_half) = live_half
+        && endpoints != written.endpoints[live_half]
+    {
+        return Ok(None);
+    }
+    Ok(Some(SwitchPlan {
         ids,
         new_sets,
-        in_place: deltas,
+        in_place,
         endpoints,
         names,
-    })
+    }))
 }
 
 /// For each set index of `rules`, the set in force (in the endpoints'
@@ -725,7 +754,7 @@ impl Datapath {
         let in_place = (mode == self.global_mode()).then_some(live_half);
         let plan = plan_switch(&self.written, rules, in_place)?;
         let sets_written = plan.new_sets.len();
-        let sets_rewritten = plan.in_place.len();
+        let sets_rewritten = usize::from(plan.in_place.is_some());
         let planned = started.elapsed();
         self.check_capacity(&plan, live_half)?;
 
@@ -737,21 +766,29 @@ impl Datapath {
         // Names of both generations while either may decide.
         self.write_names(union_names(&self.fqdn_names, &plan.names))?;
         // Rules before endpoints: an endpoint never points at a missing set.
-        let flipped = self
-            .write_sets(plan.new_sets)
-            .and_then(|()| self.rewrite_sets_in_place(plan.in_place))
-            .and_then(|()| self.write_endpoints(next_half, &plan.endpoints))
-            .and_then(|()| {
-                let next = Config {
-                    generation: next_generation,
-                    global_mode: mode as u8,
-                    ..self.state
-                };
-                self.write_config(next)
-            });
         // On error nothing is in force that was not; what was written goes
-        // at the next switch.
-        flipped?;
+        // at the next switch. An entry rewritten in place is in force once
+        // written, so it goes last before the flip and is taken back if
+        // the flip fails.
+        self.write_sets(plan.new_sets)?;
+        self.write_endpoints(next_half, &plan.endpoints)?;
+        if let Some(delta) = &plan.in_place {
+            self.write_entry(&delta.entry)?;
+        }
+        let next = Config {
+            generation: next_generation,
+            global_mode: mode as u8,
+            ..self.state
+        };
+        if let Err(e) = self.write_config(next) {
+            if let Some(delta) = &plan.in_place {
+                self.take_back(delta);
+            }
+            return Err(e);
+        }
+        if let Some(delta) = plan.in_place {
+            self.written.rewritten(delta);
+        }
         let flipped_at = started.elapsed();
         // The new rules are in force whatever happens now.
         self.written.live = plan.ids;
@@ -833,7 +870,7 @@ impl Datapath {
                 *count += n;
             }
         }
-        for delta in &plan.in_place {
+        if let Some(delta) = &plan.in_place {
             for (count, n) in new.iter_mut().zip(delta.growth()) {
                 *count = count.saturating_add_signed(n);
             }
@@ -913,23 +950,35 @@ impl Datapath {
         Ok(())
     }
 
-    /// Rewrites the one entry of a set in force that changed
+    /// Writes the one entry of a set in force that changed
     /// ([`super::set_delta`]). A write that fails leaves the entry as it
     /// was.
-    fn rewrite_sets_in_place(&mut self, deltas: Vec<SetDelta>) -> Result<(), DatapathError> {
-        for delta in deltas {
-            match &delta.entry {
-                PrefixEntry::V4(write) => {
-                    apply_write(&mut self.rules_v4, write).map_err(map_err(map_names::RULES_V4))?
-                }
-                PrefixEntry::V6(write) => {
-                    apply_write(&mut self.rules_v6, write).map_err(map_err(map_names::RULES_V6))?
-                }
+    fn write_entry(&mut self, entry: &PrefixEntry) -> Result<(), DatapathError> {
+        match entry {
+            PrefixEntry::V4(write) => {
+                apply_write(&mut self.rules_v4, write).map_err(map_err(map_names::RULES_V4))?
             }
-            self.written.map_writes += 1;
-            self.written.rewritten(delta);
+            PrefixEntry::V6(write) => {
+                apply_write(&mut self.rules_v6, write).map_err(map_err(map_names::RULES_V6))?
+            }
         }
+        self.written.map_writes += 1;
         Ok(())
+    }
+
+    /// Writes an entry rewritten in place back as it was, after a switch
+    /// that failed. If that fails too, the set's content is no longer
+    /// known (so the next switch writes it anew under another id) and the
+    /// entry's key is kept for deletion.
+    fn take_back(&mut self, delta: &SetDelta) {
+        let undo = match &delta.entry {
+            PrefixEntry::V4(write) => PrefixEntry::V4(write.undo()),
+            PrefixEntry::V6(write) => PrefixEntry::V6(write.undo()),
+        };
+        if let Err(error) = self.write_entry(&undo) {
+            tracing::warn!(set = delta.id, %error, "an entry rewritten in place could not be taken back after the switch failed; the set is written anew at the next switch");
+            self.written.unknown_content(delta);
+        }
     }
 
     /// Makes the endpoints' `half` hold `target`, writing only what differs.
@@ -1314,8 +1363,8 @@ mod tests {
         let plan = plan_switch(&written, &one_more, Some(0)).unwrap();
         assert_eq!(plan.ids, [3], "the set keeps its id");
         assert!(plan.new_sets.is_empty());
-        let [delta] = &plan.in_place[..] else {
-            panic!("one set rewritten: {:?}", plan.in_place.len())
+        let Some(delta) = &plan.in_place else {
+            panic!("one set rewritten")
         };
         let PrefixEntry::V4(write) = &delta.entry else {
             panic!("an IPv4 entry")
@@ -1332,7 +1381,7 @@ mod tests {
         // place (a mode change), where an endpoint joins or leaves the
         // set, where its default changes, where two entries change (each
         // rewritten in place would decide before the other).
-        let whole = |plan: SwitchPlan| plan.in_place.is_empty() && plan.ids != [3];
+        let whole = |plan: SwitchPlan| plan.in_place.is_none() && plan.ids != [3];
         assert!(whole(plan_switch(&written, &one_more, None).unwrap()));
         let joined = rules(prefixes(8, Some("10.200.1.0/24")), &[1, 2, 5]);
         assert!(whole(plan_switch(&written, &joined, Some(0)).unwrap()));
@@ -1350,7 +1399,7 @@ mod tests {
         assert!(whole(plan_switch(&written, &moved, Some(0)).unwrap()));
         // Unchanged: neither written nor rewritten.
         let same = plan_switch(&written, &rules(Arc::clone(&old), &[1, 2]), Some(0)).unwrap();
-        assert!(same.in_place.is_empty() && same.new_sets.is_empty() && same.ids == [3]);
+        assert!(same.in_place.is_none() && same.new_sets.is_empty() && same.ids == [3]);
     }
 
     #[test]
@@ -1379,7 +1428,7 @@ mod tests {
             fqdn_patterns: BTreeMap::new(),
         };
         let mut plan = plan_switch(&written, &rules, Some(0)).unwrap();
-        written.rewritten(plan.in_place.remove(0));
+        written.rewritten(plan.in_place.take().expect("rewritten in place"));
         let mut held: Vec<[u8; 4]> = written.sets[&3].v4.iter().map(|(_, k)| k.addr).collect();
         held.sort();
         let expected: Vec<[u8; 4]> = (1..8).map(|i| [10, i, 0, 0]).collect();

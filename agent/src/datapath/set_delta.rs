@@ -19,6 +19,17 @@ pub(super) struct PrefixWrite<K, V> {
     pub new: Option<V>,
 }
 
+impl<K: Copy, V: Copy> PrefixWrite<K, V> {
+    /// The write that takes this one back.
+    pub fn undo(&self) -> Self {
+        Self {
+            key: self.key,
+            old: self.new,
+            new: self.old,
+        }
+    }
+}
+
 /// The entries whose lists differ between `old` and `new` (prefix ->
 /// list): those only `new` has, those both have with other lists, those
 /// only `old` has.
