@@ -290,10 +290,49 @@ impl SetDelta {
     }
 }
 
+/// How a set's lists carry each rule's precedence (`order`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Orders {
+    /// As compiled: a set with FQDN lists, which a decision merges with a
+    /// prefix's list by order.
+    AcrossLists,
+    /// The rule's position in its list: a set without FQDN lists, whose
+    /// decision reads one list, in which position is precedence. A rule
+    /// added or removed before others then changes no entry but those it
+    /// is in, where its order as compiled would change every entry after.
+    InList,
+}
+
+impl Orders {
+    fn of(set: &SetRules) -> Self {
+        if set.fqdn.is_empty() {
+            Self::InList
+        } else {
+            Self::AcrossLists
+        }
+    }
+
+    /// Whether two lists of a set encode alike.
+    fn same(self, a: &[PortRuleSpec], b: &[PortRuleSpec]) -> bool {
+        match self {
+            Self::AcrossLists => a == b,
+            Self::InList => {
+                let without_order =
+                    |r: &PortRuleSpec| (r.ports, r.protocol, r.action, r.mode, r.rule_id);
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b)
+                        .all(|(a, b)| without_order(a) == without_order(b))
+            }
+        }
+    }
+}
+
 fn encode_rules(
     set: u32,
     list: ListName,
     rules: &[PortRuleSpec],
+    orders: Orders,
 ) -> Result<RuleList, RuleSetError> {
     if rules.len() > MAX_PORT_RULES {
         return Err(RuleSetError::TooManyPortRules {
@@ -306,7 +345,7 @@ fn encode_rules(
         len: rules.len() as u32,
         ..Default::default()
     };
-    for (slot, rule) in encoded.rules.iter_mut().zip(rules) {
+    for (position, (slot, rule)) in encoded.rules.iter_mut().zip(rules).enumerate() {
         if rule.ports.first > rule.ports.last {
             let PortRange { first, last } = rule.ports;
             return Err(RuleSetError::ReversedPortRange {
@@ -330,7 +369,10 @@ fn encode_rules(
             mode: encode_mode(rule.mode),
             _pad: 0,
             rule_id: rule.rule_id,
-            order: rule.order,
+            order: match orders {
+                Orders::AcrossLists => rule.order,
+                Orders::InList => position as u32,
+            },
         };
     }
     Ok(encoded)
@@ -616,11 +658,13 @@ fn plan_in_place(
     if !same_frame {
         return None;
     }
-    let v4 = prefix_writes(&old.v4, &set.v4);
-    let v6 = prefix_writes(&old.v6, &set.v6);
+    let orders = Orders::of(set);
+    let same = |a: &Vec<PortRuleSpec>, b: &Vec<PortRuleSpec>| orders.same(a, b);
+    let v4 = prefix_writes(&old.v4, &set.v4, same);
+    let v6 = prefix_writes(&old.v6, &set.v6, same);
     let set_id_be = id.to_be();
     let encode = |net: IpNet, list: Option<&Vec<PortRuleSpec>>| {
-        list.map(|l| encode_rules(index, ListName::Prefix(net), l))
+        list.map(|l| encode_rules(index, ListName::Prefix(net), l, orders))
             .transpose()
     };
     let entry = match (&v4[..], &v6[..]) {
@@ -682,6 +726,7 @@ fn encode_set(
     patterns: &BTreeMap<u32, FqdnPattern>,
 ) -> Result<NewSet, RuleSetError> {
     let set_id_be = id.to_be();
+    let orders = Orders::of(set);
     let mut encoded = NewSet {
         id,
         content: Arc::clone(set),
@@ -690,11 +735,11 @@ fn encode_set(
         fqdn: Vec::with_capacity(set.fqdn.len()),
     };
     for (net, port_rules) in &set.v4 {
-        let list = encode_rules(index, ListName::Prefix(IpNet::V4(*net)), port_rules)?;
+        let list = encode_rules(index, ListName::Prefix(IpNet::V4(*net)), port_rules, orders)?;
         encoded.v4.push((v4_key(set_id_be, net), list));
     }
     for (net, port_rules) in &set.v6 {
-        let list = encode_rules(index, ListName::Prefix(IpNet::V6(*net)), port_rules)?;
+        let list = encode_rules(index, ListName::Prefix(IpNet::V6(*net)), port_rules, orders)?;
         encoded.v6.push((v6_key(set_id_be, net), list));
     }
     for (pattern_id, port_rules) in &set.fqdn {
@@ -704,7 +749,12 @@ fn encode_set(
                 pattern_id: *pattern_id,
             });
         }
-        let list = encode_rules(index, ListName::FqdnPattern(*pattern_id), port_rules)?;
+        let list = encode_rules(
+            index,
+            ListName::FqdnPattern(*pattern_id),
+            port_rules,
+            orders,
+        )?;
         let key = FqdnRuleKey {
             set_id: id,
             pattern_id: *pattern_id,
@@ -1397,6 +1447,34 @@ mod tests {
         moved.v4[0].0 = "10.201.0.0/16".parse().unwrap();
         let moved = rules(Arc::new(moved), &[1, 2]);
         assert!(whole(plan_switch(&written, &moved, Some(0)).unwrap()));
+        // A rule added before the others moves every rule's order; in a set
+        // without FQDN lists a list carries positions, so only the added
+        // rule's entry is written.
+        let mut first = (*prefixes(8, Some("10.200.1.0/24"))).clone();
+        for (_, list) in &mut first.v4 {
+            for rule in list {
+                rule.order = if rule.rule_id == 99 {
+                    0
+                } else {
+                    rule.order + 1
+                };
+            }
+        }
+        let plan =
+            plan_switch(&written, &rules(Arc::new(first.clone()), &[1, 2]), Some(0)).unwrap();
+        assert!(plan.new_sets.is_empty() && plan.in_place.is_some());
+        // With FQDN lists, orders are compared across lists: all written.
+        let with_names = |mut set: SetRules| {
+            set.fqdn = vec![(1, vec![rule(PortRange::ANY, Action::Allow, 50)])];
+            Arc::new(set)
+        };
+        let mut named = written_in_force(&with_names((*old).clone()));
+        named.endpoints[0]
+            .values_mut()
+            .for_each(|v| v.flags = endpoint_flags::FQDN_RULES);
+        let mut ruleset = rules(with_names(first), &[1, 2]);
+        ruleset.fqdn_patterns = BTreeMap::from([(1, FqdnPattern::Exact("example.com".into()))]);
+        assert!(whole(plan_switch(&named, &ruleset, Some(0)).unwrap()));
         // Unchanged: neither written nor rewritten.
         let same = plan_switch(&written, &rules(Arc::clone(&old), &[1, 2]), Some(0)).unwrap();
         assert!(same.in_place.is_none() && same.new_sets.is_empty() && same.ids == [3]);

@@ -1,6 +1,8 @@
 //! What a changed rule set changes, prefix by prefix. A switch whose whole
 //! change is one such entry of one set in force (a rule added for a prefix
-//! of its own, removed, or given other ports) rewrites that entry where it
+//! of its own, removed, or given other ports; in a set without FQDN lists
+//! a list carries positions, not orders, so a rule added before others
+//! changes only its own entry) rewrites that entry where it
 //! is instead of writing the set anew under a new id: one map write rather
 //! than the set's thousands, and still one moment at which every decision
 //! goes from the old rules to the new (the kernel replaces an entry whole).
@@ -31,15 +33,15 @@ impl<K: Copy, V: Copy> PrefixWrite<K, V> {
 }
 
 /// The entries whose lists differ between `old` and `new` (prefix ->
-/// list): those only `new` has, those both have with other lists, those
-/// only `old` has.
+/// list) by `same`: those only `new` has, those both have with other
+/// lists, those only `old` has.
 pub(super) fn prefix_writes<'a, K, V>(
     old: &'a [(K, V)],
     new: &'a [(K, V)],
+    same: impl Fn(&V, &V) -> bool,
 ) -> Vec<PrefixWrite<K, &'a V>>
 where
     K: Copy + Eq + Hash,
-    V: PartialEq,
 {
     let before: HashMap<K, &V> = old.iter().map(|(key, list)| (*key, list)).collect();
     let mut writes = Vec::new();
@@ -47,7 +49,7 @@ where
     for (key, list) in new {
         kept.insert(*key);
         let was = before.get(key).copied();
-        if was != Some(list) {
+        if !was.is_some_and(|was| same(was, list)) {
             writes.push(PrefixWrite {
                 key: *key,
                 old: was,
@@ -75,7 +77,7 @@ mod tests {
     fn only_what_differs_is_written() {
         let old = [(1, 1), (2, 2), (3, 3)];
         let new = [(1, 1), (2, 9), (4, 4)];
-        let writes: Vec<(u8, Option<u8>, Option<u8>)> = prefix_writes(&old, &new)
+        let writes: Vec<(u8, Option<u8>, Option<u8>)> = prefix_writes(&old, &new, u8::eq)
             .iter()
             .map(|w| (w.key, w.old.copied(), w.new.copied()))
             .collect();
@@ -87,6 +89,12 @@ mod tests {
                 (3, Some(3), None)
             ]
         );
-        assert!(prefix_writes(&old, &old).is_empty());
+        assert!(prefix_writes(&old, &old, u8::eq).is_empty());
+        let odd = |a: &u8, b: &u8| a % 2 == b % 2;
+        assert_eq!(
+            prefix_writes(&old, &[(1, 3), (2, 4), (3, 5)], odd).len(),
+            0,
+            "lists the same by `same` are not written"
+        );
     }
 }
