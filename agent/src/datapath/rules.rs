@@ -536,15 +536,14 @@ fn plan_sets(
             .get(index)
             .copied()
             .flatten()
-            .filter(|id| !taken.contains(id))
+            // A second set to rewrite makes two entries: planned whole.
+            .filter(|id| in_place.is_none() && !taken.contains(id))
             .and_then(|id| {
                 let old = written.sets.get(&id)?.content.as_ref()?;
                 plan_in_place(index as u32, id, old, set)
             })
             .transpose()?;
-        if let Some(delta) = rewrite
-            && in_place.is_none()
-        {
+        if let Some(delta) = rewrite {
             taken.insert(delta.id);
             ids.push(delta.id);
             in_place = Some(delta);
@@ -663,31 +662,20 @@ fn plan_in_place(
     let v4 = prefix_writes(&old.v4, &set.v4, same);
     let v6 = prefix_writes(&old.v6, &set.v6, same);
     let set_id_be = id.to_be();
-    let encode = |net: IpNet, list: Option<&Vec<PortRuleSpec>>| {
-        list.map(|l| encode_rules(index, ListName::Prefix(net), l, orders))
-            .transpose()
+    let lists = |net: IpNet, old: Option<&Vec<PortRuleSpec>>, new: Option<&Vec<PortRuleSpec>>| {
+        let encode =
+            |list: &Vec<PortRuleSpec>| encode_rules(index, ListName::Prefix(net), list, orders);
+        Ok::<_, RuleSetError>((old.map(encode).transpose()?, new.map(encode).transpose()?))
     };
     let entry = match (&v4[..], &v6[..]) {
-        ([write], []) => {
-            let net = IpNet::V4(write.key);
-            encode(net, write.old).and_then(|old| {
-                Ok(PrefixEntry::V4(PrefixWrite {
-                    key: v4_key(set_id_be, &write.key),
-                    old,
-                    new: encode(net, write.new)?,
-                }))
-            })
-        }
-        ([], [write]) => {
-            let net = IpNet::V6(write.key);
-            encode(net, write.old).and_then(|old| {
-                Ok(PrefixEntry::V6(PrefixWrite {
-                    key: v6_key(set_id_be, &write.key),
-                    old,
-                    new: encode(net, write.new)?,
-                }))
-            })
-        }
+        ([write], []) => lists(IpNet::V4(write.key), write.old, write.new).map(|(old, new)| {
+            let key = v4_key(set_id_be, &write.key);
+            PrefixEntry::V4(PrefixWrite { key, old, new })
+        }),
+        ([], [write]) => lists(IpNet::V6(write.key), write.old, write.new).map(|(old, new)| {
+            let key = v6_key(set_id_be, &write.key);
+            PrefixEntry::V6(PrefixWrite { key, old, new })
+        }),
         _ => return None,
     };
     Some(entry.map(|entry| SetDelta {
@@ -784,11 +772,11 @@ impl Datapath {
     /// in force rewrites that entry where it is, before the flip (one write
     /// is one moment for every decision, see [`super::set_delta`]), and of
     /// the endpoints' half out of force only the entries that differ from
-    /// the new ones are rewritten. What only the
-    /// previous rule set used stays until [`remove_out_of_force`]
-    /// (Self::remove_out_of_force), or the next switch: no decision reads
-    /// it once the generation has moved, and deleting a replaced set entry
-    /// by entry would hold up the answer to the change that replaced it.
+    /// the new ones are rewritten. What only the previous rule set used
+    /// stays until [`remove_out_of_force`](Self::remove_out_of_force), or
+    /// the next switch: no decision reads it once the generation has moved,
+    /// and deleting a replaced set entry by entry would hold up the answer
+    /// to the change that replaced it.
     pub fn switch_rules_with_mode(
         &mut self,
         rules: &RuleSet,

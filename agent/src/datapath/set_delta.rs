@@ -2,9 +2,9 @@
 //! change is one such entry of one set in force (a rule added for a prefix
 //! of its own, removed, or given other ports; in a set without FQDN lists
 //! a list carries positions, not orders, so a rule added before others
-//! changes only its own entry) rewrites that entry where it
-//! is instead of writing the set anew under a new id: one map write rather
-//! than the set's thousands, and still one moment at which every decision
+//! changes only its own entry) rewrites that entry where it is instead of
+//! writing the set anew under a new id: one map write rather than the
+//! set's thousands, and still one moment at which every decision
 //! goes from the old rules to the new (the kernel replaces an entry whole).
 //! A change of two entries or more is written as a new set and switched to
 //! by generation: rewriting two entries in place would let a decision for
